@@ -1,0 +1,92 @@
+"""The pluggy manager: built-ins first, then entry points of group `llmforge`.
+
+`LLMFORGE_DISABLE_PLUGIN_AUTOLOAD=1` switches entry-point discovery off (as pytest's
+PYTEST_DISABLE_PLUGIN_AUTOLOAD does). A plugin that fails to import costs one warning
+line naming its distribution; commands that do not need it keep working.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import pluggy
+
+from llmforge import __version__
+from llmforge.registry import hookspecs
+from llmforge.registry.components import KINDS, Registry
+
+hookimpl = pluggy.HookimplMarker("llmforge")
+
+ENTRY_POINT_GROUP = "llmforge"
+AUTOLOAD_ENV = "LLMFORGE_DISABLE_PLUGIN_AUTOLOAD"
+
+_CACHE: Registry | None = None
+
+
+def _entry_point_plugins() -> tuple[list[tuple[Any, str, str]], list[str]]:
+    from importlib.metadata import entry_points
+
+    plugins, failures = [], []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        dist = ep.dist.name if ep.dist else ep.value
+        version = ep.dist.version if ep.dist else "?"
+        try:
+            plugins.append((ep.load(), dist, version))
+        except Exception as e:  # a broken plugin must not take the CLI down with it
+            failures.append(f"plugin {dist} {version} (entry point {ep.name!r} = {ep.value}) failed to import: {type(e).__name__}: {e}")
+    return plugins, failures
+
+
+def make_plugin_manager(extra_plugins: list[tuple[Any, str, str]] = ()) -> tuple[pluggy.PluginManager, dict[str, tuple[str, str]], list[str]]:
+    """Manager with built-ins, entry-point plugins and `extra_plugins` (object, provider, version)."""
+    from llmforge import builtins
+
+    pm = pluggy.PluginManager("llmforge")
+    pm.add_hookspecs(hookspecs)
+    providers: dict[str, tuple[str, str]] = {}
+    pm.register(builtins, name="llmforge.builtins")
+    providers["llmforge.builtins"] = ("llmforge", __version__)
+    failures: list[str] = []
+    found: list[tuple[Any, str, str]] = []
+    if os.environ.get(AUTOLOAD_ENV, "") not in ("1", "true", "yes"):
+        found, failures = _entry_point_plugins()
+    for plugin, dist, version in [*found, *extra_plugins]:
+        name = f"{dist}:{getattr(plugin, '__name__', id(plugin))}"
+        if pm.is_registered(plugin):
+            continue
+        pm.register(plugin, name=name)
+        providers[name] = (dist, version)
+    return pm, providers, failures
+
+
+def build_registry(extra_plugins: list[tuple[Any, str, str]] = ()) -> Registry:
+    pm, providers, failures = make_plugin_manager(extra_plugins)
+    registry = Registry()
+    registry.failures = failures
+    for kind, (hook_name, _) in KINDS.items():
+        hook = getattr(pm.hook, hook_name)
+        # Call each implementation ourselves (built-ins first) so every component knows its provider.
+        for impl in hook.get_hookimpls():
+            provider, version = providers.get(impl.plugin_name, (impl.plugin_name, "?"))
+            for comp in impl.function() or []:
+                registry.add(kind, comp, provider, version)
+    return registry
+
+
+def get_registry(*, warn: bool = True) -> Registry:
+    """The process-wide registry (built once). Plugin import failures are printed once."""
+    global _CACHE
+    if _CACHE is None:
+        _CACHE = build_registry()
+        if warn:
+            for line in _CACHE.failures:
+                print(f"warning: {line}", file=sys.stderr)
+    return _CACHE
+
+
+def reset_registry() -> None:
+    """Forget the cached registry (tests that install or fake plugins)."""
+    global _CACHE
+    _CACHE = None

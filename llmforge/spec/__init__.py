@@ -1,0 +1,1 @@
+"""The spec language: YAML → located, validated pydantic models. Never imports torch."""

@@ -1,0 +1,45 @@
+"""Base classes of the spec language: strict models and component references."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class StrictModel(BaseModel):
+    """Every spec model rejects unknown keys: a typo must fail `validate`, not step 9000."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ComponentRef(BaseModel):
+    """Placeholder for 'a component of kind K, chosen by name'.
+
+    Fields typed with a subclass of this are rewritten, at validation time, into a union
+    of the registered components' own options models, discriminated by `name` (or by
+    `type` for stages). So `lr` is validated by the optimizer that uses it.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    kind: ClassVar[str] = ""
+    discriminator: ClassVar[str] = "name"
+
+    name: str = Field(description="Registered component name.")
+
+
+def component_ref(kind: str, discriminator: str = "name") -> type[ComponentRef]:
+    """Make the placeholder type for one component kind."""
+    title = "".join(p.title() for p in kind.split("_")) + "Ref"
+    return type(title, (ComponentRef,), {"kind": kind, "discriminator": discriminator, "__module__": __name__})
+
+
+TokenizerRef = component_ref("tokenizer")
+SourceRef = component_ref("source")
+ModelRef = component_ref("model")
+OptimizerRef = component_ref("optimizer")
+LRScheduleRef = component_ref("lr_schedule")
+StageRef = component_ref("stage", discriminator="type")
+EvaluatorRef = component_ref("evaluator")
+CallbackRef = component_ref("callback")
+RewardRef = component_ref("reward")

@@ -1,0 +1,207 @@
+"""Options models of the built-in components. The registry adds each one's `name` literal.
+
+They live apart from the code that builds the components so that `validate`, `plan` and
+`schema` can import them without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llmforge.spec.base import StrictModel
+
+# --- tokenizers -------------------------------------------------------------------------
+
+
+class SpecialTokens(StrictModel):
+    """Special tokens added to the vocabulary."""
+
+    bos: str | None = Field("<|bos|>", description="Beginning-of-sequence token; None for none.")
+    eos: str = Field("<|eos|>", description="End-of-document token, appended to every document.")
+    pad: str = Field("<|pad|>", description="Padding token (finetune batches).")
+    chat_roles: list[str] = Field(
+        default_factory=lambda: ["<|system|>", "<|user|>", "<|assistant|>"], description="Role tokens used by chat templates in SFT."
+    )
+    extra: list[str] = Field(default_factory=list, description="Further special tokens.")
+
+
+class BPETokenizer(StrictModel):
+    """Byte-level BPE trained with HF `tokenizers` on the spec's data sources."""
+
+    vocab_size: int = Field(8192, ge=300, description="Vocabulary size including the 256 byte tokens and the special tokens.")
+    min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a merge.")
+    split_digits: bool = Field(False, description="Split numbers into single digits (arithmetic tasks need this).")
+    special_tokens: SpecialTokens = Field(default_factory=dict, description="Special tokens.")
+    train_max_mb: float = Field(64.0, gt=0, description="Train on at most this many MiB of the sources (the first ones in order).")
+
+
+class CharTokenizer(StrictModel):
+    """One token per character seen in the training text (nanoGPT's shakespeare-char)."""
+
+    add_eos: bool = Field(False, description="Add an end-of-document token (nanoGPT's char recipe has none).")
+
+
+class ByteTokenizer(StrictModel):
+    """The 256 byte values plus special tokens."""
+
+    special_tokens: SpecialTokens = Field(default_factory=dict, description="Special tokens (after the 256 bytes).")
+
+
+class PretrainedTokenizer(StrictModel):
+    """A local tokenizer: a `tokenizer.json`, an HF tokenizer directory or a tiktoken BPE file. Nothing is downloaded."""
+
+    path: str = Field(..., description="Path to tokenizer.json, a directory holding one, or a *.tiktoken file.")
+
+
+# --- data sources -----------------------------------------------------------------------
+
+
+class SourceFilters(StrictModel):
+    """Per-source document filters; each is counted in the manifest."""
+
+    min_chars: int = Field(0, ge=0, description="Drop documents shorter than this many characters.")
+    max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this many characters.")
+    dedup: bool = Field(False, description="Drop exact duplicate documents (by content hash).")
+
+
+class FileSource(StrictModel):
+    """Fields of every file-based source."""
+
+    paths: list[str] = Field(..., min_length=1, description="Files or globs (`**` recurses); relative paths resolve against the working directory.")
+    exclude: list[str] = Field(default_factory=list, description="Glob patterns (on the full path) of files or folders to skip.")
+    filters: SourceFilters = Field(default_factory=dict, description="Document filters.")
+
+
+class TextSource(FileSource):
+    """Plain text files."""
+
+    document: Literal["file", "paragraph", "line"] = Field("file", description="What one document is: a whole file, a blank-line paragraph, or a line.")
+
+
+class JsonlSource(FileSource):
+    """JSON Lines: one document per line, from one or more fields."""
+
+    fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1, description="Fields joined to form the document.")
+    template: str | None = Field(None, description="Python format string over the fields, e.g. '{title}\\n\\n{body}'; default joins them with newlines.")
+
+
+class WebDatasetSource(StrictModel):
+    """Existing llmforge token shards (tar files with tokens.npy samples)."""
+
+    paths: list[str] = Field(..., min_length=1, description="Shard files or globs.")
+
+
+class InstructionSource(FileSource):
+    """Instruction JSONL: `prompt`/`response` fields, or chat `messages` with roles."""
+
+    format: Literal["prompt_response", "messages"] = Field("prompt_response", description="Record layout.")
+
+
+class PreferenceSource(FileSource):
+    """Preference JSONL: `prompt`, `chosen` and `rejected` fields."""
+
+
+# --- model ------------------------------------------------------------------------------
+
+
+class GPTModel(StrictModel):
+    """A megatron-core GPTModel. Keys are Megatron-LM's."""
+
+    num_layers: int = Field(..., ge=1, description="Transformer layers.")
+    hidden_size: int = Field(..., ge=1, description="Model width.")
+    num_attention_heads: int = Field(..., ge=1, description="Attention heads.")
+    num_query_groups: int | None = Field(None, ge=1, description="Key/value heads for grouped-query attention; None = num_attention_heads.")
+    ffn_hidden_size: int | None = Field(None, ge=1, description="MLP width; None = 4 × hidden_size.")
+    vocab_size: int = Field(..., ge=1, description="Embedding rows; must be ≥ the tokenizer's vocabulary.")
+    seq_length: int = Field(..., ge=1, description="Training sequence length in tokens.")
+    max_position_embeddings: int | None = Field(None, ge=1, description="Longest supported sequence; None = seq_length.")
+    position_embedding_type: Literal["learned_absolute", "rope"] = Field("learned_absolute", description="Position encoding.")
+    rotary_base: int = Field(10000, ge=1, description="RoPE base (theta).")
+    normalization: Literal["LayerNorm", "RMSNorm"] = Field("LayerNorm", description="Norm layer type.")
+    norm_epsilon: float = Field(1e-5, gt=0, description="Norm epsilon.")
+    activation: Literal["gelu", "gelu_tanh", "swiglu"] = Field("gelu", description="MLP activation; `swiglu` makes the MLP gated.")
+    add_bias_linear: bool = Field(True, description="Biases in linear layers.")
+    untie_embeddings_and_output_weights: bool = Field(False, description="Separate output projection instead of the tied input embedding.")
+    hidden_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout after attention and MLP.")
+    attention_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention probabilities.")
+    init_method_std: float = Field(0.02, gt=0, description="Std of the normal weight init.")
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def ffn(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings or self.seq_length
+
+    @model_validator(mode="after")
+    def _shape(self) -> GPTModel:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}; "
+                "pick heads that divide the width (e.g. hidden 512 with 8 heads)"
+            )
+        if self.num_attention_heads % self.kv_groups:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by num_query_groups {self.kv_groups}")
+        return self
+
+
+# --- optimizers and schedules -----------------------------------------------------------
+
+
+class AdamW(StrictModel):
+    """torch AdamW (fused/foreach where available). Norms and biases get no weight decay."""
+
+    lr: float = Field(3.0e-4, gt=0, description="Peak learning rate.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+    weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay for matrices.")
+    decay_embeddings: bool = Field(True, description="Apply weight decay to the embedding too (LitGPT and nanoGPT do; some recipes do not).")
+
+
+class SGD(StrictModel):
+    """Plain SGD with optional momentum (parity tests use it: Adam amplifies rounding)."""
+
+    lr: float = Field(0.1, gt=0, description="Learning rate.")
+    momentum: float = Field(0.0, ge=0, description="Momentum.")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay for matrices.")
+
+
+class ScheduleBase(StrictModel):
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to the optimizer's lr over this many steps.")
+
+
+class ConstantSchedule(ScheduleBase):
+    """Warmup, then constant."""
+
+
+class CosineSchedule(ScheduleBase):
+    """Warmup, then cosine decay to min_lr at the end of the stage (or at decay_steps)."""
+
+    min_lr: float = Field(0.0, ge=0, description="Final learning rate.")
+    decay_steps: int | None = Field(None, ge=1, description="Steps from start to the end of decay; None = the stage's total steps.")
+
+
+class LinearSchedule(CosineSchedule):
+    """Warmup, then linear decay to min_lr."""
+
+
+class WSDSchedule(ScheduleBase):
+    """Warmup-stable-decay: constant after warmup, then decay over the last `decay_fraction` of steps."""
+
+    min_lr: float = Field(0.0, ge=0, description="Final learning rate.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="Fraction of the stage spent decaying.")
+    decay_style: Literal["linear", "cosine", "sqrt"] = Field("linear", description="Shape of the decay.")
+
+
+# --- evaluators -------------------------------------------------------------------------
+
+
+class ValLoss(StrictModel):
+    """Validation loss and perplexity over `eval_iters` batches of the val split."""

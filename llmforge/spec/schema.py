@@ -1,0 +1,137 @@
+"""The spec's top-level sections. Key names follow Megatron-LM, which our users know."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from llmforge.spec.base import (
+    CallbackRef,
+    ModelRef,
+    SourceRef,
+    StageRef,
+    StrictModel,
+    TokenizerRef,
+)
+
+SCHEMA_VERSION = 1
+
+
+class SplitConfig(StrictModel):
+    """How prepared tokens are split into train and val."""
+
+    by: Literal["document", "contiguous"] = Field(
+        "document",
+        description="`document`: a seeded random choice of whole documents goes to val (the default). "
+        "`contiguous`: the last `val_fraction` of the token stream is val, as nanoGPT does for one file.",
+    )
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of documents (or tokens, for `contiguous`) held out for validation.")
+
+
+class DataConfig(StrictModel):
+    """Pretraining data: named sources, their mixture, and how they become shards."""
+
+    sources: dict[str, SourceRef] = Field(
+        default_factory=dict,
+        description="Named data sources, each a registered source component, e.g. `web: {name: text, paths: [...]}`.",
+    )
+    mix: dict[str, float] | None = Field(
+        None,
+        description="Sampling weights per source name, e.g. `{web: 0.7, code: 0.3}`. Omit to take every source once, in full.",
+    )
+    split: SplitConfig = Field(default_factory=dict, description="The train/val split.")
+    shard_size_mb: float = Field(64.0, gt=0, description="Target size of one WebDataset tar shard, in MiB.")
+    num_workers: int = Field(0, ge=0, description="Tokenizer processes for `prepare`; 0 = one per CPU core.")
+    on_error: Literal["raise", "skip"] = Field(
+        "raise", description="Bad input (undecodable file, corrupt shard): `raise` stops with the file or shard named; `skip` logs, counts and goes on."
+    )
+    on_change: Literal["rebuild", "refuse"] = Field(
+        "rebuild", description="When the inputs of existing shards changed: `rebuild` them, or `refuse` and stop. They are never mixed."
+    )
+
+
+class ParallelismConfig(StrictModel):
+    """How the model and data are split over devices (Megatron's names)."""
+
+    tensor_model_parallel_size: int = Field(1, ge=1, description="Tensor-parallel ranks each layer's matrices are split across.")
+    pipeline_model_parallel_size: int = Field(1, ge=1, description="Pipeline stages the layers are split across.")
+    virtual_pipeline_model_parallel_size: int | None = Field(
+        None, ge=1, description="Model chunks per pipeline rank (interleaved schedule). Needs pipeline_model_parallel_size > 1."
+    )
+    data_parallel_size: int | Literal["auto"] = Field(
+        "auto", description="Data-parallel replicas; `auto` = world size / (tensor × pipeline)."
+    )
+    sequence_parallel: bool = Field(False, description="Split norms and dropout along the sequence over the TP group (needs TP > 1).")
+    recompute_granularity: Literal["none", "selective", "full"] = Field(
+        "none", description="Activation recompute: `selective` recomputes attention internals, `full` whole layers."
+    )
+    use_distributed_optimizer: bool = Field(False, description="Shard optimizer state over data-parallel ranks (ZeRO-1, Megatron's DistributedOptimizer).")
+    nnodes: int = Field(1, ge=1, description="Machines in the job.")
+    nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs, or CPU ranks) per machine.")
+    collective_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds a collective may wait before the job fails with a clear message (a lost rank must not hang the others)."
+    )
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    def resolved_data_parallel_size(self) -> int:
+        if self.data_parallel_size == "auto":
+            return max(1, self.world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size))
+        return self.data_parallel_size
+
+
+class LoggingConfig(StrictModel):
+    """Console, metrics file, TensorBoard and callbacks."""
+
+    log_interval: int = Field(10, ge=1, description="Write a train row to metrics.jsonl and TensorBoard every this many steps.")
+    tensorboard: bool = Field(True, description="Write TensorBoard event files under <run_dir>/tb.")
+    sample_prompt: str | None = Field(None, description="Prompt for the greedy text sample logged at each eval; None = the first tokens of a val sample.")
+    sample_tokens: int = Field(48, ge=0, description="Tokens generated for that sample; 0 turns samples off.")
+    callbacks: list[CallbackRef] = Field(default_factory=list, description="Registered callbacks called during training, e.g. from a plugin.")
+
+
+class CheckpointConfig(StrictModel):
+    """When checkpoints are written and how many are kept."""
+
+    interval: int | None = Field(None, ge=1, description="Save every this many optimizer steps (and always at the end of a stage). None = only at the end.")
+    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept per stage; the newest complete one is never deleted.")
+    on_corrupt: Literal["fallback", "stop"] = Field(
+        "fallback", description="A checkpoint failing its checksums on resume: `fallback` to the previous complete one, or `stop`."
+    )
+    preempt_timeout: float = Field(120.0, gt=0, description="Seconds allowed, after SIGTERM, to write a final checkpoint before exiting.")
+
+
+class Spec(StrictModel):
+    """An llmforge spec: data, tokenizer, model, parallelism and an ordered list of stages."""
+
+    schema_version: Literal[1] = Field(SCHEMA_VERSION, description="Version of the spec language; this llmforge reads version 1.")
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Run name; the default run dir is runs/<name>.")
+    seed: int = Field(1234, ge=0, description="Seed for initialization, data order and dropout. It is saved in every checkpoint.")
+    run_dir: str | None = Field(None, description="Where outputs go; default runs/<name>. `--run-dir` overrides it.")
+    tokenizer: TokenizerRef = Field(..., description="The tokenizer component, e.g. `{name: bpe, vocab_size: 8192}`.")
+    data: DataConfig = Field(default_factory=dict, description="Pretraining data sources and sharding.")
+    model: ModelRef = Field(..., description="The model component and its shape, e.g. `{name: gpt, num_layers: 4, ...}`.")
+    parallelism: ParallelismConfig = Field(default_factory=dict, description="Tensor, pipeline and data parallel layout.")
+    stages: list[StageRef] = Field(..., min_length=1, description="Ordered stages, each with a unique `name` and a registered `type`.")
+    logging: LoggingConfig = Field(default_factory=dict, description="Metrics, TensorBoard and callbacks.")
+    checkpoint: CheckpointConfig = Field(default_factory=dict, description="Checkpoint schedule and retention.")
+
+    @model_validator(mode="after")
+    def _unique_stage_names(self) -> Spec:
+        seen: set[str] = set()
+        for stage in self.stages:
+            stage_name = getattr(stage, "name", None)
+            if stage_name in seen:
+                raise ValueError(f"stage name {stage_name!r} is used twice; stage names must be unique")
+            seen.add(stage_name)
+        return self
+
+    def stage(self, name: str):
+        return next(s for s in self.stages if s.name == name)
+
+    @property
+    def resolved_run_dir(self) -> str:
+        return self.run_dir or f"runs/{self.name}"
