@@ -1,0 +1,28 @@
+"""Shared fixtures. Tests run on CPU; multi-process tests use gloo on loopback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Entry-point plugins installed on the developer's machine must not change what the
+# built-in tests see; tests that need a plugin register it explicitly.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture
+def root() -> Path:
+    return ROOT
+
+
+@pytest.fixture
+def tinyshakespeare() -> Path:
+    path = Path(os.environ.get("TINYSHAKESPEARE", SHARED_DATA / "tinyshakespeare.txt"))
+    if not path.exists():
+        pytest.skip(f"tinyshakespeare corpus not found at {path} (set TINYSHAKESPEARE to run this test)")
+    return path
