@@ -1,0 +1,104 @@
+"""What a stage runner receives: the spec, the registry, the run dir, logging, and the
+distributed layout, which is initialized once, on first use."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmforge.registry.components import Registry
+from llmforge.runtime.metrics import Log
+from llmforge.runtime.rundir import RunDir
+from llmforge.spec.errors import UserError as UserError_
+from llmforge.spec.schema import Spec
+
+
+@dataclass
+class RunContext:
+    spec: Spec
+    registry: Registry
+    run: RunDir
+    log: Log
+    resuming: bool
+    plan: dict[str, Any]
+    _parallel: Any = field(default=None, repr=False)
+    _tokenizer: Any = field(default=None, repr=False)
+
+    def parallel(self):
+        """The ParallelContext (torch.distributed + megatron parallel_state), initialized once."""
+        if self._parallel is None:
+            from llmforge.runtime.distributed import init_distributed
+
+            self._parallel = init_distributed(self.spec.parallelism, seed=self.spec.seed,
+                                              timeout_s=self.spec.parallelism.collective_timeout_s)
+        return self._parallel
+
+    @property
+    def rank(self) -> int:
+        if self._parallel is not None:
+            return self._parallel.rank
+        import os
+
+        return int(os.environ.get("RANK", 0))
+
+    def barrier(self) -> None:
+        if self._parallel is not None and self._parallel.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def final_checkpoint(self, stage_name: str) -> Path:
+        """The newest complete checkpoint of an earlier stage (for `init_from`)."""
+        from llmforge.runtime.checkpoint import CheckpointManager
+        from llmforge.spec.errors import UserError
+
+        ref = Path(stage_name)
+        if ref.is_dir() and ("/" in stage_name):
+            return ref
+        mgr = CheckpointManager(self.run.checkpoints(stage_name), keep_last=1, on_corrupt=self.spec.checkpoint.on_corrupt)
+        latest = mgr.latest()
+        if latest is None:
+            raise UserError(f"init_from {stage_name!r}: that stage has no complete checkpoint in {self.run.path}",
+                            f"run stage {stage_name!r} first (llmforge run --resume continues the run)")
+        return latest
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from llmforge.data.tokenizers import load_tokenizer
+
+            if not (self.run.tokenizer / "tokenizer.json").exists() and not any(self.run.tokenizer.glob("*")):
+                raise UserError_(f"no tokenizer in {self.run.tokenizer}", "put a `prepare` stage first in `stages`")
+            self._tokenizer = load_tokenizer(self.run.tokenizer)
+        return self._tokenizer
+
+    def metrics(self, stage_name: str):
+        """This stage's metrics writer (rank 0 writes; others hold a disabled one)."""
+        from llmforge.runtime.metrics import Metrics
+
+        callbacks = [self.registry.build("callback", cb, run_dir=self.run.path) for cb in self.spec.logging.callbacks] if self.rank == 0 else []
+        return Metrics(self.run.metrics, self.run.tb if self.spec.logging.tensorboard else None,
+                       enabled=self.rank == 0, callbacks=callbacks)
+
+    def run_loop(self, stage, parts: dict[str, Any]) -> dict[str, Any]:
+        """Resume the stage from its newest complete checkpoint if there is one, then train."""
+        from llmforge.runtime.metrics import truncate_rows
+
+        loop, ckpt, metrics = parts["loop"], parts["ckpt"], parts["metrics"]
+        ckpt.cleanup_temp()
+        self.barrier()
+        latest = ckpt.latest()
+        resumed_step = 0
+        if latest is not None:
+            loop.restore(latest)
+            resumed_step = loop.counters.step
+        if self.rank == 0:
+            truncate_rows(self.run.metrics, stage.name, resumed_step)
+        if latest is not None:
+            metrics.purge_step = resumed_step + 1
+        try:
+            summary = loop.run()
+        finally:
+            metrics.close()
+        metrics.stage_end(stage.name, summary)
+        return summary

@@ -1,0 +1,124 @@
+"""Process launch: relaunch under torchrun, detect an outside launcher, write sbatch scripts.
+
+`llmforge run` with more than one process per node relaunches itself under torchrun (the
+real elastic launcher); started by the user's own torchrun or srun, it reads the
+environment instead. The layout is checked against the machine before any process starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from llmforge.spec.errors import UserError
+
+READY_ENV = "LLMFORGE_RUNDIR_READY"  # the launcher already applied the run-dir rules
+RESUMING_ENV = "LLMFORGE_RESUMING"
+
+
+def under_launcher() -> bool:
+    """True inside torchrun (or srun with torchrun-style variables)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def local_devices() -> tuple[str, int]:
+    """(kind, count) of what this machine can give ranks: GPUs, else CPU cores."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return "GPU", torch.cuda.device_count()
+    except ImportError:
+        pass
+    return "CPU core", os.cpu_count() or 1
+
+
+def check_devices(parallelism, *, multi_node_flags: bool) -> None:
+    """Refuse a layout this machine cannot run, before any process starts."""
+    kind, have = local_devices()
+    need = parallelism.nproc_per_node
+    if parallelism.nnodes > 1 and not multi_node_flags and not under_launcher():
+        raise UserError(
+            f"the layout needs {parallelism.world_size} processes on {parallelism.nnodes} nodes × {need}; this is one machine",
+            "on a cluster run `llmforge launch slurm SPEC` or pass --nnodes/--node-rank/--rdzv-endpoint on each node; "
+            "`llmforge plan SPEC` shows what the layout costs",
+        )
+    if need > have:
+        raise UserError(
+            f"the layout needs {need} processes per node (tensor {parallelism.tensor_model_parallel_size} × pipeline "
+            f"{parallelism.pipeline_model_parallel_size} × data {parallelism.resolved_data_parallel_size()} over "
+            f"{parallelism.nnodes} node(s)), but this machine has {have} {kind}{'s' if have != 1 else ''}",
+            "shrink the layout with overrides (e.g. parallelism.nproc_per_node=1 parallelism.tensor_model_parallel_size=1), "
+            "or see `llmforge plan SPEC` for what it needs",
+        )
+
+
+def torchrun_argv(argv: list[str], *, nproc: int, nnodes: int, node_rank: int | None, rdzv_endpoint: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
+    if nnodes > 1:
+        if not rdzv_endpoint:
+            raise UserError("a multi-node run needs --rdzv-endpoint HOST:PORT (the same on every node)")
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}"]
+        if node_rank is not None:
+            cmd.append(f"--node-rank={node_rank}")
+    else:
+        cmd.append("--standalone")
+    return [*cmd, "-m", "llmforge.cli", *argv]
+
+
+def relaunch(argv: list[str], *, nproc: int, nnodes: int, node_rank: int | None, rdzv_endpoint: str | None, resuming: bool) -> int:
+    """Run this command again under torchrun and return its exit code."""
+    env = dict(os.environ)
+    env[READY_ENV] = "1"
+    env[RESUMING_ENV] = "1" if resuming else "0"
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    cmd = torchrun_argv(argv, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
+    proc = subprocess.Popen(cmd, env=env)
+    try:
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        return proc.wait()
+
+
+SBATCH_TEMPLATE = """#!/bin/bash
+# Written by `llmforge launch slurm` for {spec}: {nnodes} node(s) × {nproc} GPU(s),
+# TP {tp} × PP {pp} × DP {dp}. Submit with: sbatch {out}
+#SBATCH --job-name={name}
+#SBATCH --nodes={nnodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={nproc}
+#SBATCH --cpus-per-task={cpus}
+#SBATCH --time={time}
+#SBATCH --output={name}-%j.out
+{extra}
+set -euo pipefail
+head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR=$head_node MASTER_PORT={port}
+# One torchrun agent per node; agents meet at the c10d rendezvous on the head node.
+srun --kill-on-bad-exit=1 python -m torch.distributed.run \\
+  --nnodes={nnodes} --nproc-per-node={nproc} \\
+  --rdzv-backend=c10d --rdzv-id=$SLURM_JOB_ID --rdzv-endpoint=$head_node:{port} \\
+  -m llmforge.cli run {spec_q}{overrides} --resume-or-start
+"""
+
+
+def write_slurm_script(spec, spec_path: str, overrides: list[str], out: Path, *, time: str, partition: str | None,
+                       account: str | None, cpus_per_task: int, port: int) -> Path:
+    par = spec.parallelism
+    extra = "\n".join(line for line in (f"#SBATCH --partition={partition}" if partition else "",
+                                         f"#SBATCH --account={account}" if account else "") if line)
+    text = SBATCH_TEMPLATE.format(
+        spec=spec_path, spec_q=shlex.quote(spec_path), out=out, name=spec.name, nnodes=par.nnodes, nproc=par.nproc_per_node,
+        tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size, dp=par.resolved_data_parallel_size(),
+        cpus=cpus_per_task, time=time, extra=extra, port=port,
+        overrides="".join(" " + shlex.quote(o) for o in overrides),
+    )
+    from llmforge.runtime.atomic import atomic_write_text
+
+    atomic_write_text(out, text)
+    os.chmod(out, 0o755)
+    return out

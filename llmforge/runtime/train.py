@@ -1,0 +1,162 @@
+"""The training loop shared by the training stages: step, log, evaluate, checkpoint, resume.
+
+It reads top to bottom like nanoGPT's: everything specific to a stage (the data, the
+loss) arrives as objects; the loop owns only order, counters and persistence.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmforge.runtime.checkpoint import CheckpointManager, read_trainer_state
+from llmforge.runtime.faults import fault_point
+
+TRAINER_STATE_VERSION = 1
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: resumable with --resume
+
+
+class TrainingStopped(Exception):
+    """The run stopped on purpose (non-finite loss with on_nonfinite: stop, a loss spike): exit 1."""
+
+
+class Preempted(Exception):
+    """SIGTERM: a final checkpoint was written; exit EXIT_PREEMPTED and resume later."""
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    tokens: int = 0
+    skipped: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def total_steps(train, *, samples_per_epoch: int, tokens_per_sample: int) -> int:
+    """Optimizer steps for the stage's budget (max_steps | max_tokens | max_epochs)."""
+    if train.max_steps is not None:
+        return train.max_steps
+    if train.max_tokens is not None:
+        return math.ceil(train.max_tokens / (train.global_batch_size * tokens_per_sample))
+    return max(1, math.ceil(train.max_epochs * samples_per_epoch / train.global_batch_size))
+
+
+class SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps (preemption)."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._old = None
+
+    def __enter__(self) -> SigtermFlag:
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, *_: Any) -> None:
+        self.set = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+class Loop:
+    """One training stage's loop.
+
+    Args:
+        step_fn: callable(micro_batches, lr) -> result with loss, grad_norm, nonfinite, num_tokens.
+        loader: next_global_batch(), state_dict(), load_state_dict().
+        evaluate: callable(step) -> dict of eval metrics (or None to skip evals).
+        save_model: callable(tmp_dir) writing model and optimizer shards (collective).
+        load_model: callable(step_dir) restoring them (collective).
+        rng: object with state_dict()/load_state_dict() for this rank's RNG streams.
+    """
+
+    def __init__(self, *, stage: str, train, total: int, step_fn, loader, schedule, evaluate, metrics, log,
+                 ckpt: CheckpointManager, checkpoint_interval: int | None, save_model, load_model, rng,
+                 tokens_per_step: int, flops_per_token: float, peak_flops: float, rank: int, memory_fn,
+                 log_interval: int):
+        self.stage, self.train, self.total = stage, train, total
+        self.step_fn, self.loader, self.schedule, self.evaluate = step_fn, loader, schedule, evaluate
+        self.metrics, self.log, self.ckpt, self.interval = metrics, log, ckpt, checkpoint_interval
+        self.save_model, self.load_model, self.rng = save_model, load_model, rng
+        self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
+        self.rank, self.memory_fn, self.log_interval = rank, memory_fn, log_interval
+        self.counters = Counters()
+
+    # --- persistence -------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        c = self.counters
+        return {"version": TRAINER_STATE_VERSION, "stage": self.stage, "step": c.step, "tokens": c.tokens,
+                "skipped": c.skipped, "extra": c.extra, "loader": self.loader.state_dict()}
+
+    def save(self) -> Path:
+        def write(tmp: Path) -> None:
+            self.save_model(tmp)
+            self.rng.save(tmp, self.rank)
+
+        path = self.ckpt.save(self.counters.step, write, self.trainer_state())
+        self.log(f"[{self.stage}] checkpoint saved: {path}")
+        return path
+
+    def restore(self, step_dir: Path) -> None:
+        state = read_trainer_state(step_dir)
+        self.load_model(step_dir)
+        self.rng.load(step_dir, self.rank)
+        self.loader.load_state_dict(state["loader"])
+        self.counters = Counters(state["step"], state["tokens"], state["skipped"], state.get("extra", {}))
+        self.log(f"[{self.stage}] resumed from {step_dir} at step {self.counters.step}")
+
+    # --- the loop ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        c, train = self.counters, self.train
+        last_log_time, last_log_tokens = time.perf_counter(), c.tokens
+        last_eval: dict[str, Any] = {}
+        loss = float("nan")
+        with SigtermFlag() as sigterm:
+            while c.step < self.total:
+                lr = self.schedule(c.step)
+                batches = self.loader.next_global_batch()
+                result = self.step_fn(batches, lr)
+                loss = result.loss
+                c.step += 1
+                c.tokens += self.tokens_per_step
+                fault_point("train_step")
+                if result.nonfinite:
+                    if train.on_nonfinite == "stop":
+                        raise TrainingStopped(
+                            f"[{self.stage}] non-finite loss or gradient at step {c.step} (loss {loss}); parameters were not updated "
+                            "and no checkpoint is written from after it. Lower the lr, enable clip_grad, or set on_nonfinite: skip"
+                        )
+                    c.skipped += 1
+                    self.log(f"[{self.stage}] step {c.step}: non-finite loss or gradient, step skipped ({c.skipped} so far)")
+
+                last = c.step == self.total
+                if c.step % self.log_interval == 0 or last:
+                    now = time.perf_counter()
+                    tps = (c.tokens - last_log_tokens) / max(now - last_log_time, 1e-9)
+                    last_log_time, last_log_tokens = now, c.tokens
+                    mfu = tps * self.flops_per_token / self.peak_flops if self.peak_flops else None
+                    row = {"kind": "train", "stage": self.stage, "step": c.step, "tokens": c.tokens, "loss": loss, "lr": lr,
+                           "grad_norm": result.grad_norm, "tokens_per_s": tps, "mfu": mfu, "skipped_steps": c.skipped,
+                           "memory_mb": self.memory_fn()}
+                    self.metrics.write(row)
+                    self.log(f"[{self.stage}] step {c.step}/{self.total} loss {loss:.4f} lr {lr:.3e} "
+                             f"grad_norm {result.grad_norm:.3f} {tps:,.0f} tok/s" + (f" mfu {mfu:.1%}" if mfu else ""))
+                if self.evaluate is not None and ((train.eval_interval and c.step % train.eval_interval == 0) or last):
+                    last_eval = self.evaluate(c.step)
+                    if last_eval:
+                        self.metrics.write({"kind": "eval", "stage": self.stage, "step": c.step, "tokens": c.tokens, **last_eval})
+                if (self.interval and c.step % self.interval == 0) or last:
+                    self.save()
+                if sigterm.set and not last:
+                    self.save()
+                    raise Preempted(f"[{self.stage}] SIGTERM at step {c.step}: checkpoint written; continue with --resume")
+        return {"steps": c.step, "tokens": c.tokens, "skipped": c.skipped, "final_loss": loss, **last_eval}

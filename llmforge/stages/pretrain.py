@@ -1,0 +1,109 @@
+"""The `pretrain` stage: next-token training on the prepared shards."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from llmforge.runtime.context import RunContext
+from llmforge.spec.errors import UserError
+
+
+def build_training(context: RunContext, stage, *, loader, val_loader_fn) -> dict[str, Any]:
+    """Model, optimizer, schedule, step, checkpoints and the loop for a training stage.
+
+    Shared by pretrain and the finetune stages, which differ in data and loss only.
+    """
+    from llmforge.models.size import flops_per_token
+    from llmforge.runtime.checkpoint import CheckpointManager
+    from llmforge.runtime.device import memory_mb, peak_flops
+    from llmforge.runtime.evaluate import EvalContext, build_evaluators
+    from llmforge.runtime.optim import param_groups, wrap_optimizer
+    from llmforge.runtime.rng import RngState
+    from llmforge.runtime.sharded_io import load_sharded, save_sharded
+    from llmforge.runtime.step import TrainStep
+    from llmforge.runtime.train import Loop, total_steps
+
+    spec, registry, par = context.spec, context.registry, context.parallel()
+    train = stage.train
+    model_opts = spec.model
+    chunks = registry.factory("model", model_opts.name)(model_opts, spec.parallelism, precision=train.precision, seed=spec.seed)
+    if stage.init_from:
+        source = context.final_checkpoint(stage.init_from)
+        load_sharded(source / "model", chunks, None)
+        context.log(f"[{stage.name}] initialized from {source}")
+    opt_opts = train.optimizer
+    groups = param_groups(chunks, weight_decay=getattr(opt_opts, "weight_decay", 0.0),
+                          decay_embeddings=getattr(opt_opts, "decay_embeddings", True))
+    torch_opt = registry.build("optimizer", opt_opts, params=groups)
+    optimizer = wrap_optimizer(torch_opt, chunks, spec.parallelism, opt_opts=opt_opts, precision=train.precision, clip_grad=train.clip_grad)
+    total = total_steps(train, samples_per_epoch=loader.samples_per_epoch, tokens_per_sample=loader.tokens_per_sample)
+    schedule = registry.build("lr_schedule", train.lr_schedule, peak_lr=opt_opts.lr, total_steps=total)
+    step_fn = TrainStep(chunks, optimizer, parallelism_ctx=par, seq_length=model_opts.seq_length,
+                        micro_batch_size=train.micro_batch_size, precision=train.precision, clip_grad=train.clip_grad)
+    tokenizer = context.tokenizer()
+
+    def val_loss(iters: int) -> tuple[float, int]:
+        val = val_loader_fn()
+        total_loss, total_tokens = 0.0, 0
+        for _ in range(iters):
+            s, n = step_fn.eval_loss(val.next_global_batch())
+            total_loss += s
+            total_tokens += n
+        return total_loss / max(total_tokens, 1), total_tokens
+
+    eval_ctx = EvalContext(stage=stage, tokenizer=tokenizer, val_loss=val_loss, generate=step_fn.greedy_sample,
+                           log=context.log, eval_iters=train.eval_iters)
+    evaluators = build_evaluators(registry, stage.evaluators, eval_ctx)
+    metrics = context.metrics(stage.name)
+
+    def evaluate(step: int) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for ev in evaluators:
+            out.update(ev.evaluate(step))
+        sample = eval_ctx.sample(spec.logging.sample_prompt, spec.logging.sample_tokens, val_loader_fn)
+        if sample is not None and par.rank == 0:
+            metrics.text(f"{stage.name}/sample", f"```\n{sample}\n```", step)
+            context.log(f"[{stage.name}] sample @ {step}: {sample[:200]!r}")
+        if "val_loss" in out:
+            context.log(f"[{stage.name}] step {step}: val_loss {out['val_loss']:.4f} (ppl {out.get('val_ppl', math.nan):.2f})")
+        return out
+
+    ckpt = CheckpointManager(context.run.checkpoints(stage.name), keep_last=spec.checkpoint.keep_last,
+                             on_corrupt=spec.checkpoint.on_corrupt, rank=par.rank, barrier=context.barrier, log=context.log)
+
+    def save_model(tmp: Path) -> None:
+        save_sharded(tmp / "model", chunks, optimizer, {})
+
+    def load_model(step_dir: Path) -> None:
+        load_sharded(step_dir / "model", chunks, optimizer)
+
+    tokens_per_step = train.global_batch_size * model_opts.seq_length
+    loop = Loop(stage=stage.name, train=train, total=total, step_fn=step_fn, loader=loader, schedule=schedule,
+                evaluate=evaluate, metrics=metrics, log=context.log, ckpt=ckpt, checkpoint_interval=spec.checkpoint.interval,
+                save_model=save_model, load_model=load_model, rng=RngState(spec.seed), tokens_per_step=tokens_per_step,
+                flops_per_token=flops_per_token(model_opts), peak_flops=peak_flops(train.precision, par.device),
+                rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval)
+    return {"loop": loop, "ckpt": ckpt, "metrics": metrics, "chunks": chunks}
+
+
+def run(stage, *, context: RunContext) -> dict[str, Any]:
+    from llmforge.data.loader import TokenLoader
+
+    spec, par = context.spec, context.parallel()
+    data_dir = context.run.data
+    if not (data_dir / "manifest.json").exists():
+        raise UserError(f"stage {stage.name!r} needs prepared shards in {data_dir}, but there are none",
+                        "put a `prepare` stage before it in `stages`")
+    train = stage.train
+
+    def loader(split: str, shuffle: bool, global_batch: int) -> TokenLoader:
+        return TokenLoader(data_dir, split, global_batch_size=global_batch, micro_batch_size=train.micro_batch_size,
+                           dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed, shuffle=shuffle,
+                           on_error=spec.data.on_error, vocab_size=spec.model.vocab_size)
+
+    train_loader = loader("train", True, train.global_batch_size)
+    parts = build_training(context, stage, loader=train_loader,
+                           val_loader_fn=lambda: loader("val", False, train.micro_batch_size * par.dp_size))
+    return context.run_loop(stage, parts)
