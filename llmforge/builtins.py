@@ -16,56 +16,56 @@ from llmforge.spec import stages as s
 @hookimpl
 def register_tokenizers() -> list[Component]:
     return [
-        Component("bpe", c.BPETokenizer, None, "byte-level BPE trained on the spec's sources"),
-        Component("char", c.CharTokenizer, None, "character level"),
-        Component("byte", c.ByteTokenizer, None, "raw bytes"),
-        Component("pretrained", c.PretrainedTokenizer, None, "a local tokenizer file"),
+        Component("bpe", c.BPETokenizer, "llmforge.data.tokenizers:build_bpe", "byte-level BPE trained on the spec's sources"),
+        Component("char", c.CharTokenizer, "llmforge.data.tokenizers:build_char", "character level"),
+        Component("byte", c.ByteTokenizer, "llmforge.data.tokenizers:build_byte", "raw bytes"),
+        Component("pretrained", c.PretrainedTokenizer, "llmforge.data.tokenizers:build_pretrained", "a local tokenizer file"),
     ]
 
 
 @hookimpl
 def register_sources() -> list[Component]:
     return [
-        Component("text", c.TextSource, None, "plain text files"),
-        Component("jsonl", c.JsonlSource, None, "JSON Lines fields"),
-        Component("webdataset", c.WebDatasetSource, None, "existing token shards"),
-        Component("instructions", c.InstructionSource, None, "instruction or chat JSONL"),
-        Component("preferences", c.PreferenceSource, None, "preference pairs JSONL"),
+        Component("text", c.TextSource, "llmforge.data.sources:text_source", "plain text files"),
+        Component("jsonl", c.JsonlSource, "llmforge.data.sources:jsonl_source", "JSON Lines fields"),
+        Component("webdataset", c.WebDatasetSource, "llmforge.data.sources:webdataset_source", "existing token shards"),
+        Component("instructions", c.InstructionSource, "llmforge.data.sources:instruction_source", "instruction or chat JSONL"),
+        Component("preferences", c.PreferenceSource, "llmforge.data.sources:preference_source", "preference pairs JSONL"),
     ]
 
 
 @hookimpl
 def register_models() -> list[Component]:
-    return [Component("gpt", c.GPTModel, None, "megatron-core GPTModel")]
+    return [Component("gpt", c.GPTModel, "llmforge.models.gpt:build_gpt", "megatron-core GPTModel")]
 
 
 @hookimpl
 def register_optimizers() -> list[Component]:
     return [
-        Component("adamw", c.AdamW, None, "torch AdamW"),
-        Component("sgd", c.SGD, None, "torch SGD"),
+        Component("adamw", c.AdamW, "llmforge.runtime.optim:build_adamw", "torch AdamW"),
+        Component("sgd", c.SGD, "llmforge.runtime.optim:build_sgd", "torch SGD"),
     ]
 
 
 @hookimpl
 def register_lr_schedules() -> list[Component]:
     return [
-        Component("constant", c.ConstantSchedule, None, "warmup then constant"),
-        Component("cosine", c.CosineSchedule, None, "warmup then cosine decay"),
-        Component("linear", c.LinearSchedule, None, "warmup then linear decay"),
-        Component("wsd", c.WSDSchedule, None, "warmup-stable-decay"),
+        Component("constant", c.ConstantSchedule, "llmforge.runtime.schedules:build_constant", "warmup then constant"),
+        Component("cosine", c.CosineSchedule, "llmforge.runtime.schedules:build_cosine", "warmup then cosine decay"),
+        Component("linear", c.LinearSchedule, "llmforge.runtime.schedules:build_linear", "warmup then linear decay"),
+        Component("wsd", c.WSDSchedule, "llmforge.runtime.schedules:build_wsd", "warmup-stable-decay"),
     ]
 
 
 @hookimpl
 def register_stage_types() -> list[Component]:
     return [
-        Component("prepare", s.PrepareStage, None, "tokenize and shard"),
-        Component("pretrain", s.PretrainStage, None, "next-token pretraining"),
+        Component("prepare", s.PrepareStage, "llmforge.stages.prepare:run", "tokenize and shard"),
+        Component("pretrain", s.PretrainStage, "llmforge.stages.pretrain:run", "next-token pretraining"),
         Component("sft", s.SFTStage, None, "supervised finetuning"),
     ]
 
 
 @hookimpl
 def register_evaluators() -> list[Component]:
-    return [Component("val_loss", c.ValLoss, None, "validation loss and perplexity")]
+    return [Component("val_loss", c.ValLoss, "llmforge.runtime.evaluate:ValLoss", "validation loss and perplexity")]

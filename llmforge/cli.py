@@ -44,11 +44,158 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from llmforge.registry.manager import get_registry
-    from llmforge.spec.validate import spec_model
+    from llmforge.spec.docs import reference_markdown, schema_text, write_atomic
 
-    schema = spec_model(get_registry()).model_json_schema()
-    print(json.dumps(schema, indent=2))
+    registry = get_registry()
+    text = reference_markdown(registry) if args.markdown else schema_text(registry)
+    if args.output:
+        write_atomic(args.output, text)
+    else:
+        sys.stdout.write(text)
     return 0
+
+
+def _layout_overrides(args: argparse.Namespace) -> list[str]:
+    out = []
+    if getattr(args, "nproc_per_node", None):
+        out.append(f"parallelism.nproc_per_node={args.nproc_per_node}")
+    if getattr(args, "nnodes", None):
+        out.append(f"parallelism.nnodes={args.nnodes}")
+    return out
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import warnings
+    from pathlib import Path
+
+    # megatron warns on import that TransformerEngine/Apex are absent; on CPU that is expected.
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+    warnings.filterwarnings("ignore", message="full scope is deprecated", module="megatron")
+
+    from llmforge.registry.manager import get_registry
+    from llmforge.resolve import resolve, unimplemented
+    from llmforge.runtime import launch
+    from llmforge.spec.errors import UserError
+    from llmforge.spec.validate import load_and_validate
+
+    registry = get_registry()
+    overrides = [*args.overrides, *_layout_overrides(args)]
+    spec, loaded = load_and_validate(args.spec, overrides, registry=registry)
+    plan = resolve(spec, registry)
+    missing = unimplemented(plan, registry)
+    if missing:
+        raise UserError("this spec uses components that are declared but not implemented yet: " + "; ".join(missing),
+                        "pick implemented components (`llmforge plugins`), or drop the stages that need them")
+    run_dir = Path(args.run_dir or spec.resolved_run_dir)
+    resume = None if args.resume_or_start else args.resume
+    if not launch.under_launcher():
+        launch.check_devices(spec.parallelism, multi_node_flags=bool(args.rdzv_endpoint))
+    if not launch.under_launcher() and spec.parallelism.world_size > 1:
+        from llmforge.runtime.executor import prepare_run_dir
+
+        run, resuming = prepare_run_dir(spec, loaded.data, plan, run_dir, resume=resume, overwrite=args.overwrite,
+                                        allow_spec_change=args.allow_spec_change)
+        argv = ["run", args.spec, *overrides, "--run-dir", str(run_dir)]
+        code = launch.relaunch(argv, nproc=spec.parallelism.nproc_per_node, nnodes=spec.parallelism.nnodes,
+                               node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, resuming=resuming)
+        run.unlock()
+        return code
+    from llmforge.runtime.executor import execute
+    from llmforge.runtime.train import EXIT_PREEMPTED, Preempted, TrainingStopped
+
+    try:
+        execute(spec, loaded.data, plan, registry, run_dir=run_dir, resume=resume, overwrite=args.overwrite,
+                allow_spec_change=args.allow_spec_change)
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Preempted as e:
+        print(str(e), file=sys.stderr)
+        return EXIT_PREEMPTED
+    finally:
+        if "torch.distributed" in sys.modules:
+            from llmforge.runtime.distributed import shutdown
+
+            shutdown()
+    return 0
+
+
+def cmd_launch_slurm(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llmforge.runtime.launch import write_slurm_script
+    from llmforge.spec.validate import load_and_validate
+
+    spec, _ = load_and_validate(args.spec, args.overrides, check_inputs=False)
+    out = Path(args.output or f"{spec.name}.sbatch")
+    write_slurm_script(spec, args.spec, args.overrides, out, time=args.time, partition=args.partition, account=args.account,
+                       cpus_per_task=args.cpus_per_task, port=args.port)
+    print(f"wrote {out}: {spec.parallelism.nnodes} node(s) × {spec.parallelism.nproc_per_node} GPU(s); submit with `sbatch {out}`")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from llmforge.plan.build import build_plan
+    from llmforge.plan.catalog import get_device
+    from llmforge.registry.manager import get_registry
+    from llmforge.spec.validate import load_and_validate
+
+    registry = get_registry()
+    device = get_device(args.gpu)
+    # A cluster spec's data usually lives on the cluster: plan without it (budgets say so).
+    spec, _ = load_and_validate(args.spec, [*args.overrides, *_layout_overrides(args)], registry=registry, check_inputs=False)
+    run_dir = Path(args.run_dir or spec.resolved_run_dir)
+    plan = build_plan(spec, registry=registry, device=device, run_dir=run_dir, spec_path=args.spec, mfu=args.mfu)
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        from llmforge.plan.report import render
+
+        render(plan)
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from llmforge.interop.export import export_hf
+
+    done = export_hf(args.source, args.out_dir, stage=args.stage, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                     overwrite=args.overwrite)
+    print(f"exported {done['checkpoint']} as {done['architecture']} ({done['parameters']:,} parameters, {done['dtype']}) "
+          f"to {done['out_dir']}: {', '.join(done['weight_files'])}" + ("" if done["tokenizer"] else " (the run has no tokenizer)"))
+    return 0
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from llmforge.interop.import_ import import_hf
+
+    done = import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
+    print(f"imported {done['architecture']} ({done['parameters']:,} parameters) from {args.hf_dir}\n"
+          f"  checkpoint: {done['checkpoint']}  (a stage starts from it with `init_from: {done['checkpoint']}`)\n"
+          f"  model spec: {done['model_spec']}  (`extends:` it, or copy its model: section)")
+    return 0
+
+
+def _interop_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a checkpoint in another framework's format")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    q = formats.add_parser("hf", help="a Hugging Face model directory: config.json, safetensors, tokenizer files")
+    q.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a run dir (its last stage's newest checkpoint) or a checkpoints/<stage>/step-N dir")
+    q.add_argument("out_dir", metavar="OUT_DIR", help="the directory to write (created atomically)")
+    q.add_argument("--stage", help="export this stage's newest checkpoint of RUN_DIR")
+    q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the exported weights")
+    q.add_argument("--max-shard-size", default="5GB", help="split safetensors files larger than this, with an index (e.g. 2GB)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    q.set_defaults(func=cmd_export_hf)
+
+    p = sub.add_parser("import", help="turn another framework's model into an llmforge checkpoint")
+    formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    q = formats.add_parser("hf", help="a local Hugging Face Llama or GPT-2 directory (nothing is downloaded)")
+    q.add_argument("hf_dir", metavar="HF_DIR", help="a directory with config.json and safetensors (or pytorch_model.bin) weights")
+    q.add_argument("out", metavar="OUT", help="where the checkpoint, model.yaml and tokenizer go (created atomically)")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")
+    q.set_defaults(func=cmd_import_hf)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,11 +210,52 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-inputs", action="store_true", help="do not check that input files exist (their data lives elsewhere)")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("plan", help="what a spec costs before it runs: parameters, FLOPs, memory per rank, tokens, time")
+    _spec_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON instead of tables")
+    p.add_argument("--gpu", default="h100-80gb", metavar="NAME",
+                   help="device to plan for: h100-80gb (default), h200-141gb, a100-40gb, a100-80gb, l40s-48gb, cpu")
+    p.add_argument("--nnodes", type=int, help="machines in the job (overrides parallelism.nnodes)")
+    p.add_argument("--nproc-per-node", type=int, help="processes (GPUs) per machine (overrides parallelism.nproc_per_node)")
+    p.add_argument("--mfu", type=float, help="model FLOPs utilization to assume (default: 0.40 on GPUs, 0.30 on the CPU)")
+    p.add_argument("--run-dir", help="run dir whose data/manifest.json gives the real token counts (default: the spec's)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="execute a spec's stages (relaunches under torchrun for several processes)")
+    _spec_args(p)
+    p.add_argument("--run-dir", help="where outputs go (default: the spec's run_dir, or runs/<name>)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue a stopped run from its newest complete checkpoint")
+    mode.add_argument("--overwrite", action="store_true", help="delete the run dir and start over")
+    mode.add_argument("--resume-or-start", action="store_true", help="resume if the run dir holds this run, else start (for requeued jobs)")
+    p.add_argument("--allow-spec-change", action="store_true", help="resume even though the spec changed")
+    p.add_argument("--nproc-per-node", type=int, help="processes on this machine (overrides parallelism.nproc_per_node)")
+    p.add_argument("--nnodes", type=int, help="machines in the job (overrides parallelism.nnodes)")
+    p.add_argument("--node-rank", type=int, help="this machine's rank in a multi-node job (passed to torchrun)")
+    p.add_argument("--rdzv-endpoint", help="HOST:PORT of the rendezvous for a multi-node job (passed to torchrun)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("launch", help="write a cluster launch script for a spec")
+    launch_sub = p.add_subparsers(dest="launcher", required=True, metavar="LAUNCHER")
+    q = launch_sub.add_parser("slurm", help="write an sbatch script with srun + torchrun rendezvous")
+    _spec_args(q)
+    q.add_argument("--output", "-o", help="script path (default <name>.sbatch)")
+    q.add_argument("--time", default="48:00:00", help="SBATCH --time")
+    q.add_argument("--partition", help="SBATCH --partition")
+    q.add_argument("--account", help="SBATCH --account")
+    q.add_argument("--cpus-per-task", type=int, default=32, help="CPU cores per node for data loading")
+    q.add_argument("--port", type=int, default=29500, help="rendezvous port on the head node")
+    q.set_defaults(func=cmd_launch_slurm)
+
+    _interop_parsers(sub)
+
     p = sub.add_parser("plugins", help="list registered components and who provides them")
     p.add_argument("--json", action="store_true", help='a list of {"kind", "name", "provider", "version"}')
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the spec, plugin components included")
+    p.add_argument("--markdown", action="store_true", help="the Markdown reference (docs/spec-reference.md) instead")
+    p.add_argument("--output", metavar="PATH", help="write to PATH (atomically) instead of stdout")
     p.set_defaults(func=cmd_schema)
     return parser
 

@@ -44,12 +44,31 @@ def register_stage_types() -> list:
 
 @hookspec
 def register_evaluators() -> list:
-    """Evaluators, listed in a stage's `evaluators`. Factory: `(options, *, context) -> evaluator` with `evaluate(model, step) -> dict`."""
+    """Evaluators, listed in a stage's `evaluators`, run every `eval_interval` steps and at the stage's end.
+
+    Factory: `(options, *, context) -> evaluator`, where `evaluator.evaluate(step: int) -> dict[str, float]`
+    returns metrics that go into the eval row of metrics.jsonl and TensorBoard. The model is
+    reached only through `context`, which offers:
+
+    - `context.val_loss(iters: int) -> tuple[float, int]`: mean loss per token (nats) over
+      `iters` val batches, and the number of tokens it covers;
+    - `context.tokenizer`: `encode(text) -> list[int]` and `decode(ids) -> str`;
+    - `context.generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]`: greedy
+      continuation of the prompt, the new token ids only (it may stop early at end-of-document);
+    - `context.log(msg: str)`: a line on the console and in the run log.
+    """
 
 
 @hookspec
 def register_callbacks() -> list:
-    """Training callbacks and loggers, listed in `logging.callbacks`. Factory: `(options, *, run_dir) -> callback` with `on_log(row)`."""
+    """Training callbacks and loggers, listed in `logging.callbacks`.
+
+    Factory: `(options, *, run_dir: pathlib.Path) -> callback`, where
+    `callback.on_log(row: dict) -> None` is called for every metrics row, train and eval,
+    with the same keys metrics.jsonl gets; and the optional
+    `callback.on_stage_end(stage: str, summary: dict) -> None` once when a stage finishes.
+    Callbacks run in the process that writes metrics.jsonl (rank 0).
+    """
 
 
 @hookspec

@@ -29,7 +29,9 @@ def _entry_point_plugins() -> tuple[list[tuple[Any, str, str]], list[str]]:
     from importlib.metadata import entry_points
 
     plugins, failures = [], []
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    # Sorted, so that the registry (and a duplicate's message) does not depend on sys.path order.
+    found = sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: (ep.dist.name if ep.dist else "", ep.name))
+    for ep in found:
         dist = ep.dist.name if ep.dist else ep.value
         version = ep.dist.version if ep.dist else "?"
         try:
@@ -56,7 +58,15 @@ def make_plugin_manager(extra_plugins: list[tuple[Any, str, str]] = ()) -> tuple
         name = f"{dist}:{getattr(plugin, '__name__', id(plugin))}"
         if pm.is_registered(plugin):
             continue
-        pm.register(plugin, name=name)
+        try:
+            pm.register(plugin, name=name)
+            # A misspelt hook name would otherwise register nothing, silently.
+            pm.check_pending()
+        except pluggy.PluginValidationError as e:
+            if pm.has_plugin(name):
+                pm.unregister(name=name)
+            failures.append(f"plugin {dist} {version} is invalid: {e}")
+            continue
         providers[name] = (dist, version)
     return pm, providers, failures
 
@@ -70,7 +80,12 @@ def build_registry(extra_plugins: list[tuple[Any, str, str]] = ()) -> Registry:
         # Call each implementation ourselves (built-ins first) so every component knows its provider.
         for impl in hook.get_hookimpls():
             provider, version = providers.get(impl.plugin_name, (impl.plugin_name, "?"))
-            for comp in impl.function() or []:
+            try:
+                components = impl.function() or []
+            except Exception as e:  # one broken plugin must not take the CLI down with it
+                failures.append(f"plugin {provider} {version}: {hook_name}() failed: {type(e).__name__}: {e}")
+                continue
+            for comp in components:
                 registry.add(kind, comp, provider, version)
     return registry
 

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 
 class StrictModel(BaseModel):
     """Every spec model rejects unknown keys: a typo must fail `validate`, not step 9000."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def field_error(model: type[BaseModel], field: str | tuple[str | int, ...], value: object, message: str) -> ValidationError:
+    """A cross-field error raised from a model validator but located at `field` (a key or a path).
+
+    A plain ValueError points at the whole model, so `validate` would show the section's
+    line instead of the offending key (or the override that set it).
+    """
+    error = PydanticCustomError("spec_conflict", "{message}", {"message": message})
+    loc = field if isinstance(field, tuple) else (field,)
+    return ValidationError.from_exception_data(model.__name__, [InitErrorDetails(type=error, loc=loc, input=value)])
 
 
 class ComponentRef(BaseModel):

@@ -130,7 +130,7 @@ def _vocab_fits(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
 def _init_from_earlier(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
     earlier: list[str] = []
     raw = loaded.data.get("stages") or []
-    names = [x.get("name") if isinstance(x, dict) else None for x in raw]
+    names = [x.get("name") if isinstance(x, dict) and isinstance(x.get("name"), str) else None for x in raw]
     for i, stage in enumerate(s["stages"]):
         if stage is None:
             earlier.append(names[i])

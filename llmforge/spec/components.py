@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from llmforge.spec.base import StrictModel
+from llmforge.spec.base import StrictModel, field_error
 
 # --- tokenizers -------------------------------------------------------------------------
 
@@ -143,12 +143,20 @@ class GPTModel(StrictModel):
     @model_validator(mode="after")
     def _shape(self) -> GPTModel:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
+            raise field_error(
+                GPTModel,
+                "num_attention_heads",
+                self.num_attention_heads,
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}; "
-                "pick heads that divide the width (e.g. hidden 512 with 8 heads)"
+                "pick heads that divide the width (e.g. hidden 512 with 8 heads)",
             )
         if self.num_attention_heads % self.kv_groups:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not divisible by num_query_groups {self.kv_groups}")
+            raise field_error(
+                GPTModel,
+                "num_query_groups",
+                self.num_query_groups,
+                f"num_attention_heads {self.num_attention_heads} is not divisible by num_query_groups {self.kv_groups}",
+            )
         return self
 
 

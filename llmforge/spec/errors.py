@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -11,6 +12,8 @@ def dotted(path: tuple[str | int, ...]) -> str:
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
+        elif not re.fullmatch(r"[\w-]+", str(part)):
+            out += f"[{str(part)!r}]"  # a key with dots or spaces would read as several keys
         else:
             out += ("." if out else "") + str(part)
     return out or "<spec>"

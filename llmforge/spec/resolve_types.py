@@ -12,18 +12,24 @@ import types
 import typing
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import AfterValidator, BaseModel, Field, create_model
 from pydantic.fields import FieldInfo
 
 from llmforge.registry.components import Registry
-from llmforge.spec.base import ComponentRef
+from llmforge.spec.base import ComponentRef, field_error
 
 
 def component_union(ref: type[ComponentRef], registry: Registry, cache: dict) -> Any:
     # Members may hold placeholders themselves (a stage's train.optimizer), so specialize them too.
     members = [specialize(r.typed_options, registry, cache) for _, r in sorted(registry.entries[ref.kind].items())]
     if not members:
-        return ref
+        # Nothing of this kind is registered: any name is unknown. Without this the
+        # placeholder (extra="allow") would accept and silently ignore the entry.
+        def unknown(value: ComponentRef) -> ComponentRef:
+            message = registry.unknown_message(ref.kind, value.name) + "; install a plugin that provides one"
+            raise field_error(ref, ref.discriminator, value.name, message)
+
+        return Annotated[ref, AfterValidator(unknown)]
     return Annotated[Union[tuple(members)], Field(discriminator=ref.discriminator)]  # noqa: UP007
 
 

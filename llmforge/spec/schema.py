@@ -13,6 +13,7 @@ from llmforge.spec.base import (
     StageRef,
     StrictModel,
     TokenizerRef,
+    field_error,
 )
 
 SCHEMA_VERSION = 1
@@ -49,6 +50,17 @@ class DataConfig(StrictModel):
     on_change: Literal["rebuild", "refuse"] = Field(
         "rebuild", description="When the inputs of existing shards changed: `rebuild` them, or `refuse` and stop. They are never mixed."
     )
+
+    @model_validator(mode="after")
+    def _mix_weights(self) -> DataConfig:
+        # Unknown names in `mix` are reported by checks.py, with the list of sources.
+        for key, weight in (self.mix or {}).items():
+            if weight <= 0:
+                raise field_error(DataConfig, ("mix", key), weight, f"mix weight {weight} of {key!r} must be positive; remove the source to leave it out")
+        missing = [name for name in self.sources if self.mix is not None and name not in self.mix]
+        if missing:
+            raise field_error(DataConfig, ("mix",), self.mix, f"mix gives no weight to source {', '.join(map(repr, missing))}; weigh every source")
+        return self
 
 
 class ParallelismConfig(StrictModel):
@@ -122,10 +134,10 @@ class Spec(StrictModel):
     @model_validator(mode="after")
     def _unique_stage_names(self) -> Spec:
         seen: set[str] = set()
-        for stage in self.stages:
+        for i, stage in enumerate(self.stages):
             stage_name = getattr(stage, "name", None)
             if stage_name in seen:
-                raise ValueError(f"stage name {stage_name!r} is used twice; stage names must be unique")
+                raise field_error(Spec, ("stages", i, "name"), stage_name, f"stage name {stage_name!r} is used twice; stage names must be unique")
             seen.add(stage_name)
         return self
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing
+import weakref
 from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -13,15 +14,15 @@ from llmforge.spec.load import LoadedSpec
 from llmforge.spec.resolve_types import specialize
 from llmforge.spec.schema import Spec
 
-_MODELS: dict[int, type[Spec]] = {}
+# Weak keys: an id() key could be reused by a later registry once the first is collected.
+_MODELS: weakref.WeakKeyDictionary[Registry, type[Spec]] = weakref.WeakKeyDictionary()
 
 
 def spec_model(registry: Registry) -> type[Spec]:
     """The Spec model typed by this registry's components (built once per registry)."""
-    key = id(registry)
-    if key not in _MODELS:
-        _MODELS[key] = specialize(Spec, registry)  # type: ignore[assignment]
-    return _MODELS[key]
+    if registry not in _MODELS:
+        _MODELS[registry] = specialize(Spec, registry)  # type: ignore[assignment]
+    return _MODELS[registry]
 
 
 # --- locating pydantic errors -----------------------------------------------------------
@@ -128,7 +129,7 @@ def _issue(err: dict, data: Any, loaded: LoadedSpec, model: type[BaseModel], reg
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
-    elif "input" in err and not isinstance(err["input"], (dict, list)):
+    elif kind != "spec_conflict" and "input" in err and not isinstance(err["input"], (dict, list)):
         msg = f"{msg} (got {err['input']!r})"
     return SpecIssue(path, msg, None, where)
 
@@ -142,7 +143,12 @@ def _issues(exc: ValidationError, data: Any, loaded: LoadedSpec, model: type[Bas
             merged[issue.path] = issue
         elif issue.message not in prev.message:
             prev.message += f", or {issue.message[0].lower()}{issue.message[1:]}"  # union members
-    return list(merged.values())
+    # A misspelt required key also shows up as "missing": report the typo once.
+    typos = {(i.path[:-1], i.hint) for i in merged.values() if i.message.startswith("unknown key")}
+    return [
+        i for i in merged.values()
+        if not (i.message.startswith("required key") and (i.path[:-1], f"did you mean {i.path[-1]!r}?") in typos)
+    ]
 
 
 # --- entry point ------------------------------------------------------------------------
@@ -170,15 +176,19 @@ def validate_loaded(loaded: LoadedSpec, registry: Registry, *, check_inputs: boo
         issues += _issues(e, data, loaded, model, registry)
         sections = {}
         for name, field in model.model_fields.items():
-            if name not in data:
+            if name in data:
+                value = data[name]
+            elif not field.is_required():
+                value = field.get_default(call_default_factory=True)  # an omitted section still has its checks
+            else:
                 continue
             try:
-                sections[name] = TypeAdapter(field.annotation).validate_python(data[name])
+                sections[name] = TypeAdapter(field.annotation).validate_python(value)
             except ValidationError:
-                if name == "stages" and isinstance(data[name], list):
+                if name == "stages" and isinstance(value, list):
                     # Keep the stages that parsed (None for the others) so their checks still run.
                     item = TypeAdapter(typing.get_args(field.annotation)[0])
-                    sections[name] = [_try(item, x) for x in data[name]]
+                    sections[name] = [_try(item, x) for x in value]
     known = {i.path for i in issues}
     issues += [i for i in run_checks(sections, loaded, check_inputs=check_inputs) if i.path not in known]
     if issues:

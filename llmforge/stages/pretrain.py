@@ -37,7 +37,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn) -> dict
     groups = param_groups(chunks, weight_decay=getattr(opt_opts, "weight_decay", 0.0),
                           decay_embeddings=getattr(opt_opts, "decay_embeddings", True))
     torch_opt = registry.build("optimizer", opt_opts, params=groups)
-    optimizer = wrap_optimizer(torch_opt, chunks, spec.parallelism, opt_opts=opt_opts, precision=train.precision, clip_grad=train.clip_grad)
+    optimizer = wrap_optimizer(torch_opt, chunks, spec.parallelism)  # wraps `chunks` in megatron DDP in place
     total = total_steps(train, samples_per_epoch=loader.samples_per_epoch, tokens_per_sample=loader.tokens_per_sample)
     schedule = registry.build("lr_schedule", train.lr_schedule, peak_lr=opt_opts.lr, total_steps=total)
     step_fn = TrainStep(chunks, optimizer, parallelism_ctx=par, seq_length=model_opts.seq_length,
@@ -74,6 +74,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn) -> dict
                              on_corrupt=spec.checkpoint.on_corrupt, rank=par.rank, barrier=context.barrier, log=context.log)
 
     def save_model(tmp: Path) -> None:
+        (tmp / "model").mkdir(parents=True, exist_ok=True)
         save_sharded(tmp / "model", chunks, optimizer, {})
 
     def load_model(step_dir: Path) -> None:

@@ -1,0 +1,279 @@
+"""The prepare stage: sources → tokenizer → token streams → split, mix, pack → shards + manifest.
+
+Re-runs are cheap and safe: the inputs (source fingerprints, options, tokenizer, seed,
+seq_length, packing) are hashed into the manifest; identical inputs with intact shards are
+reused, changed ones are rebuilt (or refused, `data.on_change: refuse`), never mixed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from llmforge.data import manifest as mf
+from llmforge.data import packing
+from llmforge.data.atomic import write_json
+from llmforge.data.errors import ErrorPolicy
+from llmforge.data.files import fingerprint_files, resolve_files, sha256_file
+from llmforge.data.filters import FilterCounts, filtered
+from llmforge.data.shards import ShardWriter
+from llmforge.data.sources import Document, SourceContext
+from llmforge.data.tokenize import tokenize_documents
+from llmforge.data.tokenizers import Tokenizer, load_tokenizer
+from llmforge.spec.errors import UserError
+
+DATA_FORMAT = 1  # bump when the shard layout changes, so old shards are rebuilt
+Log = Callable[[str], None]
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def _fingerprint(name: str, options, on_error: str) -> dict:
+    """Files and content hash of a file-based source; just its options for any other."""
+    if not hasattr(options, "paths"):
+        return {"per_file": [], "sha256": None}
+    # Silent here: the source reports (or raises) the same problems when it is read.
+    errors = ErrorPolicy(on_error, log=None)
+    files = resolve_files(options.paths, getattr(options, "exclude", []), errors, f"data.sources.{name}.paths")
+    return fingerprint_files(files)
+
+
+def _path_digest(path: Path) -> str | None:
+    if path.is_file():
+        return sha256_file(path)
+    if path.is_dir():
+        return _digest([[p.name, sha256_file(p)] for p in sorted(path.iterdir()) if p.is_file()])
+    return None
+
+
+def _tokenizer_key(spec, sources: dict) -> str:
+    """What the tokenizer depends on: its options, plus the data it trains on or the file it loads."""
+    tok = spec.tokenizer
+    payload: dict = {"options": tok.model_dump(mode="json")}
+    if tok.name == "pretrained":
+        payload["file"] = _path_digest(Path(tok.path).expanduser())
+    elif tok.name != "byte":
+        payload["sources"] = sources
+    return _digest(payload)
+
+
+def _documents(spec, registry, tokenizer: Tokenizer | None, policies: dict[str, ErrorPolicy], counts: dict[str, FilterCounts],
+               *, text_only: bool = False) -> Iterator[tuple[str, Document]]:
+    """(source name, document) of every source in spec order, filtered and counted."""
+    for name, options in spec.data.sources.items():
+        if text_only and options.name == "webdataset":
+            continue  # token shards hold no text to train a tokenizer on
+        context = SourceContext(name, policies[name], tokenizer)
+        docs = registry.build("source", options, context=context)
+        for doc in filtered(docs, getattr(options, "filters", None), counts[name]):
+            if isinstance(doc.content, dict):
+                raise UserError(f"data.sources.{name} ({options.name}) yields finetune records, which prepare cannot pack into pretraining shards",
+                                "use this source under an sft stage's data.sources")
+            if text_only and not isinstance(doc.content, str):
+                continue
+            yield name, doc
+
+
+def _tokenizer(spec, run_dir: Path, key: str, registry, log: Log) -> Tokenizer:
+    """The run's tokenizer: reused when built from the same inputs, else built and saved."""
+    tok_dir = run_dir / "tokenizer"
+    if (tok_dir / "meta.json").is_file():
+        try:
+            tok = load_tokenizer(tok_dir)
+            if tok.built_from == key:
+                return tok
+            log(f"prepare: the tokenizer's inputs changed; building it again in {tok_dir}")
+        except UserError as e:
+            log(f"prepare: building the tokenizer again: {e}")
+    names = list(spec.data.sources)
+    counts = {n: FilterCounts() for n in names}
+    policies = {n: ErrorPolicy(spec.data.on_error, log=None) for n in names}
+    texts = (doc.content for _, doc in _documents(spec, registry, None, policies, counts, text_only=True))
+    start = time.perf_counter()
+    tok = registry.build("tokenizer", spec.tokenizer, run_dir=run_dir, texts=texts)
+    tok.built_from = key
+    tok.save(tok_dir)
+    log(f"prepare: built the {spec.tokenizer.name} tokenizer ({tok.vocab_size} tokens) in {time.perf_counter() - start:.1f} s → {tok_dir}")
+    return tok
+
+
+@contextlib.contextmanager
+def _progress(total_bytes: int) -> Iterator[Callable[[int], None]]:
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    console = Console(stderr=True)
+    columns = (TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+        task = bar.add_task("tokenize", total=total_bytes)
+        yield lambda n: bar.advance(task, n)
+        bar.update(task, completed=total_bytes)
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits (a vocabulary under 65536), else uint32: half the disk for most models."""
+    return np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
+
+
+def _workers(requested: int) -> int:
+    return requested or len(os.sched_getaffinity(0))
+
+
+def run_prepare(spec, run_dir: Path, stage, log: Log = print) -> dict:
+    """Train/load the tokenizer into run_dir/tokenizer, write run_dir/data shards + manifest.json.
+
+    Reuses existing shards when the inputs are unchanged and the shards intact. Returns the manifest.
+    """
+    from llmforge.registry.manager import get_registry
+
+    registry = get_registry()
+    run_dir, data = Path(run_dir), spec.data
+    data_dir = run_dir / "data"
+    if not data.sources:
+        raise UserError("data.sources is empty: the prepare stage has nothing to tokenize", "add a source, e.g. data.sources.web: {name: text, paths: [corpus/*.txt]}")
+    seq_length = getattr(spec.model, "seq_length", None)
+    if seq_length is None:
+        raise UserError(f"model {spec.model.name!r} has no seq_length, which prepare needs to pack samples", "add model.seq_length")
+
+    fingerprints = {name: _fingerprint(name, opts, data.on_error) for name, opts in data.sources.items()}
+    sources = {name: {"options": opts.model_dump(mode="json"), "sha256": fingerprints[name]["sha256"]} for name, opts in data.sources.items()}
+    inputs = {
+        "format": DATA_FORMAT, "sources": sources, "mix": data.mix, "split": data.split.model_dump(mode="json"),
+        "seed": spec.seed, "seq_length": seq_length, "packing": stage.packing, "shard_size_mb": data.shard_size_mb,
+        "on_error": data.on_error, "tokenizer": _tokenizer_key(spec, sources),
+    }
+    inputs_hash = _digest(inputs)
+    old = mf.read_if_present(data_dir, log)
+    if old is not None and old.get("inputs_hash") != inputs_hash:
+        changes = mf.describe_changes(old, inputs, {n: fp["per_file"] for n, fp in fingerprints.items()})
+        if data.on_change == "refuse":
+            raise UserError(f"the inputs of the shards in {data_dir} changed: {changes}",
+                            "restore the inputs, set data.on_change: rebuild, or use another run dir")
+        log(f"prepare: inputs changed ({changes}); rebuilding the shards")
+
+    tokenizer = _tokenizer(spec, run_dir, inputs["tokenizer"], registry, log)
+    model_vocab = getattr(spec.model, "vocab_size", None)
+    if model_vocab is not None and tokenizer.vocab_size > model_vocab:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but model.vocab_size is {model_vocab}",
+                        f"set model.vocab_size ≥ {tokenizer.vocab_size} (a multiple of 128 is fastest)")
+
+    if old is not None and old.get("inputs_hash") == inputs_hash and old["tokenizer"]["sha256"] == tokenizer.hash:
+        problems = mf.shard_problems(data_dir, old)
+        if not problems:
+            n = sum(len(s["shards"]) for s in old["splits"].values())
+            log(f"prepare: inputs unchanged; reusing {n} shards in {data_dir}")
+            return old
+        log(f"prepare: rebuilding the shards: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return _build(spec, stage, registry, tokenizer, data_dir, inputs, inputs_hash, fingerprints, seq_length, log)
+
+
+def _build(spec, stage, registry, tokenizer: Tokenizer, data_dir: Path, inputs: dict, inputs_hash: str, fingerprints: dict,
+           seq_length: int, log: Log) -> dict:
+    data = spec.data
+    names = list(data.sources)
+    dtype = token_dtype(tokenizer.vocab_size)
+    work_dir = data_dir / ".work"
+    shutil.rmtree(work_dir, ignore_errors=True)
+    counts = {n: FilterCounts() for n in names}
+    policies = {n: ErrorPolicy(data.on_error, log) for n in names}
+    workers = _workers(data.num_workers)
+    total_bytes = sum(fp.get("bytes", 0) for fp in fingerprints.values())
+    start = time.perf_counter()
+    with _progress(total_bytes) as advance:
+        streams = tokenize_documents(_documents(spec, registry, tokenizer, policies, counts), names, tokenizer_dir=data_dir.parent / "tokenizer",
+                                     work_dir=work_dir, dtype=dtype, workers=workers, progress=advance)
+    elapsed = time.perf_counter() - start
+    for n in names:
+        counts[n].skipped_errors = policies[n].skipped
+        if counts[n].kept == 0:
+            c = counts[n]
+            raise UserError(f"data.sources.{n} is empty after filtering: {c.documents} documents, {c.empty} empty, {c.too_short} too short, "
+                            f"{c.too_long} too long, {c.duplicates} duplicates, {c.skipped_errors} skipped as bad input",
+                            "loosen the source's filters or check its paths")
+    total_tokens = sum(s.tokens for s in streams.values())
+    log(f"prepare: tokenized {total_bytes / 1e6:.1f} MB into {total_tokens:,} tokens in {elapsed:.1f} s "
+        f"({total_bytes / 1e6 / max(elapsed, 1e-9):.1f} MB/s, {workers} worker{'s' * (workers != 1)})")
+
+    parts = {n: packing.split_source(i, streams[n], data.split.by, data.split.val_fraction, spec.seed) for i, n in enumerate(names)}
+    val = packing.Ranges.concat([parts[n]["val"] for n in names])
+    mix_stats = None
+    if data.mix:
+        for n in names:
+            if parts[n]["train"].tokens == 0:
+                raise UserError(f"data.sources.{n} has no train tokens to mix", "give it more data, or lower split.val_fraction")
+        train, mix_stats = packing.mix({n: parts[n]["train"] for n in names}, data.mix, spec.seed)
+    else:
+        train = packing.Ranges.concat([parts[n]["train"] for n in names])
+
+    mf.invalidate(data_dir)  # from here on, nothing in data_dir is trusted until the new manifest lands
+    arrays = [streams[n].array() for n in names]
+    splits = {}
+    for split, ranges in (("train", train), ("val", val)):
+        splits[split] = _write_split(data_dir, split, arrays, ranges, stage.packing, seq_length, dtype, data.shard_size_mb)
+    _check_splits(splits, data.split.val_fraction, seq_length)
+
+    manifest = {
+        "version": mf.MANIFEST_VERSION,
+        "inputs_hash": inputs_hash,
+        "inputs": inputs,
+        "tokenizer": {"kind": getattr(tokenizer, "kind", spec.tokenizer.name), "sha256": tokenizer.hash, "vocab_size": tokenizer.vocab_size,
+                      "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id},
+        "seq_length": seq_length,
+        "packing": stage.packing,
+        "dtype": dtype.name,
+        "sources": {
+            n: {
+                "name": data.sources[n].name,
+                "fingerprint": {k: fingerprints[n].get(k) for k in ("files", "bytes", "mtime_ns", "sha256")},
+                "files": fingerprints[n]["per_file"],
+                "counts": counts[n].as_dict(),
+                "tokens": streams[n].tokens,
+                "train_tokens": parts[n]["train"].tokens,
+                "val_tokens": parts[n]["val"].tokens,
+                **({"mix": {"weight": data.mix[n], "used_tokens": mix_stats.used[n]}} if mix_stats else {}),
+            }
+            for n in names
+        },
+        "splits": splits,
+    }
+    write_json(mf.manifest_path(data_dir), manifest)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    log(f"prepare: train {splits['train']['samples']:,} samples in {len(splits['train']['shards'])} shards, "
+        f"val {splits['val']['samples']:,} samples in {len(splits['val']['shards'])} shards → {data_dir}")
+    return manifest
+
+
+def _write_split(data_dir: Path, split: str, arrays: list[np.ndarray], ranges: packing.Ranges, mode: str, seq_length: int,
+                 dtype: np.dtype, shard_size_mb: float) -> dict:
+    writer = ShardWriter(data_dir, split, target_bytes=int(shard_size_mb * 2**20), dtype=dtype)
+    stats = packing.PackStats()
+    try:
+        if mode == "windows":
+            for block in packing.windows(packing.gather(arrays, ranges.coalesced()), seq_length, stats):
+                writer.add(block)
+        else:
+            writer.add(packing.documents(arrays, ranges, seq_length, stats))
+    except BaseException:
+        writer.abort()
+        raise
+    shards = writer.close()
+    return {"tokens": ranges.tokens, "samples": stats.samples, "dropped_tokens": stats.dropped_tokens,
+            "max_token_id": writer.max_id, "shards": shards}
+
+
+def _check_splits(splits: dict, val_fraction: float, seq_length: int) -> None:
+    for split, info in splits.items():
+        if info["samples"] == 0 and (split == "train" or val_fraction > 0):
+            raise UserError(f"the {split} split holds {info['tokens']} tokens, fewer than one sample of seq_length+1 = {seq_length + 1}",
+                            "add data, lower model.seq_length" + (", or raise split.val_fraction" if split == "val" else ""))

@@ -1,0 +1,52 @@
+"""Synthetic task data with a measurable right answer, generated deterministically from a seed.
+
+Finetune stages, examples and tests get instruction data (and preference pairs) without
+any file from outside: 2- and 3-digit addition and string reversal. Torch-free.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Iterator
+
+TASKS = ("add2", "add3", "reverse")
+
+
+def _example(task: str, rng: random.Random) -> tuple[str, str, str]:
+    """(prompt, right answer, a plausible wrong answer)."""
+    if task in ("add2", "add3"):
+        lo, hi = (10, 99) if task == "add2" else (100, 999)
+        a, b = rng.randint(lo, hi), rng.randint(lo, hi)
+        right = a + b
+        wrong = right + rng.choice([-1, 1]) * rng.choice([1, 2, 10, 100])
+        return f"{a}+{b}=", str(right), str(wrong)
+    if task == "reverse":
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 7)))
+        right = word[::-1]
+        wrong = word if rng.random() < 0.5 else right[1:] + right[0]
+        if wrong == right:  # a palindrome: any change is wrong
+            wrong = right + right[-1]
+        return f"reverse {word}:", right, wrong
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def generate(tasks: list[str], n: int, seed: int) -> Iterator[tuple[str, str, str, str]]:
+    """n examples cycling through `tasks`: (task, prompt, right, wrong). Same seed, same data."""
+    rng = random.Random(f"llmforge-tasks:{seed}")
+    for i in range(n):
+        task = tasks[i % len(tasks)]
+        yield (task, *_example(task, rng))
+
+
+def instructions(tasks: list[str], n: int, seed: int) -> list[dict[str, str]]:
+    return [{"prompt": p, "response": r, "task": t} for t, p, r, _ in generate(tasks, n, seed)]
+
+
+def preferences(tasks: list[str], n: int, seed: int) -> list[dict[str, str]]:
+    return [{"prompt": p, "chosen": r, "rejected": w, "task": t} for t, p, r, w in generate(tasks, n, seed)]
+
+
+def pretraining_text(tasks: list[str], n: int, seed: int) -> str:
+    """The same tasks as plain lines, so a tokenizer trained on them knows every symbol."""
+    return "\n".join(f"{p}{r}" for _, p, r, _ in generate(tasks, n, seed)) + "\n"

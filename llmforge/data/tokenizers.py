@@ -1,0 +1,210 @@
+"""Tokenizers: every built-in is an HF `tokenizers.Tokenizer` behind one small protocol.
+
+bpe, char and byte are all expressed as HF tokenizers, so each is saved as a standard
+`tokenizer.json` (which `transformers` can load at export) and tokenizes in Rust. A
+`meta.json` next to it names the special tokens and carries the file's sha256; it is
+written last, so it marks a complete tokenizer directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from llmforge.data.atomic import atomic_open, write_json
+from llmforge.spec.errors import UserError
+
+if TYPE_CHECKING:
+    import tokenizers
+
+    from llmforge.spec import components as c
+
+META_VERSION = 1
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+    eos_id: int | None  # None only for a char tokenizer without add_eos (nanoGPT's recipe)
+    bos_id: int | None
+    pad_id: int | None  # the eos token when the vocabulary has no pad token
+    hash: str  # sha256 of the saved tokenizer.json
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
+    def decode(self, ids: list[int]) -> str: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def save(self, path: Path) -> None: ...
+
+
+class HFTokenizer:
+    """A `tokenizers.Tokenizer` plus which of its tokens end, start and pad a document."""
+
+    def __init__(self, hf: tokenizers.Tokenizer, *, kind: str, eos: str | None, bos: str | None, pad: str | None,
+                 built_from: str | None = None) -> None:
+        self.hf, self.kind, self.built_from = hf, kind, built_from
+        self.specials = {"eos": eos, "bos": bos, "pad": pad or eos}
+        self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+        ids = {}
+        for role, token in self.specials.items():
+            ids[role] = None if token is None else hf.token_to_id(token)
+            if token is not None and ids[role] is None:
+                raise UserError(f"the tokenizer has no token {token!r} for {role}", "add it as a special token, or name one the vocabulary has")
+        self.eos_id, self.bos_id, self.pad_id = ids["eos"], ids["bos"], ids["pad"]
+        self.json = hf.to_str()
+        self.hash = hashlib.sha256(self.json.encode()).hexdigest()
+
+    def _unknown(self, texts: list[str], e: Exception) -> UserError:
+        seen = {ch for t in texts for ch in set(t)}
+        missing = sorted(ch for ch in seen if self.hf.token_to_id(ch) is None)
+        if self.kind == "char" and missing:
+            return UserError(f"the char tokenizer never saw the characters {''.join(missing)!r}", "the char vocabulary is the characters of the training data")
+        return UserError(f"the tokenizer cannot encode this text: {e}")
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        except Exception as e:  # HF raises a bare Exception for unknown characters
+            raise self._unknown([text], e) from None
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text as uint32 arrays (the fast path `prepare` uses)."""
+        try:
+            # The _fast variant skips offset tracking, which we never use.
+            encodings = self.hf.encode_batch_fast(texts, add_special_tokens=False)
+        except Exception as e:
+            raise self._unknown(texts, e) from None
+        return [np.array(e.ids, dtype=np.uint32) for e in encodings]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.hf.token_to_id(token)
+
+    def save(self, path: Path) -> None:
+        """Write `path/tokenizer.json`, then `path/meta.json` (the completion marker)."""
+        path.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path / "tokenizer.json", "w") as f:
+            f.write(self.json)
+        write_json(path / "meta.json", {
+            "version": META_VERSION, "kind": self.kind, "special_tokens": self.specials, "vocab_size": self.vocab_size,
+            "sha256": self.hash, "built_from": self.built_from,
+        })
+
+
+def load_tokenizer(path: Path) -> HFTokenizer:
+    """The tokenizer saved in `path` (run_dir/'tokenizer'), checked against its meta.json."""
+    from tokenizers import Tokenizer as HF
+
+    meta_path, json_path = path / "meta.json", path / "tokenizer.json"
+    if not meta_path.is_file() or not json_path.is_file():
+        raise UserError(f"{path} holds no complete tokenizer (tokenizer.json + meta.json)", "run the prepare stage first")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("version") != META_VERSION:
+        raise UserError(f"{meta_path}: unknown tokenizer meta version {meta.get('version')!r}", f"this llmforge reads version {META_VERSION}")
+    text = json_path.read_text(encoding="utf-8")
+    if hashlib.sha256(text.encode()).hexdigest() != meta["sha256"]:
+        raise UserError(f"{json_path} does not match the sha256 in {meta_path.name}", "the tokenizer was changed or damaged; run prepare again")
+    sp = meta["special_tokens"]
+    return HFTokenizer(HF.from_str(text), kind=meta["kind"], eos=sp["eos"], bos=sp["bos"], pad=sp["pad"], built_from=meta.get("built_from"))
+
+
+# --- builders: the registry factories, `(options, *, run_dir, texts) -> Tokenizer` -----------
+
+
+def special_token_list(sp: c.SpecialTokens) -> list[str]:
+    """bos, eos, pad, chat roles, extra: in this order, each once."""
+    tokens = [t for t in (sp.bos, sp.eos, sp.pad, *sp.chat_roles, *sp.extra) if t is not None]
+    return list(dict.fromkeys(tokens))
+
+
+def byte_unicode() -> dict[int, str]:
+    """GPT-2's byte → printable character map (what HF's ByteLevel pre-tokenizer produces)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _limited(texts: Iterable[str], max_bytes: float) -> Iterable[str]:
+    seen = 0
+    for t in texts:
+        yield t
+        seen += len(t)
+        if seen >= max_bytes:
+            return
+
+
+def build_bpe(options: c.BPETokenizer, *, run_dir: Path, texts: Iterable[str]) -> HFTokenizer:
+    """Byte-level BPE trained on `texts` (the first train_max_mb of them)."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    del run_dir  # training needs no scratch space
+    hf = HF(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    # Digits first: one token per digit, so arithmetic sees every digit the same way.
+    hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) if options.split_digits else byte_level
+    hf.decoder = decoders.ByteLevel()
+    specials = special_token_list(options.special_tokens)
+    trainer = trainers.BpeTrainer(vocab_size=options.vocab_size, min_frequency=options.min_frequency, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    hf.train_from_iterator(_limited(texts, options.train_max_mb * 2**20), trainer)
+    sp = options.special_tokens
+    return HFTokenizer(hf, kind="bpe", eos=sp.eos, bos=sp.bos, pad=sp.pad)
+
+
+def build_char(options: c.CharTokenizer, *, run_dir: Path, texts: Iterable[str]) -> HFTokenizer:
+    """One token per character of `texts`, ids in sorted character order (as nanoGPT numbers them)."""
+    from tokenizers import Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HF
+
+    del run_dir
+    chars: set[str] = set()
+    for t in texts:
+        chars.update(t)
+    if not chars:
+        raise UserError("the char tokenizer found no text to build its vocabulary from", "check data.sources")
+    vocab = {ch: i for i, ch in enumerate(sorted(chars))}
+    eos = None
+    if options.add_eos:
+        eos = "<|eos|>"
+        vocab[eos] = len(vocab)
+    hf = HF(models.WordLevel(vocab, unk_token=None))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")  # (?m): `.` matches newlines too
+    hf.decoder = decoders.Fuse()
+    if eos:
+        hf.add_special_tokens([eos])
+    return HFTokenizer(hf, kind="char", eos=eos, bos=None, pad=None)
+
+
+def build_byte(options: c.ByteTokenizer, *, run_dir: Path, texts: Iterable[str]) -> HFTokenizer:
+    """Ids 0-255 are the bytes themselves; special tokens follow."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers
+
+    del run_dir, texts  # the vocabulary is fixed
+    to_char = byte_unicode()
+    hf = HF(models.BPE(vocab={to_char[b]: b for b in range(256)}, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.add_special_tokens(special_token_list(options.special_tokens))
+    sp = options.special_tokens
+    return HFTokenizer(hf, kind="byte", eos=sp.eos, bos=sp.bos, pad=sp.pad)
+
+
+def build_pretrained(options: c.PretrainedTokenizer, *, run_dir: Path, texts: Iterable[str]) -> HFTokenizer:
+    """A local tokenizer.json, HF tokenizer directory, llmforge tokenizer dir or tiktoken BPE file."""
+    from llmforge.data.pretrained import load_pretrained
+
+    del run_dir, texts
+    return load_pretrained(Path(options.path).expanduser())

@@ -1,0 +1,93 @@
+"""`llmforge import hf HF_DIR OUT`: a local HF Llama or GPT-2 directory as an llmforge checkpoint.
+
+OUT gets `checkpoints/import/step-0/` (the format training writes, with its COMPLETE
+marker, so any stage can `init_from` it at any TP/PP layout), `model.yaml` (the matching
+`model:` and `tokenizer:` spec sections) and `tokenizer/` (the HF tokenizer files, when the
+directory has them). Nothing is downloaded; OUT appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from llmforge.interop.hf_config import HF_CLASS, from_hf_config, validated_model
+from llmforge.spec.errors import UserError
+
+STAGE = "import"
+MODEL_FRAGMENT = "model.yaml"
+
+
+def _check_tokenizer(hf_dir: Path, vocab_size: int):
+    """The directory's tokenizer (None if it has no tokenizer.json), which must fit the vocabulary."""
+    from llmforge.data.pretrained import load_pretrained
+
+    if not (hf_dir / "tokenizer.json").is_file():
+        return None
+    tokenizer = load_pretrained(hf_dir)
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(f"{hf_dir / 'tokenizer.json'} has {tokenizer.vocab_size} tokens, but config.json vocab_size is {vocab_size}",
+                        "token ids past vocab_size have no embedding row; the tokenizer and the weights come from different models")
+    return tokenizer
+
+
+def _fragment(hf_dir: Path, out: Path, options: dict[str, Any], has_tokenizer: bool) -> str:
+    import yaml
+
+    root = out.absolute()
+    sections: dict[str, Any] = {"model": {k: v for k, v in options.items() if v is not None}}
+    if has_tokenizer:
+        sections["tokenizer"] = {"name": "pretrained", "path": str(root / "tokenizer")}
+    header = (
+        f"# Written by `llmforge import hf {hf_dir}`.\n"
+        f"# Use it from a spec with `extends: {root / MODEL_FRAGMENT}`, and start a stage from the\n"
+        f"# imported weights with `init_from: {root / 'checkpoints' / STAGE / 'step-0'}`.\n"
+        "# seq_length is the model's longest context; a stage may train on shorter sequences.\n"
+    )
+    return header + yaml.safe_dump(sections, sort_keys=False)
+
+
+def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Convert the HF model in `hf_dir` into the llmforge run-like directory `out`; returns a summary."""
+    from llmforge.interop.hf_files import copy_files, hf_tokenizer_files, read_hf_weights, read_json, staged_output
+    from llmforge.interop.hf_mapping import from_hf
+    from llmforge.interop.model_io import load_state, single_process_model
+    from llmforge.runtime.checkpoint import CheckpointManager
+    from llmforge.runtime.sharded_io import save_sharded
+
+    hf_dir, out = Path(hf_dir), Path(out)
+    if not hf_dir.is_dir():
+        raise UserError(f"{hf_dir} is not a directory", "point at a local Hugging Face model directory; nothing is downloaded")
+    config_path = hf_dir / "config.json"
+    arch, options = from_hf_config(read_json(config_path), str(config_path))
+    model = validated_model(options, str(config_path))
+    tokenizer = _check_tokenizer(hf_dir, model.vocab_size)
+    tensors = read_hf_weights(hf_dir)
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
+    state = from_hf(tensors, model, source=str(hf_dir))
+    del tensors
+    trainer_state = {"version": 1, "stage": STAGE, "step": 0, "tokens": 0, "skipped": 0, "loader": None,
+                     "extra": {"imported_from": str(hf_dir.absolute()), "architecture": HF_CLASS[arch], "source_dtypes": dtypes}}
+    with staged_output(out, overwrite=overwrite) as tmp:
+        module = single_process_model(model)
+        load_state(module, state)
+        manager = CheckpointManager(tmp / "checkpoints" / STAGE, keep_last=1, log=lambda m: print(m, file=sys.stderr))
+
+        def write(step_tmp: Path) -> None:
+            (step_tmp / "model").mkdir()
+            save_sharded(step_tmp / "model", [module], None, {})
+
+        manager.save(0, write, trainer_state)
+        if tokenizer is not None:
+            copy_files(hf_tokenizer_files(hf_dir), tmp / "tokenizer")
+        (tmp / MODEL_FRAGMENT).write_text(_fragment(hf_dir, out, options, tokenizer is not None), encoding="utf-8")
+    return {
+        "out": str(out),
+        "architecture": HF_CLASS[arch],
+        "checkpoint": str(out / "checkpoints" / STAGE / "step-0"),
+        "model_spec": str(out / MODEL_FRAGMENT),
+        "parameters": sum(t.numel() for t in state.values()),
+        "source_dtypes": dtypes,
+        "tokenizer": tokenizer is not None,
+    }

@@ -1,0 +1,48 @@
+"""megatron-core under torch autocast with fp32 parameters (llmforge's bf16: fp32 master weights).
+
+megatron's own mixed precision keeps bf16 parameters; two of its pieces assume that:
+
+- Its linear autograd functions replay the *CUDA* autocast state in backward
+  (`custom_bwd(device_type="cuda")`). Under CPU autocast the backward then multiplies a
+  bf16 gradient by an fp32 weight and fails; on CPU they must follow CPU autocast.
+- With sequence parallelism their backward reduce-scatters the bf16 input gradient into a
+  buffer of the (fp32) input's dtype, which gloo and NCCL refuse. The gradient is cast to
+  the buffer's dtype first; autograd would cast it to fp32 anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_installed: set[str] = set()
+
+
+def _linear_functions_follow_autocast_of(device_type: str) -> None:
+    from megatron.core.tensor_parallel import layers
+
+    for klass in (layers.LinearWithGradAccumulationAndAsyncCommunication, layers.LinearWithFrozenWeight):
+        forward = vars(klass)["forward"].__func__.__wrapped__
+        backward = vars(klass)["backward"].__func__.__wrapped__
+        klass.forward = staticmethod(torch.amp.custom_fwd(forward, device_type=device_type))
+        klass.backward = staticmethod(torch.amp.custom_bwd(backward, device_type=device_type))
+
+
+def _reduce_scatter_casts_to_output_dtype() -> None:
+    from megatron.core.tensor_parallel import layers
+
+    reduce_scatter = layers.dist_reduce_scatter_func
+
+    def reduce_scatter_in_output_dtype(output, input, *args, **kwargs):
+        return reduce_scatter(output, input.to(output.dtype), *args, **kwargs)
+
+    layers.dist_reduce_scatter_func = reduce_scatter_in_output_dtype
+
+
+def install(device_type: str) -> None:
+    """Make megatron's linear layers train under `device_type` autocast over fp32 weights (idempotent)."""
+    if "any" not in _installed:
+        _reduce_scatter_casts_to_output_dtype()
+        _installed.add("any")
+    if device_type != "cuda" and device_type not in _installed:
+        _linear_functions_follow_autocast_of(device_type)
+        _installed.add(device_type)

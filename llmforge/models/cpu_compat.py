@@ -1,0 +1,272 @@
+"""What megatron-core 0.16 needs to train on a machine without CUDA (gloo, CPU tensors).
+
+Installed by `install()` only when CUDA is absent; on a GPU none of this runs. Each piece
+names the megatron code that needs it (see ../shared/notes/megatron-on-cpu.md):
+
+1. `torch.cuda` shims: p2p receive buffers, grad buffers, RoPE, SP mappings and tied
+   embeddings under PP call `torch.cuda.current_device()`, `synchronize()`, `Tensor.cuda()`.
+2. The pipeline schedules allocate a counter with `torch.zeros([], device="cuda")`: they
+   get a `torch` whose `zeros` puts it on the CPU.
+3. `CudaToCpuMode`, a TorchFunctionMode rewriting `device="cuda"` to CPU, wrapped around the
+   megatron optimizer classes (`device='cuda'` literals, `param.type() == 'torch.cuda.FloatTensor'`).
+4. A CPU RNG tracker: `model_parallel_cuda_manual_seed` calls `torch.cuda.manual_seed`, and
+   activation recompute saves/restores the CUDA RNG state.
+5. The DistributedOptimizer checkpoint fixes. These are megatron bugs with a plain torch Adam
+   (no Apex/TE), so `fix_distributed_optimizer_checkpointing()` is also applied on a GPU.
+
+The SDPA core attention and the sequence-parallel torch norms (`llmforge.models.layers`) and
+the autocast fixes (`llmforge.models.amp`) are not CPU-specific and live apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import types
+from typing import Any, Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+_distopt_fixed = False
+# Depth of nested CudaToCpuMode wrappers: entering the mode once is enough, and nesting
+# would add a Python frame to every torch call.
+_mode_depth = 0
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Maps `device="cuda"` (or an integer device) to CPU inside megatron code.
+
+    It is not active inside autograd's backward, so code replayed there (recompute) must
+    not depend on it; the RNG tracker below is patched directly for that reason.
+    """
+
+    def __torch_function__(self, func, arg_types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": "cpu"}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # The optimizer asserts `param.type() == 'torch.cuda.FloatTensor'`.
+            name = func(*args)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+def on_cpu(func: Callable) -> Callable:
+    """Run `func` under CudaToCpuMode (once, however deeply such calls nest)."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        global _mode_depth
+        if _mode_depth:
+            return func(*args, **kwargs)
+        _mode_depth += 1
+        try:
+            with CudaToCpuMode():
+                return func(*args, **kwargs)
+        finally:
+            _mode_depth -= 1
+
+    wrapper.__llmforge_on_cpu__ = True
+    return wrapper
+
+
+def _install_cuda_shims() -> None:
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    # LanguageModule.setup_embeddings_and_output_layer does `weight.data.cuda()` under PP.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+
+
+class _TorchForSchedules(types.ModuleType):
+    """`torch` as megatron's pipeline schedules see it: `zeros(device="cuda")` lands on the CPU.
+
+    Each schedule allocates its token counter with `torch.zeros([], device="cuda")`, even
+    at PP=1. Rewriting that one call is enough; running the whole schedule under
+    CudaToCpuMode would route every torch call of forward through Python (16% slower steps
+    on a small model).
+    """
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if _is_cuda_device(device) else device, **kwargs)
+
+
+def _schedules_allocate_on_cpu() -> None:
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchForSchedules("torch")
+
+
+def _wrap_optimizers() -> None:
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    classes = (
+        optimizer.MegatronOptimizer,
+        optimizer.MixedPrecisionOptimizer,
+        optimizer.FP32Optimizer,
+        optimizer.ChainedOptimizer,
+        distrib_optimizer.DistributedOptimizer,
+    )
+    for klass in classes:
+        for name, attr in list(vars(klass).items()):
+            if callable(attr) and not isinstance(attr, (type, staticmethod, classmethod)) and (
+                name == "__init__" or not name.startswith("__")
+            ):
+                setattr(klass, name, on_cpu(attr))
+
+
+# --- RNG on the CPU default generator ---------------------------------------------------
+
+
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: Any = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_rng_tracker_class():
+    from megatron.core.tensor_parallel import random
+
+    class CPURNGStatesTracker(random.CudaRNGStatesTracker):
+        """megatron's tracker on torch's CPU generator: `fork()` swaps named states in and out."""
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise ValueError(f"rng seed {seed} already exists")
+            if name in self.states_:
+                raise ValueError(f"rng state {name} already exists")
+            self.seeds_.add(seed)
+            saved = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(saved)
+
+        @contextlib.contextmanager
+        def fork(self, name: str = random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise ValueError(f"rng state {name} is not added")
+            outer_state = torch.get_rng_state()
+            outer_name = self._current_state_name
+            if outer_name != "default-rng":
+                self.states_[outer_name] = outer_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                if outer_name != "default-rng":
+                    outer_state = self.states_[outer_name]
+                torch.set_rng_state(outer_state)
+                self._current_state_name = outer_name
+
+    return CPURNGStatesTracker
+
+
+def _install_cpu_rng_tracker() -> None:
+    from megatron.core.tensor_parallel import random
+
+    # CheckpointFunction (recompute) saves and restores the "CUDA" state through these.
+    random._get_cuda_rng_state = _cpu_get_rng_state
+    random._set_cuda_rng_state = _cpu_set_rng_state
+    random._CUDA_RNG_STATE_TRACKER = _cpu_rng_tracker_class()()
+    random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+
+def seed_cpu_rng_tracker(seed: int, tp_rank: int) -> None:
+    """CPU twin of megatron's `model_parallel_cuda_manual_seed`, with its seed offsets.
+
+    Dropout inside TP regions forks `seed + 2718 + tp_rank` so that TP shards draw
+    different masks; the default stream stays identical across TP ranks.
+    """
+    from megatron.core.tensor_parallel import random
+
+    tracker = random._CUDA_RNG_STATE_TRACKER
+    tracker.reset()
+    tracker.add(random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    # Expert TP defaults to TP, hence megatron's `seed + 1024 + etp_rank`.
+    tracker.add(random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + tp_rank)
+
+
+def install() -> bool:
+    """Install every CPU piece once; a no-op (returning False) when CUDA is available."""
+    global _installed
+    if torch.cuda.is_available():
+        return False
+    if not _installed:
+        _install_cuda_shims()
+        _schedules_allocate_on_cpu()
+        _wrap_optimizers()
+        _install_cpu_rng_tracker()
+        _installed = True
+    return True
+
+
+# --- DistributedOptimizer checkpointing with a plain torch Adam -------------------------
+
+
+def fix_distributed_optimizer_checkpointing() -> None:
+    """Patch two megatron 0.16 bugs hit when the DistributedOptimizer wraps torch's AdamW.
+
+    - `_set_main_param_and_optimizer_states` copies every state key, but the fully
+      reshardable load leaves out `step`: KeyError. Copy only the keys that were loaded.
+    - `load_state_dict` puts one shared `step` tensor into every parameter's state, and
+      torch Adam increments it in place once per parameter: the first resumed step uses a
+      wrong bias correction (3e-2 off, silently). Give each parameter its own copy.
+    """
+    global _distopt_fixed
+    if _distopt_fixed:
+        return
+    from megatron.core.optimizer import distrib_optimizer
+
+    klass = distrib_optimizer.DistributedOptimizer
+    original_set = klass._set_main_param_and_optimizer_states
+    original_load = klass.load_state_dict
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original_set(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        targets = {"param": main_param, **self.optimizer.state[main_param]}
+        for key, value in tensors.items():
+            targets[key].copy_(value)
+
+    @functools.wraps(original_load)
+    def load_state_dict(self, state_dict):
+        result = original_load(self, state_dict)
+        for state in self.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        return result
+
+    klass._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
+    klass.load_state_dict = load_state_dict
+    _distopt_fixed = True
+
+
+def prepare_distributed_optimizer_for_load(optimizer) -> None:
+    """A fresh DistributedOptimizer has no Adam state, and its `state_dict()` asserts one
+    common `step`: materialize the state before asking for the sharded state dict to load."""
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(inner, "_init_optimizer_states_with_dummy_values") and len(inner.optimizer.state) == 0:
+            inner._init_optimizer_states_with_dummy_values()

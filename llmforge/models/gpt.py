@@ -1,0 +1,193 @@
+"""The built-in `gpt` model: a megatron-core GPTModel built from the spec's `model` section.
+
+`build_gpt` returns this rank's model chunks (one per virtual pipeline stage) after
+`llmforge.runtime.distributed.init_distributed` has set up megatron's parallel state. The
+layers come from a ModuleSpec: TransformerEngine's when it is importable on a GPU, else
+megatron's local spec with SDPA attention and torch norms (`llmforge.models.layers`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from llmforge.spec.errors import UserError
+
+if TYPE_CHECKING:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from llmforge.spec.components import GPTModel
+    from llmforge.spec.schema import ParallelismConfig
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def _activation(options: GPTModel) -> tuple[object, bool]:
+    """(activation function, gated) for the options' `activation`."""
+    if options.activation == "swiglu":
+        return F.silu, True
+    if options.activation == "gelu_tanh":
+        return functools.partial(F.gelu, approximate="tanh"), False
+    return F.gelu, False
+
+
+def _left_to_llmforge_init(weight: torch.Tensor) -> None:
+    """megatron's init hook, a no-op: `llmforge.models.init` fills the weights afterwards."""
+
+
+def check_layout(options: GPTModel, parallelism: ParallelismConfig) -> None:
+    """Shape constraints of a TP/PP/VPP layout, as errors that say which key to change."""
+    tp = parallelism.tensor_model_parallel_size
+    stages = parallelism.pipeline_model_parallel_size * (parallelism.virtual_pipeline_model_parallel_size or 1)
+    problems = []
+    if options.num_layers % stages:
+        problems.append(f"model.num_layers {options.num_layers} is not divisible by pipeline × virtual pipeline stages {stages}")
+    for key, value in (
+        ("num_attention_heads", options.num_attention_heads),
+        ("num_query_groups", options.kv_groups),
+        ("ffn_hidden_size", options.ffn),
+        ("vocab_size", options.vocab_size),
+    ):
+        if value % tp:
+            problems.append(f"model.{key} {value} is not divisible by tensor_model_parallel_size {tp}")
+    if problems:
+        raise UserError(
+            "; ".join(problems),
+            hint="pick a parallelism layout that divides the model (pad vocab_size to a multiple of 128, e.g. 50304 for GPT-2)",
+        )
+
+
+def transformer_config(options: GPTModel, parallelism: ParallelismConfig, *, precision: str) -> TransformerConfig:
+    """megatron's TransformerConfig for the options and layout (fusions off: see below)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if precision not in PRECISIONS:
+        raise UserError(f"precision {precision!r} is not supported", hint=f"use one of {', '.join(PRECISIONS)}")
+    activation, gated = _activation(options)
+    recompute = parallelism.recompute_granularity
+    vpp = parallelism.virtual_pipeline_model_parallel_size
+    return TransformerConfig(
+        num_layers=options.num_layers,
+        hidden_size=options.hidden_size,
+        num_attention_heads=options.num_attention_heads,
+        num_query_groups=options.kv_groups,
+        ffn_hidden_size=options.ffn,
+        normalization=options.normalization,
+        layernorm_epsilon=options.norm_epsilon,
+        activation_func=activation,
+        gated_linear_unit=gated,
+        add_bias_linear=options.add_bias_linear,
+        hidden_dropout=options.hidden_dropout,
+        attention_dropout=options.attention_dropout,
+        init_method_std=options.init_method_std,
+        # The layout must be in the config as well as in parallel_state: otherwise every
+        # PP rank silently builds all layers.
+        tensor_model_parallel_size=parallelism.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallelism.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=vpp,
+        sequence_parallel=parallelism.sequence_parallel,
+        # Batched p2p with VPP at PP=2 mixes up send_prev and send_next (prev and next are
+        # the same rank; NVIDIA/Megatron-LM#750): wrong losses, no error.
+        batch_p2p_comm=vpp is None,
+        deallocate_pipeline_outputs=parallelism.pipeline_model_parallel_size > 1,
+        recompute_granularity=None if recompute == "none" else recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        # Parameters are fp32 master weights; bf16 runs under autocast (TrainStep).
+        params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,
+        autocast_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        # Loss is summed over tokens and the grads divided by the global token count, so
+        # micro batches with different numbers of target tokens weigh correctly.
+        calculate_per_token_loss=True,
+        # Initialization is ours (llmforge.models.init), layout-invariant. megatron's own
+        # pass still runs, with a no-op method, because it is what tags each weight with
+        # its TP partition dim and stride (perform_initialization=False leaves them
+        # untagged: grad norms and DistOpt then treat TP shards as duplicates). Allocating
+        # "on the GPU" keeps it from building a full master weight per rank on CPU; the
+        # CUDA shims map that allocation to the CPU.
+        perform_initialization=True,
+        use_cpu_initialization=False,
+        init_method=_left_to_llmforge_init,
+        output_layer_init_method=_left_to_llmforge_init,
+        embedding_init_method=_left_to_llmforge_init,
+        # megatron's jit_fuser is torch.compile: the first CPU step took 17.5 s with
+        # bias_activation_fusion, and the fused GELU is the tanh approximation.
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+
+
+def _use_transformer_engine() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def layer_spec(config: TransformerConfig, num_layers: int):
+    """The decoder block spec: TE layers on a GPU with TE, else local layers with SDPA."""
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+    if _use_transformer_engine():
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+
+    from llmforge.models.layers import SDPACoreAttention, TorchNorm
+
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
+    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec.submodules.input_layernorm = TorchNorm
+    spec.submodules.pre_mlp_layernorm = TorchNorm
+    # A block spec, so that the final norm is ours too (megatron's default refuses SP).
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=TorchNorm))
+
+
+def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: str, seed: int) -> list[torch.nn.Module]:
+    """This rank's model chunks, initialized layout-invariantly from `seed`.
+
+    Args:
+        parallelism: the spec's layout; megatron's parallel_state must already match it
+            (`init_distributed`).
+        precision: "fp32" or "bf16"; parameters are fp32 either way (bf16 is autocast).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.transformer_block import get_num_layers_to_build
+
+    from llmforge.models import amp
+    from llmforge.models.init import initialize
+
+    check_layout(options, parallelism)
+    config = transformer_config(options, parallelism, precision=precision)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    amp.install(device.type)
+    vpp = parallelism.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp) if vpp else [None]:
+        model = GPTModel(
+            config=config,
+            transformer_layer_spec=layer_spec(config, get_num_layers_to_build(config, vp_stage=vp_stage)),
+            vocab_size=options.vocab_size,
+            max_sequence_length=options.max_positions,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=not options.untie_embeddings_and_output_weights,
+            position_embedding_type=options.position_embedding_type,
+            rotary_base=options.rotary_base,
+            vp_stage=vp_stage,
+        )
+        chunks.append(model.to(device))
+    initialize(chunks, num_layers=options.num_layers, init_method_std=options.init_method_std, seed=seed)
+    return chunks

@@ -1,0 +1,161 @@
+"""Assemble the plan of a validated spec: components, size, tokens, memory, fit and time.
+
+The result is a plain JSON-ready dict (`llmforge plan --json` prints it as is; the console
+report renders the same dict), so both views always agree.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from llmforge.models import size
+from llmforge.plan import cost, fit
+from llmforge.plan.budget import StageBudget, stage_budgets
+from llmforge.plan.catalog import Device
+from llmforge.plan.memory import Layout, memory_per_rank, optimizer_state_bytes_per_param
+from llmforge.spec.errors import UserError
+
+PLAN_VERSION = 1
+_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "kv_groups", "ffn", "vocab_size", "seq_length")
+
+
+def _sized(model: Any) -> bool:
+    """Whether the planner can size this model (the built-in `gpt`, or a plugin with its shape)."""
+    return all(hasattr(model, a) for a in _SHAPE)
+
+
+def _layout_dict(layout: Layout) -> dict[str, Any]:
+    return {
+        "tensor_model_parallel_size": layout.tensor,
+        "pipeline_model_parallel_size": layout.pipeline,
+        "virtual_pipeline_model_parallel_size": layout.virtual if layout.virtual > 1 else None,
+        "data_parallel_size": layout.data,
+        "world_size": layout.world_size,
+        "nnodes": layout.nnodes,
+        "nproc_per_node": layout.nproc_per_node,
+        "sequence_parallel": layout.sequence_parallel,
+        "recompute_granularity": layout.recompute,
+        "use_distributed_optimizer": layout.distributed_optimizer,
+    }
+
+
+def _fix(spec: Any, index: int, layout: Layout, found: fit.Evaluation | None) -> dict[str, Any] | None:
+    if found is None:
+        return None
+    return {
+        "overrides": fit.spec_overrides(layout, found.layout, stage_index=index,
+                                        explicit_data_parallel=spec.parallelism.data_parallel_size != "auto"),
+        "changes": [{"setting": fit.SPEC_KEYS[k].format(stage=index), "from": a, "to": b} for k, a, b in fit.changes(layout, found.layout)],
+        "world_size": found.layout.world_size,
+        "largest_total": found.largest.total,
+        "usable_bytes_per_rank": found.usable,
+        "step_time_s": found.step.seconds,
+    }
+
+
+def _training_stage(spec: Any, index: int, stage: Any, budget: StageBudget, device: Device, mfu: float) -> dict[str, Any]:
+    model, train = spec.model, stage.train
+    layout = Layout.from_spec(spec.parallelism, train)
+    seq = model.seq_length
+    kw = dict(precision=train.precision, optimizer=train.optimizer, seq_length=seq, device=device)
+    ranks = memory_per_rank(model, layout, precision=train.precision, optimizer=train.optimizer, seq_length=seq, device=device.kind)
+    largest = max(ranks, key=lambda r: r.total)
+    usable = fit.usable_bytes_per_rank(device, layout)
+    fits = largest.total <= usable
+    step = cost.step_time(model, layout, device, precision=train.precision, seq_length=seq, mfu=mfu)
+    found = None if fits else fit.cheapest_fit(model, layout, shardable_optimizer=train.optimizer.name == "adamw", mfu=mfu, **kw)
+    state_bytes, state_note = optimizer_state_bytes_per_param(train.optimizer)
+    each = cost.checkpoint_bytes(model, train.optimizer)
+    return {
+        **budget.as_dict(),
+        "precision": train.precision,
+        "optimizer": {"name": train.optimizer.name, "state_bytes_per_param": state_bytes, "assumes": state_note},
+        "num_microbatches": layout.num_microbatches,
+        "memory_per_rank": [r.as_dict() for r in ranks],
+        "largest_pipeline_stage": largest.pipeline_stage,
+        "largest_total": largest.total,
+        "usable_bytes_per_rank": usable,
+        "fits": fits,
+        "fix": _fix(spec, index, layout, found),
+        "step_time_s": step.seconds,
+        "step_time": step.as_dict(),
+        "tokens_per_s": budget.tokens_per_step / step.seconds if step.seconds else None,
+        "total_time_s": None if budget.steps is None else budget.steps * step.seconds,
+        "checkpoints": cost.checkpoint_schedule(budget.steps, spec.checkpoint.interval, spec.checkpoint.keep_last, each),
+    }
+
+
+def _components(spec: Any, registry: Any) -> dict[str, Any]:
+    from llmforge.resolve import resolve
+
+    resolved = resolve(spec, registry)
+    return {"shared": resolved["components"], "stages": {s["name"]: s["components"] for s in resolved["stages"]}}
+
+
+def _assumptions(device: Device, mfu: float) -> list[str]:
+    return [
+        "precision: bf16 is autocast with fp32 master weights (what llmforge runs): 4 B weight + 4 B gradient per parameter, "
+        "plus fp32 optimizer state (AdamW 8 B), sharded over data-parallel ranks by the distributed optimizer",
+        "activations: Korthikanti et al. 2022 adapted to megatron's local layers with SDPA (no s² scores, no masks at dropout 0), "
+        "matched to the tensors autograd saves; an upper bound for TransformerEngine layers, which keep bf16 norm inputs",
+        "pipeline: 1F1B keeps pp − i micro batches in flight on stage i (interleaved: megatron's warm-up count)",
+        f"fits: the largest rank must stay under {1 - fit.HEADROOM:.0%} of the device's memory "
+        "(the rest: CUDA context, communication buffers, fragmentation)",
+        f"time: {mfu:.0%} MFU of {device.name}'s dense peak; the pipeline bubble, recompute and "
+        f"+{cost.TP_SLOWDOWN_PER_DOUBLING:.0%} per tensor-parallel doubling come on top",
+        "FLOPs per token: 6·N + 6·L·h·s (N without the input embedding, with the output projection; causal attention)",
+    ]
+
+
+def build_plan(spec: Any, *, registry: Any, device: Device, run_dir: Path, spec_path: str, mfu: float | None = None) -> dict[str, Any]:
+    """The plan of `spec` on `device`, as a JSON-ready dict."""
+    mfu = device.mfu if mfu is None else mfu
+    if not 0 < mfu <= 1:
+        raise UserError(f"--mfu {mfu} is not a fraction of the peak", "give a value in (0, 1], e.g. --mfu 0.4")
+    model = spec.model
+    budgets = stage_budgets(spec, Path(run_dir))
+    plan: dict[str, Any] = {
+        "version": PLAN_VERSION,
+        "spec": spec_path,
+        "name": spec.name,
+        "run_dir": str(run_dir),
+        "device": {"name": device.name, "description": device.description, "memory_bytes": device.memory_bytes,
+                   "peak_flops_bf16": device.peak_flops_bf16, "peak_flops_fp32": device.peak_flops_fp32,
+                   "shared_by_node": device.shared_by_node},
+        "mfu": mfu,
+        "components": _components(spec, registry),
+    }
+    if not _sized(model):
+        plan["note"] = f"model {model.name!r} does not expose the GPT shape, so size, memory and time are not planned"
+        plan["stages"] = [b.as_dict() for b in budgets]
+        return plan
+
+    layout = Layout.from_spec(spec.parallelism)
+    stages = []
+    for index, (stage, budget) in enumerate(zip(spec.stages, budgets)):
+        if getattr(stage, "train", None) is None:
+            stages.append(budget.as_dict())
+        else:
+            stages.append(_training_stage(spec, index, stage, budget, device, mfu))
+    training = [s for s in stages if "memory_per_rank" in s]
+    heaviest = max(training, key=lambda s: s["largest_total"], default=None)
+    times = [s["total_time_s"] for s in training]
+    plan.update({
+        "layout": _layout_dict(layout),
+        "params_total": size.param_count(model),
+        "params_per_rank": size.param_count_per_rank(model, layout),
+        "matmul_params": size.matmul_params(model),
+        "flops_per_token": size.flops_per_token(model),
+        "memory_stage": heaviest["name"] if heaviest else None,
+        "memory_per_rank": heaviest["memory_per_rank"] if heaviest else [],
+        "largest_memory": ({"pipeline_stage": heaviest["largest_pipeline_stage"], "total": heaviest["largest_total"]}
+                           if heaviest else None),
+        "fits": all(s["fits"] for s in training),
+        "total_time_s": None if any(t is None for t in times) else math.fsum(times),
+        "stages": stages,
+        "assumptions": _assumptions(device, mfu),
+    })
+    return plan
+

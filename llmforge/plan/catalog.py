@@ -1,0 +1,78 @@
+"""The devices `plan --gpu` knows: memory and peak dense FLOP/s, with the MFU we assume.
+
+GPU memory is what `nvidia-smi` reports as total (a little under the marketing figure);
+peaks are the datasheets' dense numbers (no 2:4 sparsity) for the SXM parts. fp32 is
+plain fp32, not TF32: torch leaves TF32 off for matmuls by default. The CPU entry is the
+2-core machine llmforge is developed on, measured with a 2048² matmul on 2 threads; its
+memory is read from this machine, and all ranks of a node share it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from llmforge.spec.errors import UserError
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class Device:
+    """One device model, as the planner costs it."""
+
+    name: str
+    description: str
+    memory_bytes: int
+    peak_flops_bf16: float
+    peak_flops_fp32: float
+    mfu: float  # the model FLOPs utilization the time estimate assumes
+    shared_by_node: bool = False  # True: memory and FLOP/s belong to the machine, not to each rank
+
+    @property
+    def kind(self) -> str:
+        return "cpu" if self.name == "cpu" else "cuda"
+
+    def peak_flops(self, precision: str) -> float:
+        return self.peak_flops_bf16 if precision == "bf16" else self.peak_flops_fp32
+
+
+# Dense multi-billion-parameter training with Megatron reaches 35-50% MFU on A100/H100
+# (Korthikanti et al. 2022 report 56% on A100 with selective recompute); 40% is a fair
+# middle. On the CPU, llmforge's own step runs at about a third of the matmul peak.
+GPU_MFU = 0.40
+CPU_MFU = 0.30
+
+
+def _machine_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
+CATALOG: dict[str, Device] = {
+    d.name: d
+    for d in (
+        Device("h100-80gb", "NVIDIA H100 SXM 80 GB", 81559 * MiB, 989.4e12, 66.9e12, GPU_MFU),
+        Device("h200-141gb", "NVIDIA H200 SXM 141 GB", 143771 * MiB, 989.4e12, 66.9e12, GPU_MFU),
+        Device("a100-40gb", "NVIDIA A100 SXM 40 GB", 40960 * MiB, 312e12, 19.5e12, GPU_MFU),
+        Device("a100-80gb", "NVIDIA A100 SXM 80 GB", 81920 * MiB, 312e12, 19.5e12, GPU_MFU),
+        Device("l40s-48gb", "NVIDIA L40S 48 GB", 46068 * MiB, 362.05e12, 91.6e12, GPU_MFU),
+        Device("cpu", "this machine's CPU (2 cores measured)", _machine_memory(), 379e9, 133e9, CPU_MFU, shared_by_node=True),
+    )
+}
+
+DEFAULT_GPU = "h100-80gb"
+
+
+def get_device(name: str) -> Device:
+    """The catalog entry for `name`, or a UserError listing the names there are."""
+    try:
+        return CATALOG[name]
+    except KeyError:
+        from llmforge.spec.errors import did_you_mean
+
+        guess = did_you_mean(name, list(CATALOG))
+        hint = f"did you mean {guess!r}? " if guess else ""
+        raise UserError(f"unknown --gpu {name!r}", f"{hint}known devices: {', '.join(CATALOG)}") from None

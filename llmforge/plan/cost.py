@@ -1,0 +1,86 @@
+"""Step time and checkpoint cost of a stage, from FLOPs, the device's peak and an assumed MFU.
+
+    step time = tokens per step × FLOPs per token × recompute factor
+                / (devices × peak × MFU) × (1 + pipeline bubble) × tensor-parallel factor
+
+MFU is the model-FLOPs utilization of the work itself. The pipeline bubble, (pp − 1) /
+(micro batches × virtual chunks) of 1F1B, and recompute's extra forward FLOPs come on
+top, so the estimate moves with the layout the way a real run does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from llmforge.models import size
+from llmforge.plan.catalog import Device
+from llmforge.plan.memory import FP32, Layout, optimizer_state_bytes_per_param
+
+# Tensor parallelism adds all-reduces (or all-gathers and reduce-scatters with sequence
+# parallelism) on the critical path of every layer; inside an NVLink node Megatron loses
+# a few percent per doubling.
+TP_SLOWDOWN_PER_DOUBLING = 0.05
+
+
+@dataclass
+class StepTime:
+    seconds: float
+    compute_seconds: float
+    bubble_fraction: float
+    recompute_factor: float
+    tensor_parallel_factor: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def recompute_factor(model: Any, recompute: str, seq_length: int) -> float:
+    """Hardware FLOPs over model FLOPs: recompute repeats part of the forward pass."""
+    model_flops = size.flops_per_token(model, seq_length)
+    attention_forward = size.attention_flops_per_token(model, seq_length) / 3
+    if recompute == "selective":
+        return (model_flops + attention_forward) / model_flops
+    if recompute == "full":
+        layers_forward = 2.0 * model.num_layers * size.layer_params(model) + attention_forward
+        return (model_flops + layers_forward) / model_flops
+    return 1.0
+
+
+def cluster_peak(device: Device, layout: Layout, precision: str) -> float:
+    """Peak FLOP/s of the whole job: per device, or per machine for the CPU."""
+    units = layout.nnodes if device.shared_by_node else layout.world_size
+    return device.peak_flops(precision) * units
+
+
+def step_time(model: Any, layout: Layout, device: Device, *, precision: str, seq_length: int, mfu: float) -> StepTime:
+    tokens = layout.global_batch_size * seq_length
+    compute = tokens * size.flops_per_token(model, seq_length) / (cluster_peak(device, layout, precision) * mfu)
+    factor = recompute_factor(model, layout.recompute, seq_length)
+    bubble = (layout.pipeline - 1) / (layout.num_microbatches * layout.virtual)
+    tp = 1.0 + TP_SLOWDOWN_PER_DOUBLING * math.log2(layout.tensor)
+    return StepTime(compute * factor * (1 + bubble) * tp, compute, bubble, factor, tp)
+
+
+def checkpoint_bytes(model: Any, optimizer: Any) -> int:
+    """One checkpoint: fp32 weights plus the optimizer's fp32 states, each parameter once."""
+    state_bytes, _ = optimizer_state_bytes_per_param(optimizer)
+    return size.param_count(model) * (FP32 + state_bytes)
+
+
+def checkpoint_schedule(steps: int | None, interval: int | None, keep_last: int, each_bytes: int) -> dict[str, Any]:
+    """When a stage saves, how many saves it makes, and the disk it needs at most.
+
+    The loop saves every `interval` steps and at the end; old checkpoints are pruned only
+    after a new one is complete, so keep_last + 1 exist for a moment.
+    """
+    saves = None if steps is None else (math.ceil(steps / interval) if interval else 1)
+    kept = None if saves is None else min(saves, keep_last + 1)
+    return {
+        "interval_steps": interval,
+        "saves": saves,
+        "keep_last": keep_last,
+        "bytes_each": each_bytes,
+        "disk_bytes": None if kept is None else kept * each_bytes,
+    }

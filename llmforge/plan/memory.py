@@ -1,0 +1,345 @@
+"""Memory per rank: weights, gradients, optimizer states and activations (no torch).
+
+Weights and optimizer follow what `llmforge.runtime` does. `precision: bf16` is autocast
+with fp32 master weights, so every parameter costs 4 bytes of weight and 4 of gradient
+whatever the precision, plus the optimizer's fp32 states (AdamW: 8 bytes). The
+distributed optimizer shards those states over data-parallel ranks (ZeRO-1); weights
+and the gradient buffer stay whole. (Megatron's own bf16-parameter scheme would be 2 + 4
++ 12 bytes; llmforge does not run it.)
+
+Activations start from Korthikanti et al. 2022, "Reducing Activation Recomputation in
+Large Transformer Models", and are adapted, term by term, to what megatron-core's local
+layer spec with SDPA attention saves for backward under torch autocast. The terms were
+checked against the tensors autograd saves (tests/unit/plan/test_reality.py):
+
+- attention saves q, k, v, its output and a log-sum-exp: no s×s scores (SDPA/flash).
+  Only attention dropout on CPU falls back to the math kernel, which stores the scores;
+- dropout at 0 stores no masks; above 0 each stores a mask as large as its input;
+- megatron casts the residual stream to the branch's dtype, so under bf16 autocast it is
+  bf16 unless a bias (an fp32 parameter) promotes it back to fp32;
+- torch's RMSNorm keeps an fp32 copy of its input and the normalized input; LayerNorm
+  keeps its input and two statistics;
+- the loss keeps fp32 softmax over the (vocab-parallel) logits: the largest single
+  term with a big vocabulary, held for one micro batch on the last pipeline stage.
+
+Tensor parallelism divides everything inside attention and the MLP; sequence parallelism
+also divides the norms and the inputs the column-parallel layers keep. Full recompute
+keeps each layer's input and rematerializes one layer at a time during backward;
+selective recompute (megatron's default `core_attn`) drops what attention keeps beyond
+its inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from llmforge.models import size
+
+FP32 = 4
+WEIGHT_BYTES = FP32  # fp32 master weights, also under bf16 autocast
+GRAD_BYTES = FP32
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The knobs memory depends on: the parallel layout and the micro batch."""
+
+    tensor: int
+    pipeline: int
+    virtual: int
+    data: int
+    sequence_parallel: bool
+    recompute: str
+    distributed_optimizer: bool
+    micro_batch_size: int
+    global_batch_size: int
+    nnodes: int
+    nproc_per_node: int
+
+    @classmethod
+    def from_spec(cls, parallelism: Any, train: Any = None) -> Layout:
+        """The spec's layout with a training stage's batch settings (one sequence without one)."""
+        return cls(
+            tensor=parallelism.tensor_model_parallel_size,
+            pipeline=parallelism.pipeline_model_parallel_size,
+            virtual=parallelism.virtual_pipeline_model_parallel_size or 1,
+            data=parallelism.resolved_data_parallel_size(),
+            sequence_parallel=parallelism.sequence_parallel,
+            recompute=parallelism.recompute_granularity,
+            distributed_optimizer=parallelism.use_distributed_optimizer,
+            micro_batch_size=train.micro_batch_size if train else 1,
+            global_batch_size=train.global_batch_size if train else 1,
+            nnodes=parallelism.nnodes,
+            nproc_per_node=parallelism.nproc_per_node,
+        )
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @property
+    def num_microbatches(self) -> int:
+        return max(1, self.global_batch_size // (self.micro_batch_size * self.data))
+
+    def with_(self, **changes: Any) -> Layout:
+        return replace(self, **changes)
+
+    # `size` reads the parallelism through these names, so a Layout can stand in for it.
+    @property
+    def tensor_model_parallel_size(self) -> int:
+        return self.tensor
+
+    @property
+    def pipeline_model_parallel_size(self) -> int:
+        return self.pipeline
+
+
+@dataclass
+class RankMemory:
+    """Bytes one rank of a pipeline stage holds at its peak, by what holds them."""
+
+    pipeline_stage: int
+    layers: int
+    params: int
+    in_flight_microbatches: int
+    weights: int
+    gradients: int
+    optimizer_states: int
+    activations: int
+    logits: int
+    loss_workspace: int
+    recompute_buffer: int
+
+    @property
+    def total(self) -> int:
+        return (self.weights + self.gradients + self.optimizer_states + self.activations + self.logits
+                + self.loss_workspace + self.recompute_buffer)
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+# --- optimizer states ---------------------------------------------------------------
+
+
+def optimizer_state_bytes_per_param(optimizer: Any) -> tuple[int, str]:
+    """(bytes of fp32 state per parameter, what that assumes) for the chosen optimizer."""
+    name = getattr(optimizer, "name", "adamw")
+    if name == "adamw":
+        return 2 * FP32, "AdamW: exp_avg + exp_avg_sq in fp32"
+    if name == "sgd":
+        if getattr(optimizer, "momentum", 0.0) > 0:
+            return FP32, "SGD with momentum: one fp32 buffer"
+        return 0, "SGD without momentum: no state"
+    return 2 * FP32, f"{name}: unknown to the planner, assumed to keep two fp32 states like AdamW"
+
+
+def _adam_step_bytes(optimizer: Any, tensors: int) -> int:
+    # torch's Adam keeps a float32 `step` scalar tensor per parameter tensor.
+    return tensors * FP32 if getattr(optimizer, "name", "adamw") == "adamw" else 0
+
+
+# --- activations --------------------------------------------------------------------
+
+
+def _compute_bytes(precision: str) -> int:
+    return 2 if precision == "bf16" else FP32
+
+
+def residual_bytes(model: Any, precision: str) -> int:
+    """Bytes per element of the residual stream between layers (see the module doc)."""
+    if precision == "fp32" or model.add_bias_linear:
+        return FP32
+    return _compute_bytes(precision)
+
+
+def _norm_saved(model: Any, tokens: float, in_bytes: int) -> float:
+    """Bytes a norm keeps for backward, for `tokens` rows of width hidden."""
+    h = model.hidden_size
+    if model.normalization == "RMSNorm":
+        return tokens * h * (FP32 + FP32) + tokens * FP32  # fp32 input copy, normalized input, rstd
+    return tokens * h * in_bytes + 2 * tokens * FP32  # input, mean, rstd
+
+
+def _core_attention_inputs(model: Any, tokens: float, tensor: int, dtype: int) -> float:
+    """q, k, v as they reach core attention: rotated q and k are new tensors, and v (or all
+    three, without RoPE) is a view that keeps the whole QKV projection output alive."""
+    stored = tokens * size.qkv_width(model) / tensor * dtype
+    if model.position_embedding_type == "rope":
+        stored += tokens * (model.hidden_size + model.kv_groups * size.head_dim(model)) / tensor * dtype
+    return stored
+
+
+def _attention_terms(model: Any, *, tokens: float, tensor: int, micro_batch_size: int, seq_length: int, compute: int,
+                     linear_out: int, precision: str, device: str) -> dict[str, float]:
+    t, heads = tensor, model.num_attention_heads
+    per_head_rows = micro_batch_size * heads / t * seq_length
+    if device == "cpu" and model.attention_dropout > 0:
+        # CPU SDPA has no dropout kernel: the math path keeps the fp32 softmax, dropout
+        # mask and dropped scores, and fp32 copies of a scaled q and of k. v is a copy
+        # too under bf16 or when grouped-query attention expands it, else a view that
+        # keeps the whole QKV projection output.
+        q_elems = tokens * model.hidden_size / t
+        if precision == "bf16" or model.kv_groups < heads:
+            qkv = 3 * q_elems * FP32
+        else:
+            qkv = 2 * q_elems * FP32 + tokens * size.qkv_width(model) / t * FP32
+        return {"attention_qkv": qkv, "attention_scores": 3 * per_head_rows * seq_length * FP32}
+    if linear_out != compute:
+        qkv = tokens * size.qkv_width(model) / t * compute  # autocast's bf16 copies of fp32 q, k, v
+    else:
+        qkv = _core_attention_inputs(model, tokens, t, compute)
+    return {"attention_qkv": qkv, "attention_logsumexp": per_head_rows * FP32}
+
+
+def layer_activation_terms(model: Any, *, precision: str, tensor: int, sequence_parallel: bool, micro_batch_size: int,
+                           seq_length: int, device: str = "cuda", input_bytes: int | None = None) -> dict[str, float]:
+    """Bytes one transformer layer keeps for backward for one micro batch, by term, without recompute.
+
+    Args:
+        input_bytes: bytes per element of the layer's input; the first layer of a stage
+            gets fp32 (the embedding output or the pipeline's fp32 transfer).
+    """
+    h, t = model.hidden_size, tensor
+    d, heads = size.head_dim(model), model.num_attention_heads
+    compute = _compute_bytes(precision)
+    res = residual_bytes(model, precision)
+    first_in = res if input_bytes is None else input_bytes
+    tokens = seq_length * micro_batch_size
+    split_tokens = tokens / t if sequence_parallel else tokens  # what sequence parallel shards
+    # A linear layer's bias is an fp32 parameter, so adding it promotes bf16 outputs to fp32.
+    linear_out = FP32 if model.add_bias_linear else compute
+    terms: dict[str, float] = {}
+
+    terms["attention_norm"] = _norm_saved(model, split_tokens, first_in)
+    terms["qkv_input"] = split_tokens * h * first_in
+    terms.update(_attention_terms(model, tokens=tokens, tensor=t, micro_batch_size=micro_batch_size, seq_length=seq_length,
+                                  compute=compute, linear_out=linear_out, precision=precision, device=device))
+    if model.position_embedding_type == "rope":
+        terms["rope_tables"] = 4 * seq_length * d * linear_out  # cos and sin for q and for k
+    terms["attention_output"] = tokens * h / t * compute  # the projection keeps a view of it
+
+    terms["mlp_norm"] = _norm_saved(model, split_tokens, res)
+    terms["fc1_input"] = split_tokens * h * res
+    ffn = tokens * model.ffn / t
+    if model.activation == "swiglu":
+        # gate|up output, silu(gate), up + glu_linear_offset (megatron's copy), their product
+        terms["mlp_activations"] = ffn * 5 * linear_out
+    else:
+        terms["mlp_activations"] = ffn * 2 * linear_out  # gelu input, gelu output
+    if model.hidden_dropout > 0:
+        terms["dropout_masks"] = 2 * split_tokens * h * linear_out
+    return terms
+
+
+def _selective(terms: dict[str, float], model: Any, layout: Layout, seq_length: int, precision: str) -> dict[str, float]:
+    """Selective recompute (megatron's `core_attn`) keeps attention's inputs as they arrive, not its internals."""
+    out = {k: v for k, v in terms.items() if k not in ("attention_logsumexp", "attention_scores")}
+    linear_out = FP32 if precision == "fp32" or model.add_bias_linear else _compute_bytes(precision)
+    out["attention_qkv"] = _core_attention_inputs(model, layout.micro_batch_size * seq_length, layout.tensor, linear_out)
+    return out
+
+
+def chunk_activation_bytes(model: Any, layers: int, *, precision: str, layout: Layout, seq_length: int, device: str,
+                           first_stage: bool) -> float:
+    """Bytes one model chunk (a pipeline stage, or one virtual chunk of it) keeps per micro batch."""
+    tokens = layout.micro_batch_size * seq_length
+    res = residual_bytes(model, precision)
+    shard = layout.tensor if layout.sequence_parallel else 1
+    if layout.recompute == "full":
+        # Each layer keeps only its input; the chunk's first layer receives fp32.
+        total = tokens / shard * model.hidden_size * (FP32 + res * (layers - 1))
+        if model.position_embedding_type == "rope":
+            total += seq_length * size.head_dim(model) * FP32  # the rotary table, shared by every layer
+    else:
+        common = dict(precision=precision, tensor=layout.tensor, sequence_parallel=layout.sequence_parallel,
+                      micro_batch_size=layout.micro_batch_size, seq_length=seq_length, device=device)
+        first = layer_activation_terms(model, input_bytes=FP32, **common)
+        rest = layer_activation_terms(model, **common)
+        if layout.recompute == "selective":
+            first = _selective(first, model, layout, seq_length, precision)
+            rest = _selective(rest, model, layout, seq_length, precision)
+        total = sum(first.values()) + sum(rest.values()) * (layers - 1)
+    if first_stage:
+        index_bytes = 8  # int64 token ids, and position ids with learned positions
+        total += tokens * index_bytes * (2 if model.position_embedding_type == "learned_absolute" else 1)
+        if model.hidden_dropout > 0:
+            total += tokens / shard * model.hidden_size * FP32  # the embedding's dropout mask
+    return total
+
+
+def logits_bytes(model: Any, layout: Layout, seq_length: int) -> tuple[float, float]:
+    """(kept for backward, transient at the start of backward) for the loss on one micro batch."""
+    tokens = layout.micro_batch_size * seq_length
+    vocab_share = -(-model.vocab_size // layout.tensor)
+    kept = tokens * vocab_share * FP32 + tokens * (1 + 8)  # fp32 softmax, target mask, masked targets
+    return kept, tokens * vocab_share * FP32 * 2  # the logits' gradient, fp32 and in the compute dtype
+
+
+def final_norm_bytes(model: Any, precision: str, layout: Layout, seq_length: int) -> float:
+    """The final norm and the output layer's input, on the last stage."""
+    tokens = layout.micro_batch_size * seq_length / (layout.tensor if layout.sequence_parallel else 1)
+    res = residual_bytes(model, precision)
+    return _norm_saved(model, tokens, res) + tokens * model.hidden_size * res
+
+
+def in_flight(layout: Layout, stage: int) -> int:
+    """Model-chunk micro batches whose activations a pipeline stage holds at once.
+
+    1F1B: stage i runs pp − i forwards before its first backward. Interleaved (virtual
+    chunks v): megatron warms up with 2·(pp − i − 1) + (v − 1)·pp chunk-forwards.
+    """
+    pp, v = layout.pipeline, layout.virtual
+    chunks = layout.num_microbatches * v
+    if pp == 1:
+        return min(1, chunks)
+    if v == 1:
+        return min(pp - stage, chunks)
+    return min(2 * (pp - stage - 1) + (v - 1) * pp + 1, chunks)
+
+
+def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optimizer: Any, seq_length: int | None = None,
+                device: str = "cuda") -> RankMemory:
+    """What one tensor-parallel rank of pipeline stage `stage` holds at its peak."""
+    seq = seq_length or model.seq_length
+    params = size.param_count_per_rank(model, layout)[stage]
+    tensors = size.param_tensors_per_rank(model, layout)[stage]
+    state_bytes, _ = optimizer_state_bytes_per_param(optimizer)
+    opt_shards = layout.data if layout.distributed_optimizer else 1
+    layers = model.num_layers // layout.pipeline
+    last = stage == layout.pipeline - 1
+    # Interleaved chunks are in flight together; they differ only by the first one's token ids.
+    chunk = chunk_activation_bytes(model, layers // layout.virtual, precision=precision, layout=layout, seq_length=seq,
+                                   device=device, first_stage=stage == 0)
+    flights = in_flight(layout, stage)
+    logits, workspace = logits_bytes(model, layout, seq) if last else (0.0, 0.0)
+    if last:
+        logits += final_norm_bytes(model, precision, layout, seq)
+    recompute_buffer = 0.0
+    if layout.recompute == "full":
+        # Backward rematerializes one layer at a time, with everything it would have kept.
+        recompute_buffer = sum(layer_activation_terms(model, precision=precision, tensor=layout.tensor,
+                                                      sequence_parallel=layout.sequence_parallel,
+                                                      micro_batch_size=layout.micro_batch_size, seq_length=seq,
+                                                      device=device).values())
+    return RankMemory(
+        pipeline_stage=stage,
+        layers=layers,
+        params=params,
+        in_flight_microbatches=flights,
+        weights=params * WEIGHT_BYTES,
+        gradients=params * GRAD_BYTES,
+        optimizer_states=(params * state_bytes + _adam_step_bytes(optimizer, tensors)) // opt_shards,
+        activations=round(flights * chunk),
+        logits=round(logits),
+        loss_workspace=round(workspace),
+        recompute_buffer=round(recompute_buffer),
+    )
+
+
+def memory_per_rank(model: Any, layout: Layout, *, precision: str, optimizer: Any, seq_length: int | None = None,
+                    device: str = "cuda") -> list[RankMemory]:
+    """One RankMemory per pipeline stage, first to last, for one tensor-parallel rank of each."""
+    return [rank_memory(model, layout, stage, precision=precision, optimizer=optimizer, seq_length=seq_length, device=device)
+            for stage in range(layout.pipeline)]

@@ -1,0 +1,258 @@
+"""torch.distributed and megatron parallel_state from the launcher's environment.
+
+Works under torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), under a bare srun
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_JOB_NODELIST), and with no launcher at
+all (one process on 127.0.0.1 and a free port). gloo on CPU, nccl on GPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from llmforge.spec.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmforge.spec.schema import ParallelismConfig
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this process sits in the job and in the TP × PP × DP layout."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    tp_rank: int
+    tp_size: int
+    pp_rank: int
+    pp_size: int
+    dp_rank: int
+    dp_size: int
+    vpp_size: int | None
+    device: torch.device
+    backend: str
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The one rank that writes logs and metrics (rank 0; it holds the loss after TrainStep's reduction)."""
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """'gpu[03-05,07],cpu1' → 'gpu03' (the first host, without needing `scontrol`)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\],]+))?", nodelist)
+    if not match:
+        raise UserError(f"cannot read SLURM_JOB_NODELIST {nodelist!r}", hint="set MASTER_ADDR to the first node's address")
+    prefix, ranges = match.groups()
+    return prefix + ranges.split("-")[0] if ranges else prefix
+
+
+def _slurm_tasks_per_node(value: str | None, world_size: int, nnodes: str | None) -> int:
+    if value:  # '4' or '4(x2)': the first node's count
+        return int(re.match(r"\d+", value).group())
+    return max(1, world_size // int(nnodes or 1))
+
+
+def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """The launcher's view of this process: torchrun first, then srun, else a single process."""
+    env = os.environ if environ is None else environ
+    try:
+        if "RANK" in env and "WORLD_SIZE" in env:
+            world_size = int(env["WORLD_SIZE"])
+            return LaunchEnv(
+                rank=int(env["RANK"]),
+                world_size=world_size,
+                local_rank=int(env.get("LOCAL_RANK", 0)),
+                local_world_size=int(env.get("LOCAL_WORLD_SIZE", world_size)),
+                master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(env.get("MASTER_PORT", 29500)),
+                launcher="torchrun",
+            )
+        if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+            world_size = int(env["SLURM_NTASKS"])
+            return LaunchEnv(
+                rank=int(env["SLURM_PROCID"]),
+                world_size=world_size,
+                local_rank=int(env.get("SLURM_LOCALID", 0)),
+                local_world_size=_slurm_tasks_per_node(env.get("SLURM_NTASKS_PER_NODE"), world_size, env.get("SLURM_NNODES")),
+                master_addr=env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+                # A job-specific default port, so that two jobs sharing a node do not collide.
+                master_port=int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)),
+                launcher="srun",
+            )
+    except ValueError as e:
+        raise UserError(f"cannot read the launcher's environment: {e}", hint="check RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT") from None
+    return LaunchEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "none")
+
+
+def resolve_layout(parallelism: ParallelismConfig, world_size: int) -> int:
+    """The data-parallel size for this world size, or a UserError naming the mismatch."""
+    tp = parallelism.tensor_model_parallel_size
+    pp = parallelism.pipeline_model_parallel_size
+    model_parallel = tp * pp
+    if world_size % model_parallel:
+        raise UserError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size {tp} × pipeline_model_parallel_size {pp}",
+            hint=f"launch a multiple of {model_parallel} processes, or change parallelism",
+        )
+    dp = world_size // model_parallel
+    if parallelism.data_parallel_size != "auto" and parallelism.data_parallel_size != dp:
+        raise UserError(
+            f"parallelism.data_parallel_size is {parallelism.data_parallel_size}, but {world_size} processes "
+            f"with TP {tp} × PP {pp} give {dp} data-parallel replicas",
+            hint=f"launch {parallelism.data_parallel_size * model_parallel} processes, or set data_parallel_size: auto",
+        )
+    vpp = parallelism.virtual_pipeline_model_parallel_size
+    if vpp is not None and pp == 1:
+        raise UserError("parallelism.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1", hint="remove it, or raise the pipeline size")
+    if parallelism.sequence_parallel and tp == 1:
+        raise UserError("parallelism.sequence_parallel needs tensor_model_parallel_size > 1", hint="turn it off, or raise the tensor-parallel size")
+    return dp
+
+
+def _layout_key(parallelism: ParallelismConfig) -> tuple:
+    return (
+        parallelism.tensor_model_parallel_size,
+        parallelism.pipeline_model_parallel_size,
+        parallelism.virtual_pipeline_model_parallel_size,
+    )
+
+
+_state: dict[str, object] = {}
+
+
+def init_distributed(parallelism: ParallelismConfig, *, seed: int, timeout_s: float | None = None) -> ParallelContext:
+    """Initialize torch.distributed (once per process) and megatron's parallel state for `parallelism`.
+
+    Calling it again with another layout re-creates megatron's groups on the same process
+    group (successive stages, tests). Seeds megatron's RNG trackers with its offsets, and
+    installs the CPU compatibility layer when there is no CUDA.
+    """
+    import torch
+    import torch.distributed as dist
+
+    launch = read_launch_env()
+    dp = resolve_layout(parallelism, launch.world_size)
+    timeout = datetime.timedelta(seconds=timeout_s or parallelism.collective_timeout_s)
+    on_gpu = torch.cuda.is_available()
+
+    if not on_gpu:
+        from llmforge.models import cpu_compat
+
+        cpu_compat.install()
+    # Each rank on a node gets its share of the cores (2 ranks on 2 cores: 1 thread each).
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // launch.local_world_size))
+
+    if on_gpu:
+        torch.cuda.set_device(launch.local_rank)
+        device, backend = torch.device("cuda", launch.local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=timeout,
+        )
+        _state["owns_process_group"] = True
+
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized() and _state.get("layout") != _layout_key(parallelism):
+        parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallelism.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallelism.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=parallelism.virtual_pipeline_model_parallel_size,
+            distributed_timeout_minutes=max(1, math.ceil(timeout.total_seconds() / 60)),
+        )
+        _state["layout"] = _layout_key(parallelism)
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    seed_everything(seed, tp_rank=tp_rank, pp_rank=pp_rank)
+    return ParallelContext(
+        rank=launch.rank,
+        world_size=launch.world_size,
+        local_rank=launch.local_rank,
+        local_world_size=launch.local_world_size,
+        tp_rank=tp_rank,
+        tp_size=parallelism.tensor_model_parallel_size,
+        pp_rank=pp_rank,
+        pp_size=parallelism.pipeline_model_parallel_size,
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=dp,
+        vpp_size=parallelism.virtual_pipeline_model_parallel_size,
+        device=device,
+        backend=backend,
+    )
+
+
+def seed_everything(seed: int, *, tp_rank: int, pp_rank: int) -> None:
+    """megatron's seeding: the default stream per pipeline stage, plus the TP-aware tracker.
+
+    The default generator must draw the same numbers on every TP rank (their activations
+    are replicated), so data code keeps its own `torch.Generator`.
+    """
+    import torch
+
+    torch.manual_seed(seed + 100 * pp_rank)
+    if torch.cuda.is_available():
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * pp_rank)
+    else:
+        from llmforge.models import cpu_compat
+
+        cpu_compat.seed_cpu_rng_tracker(seed + 100 * pp_rank, tp_rank)
+
+
+def shutdown() -> None:
+    """Tear down megatron's groups and, if we created it, the process group."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    _state.pop("layout", None)
+    if _state.pop("owns_process_group", False) and dist.is_initialized():
+        dist.destroy_process_group()

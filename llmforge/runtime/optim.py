@@ -1,0 +1,179 @@
+"""Optimizers: the torch factories registered as `adamw`/`sgd`, and megatron's wrapper around them.
+
+A registered optimizer (built-in or a plugin's, e.g. Lion) is a plain torch optimizer over
+`param_groups(...)`. `wrap_optimizer` then puts the model chunks in megatron's DDP (a
+contiguous grad buffer, all-reduced over DP) and the optimizer in megatron's FP32Optimizer,
+or, for AdamW with `use_distributed_optimizer`, in megatron's DistributedOptimizer (ZeRO-1).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from llmforge.spec.components import SGD, AdamW
+    from llmforge.spec.schema import ParallelismConfig
+
+log = logging.getLogger(__name__)
+
+
+def _no_decay(name: str, param: torch.nn.Parameter, decay_embeddings: bool) -> bool:
+    if param.dim() < 2 or name.endswith("bias"):
+        return True  # norms and biases
+    return not decay_embeddings and "embedding" in name
+
+
+def param_groups(model_chunks: list[torch.nn.Module], weight_decay: float, decay_embeddings: bool = True) -> list[dict[str, Any]]:
+    """Two groups, decay then no-decay (norms, biases, and embeddings unless `decay_embeddings`).
+
+    Both are always present, even if empty on some pipeline stage, because distributed
+    checkpoints need every rank to have the same groups. The `*_mult` and `is_*` keys are the
+    ones megatron matches groups by when it loads optimizer state.
+    """
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            if param.requires_grad:
+                (no_decay if _no_decay(name, param, decay_embeddings) else decay).append(param)
+    common = {"lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False}
+    return [
+        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0, **common},
+        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, **common},
+    ]
+
+
+def _implementation(params: list[dict[str, Any]]) -> dict[str, bool]:
+    # The fused kernels exist for CPU and CUDA floating-point tensors (torch >= 2.4);
+    # foreach is the fallback that still avoids a Python loop per parameter.
+    tensors = [p for group in params for p in group["params"]]
+    if tensors and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in tensors):
+        return {"fused": True}
+    return {"foreach": True}
+
+
+def build_adamw(options: AdamW, *, params: list[dict[str, Any]] | None = None, model_chunks: list[torch.nn.Module] | None = None) -> torch.optim.AdamW:
+    """torch AdamW; `params` defaults to `param_groups(model_chunks, ...)` from the options."""
+    if params is None:
+        params = param_groups(model_chunks, options.weight_decay, options.decay_embeddings)
+    return torch.optim.AdamW(params, lr=options.lr, betas=tuple(options.betas), eps=options.eps, weight_decay=options.weight_decay, **_implementation(params))
+
+
+def build_sgd(options: SGD, *, params: list[dict[str, Any]] | None = None, model_chunks: list[torch.nn.Module] | None = None) -> torch.optim.SGD:
+    """torch SGD (with momentum if set); norms and biases get no weight decay."""
+    if params is None:
+        params = param_groups(model_chunks, options.weight_decay)
+    return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay, **_implementation(params))
+
+
+def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[torch.nn.Module], parallelism: ParallelismConfig):
+    """The megatron optimizer for training `model_chunks` with `torch_optimizer`.
+
+    Wraps the chunks in megatron's DistributedDataParallel *in place*: afterwards the list
+    holds the DDP modules, which TrainStep and the checkpoint functions take. With
+    `use_distributed_optimizer` and an optimizer megatron cannot shard (anything but
+    AdamW), the optimizer state stays replicated and gradients use a plain DP all-reduce;
+    a one-line notice says so.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
+    from llmforge.models import cpu_compat
+
+    distributed = parallelism.use_distributed_optimizer
+    if distributed and not isinstance(torch_optimizer, torch.optim.AdamW):
+        log.warning(
+            "use_distributed_optimizer: megatron shards only AdamW; %s keeps its full state on every "
+            "data-parallel rank, gradients are all-reduced",
+            type(torch_optimizer).__name__,
+        )
+        distributed = False
+
+    config = model_chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        use_distributed_optimizer=distributed,
+        overlap_grad_reduce=False,
+        overlap_param_gather=False,
+        # TrainStep checks the grad norm itself and skips the step; no exception mid-run.
+        check_for_nan_in_grad=False,
+    )
+    # Only the first chunk gets bucketed grad reduction; later VPP chunks reduce as one
+    # bucket, as in Megatron-LM.
+    ddp_chunks = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
+        for index, chunk in enumerate(model_chunks)
+    ]
+    model_chunks[:] = ddp_chunks
+    optimizer_config = OptimizerConfig(
+        optimizer="adam" if isinstance(torch_optimizer, torch.optim.AdamW) else "sgd",
+        lr=torch_optimizer.defaults["lr"],
+        weight_decay=torch_optimizer.defaults.get("weight_decay", 0.0),
+        use_distributed_optimizer=distributed,
+        bf16=False,
+        fp16=False,
+        params_dtype=torch.float32,
+        clip_grad=0.0,  # TrainStep clips with the norm it already computed
+    )
+    if distributed:
+        cpu_compat.fix_distributed_optimizer_checkpointing()
+        optimizer = DistributedOptimizer(
+            torch_optimizer,
+            optimizer_config,
+            None,  # no loss scaler: fp32 master weights, bf16 only as autocast
+            _init_adam_state,
+            model_chunks=ddp_chunks,
+            per_model_buffers={index: chunk.buffers for index, chunk in enumerate(ddp_chunks)},
+            data_parallel_group=parallel_state.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=True),
+            data_parallel_group_gloo=parallel_state.get_data_parallel_group_gloo(with_context_parallel=True, partial_data_parallel=True),
+            data_parallel_group_idx=parallel_state.get_model_parallel_group().rank(),
+            distributed_optimizer_instance_id=0,
+        )
+        optimizer.grad_stats_parallel_group = parallel_state.get_intra_distributed_optimizer_instance_group()
+    else:
+        optimizer = FP32Optimizer(torch_optimizer, optimizer_config, _materialize_state)
+        optimizer.grad_stats_parallel_group = parallel_state.get_model_parallel_group()
+    optimizer.tp_group = parallel_state.get_tensor_model_parallel_group()
+    return optimizer
+
+
+def _init_adam_state(optimizer: torch.optim.Optimizer, config: Any = None) -> None:
+    """Zero Adam moments for parameters without state (megatron's hook before a load)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if len(optimizer.state[param]) == 0:
+                optimizer.state[param]["exp_avg"] = torch.zeros_like(param.data)
+                optimizer.state[param]["exp_avg_sq"] = torch.zeros_like(param.data)
+
+
+@torch.no_grad()
+def _materialize_state(optimizer: torch.optim.Optimizer, config: Any = None) -> None:
+    """Create any torch optimizer's state by one step at lr 0 (megatron's hook before a load).
+
+    A fresh optimizer has no state, so a checkpoint load would not ask for its momenta and
+    would silently start them at zero. The values are overwritten by the load.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if all(len(optimizer.state[p]) for p in params):
+        return
+    saved = [(group["lr"], group.get("weight_decay")) for group in optimizer.param_groups]
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+        if "weight_decay" in group:
+            group["weight_decay"] = 0.0
+    grads = [p.grad for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p, grad in zip(params, grads):
+        p.grad = grad
+    for group, (lr, weight_decay) in zip(optimizer.param_groups, saved):
+        group["lr"] = lr
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay

@@ -1,0 +1,101 @@
+"""Raw sharded save and load of model and optimizer with megatron's dist_checkpointing.
+
+Each tensor is saved under its global key and shape (`sharded_state_dict()`), so a
+checkpoint written at one TP/PP/DP layout loads at another. Plain
+`torch.distributed.checkpoint` on `state_dict()` silently drops TP shards (it records
+local shapes as global). The atomic temp-dir, marker and retention layer is the caller's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llmforge.models.init import unwrap
+
+
+def _metadata() -> dict[str, Any]:
+    # A fresh dict per call: megatron caches the current DP group in it.
+    # fully_reshardable is the only optimizer layout that reshards across DP sizes;
+    # megatron's default raises on `flattened_range` when the DistributedOptimizer saves.
+    return {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+
+def _sync_save_strategy():
+    """megatron's torch_dist format, written synchronously by torch's FileSystemWriter.
+
+    megatron's own writer forks worker processes and starts a `spawn` multiprocessing
+    Manager even for a synchronous save; that re-imports `__main__` (a hang without an
+    `if __name__ == "__main__"` guard) and forks a process that holds gloo/NCCL threads.
+    """
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    class SyncTorchDistSave(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
+            sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
+            dcp_save(
+                pyt_state_dict,
+                storage_writer=FileSystemWriter(checkpoint_dir, thread_count=1, sync_files=True),
+                planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False),
+            )
+
+    return SyncTorchDistSave("torch_dist", 1)
+
+
+def _is_distributed_optimizer(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return isinstance(optimizer, DistributedOptimizer)
+
+
+def _sharded_state_dict(model_chunks: list[torch.nn.Module], optimizer, *, loading: bool) -> dict[str, Any]:
+    # Keys inside are global (layer offsets, TP slices); the chunk names only shape the dict.
+    metadata = _metadata()
+    model = {f"chunk{i}": unwrap(chunk).sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model_chunks)}
+    state = {"model": model}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=loading, metadata=metadata)
+    return state
+
+
+def save_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimizer, common: dict[str, Any]) -> None:
+    """Save this rank's shards into the existing, empty directory `path` (a collective).
+
+    Args:
+        optimizer: the megatron optimizer from `wrap_optimizer`, or None for weights only.
+        common: plain values (counters, scheduler state) written once, by rank 0;
+            they must be the same on every rank.
+    """
+    from megatron.core import dist_checkpointing
+
+    state = _sharded_state_dict(model_chunks, optimizer, loading=False)
+    state["common"] = common
+    dist_checkpointing.save(state, str(path), sharded_strategy=_sync_save_strategy(), validate_access_integrity=True)
+
+
+def load_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimizer) -> dict[str, Any]:
+    """Load `path` into this rank's chunks (and optimizer, unless None), in any layout; returns `common`."""
+    from megatron.core import dist_checkpointing
+
+    from llmforge.models import cpu_compat
+
+    if optimizer is not None and _is_distributed_optimizer(optimizer):
+        cpu_compat.prepare_distributed_optimizer_for_load(optimizer)
+    state = _sharded_state_dict(model_chunks, optimizer, loading=True)
+    loaded = dist_checkpointing.load(state, str(path))
+    for i, chunk in enumerate(model_chunks):
+        unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    return loaded.get("common", {})

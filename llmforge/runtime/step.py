@@ -1,0 +1,252 @@
+"""One optimizer step over a global batch: megatron's pipeline schedule, grad checks, the update.
+
+The hot path of training. Per step it costs megatron's own collectives (DP grad reduce,
+token count, tied-embedding and SP-norm grads) plus one all-reduce of three numbers
+(loss sum, token count, squared grad norm) and one host sync, which every rank uses to
+agree on the loss and on whether the step is finite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import torch
+import torch.distributed as dist
+
+from llmforge.spec.errors import UserError
+
+if TYPE_CHECKING:
+    from llmforge.runtime.distributed import ParallelContext
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one step did. `loss` is the mean per target token over the whole global batch."""
+
+    loss: float
+    grad_norm: float
+    nonfinite: bool
+    num_tokens: int
+
+
+MicroBatch = torch.Tensor  # LongTensor [micro_batch_size, seq_length + 1]
+
+
+class TrainStep:
+    """Runs forward, backward and the optimizer update for a list of micro batches.
+
+    Args:
+        model_chunks: this rank's chunks, wrapped in megatron DDP by `wrap_optimizer`.
+        optimizer: the megatron optimizer from `wrap_optimizer`.
+        precision: "fp32", or "bf16" for bf16 autocast over fp32 master weights.
+        clip_grad: clip the global grad norm to this value; None or 0 = no clipping.
+    """
+
+    def __init__(
+        self,
+        model_chunks: list[torch.nn.Module],
+        optimizer,
+        *,
+        parallelism_ctx: ParallelContext,
+        seq_length: int,
+        micro_batch_size: int,
+        precision: str,
+        clip_grad: float | None,
+    ):
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.utils import get_model_config
+
+        if precision not in ("fp32", "bf16"):
+            raise UserError(f"precision {precision!r} is not supported", hint="use fp32 or bf16")
+        if not all(hasattr(chunk, "zero_grad_buffer") for chunk in model_chunks):
+            raise TypeError("TrainStep needs the DDP-wrapped chunks: call wrap_optimizer(torch_optimizer, model_chunks, parallelism) first")
+        self.chunks = model_chunks
+        self.optimizer = optimizer
+        self.ctx = parallelism_ctx
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self.clip_grad = clip_grad or 0.0
+        self.config = get_model_config(model_chunks[0])
+        if self.config.sequence_parallel and seq_length % parallelism_ctx.tp_size:
+            raise UserError(
+                f"seq_length {seq_length} is not divisible by tensor_model_parallel_size {parallelism_ctx.tp_size}, which sequence parallelism needs",
+                hint="change the sequence length or turn sequence_parallel off",
+            )
+        self.config.finalize_model_grads_func = finalize_model_grads
+        self._forward_backward = get_forward_backward_func()
+        self._autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        # The grad norm sums each shard once: the DistributedOptimizer's shards are
+        # disjoint over DP, otherwise DP replicas hold equal grads and one replica counts.
+        self._counts_grad_norm = isinstance(optimizer, DistributedOptimizer) or parallelism_ctx.dp_rank == 0
+        self._holds_loss = parallelism_ctx.is_last_stage and parallelism_ctx.tp_rank == 0
+        self._positions_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._token_counts: dict[int, torch.Tensor] = {}
+
+    # --- the step --------------------------------------------------------------------
+
+    def __call__(self, micro_batches: list[MicroBatch], lr: float, loss_masks: list[torch.Tensor] | None = None) -> StepResult:
+        """One optimizer step over `micro_batches` (this DP rank's share of the global batch).
+
+        Args:
+            loss_masks: optional float masks [micro_batch_size, seq_length], one per micro
+                batch, weighting each target token (0 = not trained on, e.g. a prompt).
+        """
+        for chunk in self.chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run_schedule(micro_batches, loss_masks, forward_only=False)
+
+        self.optimizer.prepare_grads()
+        grad_sq = self._grad_sq() if self._counts_grad_norm else None
+        loss_sum, num_tokens, grad_sq = self._reduce(outputs, grad_sq)
+        loss = loss_sum / max(num_tokens, 1.0)
+        grad_norm = math.sqrt(grad_sq) if grad_sq >= 0 else float("nan")
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            # Every rank saw the same reduced numbers, so every rank skips together.
+            self.optimizer.zero_grad()
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
+            return StepResult(loss, grad_norm, True, int(num_tokens))
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_mult", 1.0)
+        if self.clip_grad > 0 and grad_norm > self.clip_grad:
+            grads = [p.grad for p in self.optimizer.get_parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, self.clip_grad / (grad_norm + 1.0e-6))
+        self.optimizer.step_with_ready_grads()
+        return StepResult(loss, grad_norm, False, int(num_tokens))
+
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: list[MicroBatch], loss_masks: list[torch.Tensor] | None = None) -> tuple[float, int]:
+        """(summed loss, target-token count) over the micro batches and all DP ranks; same on every rank."""
+        for chunk in self.chunks:
+            chunk.eval()
+        try:
+            outputs = self._run_schedule(micro_batches, loss_masks, forward_only=True)
+        finally:
+            for chunk in self.chunks:
+                chunk.train()
+        loss_sum, num_tokens, _ = self._reduce(outputs, None)
+        return loss_sum, int(num_tokens)
+
+    @torch.no_grad()
+    def greedy_sample(self, prompt_ids: list[int], n: int) -> list[int] | None:
+        """`n` greedy tokens after `prompt_ids` (a text preview); None under pipeline parallelism.
+
+        A collective: every rank of the TP group must call it with the same prompt.
+        """
+        if self.ctx.pp_size > 1 or not prompt_ids:
+            return None
+        model = self.chunks[0]
+        model.eval()
+        ids = list(prompt_ids)
+        try:
+            for _ in range(n):
+                window = ids[-self.seq_length :]
+                # Right padding to a multiple of TP keeps SP's sequence split even; causal
+                # attention keeps the pad out of the real positions' logits.
+                length = -(-len(window) // self.ctx.tp_size) * self.ctx.tp_size
+                tokens = torch.zeros(1, length, dtype=torch.long)
+                tokens[0, : len(window)] = torch.tensor(window)
+                tokens = tokens.to(self.ctx.device)
+                with self._autocast():
+                    logits = model(tokens, self._positions(1, length), None, runtime_gather_output=True)
+                ids.append(int(logits[0, len(window) - 1].argmax()))
+        finally:
+            model.train()
+        return ids[len(prompt_ids) :]
+
+    # --- internals -------------------------------------------------------------------
+
+    def _autocast(self):
+        if self._autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.ctx.device.type, dtype=self._autocast_dtype)
+
+    def _positions(self, batch: int, length: int) -> torch.Tensor:
+        key = (batch, length)
+        positions = self._positions_cache.get(key)
+        if positions is None:
+            positions = self._positions_cache[key] = torch.arange(length, device=self.ctx.device).unsqueeze(0).expand(batch, length)
+        return positions
+
+    def _token_count(self, count: int) -> torch.Tensor:
+        # The schedule only adds these into its own accumulator, so one tensor per value is reused.
+        tensor = self._token_counts.get(count)
+        if tensor is None:
+            tensor = self._token_counts[count] = torch.tensor(count, dtype=torch.int, device=self.ctx.device)
+        return tensor
+
+    def _check(self, micro_batches: list[MicroBatch]) -> None:
+        expected = (self.micro_batch_size, self.seq_length + 1)
+        for index, batch in enumerate(micro_batches):
+            if tuple(batch.shape) != expected:
+                raise ValueError(f"micro batch {index} has shape {tuple(batch.shape)}; TrainStep expects {expected} (tokens plus the next one)")
+
+    def _run_schedule(self, micro_batches: list[MicroBatch], loss_masks: list[torch.Tensor] | None, *, forward_only: bool) -> list:
+        self._check(micro_batches)
+        device = self.ctx.device
+        items = [
+            (batch.to(device, non_blocking=True), None if loss_masks is None else loss_masks[i].to(device, non_blocking=True))
+            for i, batch in enumerate(micro_batches)
+        ]
+        # Each VPP chunk walks the micro batches once, so each gets its own iterator.
+        iterators = [iter(items) for _ in self.chunks]
+        return self._forward_backward(
+            forward_step_func=self._forward_step,
+            data_iterator=iterators,
+            model=self.chunks,
+            num_microbatches=len(items),
+            seq_length=self.seq_length,
+            micro_batch_size=self.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _forward_step(self, data_iterator: Iterator, model: torch.nn.Module):
+        batch, mask = next(data_iterator)
+        tokens, labels = batch[:, :-1], batch[:, 1:]
+        with self._autocast():
+            output = model(tokens, self._positions(tokens.shape[0], tokens.shape[1]), None, labels=labels)
+        if output.dtype != torch.float32:
+            # Under autocast megatron's residual add follows the branch dtype: bf16 without
+            # biases, fp32 with them. Stage outputs travel to the next PP stage as fp32
+            # (config.pipeline_dtype) either way.
+            output = output.float()
+        return output, functools.partial(self._sum_loss, mask)
+
+    def _sum_loss(self, mask: torch.Tensor | None, per_token_loss: torch.Tensor):
+        # Summed, not averaged: megatron divides the grads by the global token count
+        # (calculate_per_token_loss), so micro batches and DP ranks weigh per token.
+        if mask is None:
+            total = per_token_loss.sum()
+            count = self._token_count(per_token_loss.numel())
+        else:
+            total = (per_token_loss * mask).sum()
+            count = mask.sum().to(torch.int)
+        return total, count, (total.detach(), count)
+
+    def _grad_sq(self) -> torch.Tensor:
+        grads = self.optimizer.get_main_grads_for_grad_norm()
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        return torch.stack(torch._foreach_norm(grads)).double().square().sum()
+
+    def _reduce(self, outputs: list, grad_sq: torch.Tensor | None) -> tuple[float, float, float]:
+        """(loss sum, token count, squared grad norm), summed over every rank in one all-reduce."""
+        zero = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        if self._holds_loss and outputs:
+            loss_sum = torch.stack([total for total, _ in outputs]).double().sum()
+            num_tokens = torch.stack([count for _, count in outputs]).double().sum()
+        else:
+            loss_sum, num_tokens = zero, zero
+        stats = torch.stack([loss_sum, num_tokens, zero if grad_sq is None else grad_sq])
+        if self.ctx.world_size > 1:
+            dist.all_reduce(stats)
+        loss_sum, num_tokens, grad_sq = stats.tolist()
+        return loss_sum, num_tokens, grad_sq

@@ -1,0 +1,115 @@
+"""Every cross-field check: one failing case each, located at the key to change."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmforge.spec.errors import SpecError
+from llmforge.spec.validate import load_and_validate
+
+
+def problems(path, *overrides: str, check_inputs: bool = True) -> dict[str, tuple[str, str | None, str | None]]:
+    """{dotted path: (message, hint, location)} of every issue `validate` reports."""
+    from llmforge.spec.errors import dotted
+
+    try:
+        load_and_validate(str(path), list(overrides), check_inputs=check_inputs)
+    except SpecError as e:
+        return {dotted(i.path): (i.message, i.hint, i.location) for i in e.issues}
+    return {}
+
+
+def test_the_base_spec_is_valid(write_spec):
+    assert problems(write_spec()) == {}
+
+
+CASES = [
+    # (overrides, dotted path of the issue, words the message must contain)
+    (["model.num_attention_heads=3"], "model.num_attention_heads", "hidden_size 64 is not divisible by num_attention_heads 3"),
+    (["model.num_query_groups=3"], "model.num_query_groups", "not divisible by num_query_groups 3"),
+    (["parallelism.tensor_model_parallel_size=3", "parallelism.nproc_per_node=3", "stages.1.train.global_batch_size=2"],
+     "parallelism.tensor_model_parallel_size", "num_attention_heads 4 is not divisible by tensor_model_parallel_size 3"),
+    (["model.num_query_groups=2", "parallelism.tensor_model_parallel_size=4", "parallelism.nproc_per_node=4"],
+     "parallelism.tensor_model_parallel_size", "num_query_groups 2 is not divisible by tensor_model_parallel_size 4"),
+    (["parallelism.sequence_parallel=true"], "parallelism.sequence_parallel", "needs tensor_model_parallel_size > 1"),
+    (["parallelism.virtual_pipeline_model_parallel_size=2"], "parallelism.virtual_pipeline_model_parallel_size", "needs pipeline_model_parallel_size > 1"),
+    (["parallelism.pipeline_model_parallel_size=3", "parallelism.nproc_per_node=3", "stages.1.train.global_batch_size=2"],
+     "parallelism.pipeline_model_parallel_size", "num_layers 4 is not divisible by pipeline_model_parallel_size 3"),
+    (["parallelism.pipeline_model_parallel_size=2", "parallelism.virtual_pipeline_model_parallel_size=4", "parallelism.nproc_per_node=2"],
+     "parallelism.pipeline_model_parallel_size", "= 8"),
+    (["parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=3"], "parallelism.nproc_per_node", "world size nnodes × nproc_per_node = 3"),
+    (["parallelism.data_parallel_size=2"], "parallelism.data_parallel_size", "but nnodes × nproc_per_node = 1"),
+    (["stages.1.train.global_batch_size=5"], "stages[1].train.global_batch_size", "not divisible by micro_batch_size 2 × data-parallel size 1"),
+    (["parallelism.nproc_per_node=4"], "stages[1].train.global_batch_size", "data-parallel size 4 = 8"),
+    (["model.max_position_embeddings=16"], "model.seq_length", "seq_length 32 is longer than max_position_embeddings 16"),
+    (["tokenizer={name: bpe, vocab_size: 1024}"], "model.vocab_size", "smaller than the tokenizer's vocabulary 1024"),
+    (["model.vocab_size=260"], "model.vocab_size", "vocabulary 262"),
+    (["stages.1.init_from=nothing"], "stages[1].init_from", "no stage has that name"),
+    (["stages.0.init_from=pretrain"], "stages[0].init_from", "it comes later"),
+    (["data={sources: {}, mix: {web: 1.0}}"], "data.mix.web", "mix names 'web', which is not a source"),
+    (["stages.1.train.max_epochs=1"], "stages[1].train", "give exactly one of max_steps, max_tokens, max_epochs (got max_steps, max_epochs)"),
+    (["stages.1.name=prepare"], "stages[1].name", "stage name 'prepare' is used twice"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "where", "words"), CASES, ids=[c[1] + ":" + c[2][:30] for c in CASES])
+def test_each_check_fails_at_the_key_to_change(write_spec, overrides, where, words):
+    found = problems(write_spec(), *overrides)
+    assert where in found, found
+    message, hint, location = found[where]
+    assert words in message
+    assert location and (location.startswith("override ") or location.startswith("spec.yaml:")), location
+
+
+def test_a_check_error_points_at_the_line_in_the_file(write_spec):
+    text = write_spec().read_text().replace("tensor_model_parallel_size: 1", "tensor_model_parallel_size: 3\n  nproc_per_node: 3")
+    found = problems(write_spec(text), "stages.1.train.global_batch_size=6")
+    message, hint, location = found["parallelism.tensor_model_parallel_size"]
+    assert location == "spec.yaml:11:3"
+    assert hint == "use a tensor-parallel size that divides 4 (e.g. 2)"
+
+
+def test_init_from_may_name_a_checkpoint_path(write_spec):
+    assert problems(write_spec(), "stages.1.init_from=runs/other/checkpoints/step_100") == {}
+
+
+def test_input_paths_must_match_files_unless_skipped(write_spec, tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("hello")
+    spec = write_spec()
+    ok = ["data={sources: {web: {name: text, paths: ['corpus/*.txt', 'corpus/a.txt']}}}"]
+    assert problems(spec, *ok) == {}
+    bad = ["data={sources: {web: {name: text, paths: ['corpus/*.txt', 'corpus/*.jsonl']}}}"]
+    found = problems(spec, *bad)
+    assert list(found) == ["data.sources.web.paths[1]"]
+    assert "0 files match 'corpus/*.jsonl'" in found["data.sources.web.paths[1]"][0]
+    assert problems(spec, *bad, check_inputs=False) == {}
+
+
+def test_finetune_inputs_are_checked_too(write_spec):
+    spec = write_spec(write_spec().read_text() + """\
+  - name: sft
+    type: sft
+    init_from: pretrain
+    data:
+      sources:
+        chat: {name: instructions, paths: [missing/*.jsonl]}
+    train: {micro_batch_size: 2, global_batch_size: 4, max_epochs: 1}
+""")
+    found = problems(spec)
+    assert found["stages[2].data.sources.chat.paths[0]"][2] == "spec.yaml:27:44"
+
+
+def test_a_missing_pretrained_tokenizer_file(write_spec):
+    found = problems(write_spec(), "tokenizer={name: pretrained, path: nowhere/tokenizer.json}")
+    assert "tokenizer file not found: nowhere/tokenizer.json" in found["tokenizer.path"][0]
+
+
+def test_checks_still_run_on_the_sections_that_parsed(write_spec):
+    found = problems(write_spec(), "seed=minus-one", "stages.1.train.global_batch_size=5")
+    assert set(found) == {"seed", "stages[1].train.global_batch_size"}
+
+
+def test_a_broken_stage_does_not_hide_the_checks_of_the_others(write_spec):
+    found = problems(write_spec(), "stages.0.packing=sideways", "stages.1.train.global_batch_size=5")
+    assert "stages[0].packing" in found and "stages[1].train.global_batch_size" in found
