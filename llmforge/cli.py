@@ -173,7 +173,8 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     done = import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
     print(f"imported {done['architecture']} ({done['parameters']:,} parameters) from {args.hf_dir}\n"
           f"  checkpoint: {done['checkpoint']}  (a stage starts from it with `init_from: {done['checkpoint']}`)\n"
-          f"  model spec: {done['model_spec']}  (`extends:` it, or copy its model: section)")
+          f"  model spec: {done['model_spec']}  (`extends:` it, or copy its model: section)"
+          + ("" if done["tokenizer"] else f"\n  no tokenizer.json in {args.hf_dir}: give the spec a tokenizer of its own"))
     return 0
 
 
@@ -265,7 +266,14 @@ def main(argv: list[str] | None = None) -> int:
     from llmforge.spec.errors import SpecError, UserError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Overrides may follow options (`run spec.yaml --run-dir d k=v`), which argparse's
+    # positional nargs="*" does not collect; gather such KEY=VALUE words here.
+    args, extra = parser.parse_known_args(argv)
+    stray = [w for w in extra if w.startswith("-") or "=" not in w or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
     except SpecError as e:

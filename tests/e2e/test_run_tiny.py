@@ -1,0 +1,72 @@
+"""`llmforge run` end to end: the run dir, resume, the run-dir rules, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.e2e.conftest import TINY_SMALL, llmforge, rows
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_spec_end_to_end(tiny_run):
+    for name in ("spec.resolved.yaml", "plan.json", "env.json", "run.log", "metrics.jsonl", "tokenizer", "data/manifest.json", "tb"):
+        assert (tiny_run / name).exists(), name
+    plan = json.loads((tiny_run / "plan.json").read_text())
+    assert [s["name"] for s in plan["stages"]] == ["prepare", "pretrain"] and len(plan["plan_hash"]) == 16
+    assert all(c["provider"] == "llmforge" for s in plan["stages"] for c in s["components"])
+    env = json.loads((tiny_run / "env.json").read_text())
+    assert env["torch"] and env["megatron-core"] and env["layout"]["tensor_model_parallel_size"] == 1
+    train = rows(tiny_run, "train")
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert set(train[0]) >= {"kind", "stage", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+    assert train[-1]["tokens"] == 12 * 8 * 64
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3  # it learns
+    evals = rows(tiny_run, "eval")
+    assert [r["step"] for r in evals] == [6, 12] and evals[-1]["val_ppl"] > 1
+    assert (tiny_run / "checkpoints/pretrain/step-12/COMPLETE").exists()
+    assert "tensorboard --logdir" in (tiny_run / "run.log").read_text()
+
+
+def test_tensorboard_read_back(tiny_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tiny_run / "tb"), size_guidance={"scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    for tag in ("pretrain/train/loss", "pretrain/train/lr", "pretrain/train/grad_norm", "pretrain/train/tokens_per_s",
+                "pretrain/val/loss", "pretrain/val/ppl"):
+        assert tag in scalars, (tag, scalars)
+    losses = [e.value for e in acc.Scalars("pretrain/train/loss")]
+    assert losses == pytest.approx([r["loss"] for r in rows(tiny_run, "train")], rel=1e-6)
+    assert any("sample" in t for t in acc.Tags()["tensors"]), acc.Tags()
+
+
+def test_used_run_dir_is_refused_and_resume_skips_finished_stages(tiny_run):
+    again = llmforge("run", "specs/tiny.yaml", *TINY_SMALL, "--run-dir", str(tiny_run))
+    assert again.returncode == 2 and "--resume" in again.stderr
+    resumed = llmforge("run", "specs/tiny.yaml", *TINY_SMALL, "--run-dir", str(tiny_run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "[prepare] already done" in resumed.stdout and "[pretrain] already done" in resumed.stdout
+    changed = llmforge("run", "specs/tiny.yaml", *TINY_SMALL, "model.num_layers=3", "--run-dir", str(tiny_run), "--resume")
+    assert changed.returncode == 2 and "model.num_layers: 2 -> 3" in changed.stderr
+
+
+def test_kill_and_resume_is_bitwise(tiny_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    killed = llmforge("run", "specs/tiny.yaml", *TINY_SMALL, "--run-dir", str(run_dir), env={"LLMFORGE_FAULT": "train_step@7"})
+    assert killed.returncode == -9
+    resumed = llmforge("run", "specs/tiny.yaml", *TINY_SMALL, "--run-dir", str(run_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout and "step-4" in resumed.stdout
+    want = [(r["kind"], r["step"], r.get("loss"), r.get("val_loss")) for r in rows(tiny_run)]
+    got = [(r["kind"], r["step"], r.get("loss"), r.get("val_loss")) for r in rows(run_dir)]
+    assert got == want  # bitwise: same floats
+
+
+def test_unimplemented_component_is_refused_by_name(tmp_path):
+    proc = llmforge("run", "specs/7b-pretrain.yaml", "--run-dir", str(tmp_path / "x"))
+    assert proc.returncode == 2
+    assert not (tmp_path / "x").exists()
