@@ -31,6 +31,7 @@ def register_sources() -> list[Component]:
         Component("webdataset", c.WebDatasetSource, "llmforge.data.sources:webdataset_source", "existing token shards"),
         Component("instructions", c.InstructionSource, "llmforge.data.sources:instruction_source", "instruction or chat JSONL"),
         Component("preferences", c.PreferenceSource, "llmforge.data.sources:preference_source", "preference pairs JSONL"),
+        Component("tasks", c.TaskSource, "llmforge.data.tasks:task_source", "synthetic addition and reversal tasks"),
     ]
 
 
@@ -62,10 +63,15 @@ def register_stage_types() -> list[Component]:
     return [
         Component("prepare", s.PrepareStage, "llmforge.stages.prepare:run", "tokenize and shard"),
         Component("pretrain", s.PretrainStage, "llmforge.stages.pretrain:run", "next-token pretraining"),
-        Component("sft", s.SFTStage, None, "supervised finetuning"),
+        Component("sft", s.SFTStage, "llmforge.stages.sft:run", "supervised finetuning"),
     ]
 
 
 @hookimpl
 def register_evaluators() -> list[Component]:
-    return [Component("val_loss", c.ValLoss, "llmforge.runtime.evaluate:ValLoss", "validation loss and perplexity")]
+    return [
+        Component("val_loss", c.ValLoss, "llmforge.runtime.evaluate:ValLoss", "validation loss and perplexity"),
+        Component("exact_match", c.ExactMatch, "llmforge.runtime.evaluate:ExactMatch", "exact match of greedy answers"),
+        Component("multiple_choice", c.MultipleChoice, "llmforge.runtime.evaluate:MultipleChoice", "log-likelihood multiple choice"),
+        Component("sample_preview", c.SamplePreview, "llmforge.runtime.evaluate:SamplePreview", "greedy samples to TensorBoard"),
+    ]

@@ -50,3 +50,17 @@ def preferences(tasks: list[str], n: int, seed: int) -> list[dict[str, str]]:
 def pretraining_text(tasks: list[str], n: int, seed: int) -> str:
     """The same tasks as plain lines, so a tokenizer trained on them knows every symbol."""
     return "\n".join(f"{p}{r}" for _, p, r, _ in generate(tasks, n, seed)) + "\n"
+
+
+def task_source(options, *, context) -> Iterator:
+    """The `tasks` data source: synthetic examples as finetune records or text documents."""
+    from llmforge.data.sources import Document
+
+    for i, (task, prompt, right, wrong) in enumerate(generate(options.tasks, options.num_examples, options.seed)):
+        where = f"tasks:{options.seed}:{i}"
+        if options.format == "instructions":
+            yield Document({"prompt": prompt, "response": right}, where)
+        elif options.format == "preferences":
+            yield Document({"prompt": prompt, "chosen": right, "rejected": wrong}, where)
+        else:
+            yield Document(f"{prompt}{right}", where)

@@ -1,11 +1,19 @@
-"""Evaluators: what they can ask of a stage (EvalContext), and the built-in `val_loss`."""
+"""Evaluators: what they can ask of a stage (EvalContext), and the built-in ones.
+
+Every evaluator returns a dict of numbers; the loop writes it as a `kind: eval` row in
+metrics.jsonl and as TensorBoard scalars under the stage's name.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+from llmforge.spec.errors import UserError
 
 
 @dataclass
@@ -18,6 +26,10 @@ class EvalContext:
     generate: Callable[[list[int], int], list[int] | None]  # greedy continuation ids (None where unsupported)
     log: Callable[[str], None]
     eval_iters: int
+    score: Callable[..., tuple[float, int]] | None = None  # (micro batches, masks) -> (summed loss, tokens)
+    text: Callable[[str, str, int], None] | None = None  # (tag, text, step) -> TensorBoard text
+    micro_batch_size: int = 1
+    seq_length: int = 0
 
     def sample(self, prompt: str | None, n: int, val_loader_fn: Callable[[], Any]) -> str | None:
         """A short greedy sample: from `prompt`, or from the first tokens of a val sequence."""
@@ -26,12 +38,21 @@ class EvalContext:
         if prompt is not None:
             ids = self.tokenizer.encode(prompt)
         else:
-            batch = val_loader_fn().next_global_batch()[0]
-            ids = batch[0, :16].tolist()
+            batch = val_loader_fn().next_global_batch()
+            first = batch.tokens[0] if hasattr(batch, "tokens") else batch[0]
+            ids = first[0, :16].tolist()
         out = self.generate(ids, n)
         if out is None:
             return None
         return self.tokenizer.decode(ids + list(out))
+
+    def complete(self, prompt_ids: list[int], max_new_tokens: int) -> list[int] | None:
+        """Greedy continuation cut at the first EOS."""
+        out = self.generate(prompt_ids, max_new_tokens)
+        if out is None:
+            return None
+        eos = self.tokenizer.eos_id
+        return out[: out.index(eos)] if eos in out else out
 
 
 class ValLoss:
@@ -41,6 +62,125 @@ class ValLoss:
     def evaluate(self, step: int) -> dict[str, float]:
         loss, _ = self.context.val_loss(self.context.eval_iters)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+
+def _read_jsonl(paths: list[str], fields: tuple[str, ...]) -> list[dict[str, Any]]:
+    import glob
+
+    records = []
+    for pattern in paths:
+        files = sorted(glob.glob(pattern, recursive=True)) or [pattern]
+        for file in files:
+            if not Path(file).exists():
+                raise UserError(f"evaluator data not found: {file}", "fix the evaluator's `paths`")
+            for n, line in enumerate(Path(file).read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except ValueError as e:
+                    raise UserError(f"{file}:{n}: not JSON ({e})", "each line must be one JSON object") from e
+                missing = [f for f in fields if f not in rec]
+                if missing:
+                    raise UserError(f"{file}:{n}: missing field(s) {', '.join(missing)}", f"each record needs {', '.join(fields)}")
+                records.append(rec)
+    return records
+
+
+class ExactMatch:
+    """Greedy answers compared, stripped, with the reference response."""
+
+    def __init__(self, options, *, context: EvalContext):
+        from llmforge.data import tasks
+        from llmforge.data.sft import template_parts
+
+        self.options, self.context = options, context
+        if options.tasks is not None:
+            t = options.tasks
+            self.records = tasks.instructions(list(t.tasks), t.num_examples, t.seed)
+        else:
+            self.records = _read_jsonl(options.paths, ("prompt", "response"))
+        self.records = self.records[: options.max_examples]
+        self.parts = template_parts(getattr(context.stage, "chat_template", "default"))
+
+    def _prompt_ids(self, prompt: str) -> list[int]:
+        from llmforge.data.sft import encode_example
+
+        ids, mask = encode_example(self.context.tokenizer, self.parts, {"prompt": prompt, "response": ""})
+        return ids[: mask.index(1)]
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        tok = self.context.tokenizer
+        right, by_task = 0, {}
+        for rec in self.records:
+            out = self.context.complete(self._prompt_ids(rec["prompt"]), self.options.max_new_tokens)
+            if out is None:
+                return {}
+            ok = tok.decode(out).strip() == rec["response"].strip()
+            right += ok
+            task = rec.get("task")
+            if task:
+                hit, n = by_task.get(task, (0, 0))
+                by_task[task] = (hit + ok, n + 1)
+        result = {"exact_match": right / len(self.records)}
+        if len(by_task) > 1:
+            result.update({f"exact_match/{t}": hit / n for t, (hit, n) in by_task.items()})
+        return result
+
+
+class MultipleChoice:
+    """Accuracy of the choice with the highest (length-normalized) log-likelihood."""
+
+    def __init__(self, options, *, context: EvalContext):
+        self.options, self.context = options, context
+        self.items = _read_jsonl(options.paths, ("prompt", "choices", "answer"))[: options.max_examples]
+
+    def _loglik(self, prompt: list[int], choice: list[int]) -> tuple[float, int]:
+        import torch
+
+        ctx = self.context
+        length = ctx.seq_length
+        ids = (prompt + choice)[-(length + 1):]
+        n_choice = min(len(choice), len(ids) - 1)
+        tokens = torch.zeros(ctx.micro_batch_size, length + 1, dtype=torch.long)
+        masks = torch.zeros(ctx.micro_batch_size, length)
+        tokens[0, : len(ids)] = torch.tensor(ids)
+        masks[0, len(ids) - 1 - n_choice: len(ids) - 1] = 1.0
+        loss_sum, count = ctx.score([tokens], [masks])
+        return -loss_sum, count
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        if self.context.score is None:
+            return {}
+        tok, right = self.context.tokenizer, 0
+        for item in self.items:
+            prompt = tok.encode(item["prompt"])
+            scores = []
+            for choice in item["choices"]:
+                ll, n = self._loglik(prompt, tok.encode(choice))
+                scores.append(ll / max(n, 1) if self.options.normalize else ll)
+            right += int(max(range(len(scores)), key=scores.__getitem__) == int(item["answer"]))
+        return {"mc_accuracy": right / max(len(self.items), 1)}
+
+
+class SamplePreview:
+    """Greedy continuations of fixed prompts, to the log and TensorBoard text."""
+
+    def __init__(self, options, *, context: EvalContext):
+        self.options, self.context = options, context
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        tok = self.context.tokenizer
+        for i, prompt in enumerate(self.options.prompts):
+            ids = tok.encode(prompt)
+            out = self.context.generate(ids, self.options.max_new_tokens)
+            if out is None:
+                return {}
+            text = tok.decode(ids + out)
+            self.context.log(f"sample {i} @ {step}: {text!r}")
+            if self.context.text is not None:
+                self.context.text(f"preview/{i}", f"```\n{text}\n```", step)
+        return {}
 
 
 def build_evaluators(registry, options_list, context: EvalContext) -> list[Any]:

@@ -213,3 +213,47 @@ class WSDSchedule(ScheduleBase):
 
 class ValLoss(StrictModel):
     """Validation loss and perplexity over `eval_iters` batches of the val split."""
+
+
+class TaskSet(StrictModel):
+    """A deterministic synthetic task set (llmforge.data.tasks): addition and string reversal."""
+
+    tasks: list[Literal["add2", "add3", "reverse"]] = Field(default_factory=lambda: ["add2"], min_length=1, description="Task kinds, cycled in order.")
+    num_examples: int = Field(200, ge=1, description="How many examples.")
+    seed: int = Field(0, ge=0, description="Generator seed; use a different seed from the training set to hold out.")
+
+
+class ExactMatch(StrictModel):
+    """Exact-match accuracy of greedy generations on a task set (synthetic, or instruction JSONL)."""
+
+    tasks: TaskSet | None = Field(None, description="A synthetic held-out task set.")
+    paths: list[str] = Field(default_factory=list, description="Instruction JSONL files with prompt/response (alternative to `tasks`).")
+    max_examples: int = Field(100, ge=1, description="Score at most this many examples.")
+    max_new_tokens: int = Field(8, ge=1, description="Tokens generated per answer (generation stops at EOS).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ExactMatch:
+        if (self.tasks is None) == (not self.paths):
+            raise ValueError("give exactly one of `tasks` or `paths`")
+        return self
+
+
+class MultipleChoice(StrictModel):
+    """Accuracy of picking the highest log-likelihood choice, from JSONL {prompt, choices, answer (index)}."""
+
+    paths: list[str] = Field(..., min_length=1, description="JSONL files of multiple-choice items.")
+    max_examples: int = Field(200, ge=1, description="Score at most this many items.")
+    normalize: bool = Field(True, description="Compare mean log-likelihood per token (else the sum), as lm-eval's acc_norm does per length.")
+
+
+class SamplePreview(StrictModel):
+    """Greedy samples from fixed prompts, written to TensorBoard text and the log."""
+
+    prompts: list[str] = Field(..., min_length=1, description="Prompts to continue.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt.")
+
+
+class TaskSource(TaskSet):
+    """Synthetic task data as a data source: instruction records, preference pairs, or plain text lines."""
+
+    format: Literal["instructions", "preferences", "text"] = Field("instructions", description="What each example becomes.")

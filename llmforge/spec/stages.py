@@ -77,8 +77,12 @@ class SFTStage(StageBase):
     """Supervised finetuning: loss only on response tokens, through a chat template."""
 
     data: SFTData = Field(..., description="Instruction or chat data.")
-    chat_template: str = Field("default", description="Name of a built-in chat template, or a template string with {prompt} and {response}.")
-    packing: Literal["pad", "pack"] = Field("pad", description="`pad` each example to seq_length, or `pack` several with document-aware attention.")
+    chat_template: str = Field(
+        "default", description="A built-in chat template (`default`, `plain`), or a template string with {prompt} and {response}."
+    )
+    max_seq_length: int | None = Field(
+        None, ge=8, description="Pad or truncate every example to this many tokens (≤ model.seq_length); None = model.seq_length. Short tasks train much faster."
+    )
     train: TrainConfig = Field(..., description="Batch, budget, optimizer and schedule.")
     evaluators: list[EvaluatorRef] = Field(
         default_factory=lambda: [{"name": "val_loss"}], description="Evaluators run every eval_interval steps and at the end of the stage."

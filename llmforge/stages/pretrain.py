@@ -10,10 +10,12 @@ from llmforge.runtime.context import RunContext
 from llmforge.spec.errors import UserError
 
 
-def build_training(context: RunContext, stage, *, loader, val_loader_fn) -> dict[str, Any]:
+def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_length: int | None = None) -> dict[str, Any]:
     """Model, optimizer, schedule, step, checkpoints and the loop for a training stage.
 
-    Shared by pretrain and the finetune stages, which differ in data and loss only.
+    Shared by pretrain and the finetune stages, which differ in data and loss only. A
+    loader returns a list of micro batches, or a batch with `.tokens` and `.masks`
+    (finetune data: loss on response tokens only).
     """
     from llmforge.models.size import flops_per_token
     from llmforge.runtime.checkpoint import CheckpointManager
@@ -40,23 +42,32 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn) -> dict
     optimizer = wrap_optimizer(torch_opt, chunks, spec.parallelism)  # wraps `chunks` in megatron DDP in place
     total = total_steps(train, samples_per_epoch=loader.samples_per_epoch, tokens_per_sample=loader.tokens_per_sample)
     schedule = registry.build("lr_schedule", train.lr_schedule, peak_lr=opt_opts.lr, total_steps=total)
-    step_fn = TrainStep(chunks, optimizer, parallelism_ctx=par, seq_length=model_opts.seq_length,
+    seq_length = seq_length or model_opts.seq_length
+    step_fn = TrainStep(chunks, optimizer, parallelism_ctx=par, seq_length=seq_length,
                         micro_batch_size=train.micro_batch_size, precision=train.precision, clip_grad=train.clip_grad)
     tokenizer = context.tokenizer()
+
+    def train_step(batch, lr: float):
+        if hasattr(batch, "masks"):
+            return step_fn(batch.tokens, lr, batch.masks)
+        return step_fn(batch, lr)
 
     def val_loss(iters: int) -> tuple[float, int]:
         val = val_loader_fn()
         total_loss, total_tokens = 0.0, 0
         for _ in range(iters):
-            s, n = step_fn.eval_loss(val.next_global_batch())
+            batch = val.next_global_batch()
+            s, n = step_fn.eval_loss(batch.tokens, batch.masks) if hasattr(batch, "masks") else step_fn.eval_loss(batch)
             total_loss += s
             total_tokens += n
         return total_loss / max(total_tokens, 1), total_tokens
 
-    eval_ctx = EvalContext(stage=stage, tokenizer=tokenizer, val_loss=val_loss, generate=step_fn.greedy_sample,
-                           log=context.log, eval_iters=train.eval_iters)
-    evaluators = build_evaluators(registry, stage.evaluators, eval_ctx)
     metrics = context.metrics(stage.name)
+    eval_ctx = EvalContext(stage=stage, tokenizer=tokenizer, val_loss=val_loss, generate=step_fn.greedy_sample,
+                           log=context.log, eval_iters=train.eval_iters, score=step_fn.eval_loss,
+                           text=lambda tag, text, step: metrics.text(f"{stage.name}/{tag}", text, step) if par.rank == 0 else None,
+                           micro_batch_size=train.micro_batch_size, seq_length=seq_length)
+    evaluators = build_evaluators(registry, stage.evaluators, eval_ctx)
 
     def evaluate(step: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -80,13 +91,13 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn) -> dict
     def load_model(step_dir: Path) -> None:
         load_sharded(step_dir / "model", chunks, optimizer)
 
-    tokens_per_step = train.global_batch_size * model_opts.seq_length
-    loop = Loop(stage=stage.name, train=train, total=total, step_fn=step_fn, loader=loader, schedule=schedule,
+    tokens_per_step = train.global_batch_size * seq_length
+    loop = Loop(stage=stage.name, train=train, total=total, step_fn=train_step, loader=loader, schedule=schedule,
                 evaluate=evaluate, metrics=metrics, log=context.log, ckpt=ckpt, checkpoint_interval=spec.checkpoint.interval,
                 save_model=save_model, load_model=load_model, rng=RngState(spec.seed), tokens_per_step=tokens_per_step,
-                flops_per_token=flops_per_token(model_opts), peak_flops=peak_flops(train.precision, par.device),
+                flops_per_token=flops_per_token(model_opts, seq_length), peak_flops=peak_flops(train.precision, par.device),
                 rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval)
-    return {"loop": loop, "ckpt": ckpt, "metrics": metrics, "chunks": chunks}
+    return {"loop": loop, "ckpt": ckpt, "metrics": metrics, "chunks": chunks, "step": step_fn, "eval": eval_ctx}
 
 
 def run(stage, *, context: RunContext) -> dict[str, Any]:

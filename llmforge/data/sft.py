@@ -1,0 +1,130 @@
+"""Finetune data: chat templates, response-only loss masks, and a resumable in-memory loader.
+
+Finetune sets are small next to pretraining corpora, so they are tokenized at stage start
+and kept in memory. The order follows the same rules as the pretraining loader: a seeded
+permutation per epoch over the global example index, each DP rank a fixed slice of every
+global batch, and a state that is the global position alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llmforge.spec.errors import UserError
+
+# Built-in templates: (text before the prompt, between prompt and response, after the response).
+TEMPLATES = {
+    "default": ("<|user|>", "<|assistant|>", ""),
+    "plain": ("", "", ""),
+}
+SFT_STATE_VERSION = 1
+
+
+def template_parts(template: str) -> tuple[str, str, str]:
+    if template in TEMPLATES:
+        return TEMPLATES[template]
+    if "{prompt}" not in template or "{response}" not in template:
+        raise UserError(f"chat_template {template!r} is neither a built-in ({', '.join(TEMPLATES)}) nor a string with {{prompt}} and {{response}}",
+                        "write e.g. '### Question: {prompt}\\n### Answer: {response}'")
+    head, rest = template.split("{prompt}", 1)
+    middle, tail = rest.split("{response}", 1)
+    return head, middle, tail
+
+
+def _messages_to_turns(record: dict[str, Any]) -> tuple[str, str]:
+    """Chat messages → (prompt text with all turns before the last assistant turn, last reply)."""
+    messages = record["messages"]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    context = "".join(f"<|{m['role']}|>{m['content']}" for m in messages[:last])
+    return context, messages[last]["content"]
+
+
+def encode_example(tokenizer, parts: tuple[str, str, str], record: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(token ids, loss mask per id): the loss covers the response and the closing EOS only."""
+    head, middle, tail = parts
+    if "messages" in record:
+        prompt, response = _messages_to_turns(record)
+        prompt_text = f"{prompt}<|assistant|>"
+    else:
+        prompt, response = record["prompt"], record["response"]
+        prompt_text = f"{head}{prompt}{middle}"
+    prefix = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt_text)
+    answer = tokenizer.encode(f"{response}{tail}") + [tokenizer.eos_id]
+    return prefix + answer, [0] * len(prefix) + [1] * len(answer)
+
+
+@dataclass
+class MaskedBatch:
+    """One optimizer step's micro batches with their loss masks (what TrainStep takes)."""
+
+    tokens: list[Any]  # LongTensor [micro, length + 1]
+    masks: list[Any]  # FloatTensor [micro, length]
+
+
+def pack_examples(encoded: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pad each example to length+1 tokens; masks align with the *targets* (ids[1:]). Returns truncated count."""
+    tokens = np.full((len(encoded), length + 1), pad_id, dtype=np.int64)
+    masks = np.zeros((len(encoded), length), dtype=np.float32)
+    truncated = 0
+    for i, (ids, mask) in enumerate(encoded):
+        if len(ids) > length + 1:
+            truncated += 1
+            ids, mask = ids[: length + 1], mask[: length + 1]
+        tokens[i, : len(ids)] = ids
+        masks[i, : len(ids) - 1] = mask[1:]
+    return tokens, masks, truncated
+
+
+class SFTLoader:
+    """In-memory finetune batches with the pretraining loader's ordering and state rules."""
+
+    def __init__(self, tokens: np.ndarray, masks: np.ndarray, *, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True):
+        if len(tokens) == 0:
+            raise UserError("the finetune set is empty", "check the stage's data sources and filters")
+        if global_batch_size % (micro_batch_size * dp_size):
+            raise UserError(f"global_batch_size {global_batch_size} is not divisible by micro {micro_batch_size} × dp {dp_size}")
+        self.tokens, self.masks = tokens, masks
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
+        self.position = 0
+        self.samples_per_epoch = len(tokens)
+        self.tokens_per_sample = tokens.shape[1] - 1
+        self._perm_epoch, self._perm = -1, np.arange(len(tokens))
+
+    @property
+    def epoch(self) -> int:
+        return self.position // self.samples_per_epoch
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, self.samples_per_epoch)
+        if not self.shuffle:
+            return offset
+        if epoch != self._perm_epoch:
+            # Its own generator: the global RNG is shared with dropout and the TP ranks.
+            self._perm = np.random.default_rng([self.seed, epoch, 0x5F7]).permutation(self.samples_per_epoch)
+            self._perm_epoch = epoch
+        return int(self._perm[offset])
+
+    def next_global_batch(self) -> MaskedBatch:
+        import torch
+
+        per_rank = self.global_batch_size // self.dp_size
+        start = self.position + self.dp_rank * per_rank
+        rows = [self._index(p) for p in range(start, start + per_rank)]
+        self.position += self.global_batch_size
+        tok = torch.from_numpy(self.tokens[rows])
+        mask = torch.from_numpy(self.masks[rows])
+        n = per_rank // self.micro_batch_size
+        return MaskedBatch(list(tok.chunk(n)), list(mask.chunk(n)))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": SFT_STATE_VERSION, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != SFT_STATE_VERSION:
+            raise UserError(f"finetune loader state version {state.get('version')} is not {SFT_STATE_VERSION}")
+        self.position = int(state["position"])
