@@ -154,7 +154,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, stage: str | None = No
         load_checkpoint(src.step_dir / "model", module)
         tensors = to_hf(state_of(module), model, source=str(src.step_dir))
         torch_dtype = getattr(torch, dtype)
-        tensors = {name: t.to(torch_dtype) for name, t in tensors.items()}
+        tensors = {name: t.to(device="cpu", dtype=torch_dtype) for name, t in tensors.items()}
         files = write_safetensors(tmp, tensors, max_shard_bytes=max_bytes)
         write_json(tmp / "config.json", to_hf_config(model, token_ids=token_ids, dtype=dtype))
         write_json(tmp / "generation_config.json", generation_config(token_ids))

@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 _EXPORT_ACTIVATION = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 
-# What each architecture needs from the model options: field → (required value, why).
+# What each architecture needs from the model options: field → the value (or values) it can represent.
 _NEEDS: dict[Arch, dict[str, Any]] = {
     "llama": {"position_embedding_type": "rope", "normalization": "RMSNorm", "activation": "swiglu"},
     "gpt2": {"position_embedding_type": "learned_absolute", "normalization": "LayerNorm", "activation": ("gelu_tanh", "gelu"),

@@ -82,7 +82,8 @@ def _llama_links(model: GPTModel, d: _Dims) -> list[Link]:
             Link(m + "input_layernorm.weight", (h + "input_layernorm.weight",), "copy", (d.hidden,), ((d.hidden,),)),
             Link(m + "self_attention.linear_qkv.weight", tuple(n + ".weight" for n in attn), "qkv", (d.qkv_rows, d.hidden),
                  ((q_rows, d.hidden), (kv_rows, d.hidden), (kv_rows, d.hidden))),
-            Link(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "copy", (d.hidden, q_rows), ((d.hidden, q_rows),)),
+            Link(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "copy", (d.hidden, q_rows),
+                 ((d.hidden, q_rows),)),
             Link(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), "copy", (d.hidden,), ((d.hidden,),)),
             Link(m + "mlp.linear_fc1.weight", tuple(n + ".weight" for n in mlp), "glu", (2 * d.ffn, d.hidden),
                  ((d.ffn, d.hidden), (d.ffn, d.hidden))),
@@ -90,7 +91,8 @@ def _llama_links(model: GPTModel, d: _Dims) -> list[Link]:
         ]
         if bias:
             links += [
-                Link(m + "self_attention.linear_qkv.bias", tuple(n + ".bias" for n in attn), "qkv", (d.qkv_rows,), ((q_rows,), (kv_rows,), (kv_rows,))),
+                Link(m + "self_attention.linear_qkv.bias", tuple(n + ".bias" for n in attn), "qkv", (d.qkv_rows,),
+                     ((q_rows,), (kv_rows,), (kv_rows,))),
                 Link(m + "self_attention.linear_proj.bias", (h + "self_attn.o_proj.bias",), "copy", (d.hidden,), ((d.hidden,),)),
                 Link(m + "mlp.linear_fc1.bias", tuple(n + ".bias" for n in mlp), "glu", (2 * d.ffn,), ((d.ffn,), (d.ffn,))),
                 Link(m + "mlp.linear_fc2.bias", (h + "mlp.down_proj.bias",), "copy", (d.hidden,), ((d.hidden,),)),
@@ -112,9 +114,11 @@ def _gpt2_links(model: GPTModel, d: _Dims) -> list[Link]:
         links += [
             Link(m + "input_layernorm.weight", (h + "ln_1.weight",), "copy", (d.hidden,), ((d.hidden,),)),
             Link(m + "input_layernorm.bias", (h + "ln_1.bias",), "copy", (d.hidden,), ((d.hidden,),)),
-            Link(m + "self_attention.linear_qkv.weight", (h + "attn.c_attn.weight",), "c_attn", (d.qkv_rows, d.hidden), ((d.hidden, d.qkv_rows),)),
+            Link(m + "self_attention.linear_qkv.weight", (h + "attn.c_attn.weight",), "c_attn", (d.qkv_rows, d.hidden),
+                 ((d.hidden, d.qkv_rows),)),
             Link(m + "self_attention.linear_qkv.bias", (h + "attn.c_attn.bias",), "c_attn", (d.qkv_rows,), ((d.qkv_rows,),)),
-            Link(m + "self_attention.linear_proj.weight", (h + "attn.c_proj.weight",), "transpose", (d.hidden, d.hidden), ((d.hidden, d.hidden),)),
+            Link(m + "self_attention.linear_proj.weight", (h + "attn.c_proj.weight",), "transpose", (d.hidden, d.hidden),
+                 ((d.hidden, d.hidden),)),
             Link(m + "self_attention.linear_proj.bias", (h + "attn.c_proj.bias",), "copy", (d.hidden,), ((d.hidden,),)),
             Link(m + "pre_mlp_layernorm.weight", (h + "ln_2.weight",), "copy", (d.hidden,), ((d.hidden,),)),
             Link(m + "pre_mlp_layernorm.bias", (h + "ln_2.bias",), "copy", (d.hidden,), ((d.hidden,),)),

@@ -82,11 +82,12 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
         if tokenizer is not None:
             copy_files(hf_tokenizer_files(hf_dir), tmp / "tokenizer")
         (tmp / MODEL_FRAGMENT).write_text(_fragment(hf_dir, out, options, tokenizer is not None), encoding="utf-8")
+    root = out.absolute()  # the paths a spec elsewhere will name
     return {
-        "out": str(out),
+        "out": str(root),
         "architecture": HF_CLASS[arch],
-        "checkpoint": str(out / "checkpoints" / STAGE / "step-0"),
-        "model_spec": str(out / MODEL_FRAGMENT),
+        "checkpoint": str(root / "checkpoints" / STAGE / "step-0"),
+        "model_spec": str(root / MODEL_FRAGMENT),
         "parameters": sum(t.numel() for t in state.values()),
         "source_dtypes": dtypes,
         "tokenizer": tokenizer is not None,

@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from llmforge.spec.components import GPTModel
 
 
-def single_process_model(options: GPTModel) -> torch.nn.Module:
-    """A TP=1/PP=1 megatron GPTModel built from `options` in this process."""
+def single_process_model(options: GPTModel, *, seed: int = 0) -> torch.nn.Module:
+    """A TP=1/PP=1 megatron GPTModel built from `options` in this process (weights from `seed`)."""
     from llmforge.models.gpt import build_gpt
     from llmforge.runtime.distributed import init_distributed
     from llmforge.spec.schema import ParallelismConfig
@@ -31,7 +31,7 @@ def single_process_model(options: GPTModel) -> torch.nn.Module:
     if context.world_size != 1:
         raise UserError(f"export and import run in one process, but this one is rank {context.rank} of {context.world_size}",
                         "run `llmforge export` / `llmforge import` directly, not under torchrun or srun")
-    (model,) = build_gpt(options, layout, precision="fp32", seed=0)
+    (model,) = build_gpt(options, layout, precision="fp32", seed=seed)
     return model
 
 

@@ -83,9 +83,10 @@ def _divisors(n: int) -> list[int]:
 
 
 def _tensor_sizes(model: Any, layout: Layout) -> list[int]:
-    """Tensor-parallel sizes the model divides into, within one node, at least the current one."""
+    """The current tensor-parallel size and the larger ones the model divides into within one node."""
     shape = (model.num_attention_heads, model.kv_groups, model.ffn, model.vocab_size)
-    return [t for t in _divisors(layout.nproc_per_node) if t >= layout.tensor and all(x % t == 0 for x in shape)]
+    larger = {t for t in _divisors(layout.nproc_per_node) if t > layout.tensor and all(x % t == 0 for x in shape)}
+    return sorted({layout.tensor} | larger)
 
 
 def candidates(model: Any, layout: Layout, *, shardable_optimizer: bool) -> Iterator[Layout]:
@@ -96,7 +97,8 @@ def candidates(model: Any, layout: Layout, *, shardable_optimizer: bool) -> Iter
         for pipeline in (p for p in _divisors(model.num_layers) if p >= layout.pipeline and world % (tensor * p) == 0):
             data = world // (tensor * pipeline)
             virtual = layout.virtual if pipeline > 1 and model.num_layers % (pipeline * layout.virtual) == 0 else 1
-            sequence_parallel = (layout.sequence_parallel, True) if tensor > 1 else (False,)
+            # Sequence parallelism splits the sequence over the TP ranks, so it must divide evenly.
+            sequence_parallel = (layout.sequence_parallel, True) if tensor > 1 and model.seq_length % tensor == 0 else (False,)
             distributed = (layout.distributed_optimizer, True) if shardable_optimizer and data > 1 else (layout.distributed_optimizer,)
             micro = [m for m in _divisors(layout.micro_batch_size) if layout.global_batch_size % (m * data) == 0]
             for sp, recompute, dist, mbs in itertools.product(sorted(set(sequence_parallel)), recomputes, sorted(set(distributed)), micro):
@@ -123,18 +125,22 @@ def _best(model: Any, layout: Layout, *, shardable_optimizer: bool, **kw: Any) -
     return best
 
 
-def cheapest_fit(model: Any, layout: Layout, *, shardable_optimizer: bool, **kw: Any) -> Evaluation | None:
-    """The cheapest fitting layout: on the same devices if possible, else on the fewest doublings of them."""
-    found = _best(model, layout, shardable_optimizer=shardable_optimizer, **kw)
+def cheapest_fit(model: Any, layout: Layout, *, shardable_optimizer: bool, device: Device, **kw: Any) -> Evaluation | None:
+    """The cheapest fitting layout: on the same devices if possible, else on the fewest doublings of them.
+
+    GPUs fill a node (up to 8) before more nodes are added; CPU ranks share their
+    machine's memory, so only more machines help them.
+    """
+    found = _best(model, layout, shardable_optimizer=shardable_optimizer, device=device, **kw)
     grown = layout
     for _ in range(MAX_DEVICE_DOUBLINGS):
         if found is not None:
             return found
-        if grown.nnodes == 1 and grown.nproc_per_node < GPUS_PER_NODE:
+        if not device.shared_by_node and grown.nnodes == 1 and grown.nproc_per_node < GPUS_PER_NODE:
             grown = grown.with_(nproc_per_node=grown.nproc_per_node * 2)
         else:
             grown = grown.with_(nnodes=grown.nnodes * 2)
-        found = _best(model, grown, shardable_optimizer=shardable_optimizer, **kw)
+        found = _best(model, grown, shardable_optimizer=shardable_optimizer, device=device, **kw)
     return found
 
 

@@ -269,12 +269,17 @@ def chunk_activation_bytes(model: Any, layers: int, *, precision: str, layout: L
     return total
 
 
-def logits_bytes(model: Any, layout: Layout, seq_length: int) -> tuple[float, float]:
-    """(kept for backward, transient at the start of backward) for the loss on one micro batch."""
+def logits_bytes(model: Any, layout: Layout, seq_length: int, precision: str) -> tuple[float, float]:
+    """(kept for backward, transient around the loss) for one micro batch.
+
+    The loss keeps an fp32 softmax. Around it, the logits exist once more in fp32 and, under
+    bf16, in bf16 too: the fp32 copy and the bf16 logits in forward, their gradients in backward.
+    """
     tokens = layout.micro_batch_size * seq_length
-    vocab_share = -(-model.vocab_size // layout.tensor)
-    kept = tokens * vocab_share * FP32 + tokens * (1 + 8)  # fp32 softmax, target mask, masked targets
-    return kept, tokens * vocab_share * FP32 * 2  # the logits' gradient, fp32 and in the compute dtype
+    logits = tokens * -(-model.vocab_size // layout.tensor)
+    kept = logits * FP32 + tokens * (1 + 8)  # softmax, target mask, masked targets
+    compute = _compute_bytes(precision)
+    return kept, logits * (FP32 + (compute if compute != FP32 else 0))
 
 
 def final_norm_bytes(model: Any, precision: str, layout: Layout, seq_length: int) -> float:
@@ -306,14 +311,16 @@ def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optim
     params = size.param_count_per_rank(model, layout)[stage]
     tensors = size.param_tensors_per_rank(model, layout)[stage]
     state_bytes, _ = optimizer_state_bytes_per_param(optimizer)
-    opt_shards = layout.data if layout.distributed_optimizer else 1
+    # llmforge shards only AdamW; other optimizers keep their full state on every DP rank.
+    sharded = layout.distributed_optimizer and getattr(optimizer, "name", "adamw") == "adamw"
+    opt_shards = layout.data if sharded else 1
     layers = model.num_layers // layout.pipeline
     last = stage == layout.pipeline - 1
     # Interleaved chunks are in flight together; they differ only by the first one's token ids.
     chunk = chunk_activation_bytes(model, layers // layout.virtual, precision=precision, layout=layout, seq_length=seq,
                                    device=device, first_stage=stage == 0)
     flights = in_flight(layout, stage)
-    logits, workspace = logits_bytes(model, layout, seq) if last else (0.0, 0.0)
+    logits, workspace = logits_bytes(model, layout, seq, precision) if last else (0.0, 0.0)
     if last:
         logits += final_norm_bytes(model, precision, layout, seq)
     recompute_buffer = 0.0

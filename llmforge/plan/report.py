@@ -11,6 +11,13 @@ from typing import Any
 from llmforge.plan.fit import MAX_DEVICE_DOUBLINGS
 
 
+def escape(text: str) -> str:
+    """`text` with rich's markup brackets escaped (paths and notes come from the user)."""
+    from rich.markup import escape as rich_escape
+
+    return rich_escape(text)
+
+
 def gib(n: float | None) -> str:
     return "—" if n is None else f"{n / 2**30:,.2f} GiB"
 
@@ -104,7 +111,7 @@ def _stage_table(stage: dict[str, Any]):
     if stage.get("tokens_per_step") is None:
         if stage.get("dataset_tokens") is not None:
             table.add_row("tokens written", f"{count(stage['dataset_tokens'])} in {stage['samples_per_epoch']:,} train samples")
-        table.add_row("data", stage["note"])
+        table.add_row("data", escape(stage["note"]))
         return table
     table.add_row("tokens", f"{count(stage['tokens'])} ({stage['source']})")
     table.add_row("steps", "unknown" if stage["steps"] is None else f"{stage['steps']:,}")
@@ -112,7 +119,7 @@ def _stage_table(stage: dict[str, Any]):
     table.add_row("batch", f"{stage['global_batch_size']} sequences = {stage['tokens_per_step']:,} tokens per step; "
                            f"micro batch {stage['micro_batch_size']}, {stage['num_microbatches']} micro batches per rank")
     if stage["note"]:
-        table.add_row("data", stage["note"])
+        table.add_row("data", escape(stage["note"]))
     step = stage["step_time"]
     table.add_row("step time", f"{duration(step['seconds'])} (bubble {step['bubble_fraction']:.1%}, "
                                f"recompute ×{step['recompute_factor']:.3f}) — {count(stage['tokens_per_s'])} tokens/s")
@@ -138,7 +145,7 @@ def _verdict(stage: dict[str, Any]) -> str:
     text = f"[bold red]does not fit[/bold red]: {where} needs {gib(used)} per rank, {gib(usable)} usable"
     fix = stage["fix"]
     if fix is None:
-        return text + f"\n  no layout on up to {2 ** MAX_DEVICE_DOUBLINGS}× the devices fits; shrink the model, the sequence or the micro batch"
+        return text + f"\n  no layout fits on up to {2 ** MAX_DEVICE_DOUBLINGS}× the devices; shrink the model or the sequence"
     changes = ", ".join(f"{c['setting']} {_value(c['from'])} → {_value(c['to'])}" for c in fix["changes"])
     return (f"{text}\n  cheapest change: {changes}\n  → {gib(fix['largest_total'])} per rank on {fix['world_size']} devices, "
             f"step {duration(fix['step_time_s'])}\n  overrides: {' '.join(fix['overrides'])}")
@@ -150,14 +157,14 @@ def render(plan: dict[str, Any], console=None) -> None:
 
     console = console or Console()
     device = plan["device"]
-    console.print(f"[bold]{plan['name']}[/bold] ({plan['spec']}) on [bold]{device['name']}[/bold]: {device['description']}, "
+    console.print(f"[bold]{plan['name']}[/bold] ({escape(plan['spec'])}) on [bold]{device['name']}[/bold]: {device['description']}, "
                   f"{gib(device['memory_bytes'])}")
     if "layout" in plan:
         layout = plan["layout"]
         console.print(f"{layout['world_size']} ranks = {layout['nnodes']} node(s) × {layout['nproc_per_node']}: {_layout_line(layout)}")
     console.print(_components_table(plan))
     if "note" in plan:
-        console.print(plan["note"])
+        console.print(escape(plan["note"]))
         return
     console.print(_model_table(plan))
     for stage in plan["stages"]:

@@ -128,3 +128,9 @@ def test_export_refuses_a_damaged_checkpoint(tmp_path, capsys):
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
     _fails(capsys, ["export", "hf", str(step_dir), str(tmp_path / "out")], "fails its sha256 checksum")
     _nothing_left(tmp_path / "out")
+
+
+def test_export_options_are_checked_before_any_work(tmp_path, capsys):
+    _fails(capsys, ["export", "hf", str(tmp_path), str(tmp_path / "out"), "--max-shard-size", "lots"], "--max-shard-size 'lots' is not a size")
+    _fails(capsys, ["export", "hf", str(tmp_path / "nowhere"), str(tmp_path / "out")], "is not a directory")
+    _nothing_left(tmp_path / "out")

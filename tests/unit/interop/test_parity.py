@@ -70,7 +70,7 @@ def test_imported_transformers_model_gives_hf_logits_in_llmforge(tmp_path, arch,
     done = import_hf(tmp_path / "hf", tmp_path / "out")
     out = tmp_path / "out"
     verify(out / "checkpoints" / "import" / "step-0")
-    assert done["checkpoint"] == str(out / "checkpoints" / "import" / "step-0")
+    assert done["checkpoint"] == str(out.absolute() / "checkpoints" / "import" / "step-0")
     ids = random_ids(seed=2)
     torch.testing.assert_close(forward(_load_imported(out), ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
 
@@ -118,6 +118,7 @@ def test_export_picks_the_last_stage_with_a_checkpoint_or_the_one_named(tmp_path
     spec["stages"].append({"name": "sft", "type": "sft"})
     (tmp_path / "run" / "spec.resolved.yaml").write_text(yaml.safe_dump(spec))
     ids = random_ids(seed=3)
+    assert not torch.allclose(forward(first, ids), forward(second, ids), atol=1e-2)
     assert export_hf(tmp_path / "run", tmp_path / "last")["checkpoint"].endswith("sft/step-3")
     torch.testing.assert_close(hf_logits(tmp_path / "last", ids), forward(second, ids), atol=ATOL, rtol=0)
     export_hf(tmp_path / "run", tmp_path / "named", stage="pretrain")

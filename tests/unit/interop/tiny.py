@@ -25,6 +25,29 @@ def byte_tokenizer():
     return build_byte(ByteTokenizer.model_validate({}), run_dir=Path("."), texts=[])
 
 
+def _global_index(param, tp_rank: int, tp_size: int):
+    """Global index of each element of a 1-D parameter, from megatron's TP split rule.
+
+    megatron cuts the full tensor into `tp_size * stride` chunks and gives rank r the
+    chunks r, r + tp_size, ... (stride 2 keeps SwiGLU's gate and up halves together).
+    """
+    import torch
+
+    index = torch.arange(param.shape[0])
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return index
+    chunk = param.shape[0] // getattr(param, "partition_stride", 1)
+    return ((index // chunk) * tp_size + tp_rank) * chunk + index % chunk
+
+
+def _global_name(module, name: str) -> str:
+    """`decoder.layers.<local>.x` → `decoder.layers.<global>.x` (a PP stage numbers its layers from 0)."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(module.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
 def perturb(module, *, tp_rank: int = 0, tp_size: int = 1) -> None:
     """Give an llmforge model's norms and biases values that differ per element and per tensor.
 
@@ -35,14 +58,11 @@ def perturb(module, *, tp_rank: int = 0, tp_size: int = 1) -> None:
 
     import torch
 
-    from llmforge.models.init import global_name, global_rows
-
     with torch.no_grad():
         for name, p in module.named_parameters():
             if p.dim() == 1:
-                _, rows = global_rows(p, tp_rank, tp_size)
-                salt = zlib.crc32(global_name(module, name).encode()) % 997
-                p.add_(0.2 * torch.sin(rows.float() * 0.7 + salt))
+                salt = zlib.crc32(_global_name(module, name).encode()) % 997
+                p.add_(0.2 * torch.sin(_global_index(p, tp_rank, tp_size).float() * 0.7 + salt))
 
 
 def perturb_hf(model) -> None:
@@ -100,7 +120,7 @@ def build(options: dict[str, Any], seed: int = 5):
     from llmforge.interop.model_io import single_process_model
     from llmforge.spec.components import GPTModel
 
-    module = single_process_model(GPTModel.model_validate(options))
+    module = single_process_model(GPTModel.model_validate(options), seed=seed)
     perturb(module)
     return module
 

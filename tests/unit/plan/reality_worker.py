@@ -69,7 +69,7 @@ def run_case(case: dict) -> dict:
     from llmforge.models.gpt import build_gpt
     from llmforge.registry.manager import get_registry
     from llmforge.runtime.distributed import init_distributed
-    from llmforge.runtime.optim import build_adamw, build_sgd, param_groups, wrap_optimizer
+    from llmforge.runtime.optim import param_groups, wrap_optimizer
     from llmforge.runtime.step import TrainStep
     from llmforge.spec.validate import load_and_validate
 
@@ -88,7 +88,7 @@ def run_case(case: dict) -> dict:
         out["saved_activations"] = saved_activation_bytes(chunks[0], batch[:, :-1], batch[:, 1:], positions, train.precision)
 
     groups = param_groups(chunks, weight_decay=getattr(train.optimizer, "weight_decay", 0.0))
-    torch_opt = {"adamw": build_adamw, "sgd": build_sgd}[train.optimizer.name](train.optimizer, params=groups)
+    torch_opt = registry.build("optimizer", train.optimizer, params=groups)
     optimizer = wrap_optimizer(torch_opt, chunks, par)  # wraps the chunks in megatron DDP, in place
     step = TrainStep(chunks, optimizer, parallelism_ctx=ctx, seq_length=seq, micro_batch_size=mbs,
                      precision=train.precision, clip_grad=train.clip_grad)

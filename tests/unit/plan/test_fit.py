@@ -76,3 +76,11 @@ def test_unknown_device_names_the_known_ones():
     with pytest.raises(UserError, match="unknown --gpu 'h100'") as err:
         get_device("h100")
     assert "h100-80gb" in str(err.value)
+
+
+def test_on_cpus_the_fix_adds_machines_not_ranks_that_would_share_one():
+    p = pretrain(plan(["parallelism.nnodes=1", "parallelism.nproc_per_node=1", "parallelism.tensor_model_parallel_size=1",
+                       "parallelism.pipeline_model_parallel_size=1", "parallelism.sequence_parallel=false"], "cpu"))
+    assert not p["fits"]
+    assert any(o.startswith("parallelism.nnodes=") for o in p["fix"]["overrides"])
+    assert not any(o.startswith("parallelism.nproc_per_node=") for o in p["fix"]["overrides"])

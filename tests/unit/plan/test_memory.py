@@ -49,6 +49,12 @@ def test_distributed_optimizer_shards_only_the_optimizer_states():
     assert sharded.optimizer_states == pytest.approx(plain.optimizer_states / 8, abs=8)
 
 
+def test_only_adamw_is_sharded_by_the_distributed_optimizer():
+    sgd = optimizer("sgd", momentum=0.9)
+    plain, sharded = peak(layout(data=8), opt=sgd)[0], peak(layout(data=8, distributed_optimizer=True), opt=sgd)[0]
+    assert sharded.optimizer_states == plain.optimizer_states  # llmforge.runtime keeps SGD's state whole
+
+
 @pytest.mark.parametrize("momentum, state", [(0.9, 4), (0.0, 0)])
 def test_sgd_keeps_a_momentum_buffer_only_with_momentum(momentum, state):
     rank = peak(layout(), opt=optimizer("sgd", momentum=momentum))[0]
