@@ -2,7 +2,7 @@
 
     python benchmarks/data_bench.py [--quick]
 
-Each function returns {"name", "figure", "goal", "met", "details"}; benchmarks/run.py collects them.
+Each function returns harness.result(...): {"name", "figure", "goal", "met", "unit", "details"}; benchmarks/run.py collects them.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 import yaml
+from harness import compare, result
 
 STDLIB_EXCLUDE = ["*/site-packages/*", "*/dist-packages/*", "*/test/*", "*/tests/*", "*/idle_test/*", "*/__pycache__/*"]
 # The step time of specs/tiny.yaml is measured elsewhere; without it we time a plain torch
@@ -53,31 +55,26 @@ from tokenizers import Tokenizer
 tok = Tokenizer.from_file(sys.argv[1])
 texts = [open(p, encoding="utf-8").read() for p in json.loads(sys.argv[2])]
 texts = [t for t in texts if t and not t.isspace()]
-best = {}
-for fn in ("encode_batch", "encode_batch_fast"):
-    times = []
-    for _ in range(2):
-        start = time.perf_counter()
-        getattr(tok, fn)(texts, add_special_tokens=False)
-        times.append(time.perf_counter() - start)
-    best[fn] = min(times)
-print(json.dumps(best))
+start = time.perf_counter()
+getattr(tok, sys.argv[3])(texts, add_special_tokens=False)
+print(time.perf_counter() - start)
 """
 
 
-def _hf_seconds(tokenizer_json: Path, files: list[str], threads: int) -> dict[str, float]:
-    """HF tokenizers' own batch encoding of the same files, in a fresh process with `threads` threads."""
+def _hf_seconds(tokenizer_json: Path, files: list[str], threads: int, method: str = "encode_batch") -> float:
+    """Seconds of HF tokenizers' own batch encoding of the files (already in memory), in a fresh process with `threads` threads."""
     env = {**os.environ, "RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "true" if threads > 1 else "false"}
-    out = subprocess.run([sys.executable, "-c", _HF_BASELINE, str(tokenizer_json), json.dumps(files)], env=env,
+    out = subprocess.run([sys.executable, "-c", _HF_BASELINE, str(tokenizer_json), json.dumps(files), method], env=env,
                          capture_output=True, text=True, check=True).stdout
-    return json.loads(out)
+    return float(out)
 
 
 def prepare_throughput(quick: bool) -> dict:
-    """MB/s of raw text through prepare (tokenize, pack, shard, manifest) vs HF `encode_batch` of the same text.
+    """MB/s of raw text through prepare (read, tokenize, pack, shard, manifest) vs HF `encode_batch` of the same text.
 
     The BPE (vocab 8192, trained on the same stdlib source) is trained once beforehand and
-    reused by both sides, so the figure compares tokenizing pipelines, not training.
+    reused by both sides, so the figure compares tokenizing pipelines, not training. Runs
+    alternate with the baseline (harness.compare) so machine load hits both alike.
     """
     from llmforge.data.manifest import read_manifest
     from llmforge.data.prepare import run_prepare
@@ -93,37 +90,35 @@ def prepare_throughput(quick: bool) -> dict:
         manifest = read_manifest(root / "run" / "data")
         files = [row[0] for row in manifest["sources"]["stdlib"]["files"]]
         megabytes = manifest["sources"]["stdlib"]["fingerprint"]["bytes"] / 1e6
-        ours, theirs = {}, {}
+        tokenizer_json = root / "run" / "tokenizer" / "tokenizer.json"
+        comparisons, fast = {}, {}
         for workers in (1, 2):
             spec = _spec(root, tokenizer=tokenizer, vocab=8192, seq=256, workers=workers, pattern=pattern)
-            times = []
-            for _ in range(1 if quick else 2):
+
+            def ours(spec=spec) -> float:
                 shutil.rmtree(root / "run" / "data")
                 start = time.perf_counter()
                 run_prepare(spec, root / "run", spec.stages[0], log=lambda m: None)
-                times.append(time.perf_counter() - start)
-            ours[workers] = megabytes / min(times)
-            hf = _hf_seconds(root / "run" / "tokenizer" / "tokenizer.json", files, threads=workers)
-            theirs[workers] = {fn: megabytes / s for fn, s in hf.items()}
-        ratio = {w: ours[w] / theirs[w]["encode_batch"] for w in (1, 2)}
-        figure = min(ratio.values())
-        return {
-            "name": "prepare_throughput",
-            "figure": round(figure, 3),
-            "goal": 0.8,
-            "met": figure >= 0.8,
-            "details": {
-                "text_mb": round(megabytes, 2),
-                "bpe_train_plus_first_prepare_s": round(train_s, 2),
-                "prepare_mb_s": {f"{w}_workers": round(ours[w], 2) for w in (1, 2)},
-                "hf_encode_batch_mb_s": {f"{w}_threads": round(theirs[w]["encode_batch"], 2) for w in (1, 2)},
-                "hf_encode_batch_fast_mb_s": {f"{w}_threads": round(theirs[w]["encode_batch_fast"], 2) for w in (1, 2)},
-                "ratio_1_thread": round(ratio[1], 3),
-                "ratio_2_cores": round(ratio[2], 3),
-                "ratio_vs_encode_batch_fast": {f"{w}": round(ours[w] / theirs[w]["encode_batch_fast"], 3) for w in (1, 2)},
-                "note": "prepare uses encode_batch_fast (no offsets) in 1 or 2 worker processes; the main process reads, packs and writes",
-            },
-        }
+                return megabytes / (time.perf_counter() - start)
+
+            def theirs(workers=workers) -> float:
+                return megabytes / _hf_seconds(tokenizer_json, files, threads=workers)
+
+            comparisons[workers] = compare(theirs, ours, repeats=1 if quick else 3)
+            fast[workers] = megabytes / _hf_seconds(tokenizer_json, files, threads=workers, method="encode_batch_fast")
+        figure = min(c.ratio for c in comparisons.values())
+        return result("prepare_throughput", round(figure, 3), 0.8, figure >= 0.8, unit="x", details={
+            "text_mb": round(megabytes, 2),
+            "bpe_train_plus_first_prepare_s": round(train_s, 2),
+            "ratio_1_thread": round(comparisons[1].ratio, 3),
+            "ratio_2_cores": round(comparisons[2].ratio, 3),
+            "prepare_mb_s": {f"{w}_workers": round(statistics.median(c.subject), 2) for w, c in comparisons.items()},
+            "hf_encode_batch_mb_s": {f"{w}_threads": round(statistics.median(c.baseline), 2) for w, c in comparisons.items()},
+            "hf_encode_batch_fast_mb_s": {f"{w}_threads": round(v, 2) for w, v in fast.items()},
+            "pair_ratios": {w: c.details()["ratios"] for w, c in comparisons.items()},
+            "note": "figure = the lower of the two ratios; prepare runs encode_batch_fast (no offsets) in 1 or 2 "
+                    "single-threaded worker processes while the main process reads, packs and writes shards",
+        })
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -201,18 +196,13 @@ def loader_throughput(quick: bool, step_time_s: float | None = None) -> dict:
         step_s = _tiny_step_seconds() if measured else step_time_s
         consumed = t["global"] * t["seq"] / step_s
         figure = min(rates.values()) / consumed
-        return {
-            "name": "loader_throughput",
-            "figure": round(figure, 1),
-            "goal": 20.0,
-            "met": figure >= 20.0,
-            "details": {
-                "loader_tokens_per_s": {f"{w}_workers": round(r) for w, r in rates.items()},
-                "tiny_step_s": round(step_s, 4),
-                "step_time": "timed plain-torch model of the tiny shape, fp32" if measured else "given",
-                "tiny_tokens_per_s_consumed": round(consumed),
-            },
-        }
+        return result("loader_throughput", round(figure, 1), 20.0, figure >= 20.0, unit="x", details={
+            "loader_tokens_per_s": {f"{w}_workers": round(r) for w, r in rates.items()},
+            "tiny_step_s": round(step_s, 4),
+            "step_time": "timed plain-torch model of the tiny shape, fp32" if measured else "given",
+            "tiny_tokens_per_s_consumed": round(consumed),
+            "note": "figure = the slower loader configuration (0 or 2 workers) over the tokens one tiny step consumes per second",
+        })
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

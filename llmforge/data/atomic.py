@@ -37,9 +37,10 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
 
 
 def write_json(path: Path, data: Any) -> None:
+    # No indent: only then does json use its C encoder (a manifest lists every sample's offset).
+    text = json.dumps(data, sort_keys=True)
     with atomic_open(path, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-        f.write("\n")
+        f.write(text + "\n")
 
 
 def remove(path: Path) -> None:

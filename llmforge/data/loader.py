@@ -13,6 +13,7 @@ import math
 import multiprocessing as mp
 import queue
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 STATE_VERSION = 1
 PREFETCH_STEPS = 2
+_LOGGED_SKIPS = 10
 
 
 class _Fetch:
@@ -71,10 +73,12 @@ class TokenLoader:
             sample; `skip` replaces such a sample by the next readable one in index order
             (the same on every rank) and counts it in `skipped`.
         vocab_size: the model's vocabulary; token ids must stay below it.
+        log: where a skipped sample is reported (the first few of them), naming its shard.
     """
 
     def __init__(self, data_dir: Path, split: str, *, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, num_workers: int = 0, on_error: str = "raise", vocab_size: int | None = None) -> None:
+                 seed: int = 0, shuffle: bool = True, num_workers: int = 0, on_error: str = "raise", vocab_size: int | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
         self.data_dir, self.split = Path(data_dir), split
         manifest = read_manifest(self.data_dir)
         info = manifest["splits"].get(split)
@@ -90,7 +94,7 @@ class TokenLoader:
                             "raise model.vocab_size, or prepare the data with this model's tokenizer")
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
-        self.on_error, self.num_workers = on_error, num_workers
+        self.on_error, self.num_workers, self.log = on_error, num_workers, log
         self.samples_per_epoch = info["samples"]
         self.tokens_per_sample = manifest["seq_length"]
         self.pad_id = manifest["tokenizer"]["pad_id"]
@@ -219,6 +223,10 @@ class TokenLoader:
             except (ValueError, OSError):
                 continue
             row[: tokens.size] = tokens
+            # A bad shard costs one line per sample read from it; beyond a few, they are only counted.
+            if self.log is not None and self.skipped <= _LOGGED_SKIPS:
+                more = " (further skips are only counted)" if self.skipped == _LOGGED_SKIPS else ""
+                self.log(f"warning: skipped {problem}; read sample {other} in its place ({self.skipped} skipped){more}")
             return other, row
         raise UserError(f"{self.data_dir}: no readable sample in the {self.split} split", "prepare the data again")
 

@@ -70,7 +70,7 @@ def split_source(index: int, stream: TokenStream, by: str, val_fraction: float, 
         is_val[rng(seed, _SPLIT, index).choice(n, size=k, replace=False)] = True
         return {"train": Ranges(src[~is_val], starts[~is_val], ends[~is_val]), "val": Ranges(src[is_val], starts[is_val], ends[is_val])}
     total = int(ends[-1]) if n else 0
-    cut = total - round(val_fraction * total)
+    cut = int(total * (1 - val_fraction))  # nanoGPT's int(n * 0.9), token for token
     train, val = starts < cut, ends > cut
     return {
         "train": Ranges(src[train], starts[train], np.minimum(ends[train], cut)),

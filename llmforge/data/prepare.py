@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -74,7 +73,7 @@ def _documents(spec, registry, tokenizer: Tokenizer | None, policies: dict[str, 
     for name, options in spec.data.sources.items():
         if text_only and options.name == "webdataset":
             continue  # token shards hold no text to train a tokenizer on
-        context = SourceContext(name, policies[name], tokenizer)
+        context = SourceContext(f"data.sources.{name}", policies[name], tokenizer)
         docs = registry.build("source", options, context=context)
         for doc in filtered(docs, getattr(options, "filters", None), counts[name]):
             if isinstance(doc.content, dict):
@@ -175,16 +174,19 @@ def run_prepare(spec, run_dir: Path, stage, log: Log = print) -> dict:
             log(f"prepare: inputs unchanged; reusing {n} shards in {data_dir}")
             return old
         log(f"prepare: rebuilding the shards: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return _build(spec, stage, registry, tokenizer, data_dir, inputs, inputs_hash, fingerprints, seq_length, log)
+    work_dir = data_dir / ".work"
+    shutil.rmtree(work_dir, ignore_errors=True)  # left by a killed run
+    try:
+        return _build(spec, stage, registry, tokenizer, data_dir, work_dir, inputs, inputs_hash, fingerprints, seq_length, log)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)  # the token streams are only scaffolding
 
 
-def _build(spec, stage, registry, tokenizer: Tokenizer, data_dir: Path, inputs: dict, inputs_hash: str, fingerprints: dict,
-           seq_length: int, log: Log) -> dict:
+def _build(spec, stage, registry, tokenizer: Tokenizer, data_dir: Path, work_dir: Path, inputs: dict, inputs_hash: str,
+           fingerprints: dict, seq_length: int, log: Log) -> dict:
     data = spec.data
     names = list(data.sources)
     dtype = token_dtype(tokenizer.vocab_size)
-    work_dir = data_dir / ".work"
-    shutil.rmtree(work_dir, ignore_errors=True)
     counts = {n: FilterCounts() for n in names}
     policies = {n: ErrorPolicy(data.on_error, log) for n in names}
     workers = _workers(data.num_workers)
@@ -248,7 +250,6 @@ def _build(spec, stage, registry, tokenizer: Tokenizer, data_dir: Path, inputs: 
         "splits": splits,
     }
     write_json(mf.manifest_path(data_dir), manifest)
-    shutil.rmtree(work_dir, ignore_errors=True)
     log(f"prepare: train {splits['train']['samples']:,} samples in {len(splits['train']['shards'])} shards, "
         f"val {splits['val']['samples']:,} samples in {len(splits['val']['shards'])} shards → {data_dir}")
     return manifest

@@ -43,7 +43,7 @@ class Document:
 class SourceContext:
     """What a source needs from the run besides its options."""
 
-    name: str  # the source's key in the spec, for messages: data.sources.<name>
+    name: str  # where the source sits in the spec, for messages: `data.sources.<key>`
     errors: ErrorPolicy
     tokenizer: Tokenizer | None = None  # the run's tokenizer (None while it is being trained)
 
@@ -69,7 +69,7 @@ def read_text(path: Path, errors: ErrorPolicy) -> str | None:
 
 
 def _files(options: c.FileSource, context: SourceContext) -> list[Path]:
-    return resolve_files(options.paths, options.exclude, context.errors, f"data.sources.{context.name}.paths")
+    return resolve_files(options.paths, options.exclude, context.errors, f"{context.name}.paths")
 
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r]*\n\s*")
@@ -198,7 +198,7 @@ def webdataset_source(options: c.WebDatasetSource, *, context: SourceContext) ->
     from llmforge.data import shards
 
     tok = context.tokenizer
-    for path in resolve_files(options.paths, [], context.errors, f"data.sources.{context.name}.paths"):
+    for path in resolve_files(options.paths, [], context.errors, f"{context.name}.paths"):
         found = shards.find_manifest(path)
         trim = 0
         if found is not None:

@@ -9,6 +9,7 @@ written last, so it marks a complete tokenizer directory.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -158,7 +159,12 @@ def build_bpe(options: c.BPETokenizer, *, run_dir: Path, texts: Iterable[str]) -
     specials = special_token_list(options.special_tokens)
     trainer = trainers.BpeTrainer(vocab_size=options.vocab_size, min_frequency=options.min_frequency, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    hf.train_from_iterator(_limited(texts, options.train_max_mb * 2**20), trainer)
+    texts = iter(texts)
+    first = next(texts, None)
+    if first is None:
+        raise UserError("the bpe tokenizer found no text to train on",
+                        "give data.sources some text (webdataset shards hold only tokens), or use tokenizer: {name: pretrained, path: ...}")
+    hf.train_from_iterator(_limited(itertools.chain([first], texts), options.train_max_mb * 2**20), trainer)
     sp = options.special_tokens
     return HFTokenizer(hf, kind="bpe", eos=sp.eos, bos=sp.bos, pad=sp.pad)
 

@@ -16,12 +16,11 @@ import numpy as np
 import pytest
 
 from llmforge.data.loader import TokenLoader
-from llmforge.data.prepare import token_dtype
-from llmforge.data.shards import ShardReader, ShardWriter
-from llmforge.data.tokenizers import load_tokenizer
+from llmforge.data.tokenizers import build_bpe, load_tokenizer
+from llmforge.spec import components as c
 from llmforge.spec.errors import UserError
 
-from .conftest import make_spec, prepare, write_corpus
+from .conftest import make_spec, prepare
 
 EOS = 257  # the byte tokenizer's eos id (after 256 bytes and bos)
 
@@ -70,7 +69,7 @@ def test_windows_are_the_token_stream_split_like_nanogpt(tmp_path):
     spec = make_spec(tmp_path, sources={"f": {"name": "text", "paths": [str(tmp_path / "one.txt")]}}, data={"split": {"by": "contiguous", "val_fraction": 0.1}})
     m = prepare(spec, tmp_path / "run")
     stream = np.array([*text.encode(), EOS])
-    cut = len(stream) - round(0.1 * len(stream))
+    cut = int(len(stream) * 0.9)
     for split, part in (("train", stream[:cut]), ("val", stream[cut:])):
         samples = read_split(tmp_path / "run" / "data", m, split)
         assert [k for k, _ in samples] == [f"{i:010d}" for i in range(len(samples))]
@@ -271,19 +270,13 @@ def test_webdataset_source_reads_prepared_shards(tmp_path, prepared):
     stream = np.concatenate([s[:-1] for _, s in read_split(tmp_path / "run2" / "data", again, "train")])
     assert again["sources"]["old"]["tokens"] == first_train.size  # the shared window token is not duplicated
     assert np.array_equal(stream, first_train[: stream.size])
-    other_tok = make_spec(tmp_path, sources=sources, tokenizer={"name": "bpe", "vocab_size": 300})
+    with pytest.raises(UserError, match=r"the bpe tokenizer found no text to train on"):
+        prepare(make_spec(tmp_path, sources=sources, tokenizer={"name": "bpe", "vocab_size": 300}), tmp_path / "run3")
+    other = build_bpe(c.BPETokenizer(vocab_size=300), run_dir=tmp_path, texts=iter(["some other text"] * 10))
+    other.save(tmp_path / "other-tokenizer")
+    other_spec = make_spec(tmp_path, sources=sources, tokenizer={"name": "pretrained", "path": str(tmp_path / "other-tokenizer")})
     with pytest.raises(UserError, match=r"shard-000000.tar: was made with a different tokenizer"):
-        prepare(other_tok, tmp_path / "run3")
-
-
-def test_token_dtype_and_uint32_shards(tmp_path):
-    assert token_dtype(65535) == np.uint16 and token_dtype(65536) == np.uint32
-    writer = ShardWriter(tmp_path, "train", target_bytes=1 << 20, dtype=np.uint32)
-    writer.add([np.array([70000, 1, 2]), np.array([5, 100000])])
-    records = writer.close()
-    reader = ShardReader(tmp_path, records)
-    assert reader.read(1).tolist() == [5, 100000] and reader.read(0).dtype == np.uint32
-    assert not list(tmp_path.joinpath("train").glob(".*"))  # no temporary files left behind
+        prepare(other_spec, tmp_path / "run4")
 
 
 def test_copied_run_dir_is_reused(tmp_path, prepared):
@@ -302,3 +295,36 @@ def test_mix_weights_are_validated_with_the_spec(tmp_path, corpus):
         make_spec(tmp_path, sources=sources, data={"mix": {"a": 1.0}})
     with pytest.raises(SpecError, match=r"data.mix.b: mix weight 0.0 of 'b' must be positive"):
         make_spec(tmp_path, sources=sources, data={"mix": {"a": 1.0, "b": 0.0}})
+
+
+@pytest.mark.slow
+def test_shakespeare_char_matches_nanogpt_prepare(tmp_path, tinyshakespeare):
+    sources = {"shakespeare": {"name": "text", "paths": [str(tinyshakespeare)]}}
+    spec = make_spec(tmp_path, sources=sources, tokenizer={"name": "char"}, seq_length=64, vocab_size=128,
+                     data={"split": {"by": "contiguous", "val_fraction": 0.1}, "shard_size_mb": 16})
+    m = prepare(spec, tmp_path / "run")
+    # nanoGPT's data/shakespeare_char/prepare.py: 65 characters, 1,003,854 train and 111,540 val tokens.
+    assert m["tokenizer"]["vocab_size"] == 65
+    assert (m["splits"]["train"]["tokens"], m["splits"]["val"]["tokens"]) == (1_003_854, 111_540)
+    text = tinyshakespeare.read_text()
+    first = read_split(tmp_path / "run" / "data", m, "train")[0][1]
+    assert first.tolist() == [sorted(set(text)).index(ch) for ch in text[:65]]
+
+
+def test_webdataset_source_names_corrupt_shards_and_foreign_ids(tmp_path, prepared):
+    from llmforge.data.shards import ShardWriter
+
+    _, data_dir, m = prepared
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    blob = (data_dir / m["splits"]["train"]["shards"][0]["path"]).read_bytes()
+    (loose / "cut.tar").write_bytes(blob[: len(blob) // 2 + 100])  # no manifest here to check it against
+    spec = make_spec(tmp_path, sources={"old": {"name": "webdataset", "paths": [str(loose / "cut.tar")]}})
+    with pytest.raises(UserError, match=r"cut.tar(:\d+)?: (corrupt or truncated tar|truncated tar|bad tokens.npy)"):
+        prepare(spec, tmp_path / "run2")
+    writer = ShardWriter(tmp_path / "foreign", "train", target_bytes=1 << 20, dtype=np.uint16)
+    writer.add([np.arange(20), np.array([1, 2, 300])])
+    writer.close()
+    spec = make_spec(tmp_path, sources={"old": {"name": "webdataset", "paths": [str(tmp_path / "foreign" / "train" / "*.tar")]}})
+    with pytest.raises(UserError, match=r"shard-000000.tar:0000000001: token id 300 ≥ the tokenizer's vocabulary of 262"):
+        prepare(spec, tmp_path / "run3")

@@ -15,7 +15,7 @@ from llmforge.spec.errors import UserError
 
 
 def ctx(mode: str = "raise") -> SourceContext:
-    return SourceContext("src", ErrorPolicy(mode, log=None))
+    return SourceContext("data.sources.src", ErrorPolicy(mode, log=None))
 
 
 def test_text_documents_by_file_paragraph_and_line(tmp_path):
@@ -101,3 +101,13 @@ def test_filters_count_what_they_drop(tmp_path):
     kept = list(filtered(text_source(opts, context=ctx()), opts.filters, counts))
     assert [Path(doc.origin).name for doc in kept] == ["b.txt", "f.txt"]
     assert counts.as_dict() == {"documents": 6, "kept": 2, "empty": 1, "too_short": 1, "too_long": 1, "duplicates": 1, "skipped_errors": 0}
+
+
+def test_every_builtin_source_and_tokenizer_is_implemented():
+    from llmforge.registry.manager import build_registry
+
+    registry = build_registry()
+    for kind in ("source", "tokenizer"):
+        for name in registry.names(kind):
+            if registry.get(kind, name).provider == "llmforge":
+                assert callable(registry.factory(kind, name)), f"{kind} {name}"

@@ -35,6 +35,11 @@ def test_bpe_splits_digits_and_roundtrips(tmp_path):
     assert tok.encode("<|eos|>") == [tok.eos_id]
 
 
+def test_bpe_needs_text(tmp_path):
+    with pytest.raises(UserError, match="found no text to train on"):
+        build_bpe(c.BPETokenizer(vocab_size=320), run_dir=tmp_path, texts=iter(()))
+
+
 def test_bpe_without_split_digits_merges_numbers(tmp_path):
     tok = build_bpe(c.BPETokenizer(vocab_size=320, split_digits=False), run_dir=tmp_path, texts=iter(["1234 " * 200]))
     assert len(tok.encode("1234")) < 4
