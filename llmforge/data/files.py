@@ -10,6 +10,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from llmforge.atomic import sha256_file
 from llmforge.data.errors import ErrorPolicy
 
 _MAGIC = re.compile(r"[*?[]")
@@ -101,14 +102,6 @@ def resolve_files(patterns: Iterable[str], exclude: list[str], errors: ErrorPoli
                 seen.add(p)
                 files.append(Path(p))
     return files
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def fingerprint_files(files: list[Path]) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llmforge.data.atomic import remove
+from llmforge.atomic import remove
 from llmforge.data.files import describe_file_changes
 from llmforge.data.shards import file_problem
 from llmforge.spec.errors import UserError

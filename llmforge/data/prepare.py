@@ -20,9 +20,10 @@ import numpy as np
 
 from llmforge.data import manifest as mf
 from llmforge.data import packing
-from llmforge.data.atomic import write_json
+from llmforge.atomic import write_json
 from llmforge.data.errors import ErrorPolicy
-from llmforge.data.files import fingerprint_files, resolve_files, sha256_file
+from llmforge.atomic import sha256_file
+from llmforge.data.files import fingerprint_files, resolve_files
 from llmforge.data.filters import FilterCounts, filtered
 from llmforge.data.shards import ShardWriter
 from llmforge.data.sources import Document, SourceContext

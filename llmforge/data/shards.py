@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmforge.data.atomic import fsync_dir
+from llmforge.atomic import fsync_dir
 from llmforge.data.errors import ErrorPolicy
 
 BLOCK = 512
@@ -176,7 +176,7 @@ def file_problem(path: Path, record: dict) -> str | None:
     if size != record["bytes"]:
         what = "truncated" if size < record["bytes"] else "longer than recorded"
         return f"is {what}: {size} bytes, manifest.json says {record['bytes']}"
-    from llmforge.data.files import sha256_file
+    from llmforge.atomic import sha256_file
 
     digest = sha256_file(path)
     if digest != record["sha256"]:

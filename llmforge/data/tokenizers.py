@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from llmforge.data.atomic import atomic_open, write_json
+from llmforge.atomic import atomic_open, write_json
 from llmforge.spec.errors import UserError
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from llmforge.runtime.atomic import fsync_dir, fsync_tree
+from llmforge.atomic import fsync_dir, fsync_tree
 from llmforge.spec.errors import UserError
 
 SAFETENSORS = "model.safetensors"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from llmforge.runtime.atomic import atomic_write_text, fsync_dir, fsync_tree, sha256_file
+from llmforge.atomic import atomic_write_text, fsync_dir, fsync_tree, sha256_file
 from llmforge.runtime.faults import fault_point
 from llmforge.spec.errors import UserError
 
@@ -27,6 +27,28 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class CorruptCheckpoint(Exception):
     """A checkpoint whose files do not match the checksums in its marker."""
+
+
+class CheckpointWriteError(Exception):
+    """A save failed on an OS error (disk full, quota, permissions); the previous checkpoint stands: exit 1."""
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """The OSError behind `error`, through exception chains and torch's per-rank CheckpointException."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint: {rank: (exception, traceback)}
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    return None
 
 
 def _files(root: Path) -> list[Path]:
@@ -108,21 +130,36 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         self.barrier()
-        write(tmp)
-        fault_point("ckpt_after_shard")
-        self.barrier()
-        if self.rank == 0:
-            atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2) + "\n")
-            fsync_tree(tmp)
-            fault_point("ckpt_before_rename")
-            if final.exists():  # an incomplete dir of the same step from a killed run
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            fsync_dir(self.root)
-            files = {str(p.relative_to(final)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(final)}
-            fault_point("ckpt_before_marker")
-            atomic_write_text(final / MARKER, json.dumps({"version": MARKER_VERSION, "step": step, "files": files}, indent=1) + "\n")
-            self._prune()
+        try:
+            write(tmp)
+            fault_point("ckpt_after_shard")
+            self.barrier()
+            if self.rank == 0:
+                atomic_write_text(tmp / "trainer_state.json", json.dumps(trainer_state, indent=2) + "\n")
+                fsync_tree(tmp)
+                fault_point("ckpt_before_rename")
+                if final.exists():  # an incomplete dir of the same step from a killed run
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                fsync_dir(self.root)
+                files = {str(p.relative_to(final)): {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in _files(final)}
+                fault_point("ckpt_before_marker")
+                atomic_write_text(final / MARKER, json.dumps({"version": MARKER_VERSION, "step": step, "files": files}, indent=1) + "\n")
+                self._prune()
+        except BaseException as e:
+            cause = _os_error(e)
+            if cause is None:
+                raise
+            if self.rank == 0:  # free what the failed save took; an unmarked dir is never trusted anyway
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (final / MARKER).exists():
+                    shutil.rmtree(final, ignore_errors=True)
+            previous = self.complete()
+            kept = f"the previous complete checkpoint {previous[-1][1]} is intact" if previous else "there is no earlier complete checkpoint"
+            raise CheckpointWriteError(
+                f"checkpoint step-{step} could not be written to {self.root}: {cause.strerror or cause} "
+                f"({type(cause).__name__}, errno {cause.errno}); {kept}. Free space (or fix the directory), then continue with --resume"
+            ) from e
         self.barrier()
         return final
 

@@ -7,8 +7,10 @@ environment instead. The layout is checked against the machine before any proces
 
 from __future__ import annotations
 
+import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -69,19 +71,39 @@ def torchrun_argv(argv: list[str], *, nproc: int, nnodes: int, node_rank: int | 
     return [*cmd, "-m", "llmforge.cli", *argv]
 
 
-def relaunch(argv: list[str], *, nproc: int, nnodes: int, node_rank: int | None, rdzv_endpoint: str | None, resuming: bool) -> int:
-    """Run this command again under torchrun and return its exit code."""
+def relaunch(argv: list[str], *, nproc: int, nnodes: int, node_rank: int | None, rdzv_endpoint: str | None, resuming: bool,
+             preempt_timeout: float = 120.0) -> int:
+    """Run this command again under torchrun and return its exit code.
+
+    SIGTERM is passed on to torchrun, which passes it to the ranks; they write a final
+    checkpoint and the result is EXIT_PREEMPTED. torchrun is told to wait for them that
+    long (its own default SIGKILLs them after 30 s).
+    """
+    from llmforge.runtime.train import EXIT_PREEMPTED
+
     env = dict(os.environ)
     env[READY_ENV] = "1"
     env[RESUMING_ENV] = "1" if resuming else "0"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(math.ceil(preempt_timeout) + 30))
     cmd = torchrun_argv(argv, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
     proc = subprocess.Popen(cmd, env=env)
+    terminated: list[int] = []
+
+    def forward(signum: int, _frame) -> None:
+        terminated.append(signum)
+        proc.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
-        return proc.wait()
+        code = proc.wait()
     except KeyboardInterrupt:
         proc.terminate()
-        return proc.wait()
+        code = proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    # torchrun reports a signal as its own failure; the ranks' checkpoints make it a resumable stop.
+    return EXIT_PREEMPTED if terminated and code != 0 else code
 
 
 SBATCH_TEMPLATE = """#!/bin/bash
@@ -117,7 +139,7 @@ def write_slurm_script(spec, spec_path: str, overrides: list[str], out: Path, *,
         cpus=cpus_per_task, time=time, extra=extra, port=port,
         overrides="".join(" " + shlex.quote(o) for o in overrides),
     )
-    from llmforge.runtime.atomic import atomic_write_text
+    from llmforge.atomic import atomic_write_text
 
     atomic_write_text(out, text)
     os.chmod(out, 0o755)

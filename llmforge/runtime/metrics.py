@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmforge.runtime.atomic import atomic_write_text
+from llmforge.atomic import atomic_write_text
 
 TB_TAGS = {
     "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s",
@@ -107,8 +107,9 @@ class Metrics:
                     continue
                 if key in TB_TAGS:
                     self.tb.add_scalar(f"{stage}/{TB_TAGS[key]}", value, step)
-                elif row.get("kind") == "eval" and key not in ("step", "tokens"):
-                    self.tb.add_scalar(f"{stage}/eval/{key}", value, step)
+                elif row.get("kind") != "train" and key not in ("step", "tokens"):
+                    # eval rows, and a stage's own kinds (the RL stage's `rollout` rows)
+                    self.tb.add_scalar(f"{stage}/{row['kind']}/{key}", value, step)
         for cb in self.callbacks:
             cb.on_log(row)
 

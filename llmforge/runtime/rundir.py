@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmforge.runtime.atomic import atomic_write_text
+from llmforge.atomic import atomic_write_text
 from llmforge.spec.errors import UserError
 
 STATE_FILE = "state.json"

@@ -1,8 +1,10 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never a part."""
+"""Atomic, durable writes: temp path, fsync, rename. A reader sees the old file or the
+complete new one, never a part — for shards, manifests, checkpoints and run records alike."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -22,6 +24,7 @@ def fsync_dir(path: Path) -> None:
 @contextlib.contextmanager
 def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open a temporary sibling of `path`; on success fsync it and rename it over `path`."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -36,6 +39,15 @@ def atomic_open(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_open(Path(path), "wb") as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
 def write_json(path: Path, data: Any) -> None:
     # No indent: only then does json use its C encoder (a manifest lists every sample's offset).
     text = json.dumps(data, sort_keys=True)
@@ -48,3 +60,23 @@ def remove(path: Path) -> None:
     if path.exists():
         path.unlink()
         fsync_dir(path.parent)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder below `root` (before the rename that publishes it)."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
