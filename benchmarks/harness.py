@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -24,14 +25,25 @@ def result(name: str, figure: float, goal: float | str, met: bool, details: dict
     return {"name": name, "figure": figure, "goal": goal, "met": bool(met), "unit": unit, "details": details or {}}
 
 
-def wall_time(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT, check: bool = True) -> float:
-    """Seconds one subprocess takes from spawn to exit (what a user waits)."""
+def timed_run(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT, check: bool = True) -> tuple[float, float]:
+    """(wall, cpu) seconds of one subprocess from spawn to exit.
+
+    Wall time is what a user waits; CPU time (user + sys) barely moves when other jobs load
+    the machine, so it tells a slow command from a busy machine.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if check and proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
-    return elapsed
+    return elapsed, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def wall_time(argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path = ROOT, check: bool = True) -> float:
+    """Seconds one subprocess takes from spawn to exit (what a user waits)."""
+    return timed_run(argv, env=env, cwd=cwd, check=check)[0]
 
 
 @dataclass
@@ -90,6 +102,7 @@ def machine() -> dict[str, Any]:
     except PackageNotFoundError:
         torch_version = None
     return {
+        "load_average_1m": round(os.getloadavg()[0], 2),  # other jobs on the machine skew wall times
         "cpu": cpu,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch": torch_version,

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from harness import ROOT, result, wall_time
+from harness import ROOT, result, timed_run, wall_time
 
 SPEC = "specs/7b-pretrain.yaml"
 GOAL_S = 0.5
@@ -52,8 +52,10 @@ def validate_latency(quick: bool) -> dict:
     args = ["validate", SPEC, "--skip-inputs"]
     argv = [*_llmforge(), *args]
     env = dict(os.environ)
+    load = os.getloadavg()[0]
     wall_time(argv, env=env)  # warm the file cache and .pyc files once
-    runs = [wall_time(argv, env=env) for _ in range(5 if quick else 15)]
+    timed = [timed_run(argv, env=env) for _ in range(5 if quick else 15)]
+    runs = [wall for wall, _ in timed]
     median = statistics.median(runs)
     profiled_wall, import_s, top, modules = _import_profile(args)
     heavy = sorted(m for m in modules if m.split(".")[0] in ("torch", "megatron", "transformer_engine"))
@@ -64,6 +66,8 @@ def validate_latency(quick: bool) -> dict:
         median < GOAL_S and not heavy,
         {
             "runs_s": [round(r, 3) for r in runs],
+            "cpu_median_s": round(statistics.median(cpu for _, cpu in timed), 3),
+            "load_average_1m": round(load, 2),
             "command": " ".join(["llmforge", *args]),
             "import_s": round(import_s, 3),
             "import_share": round(import_s / profiled_wall, 3),

@@ -1,13 +1,15 @@
 """The `llmforge` command: thin verbs over spec → resolve → plan → registry → runtime.
 
 Exit codes: 0 success, 2 bad input (a located message, never a traceback), 1 a failed
-run, 75 a run stopped by SIGTERM that can be resumed.
+run (a stop policy, a full disk, a lost rank), 75 a run stopped by SIGTERM after its final
+checkpoint, to be continued with --resume. docs/reliability.md has the details.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 EXIT_BAD_INPUT = 2
@@ -97,21 +99,32 @@ def cmd_run(args: argparse.Namespace) -> int:
                                         allow_spec_change=args.allow_spec_change)
         argv = ["run", args.spec, *overrides, "--run-dir", str(run_dir)]
         code = launch.relaunch(argv, nproc=spec.parallelism.nproc_per_node, nnodes=spec.parallelism.nnodes,
-                               node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, resuming=resuming)
+                               node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, resuming=resuming,
+                               preempt_timeout=spec.checkpoint.preempt_timeout)
         run.unlock()
         return code
+    from llmforge.runtime.checkpoint import CheckpointWriteError
+    from llmforge.runtime.distributed import collective_failure
     from llmforge.runtime.executor import execute
     from llmforge.runtime.train import EXIT_PREEMPTED, Preempted, TrainingStopped
 
     try:
         execute(spec, loaded.data, plan, registry, run_dir=run_dir, resume=resume, overwrite=args.overwrite,
                 allow_spec_change=args.allow_spec_change)
-    except TrainingStopped as e:
+    except (TrainingStopped, CheckpointWriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as e:
         print(str(e), file=sys.stderr)
         return EXIT_PREEMPTED
+    except Exception as e:
+        message = collective_failure(e, timeout_s=spec.parallelism.collective_timeout_s)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # The process group is broken: tearing it down could wait on the lost rank.
+        os._exit(1)
     finally:
         if "torch.distributed" in sys.modules:
             from llmforge.runtime.distributed import shutdown

@@ -10,8 +10,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-# Entry-point plugins installed on the developer's machine must not change what the
-# built-in tests see; tests that need a plugin register it explicitly.
+# Several test processes share 2 cores; one thread each avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

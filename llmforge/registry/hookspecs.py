@@ -53,9 +53,16 @@ def register_evaluators() -> list:
     - `context.val_loss(iters: int) -> tuple[float, int]`: mean loss per token (nats) over
       `iters` val batches, and the number of tokens it covers;
     - `context.tokenizer`: `encode(text) -> list[int]` and `decode(ids) -> str`;
-    - `context.generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]`: greedy
-      continuation of the prompt, the new token ids only (it may stop early at end-of-document);
-    - `context.log(msg: str)`: a line on the console and in the run log.
+    - `context.generate(prompt_ids: list[int], max_new_tokens: int) -> list[int] | None`: greedy
+      continuation of the prompt, the new token ids only, or None where the model's layout
+      cannot generate;
+    - `context.log(msg: str)`: a line on the console and in the run log;
+    - finetune stages add, where they have them (None otherwise; the evaluator then returns {}):
+      `context.logprobs(examples) -> list[float]`, the summed log-probability of each
+      `(ids, mask)` example's masked ids, and `context.reference_logprobs` the same under the
+      frozen reference model (dpo, rl); `context.reward_scores(sequences) -> list[float]`, a
+      reward model's scores (reward_model); `context.rewards(samples) -> (rewards, means)`,
+      the RL stage's reward components (see `register_rewards`).
     """
 
 
@@ -73,4 +80,13 @@ def register_callbacks() -> list:
 
 @hookspec
 def register_rewards() -> list:
-    """Reward functions for RL stages. Factory: `(options, *, tokenizer) -> (prompts, completions) -> list[float]`."""
+    """Reward components, listed in an RL stage's `rewards` and summed with their `weight`s.
+
+    Factory: `(options, *, tokenizer, context, stage) -> reward`, where
+    `reward(samples) -> list[float]` scores each `llmforge.finetune.rewards.Sample`: its
+    `record` (the prompt's data record: `prompt`, and `response` for task data), `completion`
+    (the sampled text), and `prompt_ids` / `completion_ids` as the policy saw them. `context`
+    is the run (a reward model finds its checkpoint through `context.final_checkpoint`). The
+    options model should extend `llmforge.spec.components.RewardBase` (it has `weight`).
+    Under tensor parallelism every rank of a TP group calls it with the same samples.
+    """

@@ -144,6 +144,15 @@ def _init_from_earlier(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
         earlier.append(stage.name)
 
 
+@check("stages", "parallelism")
+def _stage_supports_layout(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    from llmforge.spec.stages import layout_problems
+
+    for i, stage in enumerate(s["stages"]):
+        for message in layout_problems(stage, s["parallelism"]) if stage is not None else ():
+            yield _issue(loaded, ("stages", i, "type"), message, "change parallelism for this spec, or run the stage from a spec of its own (init_from takes a checkpoint path)")
+
+
 def _is_checkpoint_path(ref: str) -> bool:
     return "/" in ref or os.sep in ref
 

@@ -257,3 +257,57 @@ class TaskSource(TaskSet):
     """Synthetic task data as a data source: instruction records, preference pairs, or plain text lines."""
 
     format: Literal["instructions", "preferences", "text"] = Field("instructions", description="What each example becomes.")
+
+
+# --- finetune evaluators ----------------------------------------------------------------
+
+
+class HeldOutPairs(StrictModel):
+    """Held-out preference pairs: a synthetic task set, or preference JSONL."""
+
+    tasks: TaskSet | None = Field(None, description="A synthetic held-out task set (its right and a wrong answer form each pair).")
+    paths: list[str] = Field(default_factory=list, description="Preference JSONL files with prompt/chosen/rejected (alternative to `tasks`).")
+    max_examples: int = Field(100, ge=1, description="Score at most this many pairs.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> HeldOutPairs:
+        if (self.tasks is None) == (not self.paths):
+            raise ValueError("give exactly one of `tasks` or `paths`")
+        return self
+
+
+class Preference(HeldOutPairs):
+    """How much the model prefers chosen over rejected responses: the log-likelihood margin and win rate.
+
+    With a reference model (dpo, rl) it also reports the reference's margin and win rate (the
+    starting checkpoint) and DPO's implicit-reward margin and accuracy.
+    """
+
+
+class PairwiseAccuracy(HeldOutPairs):
+    """How often a reward model (reward_model stage) scores chosen above rejected, and the mean score margin."""
+
+
+class MeanReward(ExactMatch):
+    """Mean reward of greedy completions of held-out prompts, scored by the RL stage's reward components."""
+
+
+# --- rewards ----------------------------------------------------------------------------
+
+
+class RewardBase(StrictModel):
+    """Fields of every reward component."""
+
+    weight: float = Field(1.0, description="This component's weight; an RL stage sums its components' weighted rewards.")
+
+
+class ExactMatchReward(RewardBase):
+    """Rule-based: 1 when the completion, stripped, equals the record's reference answer, else 0."""
+
+    field: str = Field("response", description="Record field holding the reference answer.")
+
+
+class RewardModelReward(RewardBase):
+    """The scalar score of a model trained by a `reward_model` stage, on prompt + completion."""
+
+    stage: str = Field(..., description="The reward_model stage (by name) or a path to its checkpoint.")

@@ -2,7 +2,8 @@
 
 `llmforge schema` prints the schema with every installed plugin's components. The copies
 in docs/ hold the built-ins only, so that they do not depend on the writer's machine;
-regenerate both with `python -m llmforge.spec.docs` (a test fails when they are stale).
+regenerate both with `python -m llmforge.spec.docs` (a test fails when they are stale), which
+is `LLMFORGE_DISABLE_PLUGIN_AUTOLOAD=1 llmforge schema [--markdown] --output docs/...` for both.
 """
 
 from __future__ import annotations
@@ -168,6 +169,9 @@ class _Reference:
             "and values outside these types. Components are chosen by `name` (stage types by `type`) and bring their own "
             "options, listed under [Components](#components). This page lists the built-in components; "
             "`llmforge schema` prints the JSON Schema including installed plugins, and `llmforge plugins` lists them.",
+            "",
+            "Editors that use the YAML language server complete and check a spec that starts with "
+            "`# yaml-language-server: $schema=../docs/spec.schema.json` (the path is relative to the spec).",
             "",
             "## Top level",
             "",

@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from llmforge.spec.base import EvaluatorRef, LRScheduleRef, OptimizerRef, SourceRef, StrictModel
+from llmforge.spec.base import EvaluatorRef, LRScheduleRef, OptimizerRef, RewardRef, SourceRef, StrictModel, field_error
+
+
+class SpikeConfig(StrictModel):
+    """When a finite loss counts as a spike: far above the running mean of recent losses."""
+
+    window: int = Field(100, ge=2, description="Recent non-spike losses the running mean and standard deviation are taken over.")
+    warmup_steps: int = Field(20, ge=2, description="Losses recorded before any step is judged (the first steps fall too fast to judge).")
+    max_deviations: float = Field(6.0, gt=0, description="A loss is a spike when it is more than this many standard deviations above the running mean, and above min_ratio × the mean.")
+    min_ratio: float = Field(1.5, gt=1.0, description="A spike must also exceed this multiple of the running mean, so that noise on a flat curve (a tiny deviation) is never flagged.")
+    max_consecutive: int = Field(
+        5, ge=1, description="This many spikes in a row stop the run under `skip`: the loss has moved, and skipping would only burn steps."
+    )
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> SpikeConfig:
+        if self.warmup_steps > self.window:
+            raise field_error(SpikeConfig, "warmup_steps", self.warmup_steps,
+                              f"warmup_steps {self.warmup_steps} exceeds window {self.window}: no step would ever be judged")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -32,6 +51,12 @@ class TrainConfig(StrictModel):
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/Inf loss or gradient: `stop` (weights untouched, non-zero exit) or `skip` the step and count it."
     )
+    on_spike: Literal["ignore", "skip", "stop"] = Field(
+        "ignore",
+        description="A loss spike (see `spike`): `ignore` applies the update and logs a warning; `skip` drops the update and counts it; "
+        "`stop` drops it and ends the run (non-zero exit). Judged before the optimizer step.",
+    )
+    spike: SpikeConfig = Field(default_factory=dict, description="What counts as a loss spike for `on_spike`.")
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:
@@ -87,3 +112,125 @@ class SFTStage(StageBase):
     evaluators: list[EvaluatorRef] = Field(
         default_factory=lambda: [{"name": "val_loss"}], description="Evaluators run every eval_interval steps and at the end of the stage."
     )
+
+
+# --- finetune stages beyond SFT -----------------------------------------------------------
+# Stages whose step cannot run under a layout say so in `parallelism_limits`; `validate`
+# refuses the spec (checks.py) and the stage refuses it again at run time.
+
+PIPELINE, SEQUENCE_PARALLEL = "pipeline_model_parallel_size", "sequence_parallel"
+
+
+def layout_problems(stage, parallelism) -> list[str]:
+    """Why `stage` cannot run with `parallelism`, one message per unsupported setting."""
+    limits = getattr(stage, "parallelism_limits", ())
+    problems = []
+    if PIPELINE in limits and parallelism.pipeline_model_parallel_size > 1:
+        problems.append(f"a {stage.type} stage does not support pipeline_model_parallel_size > 1 yet "
+                        f"(got {parallelism.pipeline_model_parallel_size}); it runs at any tensor- and data-parallel size")
+    if SEQUENCE_PARALLEL in limits and parallelism.sequence_parallel:
+        problems.append(f"a {stage.type} stage does not support sequence_parallel yet (its sampler decodes one token at a time)")
+    return problems
+
+
+class _NeedsInitFrom:
+    @model_validator(mode="after")
+    def _init_from_given(self):
+        if self.init_from is None:
+            raise field_error(type(self), "init_from", None, f"a {getattr(self, 'type', 'finetune')} stage starts from a trained model: "
+                              "give init_from (an earlier stage's name, or a checkpoint path)")
+        return self
+
+
+class LoRAConfig(StrictModel):
+    """Low-rank adapters on megatron's linear layers; every base weight stays frozen."""
+
+    rank: int = Field(8, ge=1, description="Rank r of each adapter: the update is B A with A r × in and B out × r.")
+    alpha: float = Field(16.0, gt=0, description="The update is scaled by alpha / rank.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on each adapter's input.")
+    target_modules: list[Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]] = Field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], min_length=1,
+        description="Linears that get adapters: attention QKV and output projection, MLP fc1 and fc2.",
+    )
+    merge: bool = Field(
+        True, description="Also write the merged full model into the stage's final checkpoint, for `init_from` and "
+        "`llmforge export hf`. The checkpoints hold the adapters alone either way; `init_from` merges them on the fly.",
+    )
+
+
+class LoRAStage(_NeedsInitFrom, SFTStage):
+    """Supervised finetuning of LoRA adapters (response-only loss, chat template); the base model frozen."""
+
+    parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
+    lora: LoRAConfig = Field(default_factory=dict, description="Adapter rank, scale, dropout, target linears and merging.")
+
+
+class PromptTuningConfig(StrictModel):
+    """Learned soft-prompt vectors in front of every sequence; the whole model frozen."""
+
+    num_virtual_tokens: int = Field(8, ge=1, description="Soft-prompt vectors (each takes one position of max_seq_length's budget on top).")
+    init: Literal["vocab", "random"] = Field(
+        "vocab", description="`vocab`: start from word embeddings (of init_text's tokens, else of seeded random tokens); `random`: normal(0, init std)."
+    )
+    init_text: str | None = Field(None, description="Text whose token embeddings start the soft prompt (cycled to num_virtual_tokens), with init: vocab.")
+
+
+class PromptTuningStage(_NeedsInitFrom, SFTStage):
+    """Prompt tuning on instruction data: only the soft prompt trains; checkpoints hold it alone."""
+
+    parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
+    prompt_tuning: PromptTuningConfig = Field(default_factory=dict, description="Number of virtual tokens and their initialization.")
+
+
+class PreferenceData(SFTData):
+    """Preference pairs of a stage: sources of `prompt`, `chosen` and `rejected` records."""
+
+    sources: dict[str, SourceRef] = Field(..., min_length=1, description="Named preference sources, e.g. `{name: preferences, paths: [...]}` or `{name: tasks, format: preferences}`.")
+
+
+class DPOStage(_NeedsInitFrom, SFTStage):
+    """Direct preference optimization against a frozen reference model (sigmoid loss, or IPO)."""
+
+    parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
+    data: PreferenceData = Field(..., description="Preference pairs.")
+    beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint to the reference (DPO's beta).")
+    loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="`sigmoid`: DPO's −log σ(β h); `ipo`: IPO's (h − 1/(2β))².")
+    reference: str | None = Field(None, description="Stage (or checkpoint path) of the frozen reference model; None = init_from.")
+
+
+class RewardModelStage(_NeedsInitFrom, SFTStage):
+    """A reward model: the GPT with a scalar head on its last token, trained on preference pairs (Bradley-Terry)."""
+
+    parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
+    data: PreferenceData = Field(..., description="Preference pairs.")
+
+
+class RLStage(_NeedsInitFrom, SFTStage):
+    """Reinforcement learning, GRPO-style: G sampled completions per prompt, group-normalized rewards,
+    a clipped policy-gradient objective and a KL penalty to the frozen reference model.
+
+    `train.global_batch_size` counts completions (prompts per step × group_size); a step is
+    one rollout, followed by `updates_per_rollout` optimizer updates on it.
+    """
+
+    parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE, SEQUENCE_PARALLEL)
+    data: SFTData = Field(..., description="Prompts with reference answers (`prompt`/`response` records), e.g. a `tasks` source.")
+    rewards: list[RewardRef] = Field(..., min_length=1, description="Reward components, summed with their weights, e.g. `[{name: exact_match}]`.")
+    group_size: int = Field(4, ge=2, description="Completions sampled per prompt (G); advantages are normalized within each group.")
+    max_new_tokens: int = Field(16, ge=1, description="Longest completion; sampling also stops at end-of-sequence.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
+    top_k: int | None = Field(None, ge=1, description="Sample only from the k most likely tokens; None = all.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens with this much probability.")
+    clip_epsilon: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the probability ratio.")
+    kl_coef: float = Field(0.04, ge=0, description="Weight of the per-token KL penalty to the reference model (0 = none, and no reference forward).")
+    scale_rewards: bool = Field(True, description="Divide advantages by the group's reward std (GRPO); false keeps them centered only (Dr. GRPO).")
+    updates_per_rollout: int = Field(1, ge=1, description="Optimizer updates on each rollout (GRPO's μ); the clip matters from the second on.")
+    reference: str | None = Field(None, description="Stage (or checkpoint path) of the frozen reference model; None = init_from.")
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> RLStage:
+        if self.train.global_batch_size % self.group_size:
+            raise field_error(RLStage, ("train", "global_batch_size"), self.train.global_batch_size,
+                              f"global_batch_size {self.train.global_batch_size} completions do not split into groups of {self.group_size}; "
+                              f"use a multiple of group_size")
+        return self

@@ -79,6 +79,23 @@ stages:
 """
 
 
+def test_plugins_lists_it_by_its_entry_point(lion_installed, monkeypatch, capsys):
+    from llmforge.cli import main
+    from llmforge.registry.manager import reset_registry
+
+    monkeypatch.delenv(AUTOLOAD_ENV, raising=False)
+    reset_registry()
+    try:
+        assert main(["plugins"]) == 0
+    finally:
+        reset_registry()
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["optimizer", "lion", "llmforge-lion", "0.1.0"] in lines
+    assert ["evaluator", "sample_diversity", "llmforge-lion", "0.1.0"] in lines
+    assert ["callback", "csv_logger", "llmforge-lion", "0.1.0"] in lines
+
+
+@pytest.mark.slow
 def test_the_installed_plugin_is_listed_and_a_spec_naming_it_validates(lion_installed, tmp_path):
     listed = cli("plugins", "--json")
     assert listed.returncode == 0, listed.stderr
@@ -229,6 +246,16 @@ def test_sample_diversity_scores_loops_low_and_varied_text_high(lion_installed):
     assert varied_context.lines == ["step 200: sample diversity distinct_1 0.500, distinct_2 0.500, sample_length 8.000"]
     words = build_sample_diversity(options.model_copy(update={"unit": "word"}), context=FakeContext([1, 2, 1, 2])).evaluate(step=1)
     assert words["distinct_1"] == 2 / 8
+
+
+def test_sample_diversity_reports_nothing_where_the_model_cannot_generate(lion_installed):
+    from llmforge_lion.evaluator import build_sample_diversity
+    from llmforge_lion.options import SampleDiversityOptions
+
+    context = FakeContext([])
+    context.generate = lambda prompt_ids, max_new_tokens: None
+    assert build_sample_diversity(SampleDiversityOptions(), context=context).evaluate(step=5) == {}
+    assert context.lines == ["step 5: sample diversity skipped: this model layout cannot generate"]
 
 
 def test_csv_logger_grows_its_header_and_continues_after_resume(lion_installed, tmp_path):

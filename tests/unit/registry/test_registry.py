@@ -143,7 +143,7 @@ def test_a_plugin_that_fails_to_import_costs_one_warning_line(fake_dist, cli):
         f"warning: plugin broken-plugin 0.3 (entry point 'broken-plugin' = {mine[0].split(' = ')[1].split(')')[0]}) failed to import: "
         "ModuleNotFoundError: No module named 'a_module_that_is_not_installed'"
     ]
-    assert "Traceback" not in err and out.strip().endswith("valid — tiny: prepare (prepare), pretrain (pretrain)")
+    assert "Traceback" not in err and "valid — tiny: prepare (prepare), pretrain (pretrain)" in out
 
 
 def test_a_hook_that_raises_is_a_warning_and_the_rest_still_works(fake_dist, cli):

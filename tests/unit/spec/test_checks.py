@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 
+from llmforge.registry import Component, hookimpl
+from llmforge.registry.manager import build_registry
 from llmforge.spec.errors import SpecError
+from llmforge.spec.stages import PIPELINE, StageBase
 from llmforge.spec.validate import load_and_validate
 
 
-def problems(path, *overrides: str, check_inputs: bool = True) -> dict[str, tuple[str, str | None, str | None]]:
+def problems(path, *overrides: str, check_inputs: bool = True, registry=None) -> dict[str, tuple[str, str | None, str | None]]:
     """{dotted path: (message, hint, location)} of every issue `validate` reports."""
     from llmforge.spec.errors import dotted
 
     try:
-        load_and_validate(str(path), list(overrides), check_inputs=check_inputs)
+        load_and_validate(str(path), list(overrides), check_inputs=check_inputs, registry=registry)
     except SpecError as e:
         return {dotted(i.path): (i.message, i.hint, i.location) for i in e.issues}
     return {}
@@ -113,3 +118,51 @@ def test_checks_still_run_on_the_sections_that_parsed(write_spec):
 def test_a_broken_stage_does_not_hide_the_checks_of_the_others(write_spec):
     found = problems(write_spec(), "stages.0.packing=sideways", "stages.1.train.global_batch_size=5")
     assert "stages[0].packing" in found and "stages[1].train.global_batch_size" in found
+
+
+class PipelineFreeStage(StageBase):
+    """A stage type whose step cannot run under pipeline parallelism (as a plugin's might be)."""
+
+    parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
+
+
+class PipelineFreePlugin:
+    @hookimpl
+    def register_stage_types(self) -> list[Component]:
+        return [Component("pipeline_free", PipelineFreeStage)]
+
+
+def layout_case(write_spec) -> dict:
+    registry = build_registry([(PipelineFreePlugin(), "test-stages", "0")])
+    spec = write_spec(write_spec().read_text() + "  - name: extra\n    type: pipeline_free\n")
+    return problems(spec, "parallelism.pipeline_model_parallel_size=2", "parallelism.nproc_per_node=2", registry=registry)
+
+
+def test_a_stage_type_that_cannot_run_under_the_layout(write_spec):
+    message, hint, location = layout_case(write_spec)["stages[2].type"]
+    assert message.startswith("a pipeline_free stage does not support pipeline_model_parallel_size > 1 yet (got 2)")
+    assert location == "spec.yaml:23:5"
+
+
+def test_every_registered_check_has_a_failing_case_here(write_spec, tmp_path, monkeypatch):
+    """A check added to checks.py without a failing case above fails this test."""
+    from llmforge.spec import checks
+
+    fired: set[str] = set()
+    registered = {fn.__name__ for _, fn in checks.CHECKS}
+
+    def recording(fn):
+        def wrapper(sections, loaded):
+            issues = list(fn(sections, loaded))
+            if issues:
+                fired.add(fn.__name__)
+            return iter(issues)
+
+        return wrapper
+
+    monkeypatch.setattr(checks, "CHECKS", [(needs, recording(fn)) for needs, fn in checks.CHECKS])
+    spec = write_spec()
+    for overrides, _, _ in CASES:
+        problems(spec, *overrides)
+    layout_case(write_spec)
+    assert fired == registered
