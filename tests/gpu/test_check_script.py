@@ -1,0 +1,77 @@
+"""benchmarks/gpu_check.py and the CPU reference, checked where the GPU check is prepared (no CUDA needed)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.gpu import reference
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("device", ["h200-141gb", "h100-80gb"])
+def test_the_benchmark_micro_batch_is_the_largest_the_plan_fits(device, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    check = _gpu_check()
+    micro, spec, plan = next(check.fitting_micro_batches(check.SPEC, [], device))
+    index = check.training_stage_index(spec)
+    assert spec.stages[index].train.micro_batch_size == micro and plan["stages"][index]["fits"]
+    global_batch = spec.stages[index].train.global_batch_size
+    larger = [m for m in range(micro + 1, global_batch + 1) if global_batch % m == 0]
+    for m in larger:
+        _, bigger = check.plan_at(check.SPEC, [f"stages.{index}.train.micro_batch_size={m}"], device)
+        assert not bigger["stages"][index]["fits"], f"micro batch {m} fits on {device} too"
+
+
+def test_memory_check_compares_the_largest_rank_with_the_measured_peak():
+    check = _gpu_check()
+    stage = {"largest_total": 110, "largest_pipeline_stage": 0, "memory_per_rank": [{"total": 110}]}
+    assert check.memory_check(stage, 100) | {"planned_breakdown": None} == {
+        "planned_bytes": 110, "planned_breakdown": None, "measured_bytes": 100, "planned_over_measured": 1.1,
+        "error": 0.1, "goal": "within 10%", "met": True}
+    assert check.memory_check(stage, 90)["met"] is False  # 22% over
+    assert check.memory_check(stage, None)["met"] is None  # nothing measured on a CPU
+
+
+def test_the_cpu_reference_fixture_is_usable():
+    """The fixture the GPU parity test reads: current schema, every precision, finite and falling losses."""
+    from llmforge.spec.components import AdamW, GPTModel
+
+    ref = reference.read_reference()
+    GPTModel(**ref["setup"]["model"])
+    AdamW(**ref["setup"]["optimizer"])
+    assert set(ref["runs"]) == set(reference.PRECISIONS)
+    for run in ref["runs"].values():
+        assert len(run["losses"]) == len(run["grad_norms"]) == ref["setup"]["steps"]
+        assert all(math.isfinite(x) for x in run["losses"] + run["grad_norms"])
+        assert run["losses"][-1] < run["losses"][0]
+    assert ref["runs"]["bf16"]["losses"][0] == pytest.approx(ref["runs"]["fp32"]["losses"][0], rel=1e-3)
+
+
+@pytest.mark.slow
+def test_dry_run_writes_every_figure(tmp_path):
+    proc = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--dry-run", "--out", str(tmp_path), "--warmup", "1", "--steps", "2"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["ok"] and result["dry_run"] and result["plan_device"] == "cpu"
+    tests = result["tests"]
+    assert tests["failed"] == 0 and tests["skipped"] > 0 and tests["passed"] == 0, "without CUDA every gpu test skips"
+    bench = result["benchmark"]
+    assert bench["micro_batch_size"] == result["plan"]["micro_batch_size"] and len(bench["step_s"]) == 2 and bench["finite"]
+    assert bench["mfu_datasheet"] == pytest.approx(bench["tokens_per_s"] * bench["flops_per_token"] / bench["peaks"]["datasheet"], rel=1e-2)
+    assert result["memory"]["planned_bytes"] == result["plan"]["largest_total"] and result["memory"]["measured_bytes"] is None
