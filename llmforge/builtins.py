@@ -64,6 +64,11 @@ def register_stage_types() -> list[Component]:
         Component("prepare", s.PrepareStage, "llmforge.stages.prepare:run", "tokenize and shard"),
         Component("pretrain", s.PretrainStage, "llmforge.stages.pretrain:run", "next-token pretraining"),
         Component("sft", s.SFTStage, "llmforge.stages.sft:run", "supervised finetuning"),
+        Component("lora", s.LoRAStage, "llmforge.stages.lora:run", "LoRA adapters on a frozen model"),
+        Component("prompt_tuning", s.PromptTuningStage, "llmforge.stages.prompt_tuning:run", "a soft prompt for a frozen model"),
+        Component("dpo", s.DPOStage, "llmforge.stages.dpo:run", "direct preference optimization"),
+        Component("reward_model", s.RewardModelStage, "llmforge.stages.reward_model:run", "a Bradley-Terry reward model"),
+        Component("rl", s.RLStage, "llmforge.stages.rl:run", "GRPO-style RL from reward components"),
     ]
 
 
@@ -74,4 +79,15 @@ def register_evaluators() -> list[Component]:
         Component("exact_match", c.ExactMatch, "llmforge.runtime.evaluate:ExactMatch", "exact match of greedy answers"),
         Component("multiple_choice", c.MultipleChoice, "llmforge.runtime.evaluate:MultipleChoice", "log-likelihood multiple choice"),
         Component("sample_preview", c.SamplePreview, "llmforge.runtime.evaluate:SamplePreview", "greedy samples to TensorBoard"),
+        Component("preference", c.Preference, "llmforge.finetune.evaluators:Preference", "chosen-over-rejected margin and win rate"),
+        Component("pairwise_accuracy", c.PairwiseAccuracy, "llmforge.finetune.evaluators:PairwiseAccuracy", "reward-model pairwise accuracy"),
+        Component("mean_reward", c.MeanReward, "llmforge.finetune.evaluators:MeanReward", "mean reward of greedy completions"),
+    ]
+
+
+@hookimpl
+def register_rewards() -> list[Component]:
+    return [
+        Component("exact_match", c.ExactMatchReward, "llmforge.finetune.rewards:ExactMatchReward", "1 if the answer matches the reference"),
+        Component("reward_model", c.RewardModelReward, "llmforge.finetune.rewards:RewardModelReward", "a reward_model stage's score"),
     ]

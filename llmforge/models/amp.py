@@ -8,13 +8,20 @@ megatron's own mixed precision keeps bf16 parameters; two of its pieces assume t
 - With sequence parallelism their backward reduce-scatters the bf16 input gradient into a
   buffer of the (fp32) input's dtype, which gloo and NCCL refuse. The gradient is cast to
   the buffer's dtype first; autograd would cast it to fp32 anyway.
+- They save the uncast fp32 input and weight and cast both again in backward. Where the
+  function has no communication to overlap (no TP all-reduce or SP gather inside it:
+  TP=1, and every row-parallel layer), `F.linear` computes the same thing and autograd
+  keeps autocast's bf16 copies for backward (a bf16 step of a 4-layer model: 258 copies
+  instead of 312, and as fast as a plain PyTorch GPT).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-_installed: set[str] = set()
+_layers_patched = False
+_autocast_devices: set[str] = set()
 
 
 def _linear_functions_follow_autocast_of(device_type: str) -> None:
@@ -38,11 +45,27 @@ def _reduce_scatter_casts_to_output_dtype() -> None:
     layers.dist_reduce_scatter_func = reduce_scatter_in_output_dtype
 
 
+def _communication_free_layers_use_f_linear() -> None:
+    from megatron.core.tensor_parallel import layers
+
+    for klass in (layers.ColumnParallelLinear, layers.RowParallelLinear):
+        megatron_impl = klass._forward_impl
+
+        def _forward_impl(self, input, weight, *args, _megatron_impl=megatron_impl, **kwargs):
+            if kwargs.get("allreduce_dgrad") or kwargs.get("sequence_parallel") or kwargs.get("gradient_accumulation_fusion") or kwargs.get("grad_output_buffer") is not None:
+                return _megatron_impl(self, input, weight, *args, **kwargs)
+            return F.linear(input, weight, kwargs.get("bias"))
+
+        klass._forward_impl = _forward_impl
+
+
 def install(device_type: str) -> None:
     """Make megatron's linear layers train under `device_type` autocast over fp32 weights (idempotent)."""
-    if "any" not in _installed:
+    global _layers_patched
+    if not _layers_patched:
         _reduce_scatter_casts_to_output_dtype()
-        _installed.add("any")
-    if device_type != "cuda" and device_type not in _installed:
+        _communication_free_layers_use_f_linear()
+        _layers_patched = True
+    if device_type != "cuda" and device_type not in _autocast_devices:
         _linear_functions_follow_autocast_of(device_type)
-        _installed.add(device_type)
+        _autocast_devices.add(device_type)

@@ -78,7 +78,6 @@ def on_cpu(func: Callable) -> Callable:
         finally:
             _mode_depth -= 1
 
-    wrapper.__llmforge_on_cpu__ = True
     return wrapper
 
 
@@ -94,8 +93,8 @@ class _TorchForSchedules(types.ModuleType):
 
     Each schedule allocates its token counter with `torch.zeros([], device="cuda")`, even
     at PP=1. Rewriting that one call is enough; running the whole schedule under
-    CudaToCpuMode would route every torch call of forward through Python (16% slower steps
-    on a small model).
+    CudaToCpuMode would route every torch call of forward through Python (in one
+    measurement a step of a 4-layer, hidden-128 model took 116 ms instead of 97 ms).
     """
 
     def __getattr__(self, name: str):

@@ -1,9 +1,11 @@
 """Layout-invariant initialization: every TP/PP/VPP/DP layout starts from identical weights.
 
-Each weight is drawn row by row along its TP partition dimension, and each row has its own
-generator seeded from (seed, global parameter name, global row index). A rank therefore
-fills exactly its own shard, in any layout, without the full tensor ever existing on it:
-a 7B model initializes with only its shard in memory. Global names map local layer `i` to
+Each weight is drawn in blocks of rows along its TP partition dimension, and each block has
+its own generator seeded from (seed, global parameter name, block index). Block size
+depends only on the global shape, chosen so that every tensor-parallel split (any degree
+up to 64 made of the primes 2, 3, 5, 7) falls on block boundaries. A rank therefore fills
+exactly its own shard, in any layout, without the full tensor ever existing on it: a 7B
+model initializes with only its shard in memory. Global names map local layer `i` to
 `layer_number - 1`; a tied output layer is drawn as the word embedding it mirrors.
 
 The scheme is megatron's: normal(0, init_method_std) for matrices, the two residual output
@@ -21,7 +23,7 @@ import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _RESIDUAL_OUTPUTS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
-_GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive row indices over the seed space
+_GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive block indices over the seed space
 _MASK64 = (1 << 64) - 1
 
 
@@ -43,39 +45,54 @@ def global_name(model: torch.nn.Module, name: str) -> str:
     return name
 
 
-def global_rows(param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> tuple[int, torch.Tensor]:
-    """(partition dim, global index of each local row along it) for a TP-sharded parameter.
+# Every TP degree dividing this (2**6 * 3 * 5 * 7) splits a dimension on a block boundary.
+_SPLITS = 6720
+
+
+def global_rows(param: torch.nn.Parameter, tp_rank: int, tp_size: int) -> tuple[int, torch.Tensor, int]:
+    """(partition dim, global index of each local row along it, rows per stride part).
 
     megatron splits the master tensor into `tp_size * stride` chunks and gives rank r the
     chunks r, r + tp_size, ...: stride 2 keeps fused SwiGLU gate and up halves together.
     """
-    dim = getattr(param, "partition_dim", 0) if getattr(param, "tensor_model_parallel", False) else 0
+    parallel = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+    dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else 0
     local = param.shape[dim]
-    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
-        return dim, torch.arange(local)
     stride = getattr(param, "partition_stride", 1)
-    chunk = local // stride
     index = torch.arange(local)
-    return dim, ((index // chunk) * tp_size + tp_rank) * chunk + index % chunk
+    if not parallel:
+        return dim, index, local // stride
+    chunk = local // stride
+    return dim, ((index // chunk) * tp_size + tp_rank) * chunk + index % chunk, chunk * tp_size
 
 
-def _row_seed(seed: int, name: str, row: int, base_cache: dict[str, int]) -> int:
+def _block_seed(seed: int, name: str, block: int, base_cache: dict[str, int]) -> int:
     base = base_cache.get(name)
     if base is None:
         digest = hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest()
         base = base_cache[name] = int.from_bytes(digest, "little")
-    return (base + row * _GOLDEN) & _MASK64
+    return (base + block * _GOLDEN) & _MASK64
 
 
-def _normal_by_rows(shape: torch.Size, dim: int, rows: torch.Tensor, std: float, seed: int, name: str, cache: dict[str, int]) -> torch.Tensor:
-    out = torch.empty(shape, dtype=torch.float32)
-    view = out.movedim(dim, 0)
-    row_numel = view[0].numel() if len(view) else 0
+def _fill_normal(param: torch.nn.Parameter, tp_rank: int, tp_size: int, std: float, seed: int, name: str, cache: dict[str, int]) -> None:
+    dim, rows, part = global_rows(param, tp_rank, tp_size)
+    block = part // math.gcd(part, _SPLITS)
+    # Drawn on the CPU generator (a GPU shard is staged through host memory).
+    staged = param.device.type != "cpu"
+    target = torch.empty(param.shape, dtype=param.dtype) if staged else param.data
+    view = target.movedim(dim, 0)
     generator = torch.Generator()
-    for local, row in enumerate(rows.tolist()):
-        generator.manual_seed(_row_seed(seed, name, row, cache))
-        view[local].copy_(torch.randn(row_numel, generator=generator).view_as(view[local]))
-    return out.mul_(std)
+    for start in range(0, len(rows), block):
+        generator.manual_seed(_block_seed(seed, name, int(rows[start]) // block, cache))
+        rows_view = view[start : start + block]
+        # normal_ on contiguous memory of the block's shape, in every layout, so the same
+        # block gets the same numbers however the tensor around it is sharded.
+        if rows_view.is_contiguous():
+            rows_view.normal_(0.0, std, generator=generator)
+        else:
+            rows_view.copy_(torch.empty(rows_view.shape, dtype=param.dtype).normal_(0.0, std, generator=generator))
+    if staged:
+        param.data.copy_(target)
 
 
 @torch.no_grad()
@@ -97,7 +114,6 @@ def initialize(model_chunks: list[torch.nn.Module], *, num_layers: int, init_met
                 param.fill_(1.0)
             elif param.dim() >= 2:
                 std = output_std if gname.endswith(_RESIDUAL_OUTPUTS) else init_method_std
-                dim, rows = global_rows(param, tp_rank, tp_size)
-                param.copy_(_normal_by_rows(param.shape, dim, rows, std, seed, gname, cache))
+                _fill_normal(param, tp_rank, tp_size, std, seed, gname, cache)
             else:
                 raise ValueError(f"no initialization rule for parameter {gname!r} of shape {tuple(param.shape)}")

@@ -8,7 +8,6 @@ all (one process on 127.0.0.1 and a free port). gloo on CPU, nccl on GPU.
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import re
 import socket
@@ -174,9 +173,12 @@ def init_distributed(parallelism: ParallelismConfig, *, seed: int, timeout_s: fl
         from llmforge.models import cpu_compat
 
         cpu_compat.install()
-    # Each rank on a node gets its share of the cores (2 ranks on 2 cores: 1 thread each).
+    # Each rank on a node gets its share of the cores (2 ranks on 2 cores: 1 thread each),
+    # unless OMP_NUM_THREADS says otherwise: on a shared machine, spinning OpenMP threads
+    # that find no free core cost ten times the work.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // launch.local_world_size))
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else max(1, cores // launch.local_world_size))
 
     if on_gpu:
         torch.cuda.set_device(launch.local_rank)
@@ -203,7 +205,8 @@ def init_distributed(parallelism: ParallelismConfig, *, seed: int, timeout_s: fl
             tensor_model_parallel_size=parallelism.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallelism.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallelism.virtual_pipeline_model_parallel_size,
-            distributed_timeout_minutes=max(1, math.ceil(timeout.total_seconds() / 60)),
+            # megatron takes minutes but builds a timedelta from them, so seconds survive as a fraction.
+            distributed_timeout_minutes=timeout.total_seconds() / 60,
         )
         _state["layout"] = _layout_key(parallelism)
 
@@ -244,6 +247,25 @@ def seed_everything(seed: int, *, tp_rank: int, pp_rank: int) -> None:
         from llmforge.models import cpu_compat
 
         cpu_compat.seed_cpu_rng_tracker(seed + 100 * pp_rank, tp_rank)
+
+
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out", "Connection refused")
+
+
+def collective_failure(error: BaseException, *, timeout_s: float) -> str | None:
+    """A clear message when `error` is a collective that lost its peer (died or hung), else None."""
+    import torch.distributed as dist
+
+    text = str(error)
+    if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(s in text for s in _LOST_PEER))):
+        return None
+    if "imed out" in text:
+        what = f"did not answer within parallelism.collective_timeout_s ({timeout_s:g} s) during a collective: it hung, or its network failed"
+    else:
+        what = "closed its connection during a collective: it died, or its network failed"
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(error).__name__
+    return (f"lost contact with another rank, which {what} ({first}). "
+            "This rank stops instead of waiting; --resume continues from the newest complete checkpoint")
 
 
 def shutdown() -> None:

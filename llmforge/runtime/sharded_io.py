@@ -9,7 +9,7 @@ local shapes as global). The atomic temp-dir, marker and retention layer is the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -59,43 +59,72 @@ def _is_distributed_optimizer(optimizer) -> bool:
     return isinstance(optimizer, DistributedOptimizer)
 
 
-def _sharded_state_dict(model_chunks: list[torch.nn.Module], optimizer, *, loading: bool) -> dict[str, Any]:
-    # Keys inside are global (layer offsets, TP slices); the chunk names only shape the dict.
+def model_sharded_state(model_chunks: list[torch.nn.Module], *, select: Callable[[str], bool] | None = None,
+                        metadata: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`{"chunk<i>": sharded state dict}`, optionally only the entries whose local name `select` keeps.
+
+    Keys inside are global (layer offsets, TP slices); the chunk names only shape the dict.
+    A finetune stage that trains adapters alone saves and loads just their entries.
+    """
+    metadata = _metadata() if metadata is None else metadata
+    model = {}
+    for i, chunk in enumerate(model_chunks):
+        entries = unwrap(chunk).sharded_state_dict(metadata=metadata)
+        model[f"chunk{i}"] = {k: v for k, v in entries.items() if select is None or select(k)}
+    return model
+
+
+def _sharded_state_dict(model_chunks: list[torch.nn.Module], optimizer, *, loading: bool,
+                        select: Callable[[str], bool] | None = None) -> dict[str, Any]:
     metadata = _metadata()
-    model = {f"chunk{i}": unwrap(chunk).sharded_state_dict(metadata=metadata) for i, chunk in enumerate(model_chunks)}
+    model = model_sharded_state(model_chunks, select=select, metadata=metadata)
     state = {"model": model}
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=loading, metadata=metadata)
     return state
 
 
-def save_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimizer, common: dict[str, Any]) -> None:
+def write_sharded(path: str | Path, state: dict[str, Any]) -> None:
+    """Save a sharded state dict the caller built (`{"model": ..., "common": ...}`) into `path`."""
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(state, str(path), sharded_strategy=_sync_save_strategy(), validate_access_integrity=True)
+
+
+def save_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimizer, common: dict[str, Any], *,
+                 select: Callable[[str], bool] | None = None) -> None:
     """Save this rank's shards into the existing, empty directory `path` (a collective).
 
     Args:
         optimizer: the megatron optimizer from `wrap_optimizer`, or None for weights only.
         common: plain values (counters, scheduler state) written once, by rank 0;
             they must be the same on every rank.
+        select: save only the model entries whose local name it keeps (see `model_sharded_state`).
     """
-    from megatron.core import dist_checkpointing
-
-    state = _sharded_state_dict(model_chunks, optimizer, loading=False)
+    state = _sharded_state_dict(model_chunks, optimizer, loading=False, select=select)
     state["common"] = common
-    dist_checkpointing.save(state, str(path), sharded_strategy=_sync_save_strategy(), validate_access_integrity=True)
+    write_sharded(path, state)
 
 
-def load_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimizer) -> dict[str, Any]:
-    """Load `path` into this rank's chunks (and optimizer, unless None), in any layout; returns `common`."""
+def load_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimizer, *,
+                 select: Callable[[str], bool] | None = None) -> dict[str, Any]:
+    """Load `path` into this rank's chunks (and optimizer, unless None), in any layout; returns `common`.
+
+    With `select`, only the selected entries are loaded and the rest of the model is left as it is.
+    """
     from megatron.core import dist_checkpointing
 
     from llmforge.models import cpu_compat
 
     if optimizer is not None and _is_distributed_optimizer(optimizer):
         cpu_compat.prepare_distributed_optimizer_for_load(optimizer)
-    state = _sharded_state_dict(model_chunks, optimizer, loading=True)
+    state = _sharded_state_dict(model_chunks, optimizer, loading=True, select=select)
     loaded = dist_checkpointing.load(state, str(path))
     for i, chunk in enumerate(model_chunks):
-        unwrap(chunk).load_state_dict(loaded["model"][f"chunk{i}"], strict=True)
+        entries = loaded["model"][f"chunk{i}"]
+        missing, unexpected = unwrap(chunk).load_state_dict(entries, strict=select is None)
+        if select is not None and (unexpected or any(select(k) for k in missing)):
+            raise RuntimeError(f"{path}: selected entries did not load: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     return loaded.get("common", {})

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
 import torch
 import torch.distributed as dist
 
+from llmforge.runtime.faults import fault_point
 from llmforge.spec.errors import UserError
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ class StepResult:
     grad_norm: float
     nonfinite: bool
     num_tokens: int
+    applied: bool = True  # False when the update was vetoed (non-finite, or by `update_guard`)
 
 
 MicroBatch = torch.Tensor  # LongTensor [micro_batch_size, seq_length + 1]
@@ -86,6 +89,8 @@ class TrainStep:
         self._counts_grad_norm = isinstance(optimizer, DistributedOptimizer) or parallelism_ctx.dp_rank == 0
         self._holds_loss = parallelism_ctx.is_last_stage and parallelism_ctx.tp_rank == 0
         self._positions_cache: dict[tuple[int, int], torch.Tensor] = {}
+        # (loss, grad_norm) -> bool, asked before every finite update; False drops it (on_spike).
+        self.update_guard: Callable[[float, float], bool] | None = None
         self._token_counts: dict[int, torch.Tensor] = {}
 
     # --- the step --------------------------------------------------------------------
@@ -104,15 +109,17 @@ class TrainStep:
 
         self.optimizer.prepare_grads()
         grad_sq = self._grad_sq() if self._counts_grad_norm else None
+        fault_point("step_before_reduce")
         loss_sum, num_tokens, grad_sq = self._reduce(outputs, grad_sq)
         loss = loss_sum / max(num_tokens, 1.0)
         grad_norm = math.sqrt(grad_sq) if grad_sq >= 0 else float("nan")
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # Every rank saw the same reduced numbers, so every rank skips together.
+        nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        # Every rank saw the same reduced numbers, so every rank skips together.
+        if nonfinite or (self.update_guard is not None and not self.update_guard(loss, grad_norm)):
             self.optimizer.zero_grad()
             for chunk in self.chunks:
                 chunk.zero_grad_buffer()
-            return StepResult(loss, grad_norm, True, int(num_tokens))
+            return StepResult(loss, grad_norm, nonfinite, int(num_tokens), applied=False)
 
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 SEED = 1234
+PROMPT = [5, 6, 7, 8, 9]  # odd length: padded to a multiple of TP under sequence parallelism
 STEPS = 6
 MICRO_BATCH, SEQ, VOCAB, MICRO_BATCHES = 2, 32, 256, 4
 CLIP_GRAD = 0.5  # below the grad norms seen here, so clipping is part of every step
@@ -66,6 +67,14 @@ def _global_batch(step: int):
     return list(_sequences(generator, MICRO_BATCHES * MICRO_BATCH).split(MICRO_BATCH))
 
 
+def _loss_masks(step: int):
+    """About 70% of targets trained on, a different count in every micro batch (as in SFT)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(500 + step)
+    return list((torch.rand(MICRO_BATCHES * MICRO_BATCH, SEQ, generator=generator) < 0.7).float().split(MICRO_BATCH))
+
+
 def _eval_batch():
     import torch
 
@@ -83,7 +92,9 @@ class Trainer:
     def __init__(self, shape: str, *, optimizer: str = "sgd", lr: float = 0.5, precision: str = "fp32", seed: int = SEED, model=None, **parallelism):
         from llmforge.models.gpt import build_gpt
         from llmforge.runtime.distributed import init_distributed
-        from llmforge.runtime.optim import build_adamw, build_sgd, wrap_optimizer
+        import torch
+
+        from llmforge.runtime.optim import build_adamw, build_sgd, param_groups, wrap_optimizer
         from llmforge.runtime.step import TrainStep
         from llmforge.spec.components import SGD, AdamW
         from llmforge.spec.schema import ParallelismConfig
@@ -97,13 +108,18 @@ class Trainer:
             torch_optimizer = build_sgd(SGD(lr=lr), model_chunks=self.chunks)
         elif optimizer == "sgd_momentum":
             torch_optimizer = build_sgd(SGD(lr=lr, momentum=0.9), model_chunks=self.chunks)
+        elif optimizer == "adagrad":  # stands for a plugin optimizer megatron cannot shard
+            torch_optimizer = torch.optim.Adagrad(param_groups(self.chunks, 0.0), lr=lr)
         else:
             torch_optimizer = build_adamw(AdamW(lr=lr, weight_decay=0.01), model_chunks=self.chunks)
         self.optimizer = wrap_optimizer(torch_optimizer, self.chunks, self.parallelism)
         self.step = TrainStep(self.chunks, self.optimizer, parallelism_ctx=self.ctx, seq_length=SEQ, micro_batch_size=MICRO_BATCH, precision=precision, clip_grad=CLIP_GRAD)
 
-    def train(self, steps: range) -> dict:
-        results = [self.step(_share(_global_batch(s), self.ctx), self.lr) for s in steps]
+    def train(self, steps: range, masked: bool = False) -> dict:
+        results = [
+            self.step(_share(_global_batch(s), self.ctx), self.lr, loss_masks=_share(_loss_masks(s), self.ctx) if masked else None)
+            for s in steps
+        ]
         return {"losses": [r.loss for r in results], "grad_norms": [r.grad_norm for r in results], "nonfinite": [r.nonfinite for r in results], "tokens": [r.num_tokens for r in results]}
 
     def eval(self) -> float:
@@ -147,16 +163,19 @@ def gathered_weights(chunks) -> dict:
 def _checkpoint_then_continue(trainer: Trainer, path: Path) -> dict:
     from llmforge.runtime.sharded_io import save_sharded
 
+    import psutil
+    import torch.distributed as dist
+
     trainer.train(range(2))
     if trainer.ctx.rank == 0:
         path.mkdir(parents=True)
-    import torch.distributed as dist
-
     dist.barrier()
+    children = len(psutil.Process().children(recursive=True))
     save_sharded(path, trainer.chunks, trainer.optimizer, {"step": 2, "note": "saved"})
+    new_processes = len(psutil.Process().children(recursive=True)) - children
     saved_eval = trainer.eval()
     after = trainer.train(range(2, 3))
-    return {"eval": saved_eval, "next_loss": after["losses"][0]}
+    return {"eval": saved_eval, "next_loss": after["losses"][0], "new_processes": new_processes}
 
 
 def _resume(trainer: Trainer, path: Path) -> dict:
@@ -218,6 +237,11 @@ def job_pair(out: Path) -> dict:
     results["llama_dp2_distopt"] = Trainer("llama", optimizer="adamw", lr=1e-3, use_distributed_optimizer=True).train(range(STEPS))
     results["llama_pp2_bf16"] = Trainer("llama", precision="bf16", pipeline_model_parallel_size=2).train(range(2))
     results["gpt_tp2_sp_bf16"] = Trainer("gpt", precision="bf16", tensor_model_parallel_size=2, sequence_parallel=True).train(range(2))
+    results["llama_dp2_masked"] = Trainer("llama").train(range(3), masked=True)
+    results["gpt_pp2_masked"] = Trainer("gpt", pipeline_model_parallel_size=2).train(range(3), masked=True)
+    results["llama_dp2_adagrad_distopt"] = Trainer("llama", optimizer="adagrad", lr=1e-2, use_distributed_optimizer=True).train(range(3))
+    results["sample_llama_tp2_sp"] = Trainer("llama", tensor_model_parallel_size=2, sequence_parallel=True).step.greedy_sample(PROMPT, 6)
+    results["sample_llama_pp2"] = Trainer("llama", pipeline_model_parallel_size=2).step.greedy_sample(PROMPT, 6)
     results["nonfinite_dp2"] = _nonfinite("llama", poison_rank=1)
     results["nonfinite_pp2"] = _nonfinite("gpt", poison_rank=0, pipeline_model_parallel_size=2)
 
@@ -238,6 +262,11 @@ def job_single(out: Path) -> dict:
         results[f"{shape}_single"] = trainer.train(range(STEPS))
         results[f"{shape}_single_bf16"] = Trainer(shape, precision="bf16").train(range(2))
     results["llama_single_adamw"] = Trainer("llama", optimizer="adamw", lr=1e-3).train(range(STEPS))
+    results["llama_single_masked"] = Trainer("llama").train(range(3), masked=True)
+    results["gpt_single_masked"] = Trainer("gpt").train(range(3), masked=True)
+    results["masked_token_counts"] = [int(sum(m.sum() for m in _loss_masks(s))) for s in range(3)]
+    results["llama_single_adagrad"] = Trainer("llama", optimizer="adagrad", lr=1e-2).train(range(3))
+    results["sample_llama_single"] = Trainer("llama").step.greedy_sample(PROMPT, 6)
     for recompute in ("none", "selective", "full"):
         dropout = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
         results[f"llama_dropout_recompute_{recompute}"] = Trainer("llama", model=dropout, recompute_granularity=recompute).train(range(3))
@@ -320,6 +349,26 @@ def test_distributed_optimizer_matches_adamw(runs):
     _close(runs["pair_rank0"]["llama_dp2_distopt"]["losses"], runs["single_rank0"]["llama_single_adamw"]["losses"])
 
 
+@pytest.mark.parametrize("case, reference", [("llama_dp2_masked", "llama_single_masked"), ("gpt_pp2_masked", "gpt_single_masked")])
+def test_loss_masks_weigh_per_token_across_ranks(runs, case, reference):
+    single = runs["single_rank0"]
+    got = runs["pair_rank0"][case]
+    _close(got["losses"], single[reference]["losses"])
+    assert got["tokens"] == single[reference]["tokens"] == single["masked_token_counts"]
+    assert got["losses"] != single[reference.removesuffix("_masked")]["losses"][:3]
+
+
+def test_unshardable_optimizer_falls_back_to_all_reduce(runs):
+    _close(runs["pair_rank0"]["llama_dp2_adagrad_distopt"]["losses"], runs["single_rank0"]["llama_single_adagrad"]["losses"])
+
+
+def test_greedy_sample_agrees_across_layouts(runs):
+    single = runs["single_rank0"]["sample_llama_single"]
+    assert len(single) == 6 and all(0 <= t < VOCAB for t in single)
+    assert runs["pair_rank0"]["sample_llama_tp2_sp"] == runs["pair_rank1"]["sample_llama_tp2_sp"] == single
+    assert runs["pair_rank0"]["sample_llama_pp2"] is None
+
+
 @pytest.mark.parametrize("shape, layout", [("gpt", "tp2"), ("gpt", "pp2"), ("llama", "tp2"), ("llama", "pp2")])
 def test_initialization_is_layout_invariant(runs, shape, layout):
     import torch
@@ -379,6 +428,7 @@ def test_checkpoint_reshards_and_resumes(runs, saved, loaded, rank):
     # The optimizer state came along: the next step matches the uninterrupted run.
     _close([after["next_loss"]], [before["next_loss"]])
     assert after["common"] == {"step": 2, "note": "saved"}
+    assert before["new_processes"] == 0  # the synchronous writer: no spawn Manager, no forks
 
 
 if __name__ == "__main__":
