@@ -112,10 +112,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         execute(spec, loaded.data, plan, registry, run_dir=run_dir, resume=resume, overwrite=args.overwrite,
                 allow_spec_change=args.allow_spec_change)
     except (TrainingStopped, CheckpointWriteError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Every rank stops alike on a policy; a failed write may be one rank's own disk.
+        if isinstance(e, CheckpointWriteError) or os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except Preempted as e:
-        print(str(e), file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(str(e), file=sys.stderr)
         return EXIT_PREEMPTED
     except Exception as e:
         message = collective_failure(e, timeout_s=spec.parallelism.collective_timeout_s)
@@ -191,6 +194,52 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+    import torch
+
+    from llmforge.runtime.generate import TextGenerator
+    from llmforge.spec.errors import UserError
+
+    if args.prompt is None and not args.interactive:
+        raise UserError("nothing to continue", "give --prompt TEXT, or --interactive to type prompts")
+    model = TextGenerator(args.source, stage=args.stage, template=args.template)
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def answer(prompt: str) -> None:
+        print(model(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    generator=generator), flush=True)
+
+    if args.prompt is not None:
+        answer(args.prompt)
+    if args.interactive:
+        print(f"{model.step_dir} — one prompt per line; an empty line or Ctrl-D ends", file=sys.stderr)
+        for line in iter(lambda: input("> ") if sys.stdin.isatty() else sys.stdin.readline(), ""):
+            prompt = line.rstrip("\n")
+            if not prompt:
+                break
+            answer(prompt)
+    return 0
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="continue prompts with a trained checkpoint (KV-cache sampling)")
+    p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a run dir (its last stage's newest checkpoint) or a checkpoints/<stage>/step-N dir")
+    p.add_argument("--prompt", help="the text to continue")
+    p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until an empty line")
+    p.add_argument("--stage", help="use this stage's newest checkpoint of RUN_DIR")
+    p.add_argument("--template", default="auto",
+                   help="chat template: auto (the stage's, for finetune stages; else raw text), raw, default, plain, or a string with {prompt} and {response}")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to add (generation also stops at end-of-sequence)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens holding this much probability")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.set_defaults(func=cmd_generate)
+
+
 def _interop_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint in another framework's format")
     formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
@@ -262,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_launch_slurm)
 
     _interop_parsers(sub)
+    _generate_parser(sub)
 
     p = sub.add_parser("plugins", help="list registered components and who provides them")
     p.add_argument("--json", action="store_true", help='a list of {"kind", "name", "provider", "version"}')

@@ -80,8 +80,13 @@ class RunContext:
         return Metrics(self.run.metrics, self.run.tb if self.spec.logging.tensorboard else None,
                        enabled=self.rank == 0, callbacks=callbacks)
 
-    def run_loop(self, stage, parts: dict[str, Any]) -> dict[str, Any]:
-        """Resume the stage from its newest complete checkpoint if there is one, then train."""
+    def run_loop(self, stage, parts: dict[str, Any], *, evaluate_start: bool = False) -> dict[str, Any]:
+        """Resume the stage from its newest complete checkpoint if there is one, then train.
+
+        Args:
+            evaluate_start: on a fresh start, first evaluate the starting checkpoint as step 0
+                (finetune stages: the row their later evaluations are read against).
+        """
         from llmforge.runtime.metrics import truncate_rows
 
         loop, ckpt, metrics = parts["loop"], parts["ckpt"], parts["metrics"]
@@ -92,10 +97,16 @@ class RunContext:
         if latest is not None:
             loop.restore(latest)
             resumed_step = loop.counters.step
+        baseline = evaluate_start and latest is None and loop.evaluate is not None
         if self.rank == 0:
-            truncate_rows(self.run.metrics, stage.name, resumed_step)
+            # A fresh start that evaluates step 0 drops the step-0 row of an attempt that died early.
+            truncate_rows(self.run.metrics, stage.name, -1 if baseline else resumed_step)
         if latest is not None:
             metrics.purge_step = resumed_step + 1
+        if baseline:
+            row = loop.evaluate(0)
+            if row:
+                metrics.write({"kind": "eval", "stage": stage.name, "step": 0, "tokens": 0, **row})
         try:
             summary = loop.run()
         finally:

@@ -257,6 +257,8 @@ def collective_failure(error: BaseException, *, timeout_s: float) -> str | None:
     import torch.distributed as dist
 
     text = str(error)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return None  # one process has no peer to lose
     if not (isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and any(s in text for s in _LOST_PEER))):
         return None
     if "imed out" in text:

@@ -1,24 +1,71 @@
 """Named fault-injection points for the reliability suite (tests/fault/).
 
-`LLMFORGE_FAULT=<point>[@<n>]` kills this process with SIGKILL the n-th time (default
-first) it reaches `<point>`. Unset, a fault point costs one dict lookup.
+`LLMFORGE_FAULT=<point>[@<n>][:<action>]` acts the n-th time (default first) this process
+reaches `<point>`: `kill` (SIGKILL, the default) or `hang` (SIGSTOP: alive, silent, as a
+wedged rank is). `LLMFORGE_FAULT_RANK=<r>` limits it to one rank of a job. The points:
+`ckpt_after_shard`, `ckpt_before_rename`, `ckpt_before_marker` (checkpoint.py),
+`train_step` (after each step's update, train.py), `step_before_reduce` (inside a step,
+before the ranks agree on its loss, step.py).
+
+`LLMFORGE_FAULT_NAN_STEP=<s>` multiplies the training loss of step s by NaN, and
+`LLMFORGE_FAULT_SPIKE_STEP=<s>` by 100, before the backward pass, so that the guards see
+what a real bad batch produces. Unset, a fault point costs one dict lookup.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
+from typing import Any
 
 _COUNTS: dict[str, int] = {}
+_ACTIONS = {"kill": signal.SIGKILL, "hang": signal.SIGSTOP}
+SPIKE_FACTOR = 100.0
+
+
+def _this_rank() -> bool:
+    wanted = os.environ.get("LLMFORGE_FAULT_RANK")
+    return wanted is None or wanted == os.environ.get("RANK", "0")
 
 
 def fault_point(name: str) -> None:
     spec = os.environ.get("LLMFORGE_FAULT")
     if not spec:
         return
+    spec, _, action = spec.partition(":")
     point, _, nth = spec.partition("@")
-    if point != name:
+    if point != name or not _this_rank():
         return
     _COUNTS[name] = _COUNTS.get(name, 0) + 1
     if _COUNTS[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), _ACTIONS[action or "kill"])
+
+
+def loss_faults() -> dict[int, float]:
+    """{step: factor} for the loss multipliers asked for in the environment."""
+    out: dict[int, float] = {}
+    for env, factor in (("LLMFORGE_FAULT_SPIKE_STEP", SPIKE_FACTOR), ("LLMFORGE_FAULT_NAN_STEP", float("nan"))):
+        if os.environ.get(env):
+            out[int(os.environ[env])] = factor
+    return out
+
+
+def install_loss_faults(chunk: Any, current_step: Callable[[], int]) -> bool:
+    """Multiply the per-token loss that `chunk` (the last pipeline stage's) returns in training.
+
+    Returns whether a fault was installed. Evaluation runs with the chunk in eval mode and
+    is never touched.
+    """
+    faults = loss_faults()
+    if not faults:
+        return False
+
+    def hook(module, _inputs, output):
+        factor = faults.get(current_step())
+        if factor is None or not module.training:
+            return None
+        return output * factor
+
+    chunk.register_forward_hook(hook)
+    return True

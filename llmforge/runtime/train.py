@@ -7,21 +7,26 @@ loss) arrives as objects; the loop owns only order, counters and persistence.
 from __future__ import annotations
 
 import math
+import os
 import signal
+import sys
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llmforge.runtime.checkpoint import CheckpointManager, read_trainer_state
 from llmforge.runtime.faults import fault_point
+from llmforge.spec.errors import UserError
 
 TRAINER_STATE_VERSION = 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: resumable with --resume
 
 
 class TrainingStopped(Exception):
-    """The run stopped on purpose (non-finite loss with on_nonfinite: stop, a loss spike): exit 1."""
+    """The run stopped on purpose (non-finite loss with on_nonfinite: stop, a loss spike with on_spike: stop): exit 1."""
 
 
 class Preempted(Exception):
@@ -32,7 +37,8 @@ class Preempted(Exception):
 class Counters:
     step: int = 0
     tokens: int = 0
-    skipped: int = 0
+    skipped: int = 0  # updates dropped: non-finite, or a spike under on_spike: skip
+    spikes: int = 0  # loss spikes seen, whatever the policy did with them
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -46,11 +52,19 @@ def total_steps(train, *, samples_per_epoch: int, tokens_per_sample: int) -> int
 
 
 class SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks between steps (preemption)."""
+    """Turns SIGTERM into a flag the loop checks between steps (preemption).
 
-    def __init__(self) -> None:
+    From the signal on, a watchdog gives the final checkpoint `timeout` seconds: a process
+    still alive then (a save or a collective stuck) exits with EXIT_PREEMPTED on its own,
+    with a message, before the scheduler's SIGKILL. The newest complete checkpoint stands.
+    """
+
+    def __init__(self, timeout: float) -> None:
         self.set = False
+        self.timeout = timeout
+        self.received_at: float | None = None
         self._old = None
+        self._watchdog: threading.Timer | None = None
 
     def __enter__(self) -> SigtermFlag:
         try:
@@ -60,11 +74,27 @@ class SigtermFlag:
         return self
 
     def _handle(self, *_: Any) -> None:
+        if self.set:
+            return
         self.set = True
+        self.received_at = time.monotonic()
+        self._watchdog = threading.Timer(self.timeout, self._expire)
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _expire(self) -> None:
+        print(f"error: the final checkpoint after SIGTERM did not complete within checkpoint.preempt_timeout = {self.timeout:g} s; "
+              "exiting now. --resume continues from the newest complete checkpoint", file=sys.stderr, flush=True)
+        os._exit(EXIT_PREEMPTED)
+
+    def elapsed(self) -> float:
+        return 0.0 if self.received_at is None else time.monotonic() - self.received_at
 
     def __exit__(self, *exc: Any) -> None:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+        if self._watchdog is not None:
+            self._watchdog.cancel()
 
 
 class Loop:
@@ -76,26 +106,34 @@ class Loop:
         evaluate: callable(step) -> dict of eval metrics (or None to skip evals).
         save_model: callable(tmp_dir) writing model and optimizer shards (collective).
         load_model: callable(step_dir) restoring them (collective).
-        rng: object with state_dict()/load_state_dict() for this rank's RNG streams.
+        rng: object with a `seed` and save()/load() of this rank's RNG streams.
+        guard: the SpikeGuard the step function consults before each update, or None.
+        any_rank: callable(flag) -> whether any rank's flag is set (a collective; identity on one process).
+        preempt_timeout: seconds after SIGTERM for the final checkpoint.
     """
 
     def __init__(self, *, stage: str, train, total: int, step_fn, loader, schedule, evaluate, metrics, log,
                  ckpt: CheckpointManager, checkpoint_interval: int | None, save_model, load_model, rng,
                  tokens_per_step: int, flops_per_token: float, peak_flops: float, rank: int, memory_fn,
-                 log_interval: int):
+                 log_interval: int, guard=None, any_rank: Callable[[bool], bool] = bool, preempt_timeout: float = 120.0):
         self.stage, self.train, self.total = stage, train, total
         self.step_fn, self.loader, self.schedule, self.evaluate = step_fn, loader, schedule, evaluate
         self.metrics, self.log, self.ckpt, self.interval = metrics, log, ckpt, checkpoint_interval
         self.save_model, self.load_model, self.rng = save_model, load_model, rng
         self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
         self.rank, self.memory_fn, self.log_interval = rank, memory_fn, log_interval
+        self.guard, self.any_rank, self.preempt_timeout = guard, any_rank, preempt_timeout
         self.counters = Counters()
 
     # --- persistence -------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
         c = self.counters
-        return {"version": TRAINER_STATE_VERSION, "stage": self.stage, "step": c.step, "tokens": c.tokens,
-                "skipped": c.skipped, "extra": c.extra, "loader": self.loader.state_dict()}
+        state = {"version": TRAINER_STATE_VERSION, "stage": self.stage, "seed": self.rng.seed, "step": c.step, "tokens": c.tokens,
+                 "skipped": c.skipped, "spikes": c.spikes, "skipped_samples": getattr(self.loader, "skipped", 0), "extra": c.extra,
+                 "loader": self.loader.state_dict()}
+        if self.guard is not None:
+            state["spike_guard"] = self.guard.state_dict()
+        return state
 
     def save(self) -> Path:
         def write(tmp: Path) -> None:
@@ -108,11 +146,34 @@ class Loop:
 
     def restore(self, step_dir: Path) -> None:
         state = read_trainer_state(step_dir)
+        if state.get("seed", self.rng.seed) != self.rng.seed:
+            raise UserError(f"{step_dir} was trained with seed {state['seed']}, but the spec says seed {self.rng.seed}",
+                            f"resume with seed: {state['seed']}, or start the stage afresh in a new run dir")
         self.load_model(step_dir)
         self.rng.load(step_dir, self.rank)
         self.loader.load_state_dict(state["loader"])
-        self.counters = Counters(state["step"], state["tokens"], state["skipped"], state.get("extra", {}))
+        if hasattr(self.loader, "skipped"):
+            self.loader.skipped = state.get("skipped_samples", 0)
+        if self.guard is not None and "spike_guard" in state:
+            self.guard.load_state_dict(state["spike_guard"])
+        self.counters = Counters(state["step"], state["tokens"], state["skipped"], state.get("spikes", 0), state.get("extra", {}))
         self.log(f"[{self.stage}] resumed from {step_dir} at step {self.counters.step}")
+
+    def _on_spike(self, spike) -> None:
+        c, policy = self.counters, self.train.on_spike
+        c.spikes += 1
+        what = f"[{self.stage}] step {c.step}: loss spike, {spike.describe()}"
+        if policy == "stop":
+            raise TrainingStopped(f"{what}; parameters were not updated and no checkpoint is written from after it. "
+                                  "Lower the lr, or set on_spike: skip to drop such steps")
+        if policy == "ignore":
+            self.log(f"warning: {what}; update applied (on_spike: ignore)")
+            return
+        c.skipped += 1
+        if self.guard.consecutive >= self.train.spike.max_consecutive:
+            raise TrainingStopped(f"{what}; {self.guard.consecutive} spikes in a row (spike.max_consecutive): the loss has moved "
+                                  "rather than spiked, and skipping would only burn steps. Lower the lr, or raise spike.min_ratio")
+        self.log(f"{what}; update skipped ({c.spikes} spike(s) so far)")
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -120,7 +181,7 @@ class Loop:
         last_log_time, last_log_tokens = time.perf_counter(), c.tokens
         last_eval: dict[str, Any] = {}
         loss = float("nan")
-        with SigtermFlag() as sigterm:
+        with SigtermFlag(self.preempt_timeout) as sigterm:
             while c.step < self.total:
                 lr = self.schedule(c.step)
                 batches = self.loader.next_global_batch()
@@ -137,6 +198,8 @@ class Loop:
                         )
                     c.skipped += 1
                     self.log(f"[{self.stage}] step {c.step}: non-finite loss or gradient, step skipped ({c.skipped} so far)")
+                elif self.guard is not None and (spike := self.guard.take()) is not None:
+                    self._on_spike(spike)
 
                 last = c.step == self.total
                 if c.step % self.log_interval == 0 or last:
@@ -146,17 +209,22 @@ class Loop:
                     mfu = tps * self.flops_per_token / self.peak_flops if self.peak_flops else None
                     row = {"kind": "train", "stage": self.stage, "step": c.step, "tokens": c.tokens, "loss": loss, "lr": lr,
                            "grad_norm": result.grad_norm, "tokens_per_s": tps, "mfu": mfu, "skipped_steps": c.skipped,
-                           "memory_mb": self.memory_fn()}
+                           "spikes": c.spikes, "skipped_samples": getattr(self.loader, "skipped", 0), "memory_mb": self.memory_fn()}
                     self.metrics.write(row)
                     self.log(f"[{self.stage}] step {c.step}/{self.total} loss {loss:.4f} lr {lr:.3e} "
                              f"grad_norm {result.grad_norm:.3f} {tps:,.0f} tok/s" + (f" mfu {mfu:.1%}" if mfu else ""))
+                # Ranks may see SIGTERM at different steps; the final save is a collective, so they agree first.
+                preempted = not last and self.any_rank(sigterm.set)
                 if self.evaluate is not None and ((train.eval_interval and c.step % train.eval_interval == 0) or last):
-                    last_eval = self.evaluate(c.step)
-                    if last_eval:
-                        self.metrics.write({"kind": "eval", "stage": self.stage, "step": c.step, "tokens": c.tokens, **last_eval})
-                if (self.interval and c.step % self.interval == 0) or last:
-                    self.save()
-                if sigterm.set and not last:
-                    self.save()
-                    raise Preempted(f"[{self.stage}] SIGTERM at step {c.step}: checkpoint written; continue with --resume")
+                    if preempted:  # the checkpoint comes first; this evaluation is not made up on resume
+                        self.log(f"[{self.stage}] step {c.step}: evaluation skipped, SIGTERM received")
+                    else:
+                        last_eval = self.evaluate(c.step)
+                        if last_eval:
+                            self.metrics.write({"kind": "eval", "stage": self.stage, "step": c.step, "tokens": c.tokens, **last_eval})
+                if (self.interval and c.step % self.interval == 0) or last or preempted:
+                    path = self.save()
+                if preempted:
+                    raise Preempted(f"[{self.stage}] SIGTERM: checkpoint {path} written {sigterm.elapsed():.1f} s after the signal "
+                                    f"(checkpoint.preempt_timeout {self.preempt_timeout:g} s); continue with --resume")
         return {"steps": c.step, "tokens": c.tokens, "skipped": c.skipped, "final_loss": loss, **last_eval}

@@ -126,10 +126,10 @@ def layout_problems(stage, parallelism) -> list[str]:
     limits = getattr(stage, "parallelism_limits", ())
     problems = []
     if PIPELINE in limits and parallelism.pipeline_model_parallel_size > 1:
-        problems.append(f"a {stage.type} stage does not support pipeline_model_parallel_size > 1 yet "
+        problems.append(f"stage type {stage.type!r} does not support pipeline_model_parallel_size > 1 yet "
                         f"(got {parallelism.pipeline_model_parallel_size}); it runs at any tensor- and data-parallel size")
     if SEQUENCE_PARALLEL in limits and parallelism.sequence_parallel:
-        problems.append(f"a {stage.type} stage does not support sequence_parallel yet (its sampler decodes one token at a time)")
+        problems.append(f"stage type {stage.type!r} does not support sequence_parallel yet (its sampler decodes one token at a time)")
     return problems
 
 
@@ -137,7 +137,7 @@ class _NeedsInitFrom:
     @model_validator(mode="after")
     def _init_from_given(self):
         if self.init_from is None:
-            raise field_error(type(self), "init_from", None, f"a {getattr(self, 'type', 'finetune')} stage starts from a trained model: "
+            raise field_error(type(self), "init_from", None, f"stage type {getattr(self, 'type', 'finetune')!r} starts from a trained model: "
                               "give init_from (an earlier stage's name, or a checkpoint path)")
         return self
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,17 +12,30 @@ from llmforge.runtime.context import RunContext
 from llmforge.spec.errors import UserError
 
 
-def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_length: int | None = None) -> dict[str, Any]:
+def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_length: int | None = None, adapt=None,
+                   step_cls=None, model_io=None, evaluation=None) -> dict[str, Any]:
     """Model, optimizer, schedule, step, checkpoints and the loop for a training stage.
 
     Shared by pretrain and the finetune stages, which differ in data and loss only. A
     loader returns a list of micro batches, or a batch with `.tokens` and `.masks`
     (finetune data: loss on response tokens only).
+
+    Args:
+        adapt: `adapt(chunks)` after init_from's weights are in and before the optimizer
+            sees the parameters: adapters, a soft prompt, a reward head, frozen weights.
+        step_cls: a TrainStep subclass (or a partial of one) carrying the stage's own loss.
+        model_io: for a stage that trains part of a frozen model: `save(tmp_dir, chunks,
+            optimizer, final=...)` and `load(step_dir, chunks, optimizer)` of what it trains.
+        evaluation: `evaluation(chunks, step) -> dict` of EvalContext fields to set or
+            replace (log-probabilities, rewards, generation with a soft prompt).
     """
     from llmforge.models.size import flops_per_token
+    from llmforge.finetune.checkpoints import load_weights
     from llmforge.runtime.checkpoint import CheckpointManager
     from llmforge.runtime.device import memory_mb, peak_flops
     from llmforge.runtime.evaluate import EvalContext, build_evaluators
+    from llmforge.runtime.faults import install_loss_faults
+    from llmforge.runtime.guards import SpikeGuard
     from llmforge.runtime.optim import param_groups, wrap_optimizer
     from llmforge.runtime.rng import RngState
     from llmforge.runtime.sharded_io import load_sharded, save_sharded
@@ -33,8 +48,10 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     chunks = registry.factory("model", model_opts.name)(model_opts, spec.parallelism, precision=train.precision, seed=spec.seed)
     if stage.init_from:
         source = context.final_checkpoint(stage.init_from)
-        load_sharded(source / "model", chunks, None)
+        load_weights(source, chunks)  # a full checkpoint, or a LoRA one merged on the fly
         context.log(f"[{stage.name}] initialized from {source}")
+    if adapt is not None:
+        adapt(chunks)
     opt_opts = train.optimizer
     groups = param_groups(chunks, weight_decay=getattr(opt_opts, "weight_decay", 0.0),
                           decay_embeddings=getattr(opt_opts, "decay_embeddings", True))
@@ -43,8 +60,12 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     total = total_steps(train, samples_per_epoch=loader.samples_per_epoch, tokens_per_sample=loader.tokens_per_sample)
     schedule = registry.build("lr_schedule", train.lr_schedule, peak_lr=opt_opts.lr, total_steps=total)
     seq_length = seq_length or model_opts.seq_length
-    step_fn = TrainStep(chunks, optimizer, parallelism_ctx=par, seq_length=seq_length,
-                        micro_batch_size=train.micro_batch_size, precision=train.precision, clip_grad=train.clip_grad)
+    step_fn = (step_cls or TrainStep)(chunks, optimizer, parallelism_ctx=par, seq_length=seq_length,
+                                      micro_batch_size=train.micro_batch_size, precision=train.precision, clip_grad=train.clip_grad)
+    guard = SpikeGuard(train.spike, train.on_spike)
+    step_fn.update_guard = guard.allows  # judged before the optimizer step, so a skipped spike never lands
+    if par.is_last_stage:  # the reliability suite's NaN and spike injection; a no-op unless asked for
+        install_loss_faults(step_fn.chunks[-1], lambda: loop.counters.step + 1)
     tokenizer = context.tokenizer()
 
     def train_step(batch, lr: float):
@@ -67,6 +88,8 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
                            log=context.log, eval_iters=train.eval_iters, score=step_fn.eval_loss,
                            text=lambda tag, text, step: metrics.text(f"{stage.name}/{tag}", text, step) if par.rank == 0 else None,
                            micro_batch_size=train.micro_batch_size, seq_length=seq_length)
+    if evaluation is not None:
+        eval_ctx = dataclasses.replace(eval_ctx, **evaluation(chunks, step_fn))
     evaluators = build_evaluators(registry, stage.evaluators, eval_ctx)
 
     def evaluate(step: int) -> dict[str, Any]:
@@ -85,18 +108,33 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
                              on_corrupt=spec.checkpoint.on_corrupt, rank=par.rank, barrier=context.barrier, log=context.log)
 
     def save_model(tmp: Path) -> None:
+        if model_io is not None:
+            return model_io.save(tmp, chunks, optimizer, final=loop.counters.step >= total)
         (tmp / "model").mkdir(parents=True, exist_ok=True)
         save_sharded(tmp / "model", chunks, optimizer, {})
 
     def load_model(step_dir: Path) -> None:
+        if model_io is not None:
+            return model_io.load(step_dir, chunks, optimizer)
         load_sharded(step_dir / "model", chunks, optimizer)
+
+    def any_rank(flag: bool) -> bool:
+        if par.world_size == 1:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        vote = torch.tensor([float(flag)], device=par.device)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        return bool(vote.item())
 
     tokens_per_step = train.global_batch_size * seq_length
     loop = Loop(stage=stage.name, train=train, total=total, step_fn=train_step, loader=loader, schedule=schedule,
                 evaluate=evaluate, metrics=metrics, log=context.log, ckpt=ckpt, checkpoint_interval=spec.checkpoint.interval,
                 save_model=save_model, load_model=load_model, rng=RngState(spec.seed), tokens_per_step=tokens_per_step,
                 flops_per_token=flops_per_token(model_opts, seq_length), peak_flops=peak_flops(train.precision, par.device),
-                rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval)
+                rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval, guard=guard, any_rank=any_rank,
+                preempt_timeout=spec.checkpoint.preempt_timeout)
     return {"loop": loop, "ckpt": ckpt, "metrics": metrics, "chunks": chunks, "step": step_fn, "eval": eval_ctx}
 
 
@@ -110,10 +148,17 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
                         "put a `prepare` stage before it in `stages`")
     train = stage.train
 
+    def data_log(message: str) -> None:
+        # Each rank reads its own samples: rank 0's skips go to the run log, the others' to stderr.
+        if par.rank == 0:
+            context.log(message)
+        else:
+            print(f"[rank {par.rank}] {message}", file=sys.stderr, flush=True)
+
     def loader(split: str, shuffle: bool, global_batch: int) -> TokenLoader:
         return TokenLoader(data_dir, split, global_batch_size=global_batch, micro_batch_size=train.micro_batch_size,
                            dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed, shuffle=shuffle,
-                           on_error=spec.data.on_error, vocab_size=spec.model.vocab_size)
+                           on_error=spec.data.on_error, vocab_size=spec.model.vocab_size, log=data_log)
 
     train_loader = loader("train", True, train.global_batch_size)
     parts = build_training(context, stage, loader=train_loader,
