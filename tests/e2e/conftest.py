@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# The tiny spec, shrunk: a few stdlib packages, a 2-layer hidden-64 model, 12 steps.
+# The tiny spec, shrunk: a few stdlib packages, a 2-layer hidden-64 model, 12 + 6 steps.
 TINY_SMALL = [
     'data.sources.stdlib.paths=["${stdlib:}/json/*.py","${stdlib:}/email/*.py"]',
     "data.sources.stdlib.exclude=[]",
@@ -31,6 +31,14 @@ TINY_SMALL = [
     "stages.1.train.eval_interval=6",
     "stages.1.train.eval_iters=2",
     "stages.1.train.precision=fp32",
+    # The SFT stage, shrunk too: a few steps on the synthetic addition set.
+    "stages.2.data.sources.addition.num_examples=200",
+    "stages.2.train.micro_batch_size=8",
+    "stages.2.train.global_batch_size=8",
+    "stages.2.train.max_steps=6",
+    "stages.2.train.eval_interval=6",
+    "stages.2.train.precision=fp32",
+    "stages.2.evaluators.1.tasks.num_examples=10",
     "checkpoint.interval=4",
     "logging.log_interval=1",
     "logging.sample_tokens=8",

@@ -15,18 +15,23 @@ def test_tiny_spec_end_to_end(tiny_run):
     for name in ("spec.resolved.yaml", "plan.json", "env.json", "run.log", "metrics.jsonl", "tokenizer", "data/manifest.json", "tb"):
         assert (tiny_run / name).exists(), name
     plan = json.loads((tiny_run / "plan.json").read_text())
-    assert [s["name"] for s in plan["stages"]] == ["prepare", "pretrain"] and len(plan["plan_hash"]) == 16
+    assert [s["name"] for s in plan["stages"]] == ["prepare", "pretrain", "sft"] and len(plan["plan_hash"]) == 16
     assert all(c["provider"] == "llmforge" for s in plan["stages"] for c in s["components"])
     env = json.loads((tiny_run / "env.json").read_text())
     assert env["torch"] and env["megatron-core"] and env["layout"]["tensor_model_parallel_size"] == 1
-    train = rows(tiny_run, "train")
+    train = [r for r in rows(tiny_run, "train") if r["stage"] == "pretrain"]
     assert [r["step"] for r in train] == list(range(1, 13))
     assert set(train[0]) >= {"kind", "stage", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
     assert train[-1]["tokens"] == 12 * 8 * 64
     assert train[-1]["loss"] < train[0]["loss"] - 0.3  # it learns
-    evals = rows(tiny_run, "eval")
+    evals = [r for r in rows(tiny_run, "eval") if r["stage"] == "pretrain"]
     assert [r["step"] for r in evals] == [6, 12] and evals[-1]["val_ppl"] > 1
+    assert 0.0 <= evals[-1]["exact_match"] <= 1.0
+    sft = [r for r in rows(tiny_run) if r["stage"] == "sft"]
+    assert [r["step"] for r in sft if r["kind"] == "train"] == list(range(1, 7))
+    assert "exact_match" in sft[-1] and sft[-1]["val_loss"] > 0
     assert (tiny_run / "checkpoints/pretrain/step-12/COMPLETE").exists()
+    assert (tiny_run / "checkpoints/sft/step-6/COMPLETE").exists()
     assert "tensorboard --logdir" in (tiny_run / "run.log").read_text()
 
 
@@ -40,7 +45,8 @@ def test_tensorboard_read_back(tiny_run):
                 "pretrain/val/loss", "pretrain/val/ppl"):
         assert tag in scalars, (tag, scalars)
     losses = [e.value for e in acc.Scalars("pretrain/train/loss")]
-    assert losses == pytest.approx([r["loss"] for r in rows(tiny_run, "train")], rel=1e-6)
+    assert losses == pytest.approx([r["loss"] for r in rows(tiny_run, "train") if r["stage"] == "pretrain"], rel=1e-6)
+    assert "sft/eval/exact_match" in scalars
     assert any("sample" in t for t in acc.Tags()["tensors"]), acc.Tags()
 
 
@@ -49,7 +55,7 @@ def test_used_run_dir_is_refused_and_resume_skips_finished_stages(tiny_run):
     assert again.returncode == 2 and "--resume" in again.stderr
     resumed = llmforge("run", "specs/tiny.yaml", *TINY_SMALL, "--run-dir", str(tiny_run), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "[prepare] already done" in resumed.stdout and "[pretrain] already done" in resumed.stdout
+    assert all(f"[{s}] already done" in resumed.stdout for s in ("prepare", "pretrain", "sft"))
     changed = llmforge("run", "specs/tiny.yaml", *TINY_SMALL, "model.num_layers=3", "--run-dir", str(tiny_run), "--resume")
     assert changed.returncode == 2 and "model.num_layers: 2 -> 3" in changed.stderr
 
