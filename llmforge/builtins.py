@@ -89,5 +89,6 @@ def register_evaluators() -> list[Component]:
 def register_rewards() -> list[Component]:
     return [
         Component("exact_match", c.ExactMatchReward, "llmforge.finetune.rewards:ExactMatchReward", "1 if the answer matches the reference"),
+        Component("digit_match", c.DigitMatchReward, "llmforge.finetune.rewards:DigitMatchReward", "fraction of answer characters right in place"),
         Component("reward_model", c.RewardModelReward, "llmforge.finetune.rewards:RewardModelReward", "a reward_model stage's score"),
     ]

@@ -30,6 +30,8 @@ def _stage_components(registry: Registry, stage: Any) -> list[dict[str, str]]:
             out.append(_bound(registry, kind, getattr(train, field).name))
     for ev in getattr(stage, "evaluators", None) or []:
         out.append(_bound(registry, "evaluator", ev.name))
+    for reward in getattr(stage, "rewards", None) or []:
+        out.append(_bound(registry, "reward", reward.name))
     data = getattr(stage, "data", None)
     for src in (getattr(data, "sources", None) or {}).values():
         out.append(_bound(registry, "source", src.name))

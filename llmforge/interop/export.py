@@ -138,7 +138,8 @@ def export_hf(source: str | Path, out_dir: str | Path, *, stage: str | None = No
 
     from llmforge.interop.hf_files import copy_files, hf_tokenizer_files, staged_output, write_json, write_safetensors, write_tokenizer_files
     from llmforge.interop.hf_mapping import to_hf
-    from llmforge.interop.model_io import load_checkpoint, single_process_model, state_of
+    from llmforge.finetune.checkpoints import load_module_weights
+    from llmforge.interop.model_io import single_process_model, state_of
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")
@@ -151,7 +152,7 @@ def export_hf(source: str | Path, out_dir: str | Path, *, stage: str | None = No
     out_dir = Path(out_dir)
     with staged_output(out_dir, overwrite=overwrite) as tmp:
         module = single_process_model(model)
-        load_checkpoint(src.step_dir / "model", module)
+        load_module_weights(src.step_dir, module)  # a LoRA checkpoint of adapters alone is merged on load
         tensors = to_hf(state_of(module), model, source=str(src.step_dir))
         torch_dtype = getattr(torch, dtype)
         tensors = {name: t.to(device="cpu", dtype=torch_dtype) for name, t in tensors.items()}

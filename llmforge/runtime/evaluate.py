@@ -30,6 +30,11 @@ class EvalContext:
     text: Callable[[str, str, int], None] | None = None  # (tag, text, step) -> TensorBoard text
     micro_batch_size: int = 1
     seq_length: int = 0
+    # What finetune stages offer besides (None elsewhere; an evaluator needing one returns {}):
+    logprobs: Callable[[list[tuple[list[int], list[int]]]], list[float]] | None = None  # (ids, mask) → summed log-prob of masked ids
+    reference_logprobs: Callable[[list[tuple[list[int], list[int]]]], list[float]] | None = None  # the same, frozen reference model
+    reward_scores: Callable[[list[list[int]]], list[float]] | None = None  # a reward model's score of whole sequences
+    rewards: Callable[[list[Any]], tuple[list[float], dict[str, float]]] | None = None  # RL: samples → (rewards, mean per component)
 
     def sample(self, prompt: str | None, n: int, val_loader_fn: Callable[[], Any]) -> str | None:
         """A short greedy sample: from `prompt`, or from the first tokens of a val sequence."""

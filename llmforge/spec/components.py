@@ -307,6 +307,10 @@ class ExactMatchReward(RewardBase):
     field: str = Field("response", description="Record field holding the reference answer.")
 
 
+class DigitMatchReward(ExactMatchReward):
+    """Rule-based partial credit: the fraction of the reference answer's characters right in place (1 when exact)."""
+
+
 class RewardModelReward(RewardBase):
     """The scalar score of a model trained by a `reward_model` stage, on prompt + completion."""
 

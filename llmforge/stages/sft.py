@@ -40,24 +40,32 @@ def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, 
     return train, val
 
 
-def run(stage, *, context: RunContext) -> dict[str, Any]:
-    from llmforge.data.sft import SFTLoader, encode_example, pack_examples, template_parts
-    from llmforge.stages.pretrain import build_training
-
-    spec, par = context.spec, context.parallel()
-    train_cfg = stage.train
-    length = stage.max_seq_length or spec.model.seq_length
+def sequence_length(context: RunContext, stage, extra: int = 0) -> int:
+    """Tokens per finetune example: max_seq_length (else model.seq_length) plus `extra` virtual ones."""
+    spec = context.spec
+    length = (stage.max_seq_length or spec.model.seq_length) + extra
     if length > spec.model.max_positions:
-        raise UserError(f"stages.{stage.name}.max_seq_length {length} exceeds the model's {spec.model.max_positions} positions",
-                        "lower max_seq_length")
-    tokenizer = context.tokenizer()
-    parts = template_parts(stage.chat_template)
-    train_recs, val_recs = split_records(load_records(context, stage), stage.data.val_fraction, spec.seed)
+        raise UserError(f"stages.{stage.name}.max_seq_length {length - extra}" + (f" + {extra} virtual tokens" if extra else "")
+                        + f" exceeds the model's {spec.model.max_positions} positions", "lower max_seq_length")
+    return length
+
+
+def finetune_loaders(context: RunContext, stage, pack, *, length: int, kind: str = "instructions", what: str = "response"):
+    """(train loader, val loader factory, train records, val records) of a finetune stage's data.
+
+    Args:
+        pack: records → (tokens [n, ...], loss masks [n, ...], truncated count), e.g. padded
+            SFT examples, or a preference pair per row.
+    """
+    from llmforge.data.sft import SFTLoader
+
+    spec, par, train_cfg = context.spec, context.parallel(), stage.train
+    train_recs, val_recs = split_records(load_records(context, stage, kind=kind), stage.data.val_fraction, spec.seed)
     if not val_recs:
         val_recs = train_recs[: max(1, train_cfg.micro_batch_size)]
 
     def encode(recs):
-        tokens, masks, truncated = pack_examples([encode_example(tokenizer, parts, r) for r in recs], length, tokenizer.pad_id)
+        tokens, masks, truncated = pack(recs)
         if tokens.max() >= spec.model.vocab_size:
             raise UserError(f"a token id {int(tokens.max())} is ≥ model.vocab_size {spec.model.vocab_size}", "raise model.vocab_size")
         return tokens, masks, truncated
@@ -67,7 +75,7 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     if truncated:
         context.log(f"[{stage.name}] warning: {truncated} example(s) longer than {length} tokens were truncated")
     context.log(f"[{stage.name}] {len(train_recs)} train / {len(val_recs)} val examples, {length} tokens each, "
-                f"{int(tr_masks.sum()):,} response tokens")
+                f"{int(tr_masks.sum()):,} {what} tokens")
     loader = SFTLoader(tr_tokens, tr_masks, global_batch_size=train_cfg.global_batch_size, micro_batch_size=train_cfg.micro_batch_size,
                        dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed)
     val_batch = train_cfg.micro_batch_size * par.dp_size
@@ -76,6 +84,28 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
         return SFTLoader(va_tokens, va_masks, global_batch_size=val_batch, micro_batch_size=train_cfg.micro_batch_size,
                          dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed, shuffle=False)
 
+    return loader, val_loader, train_recs, val_recs
+
+
+def instruction_packer(tokenizer, stage, length: int, *, prefix: list[int] = ()):
+    """records → padded SFT examples through the stage's chat template (behind `prefix`, never trained on)."""
+    from llmforge.data.sft import encode_example, pack_examples, template_parts
+
+    parts = template_parts(stage.chat_template)
+
+    def encode(record):
+        ids, mask = encode_example(tokenizer, parts, record)
+        return [*prefix, *ids], [0] * len(prefix) + mask
+
+    return lambda recs: pack_examples([encode(r) for r in recs], length, tokenizer.pad_id)
+
+
+def run(stage, *, context: RunContext) -> dict[str, Any]:
+    from llmforge.stages.pretrain import build_training
+
+    length = sequence_length(context, stage)
+    loader, val_loader, train_recs, val_recs = finetune_loaders(context, stage, instruction_packer(context.tokenizer(), stage, length),
+                                                                length=length)
     parts_ = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length)
     summary = context.run_loop(stage, parts_)
     return {**summary, "train_examples": len(train_recs), "val_examples": len(val_recs)}

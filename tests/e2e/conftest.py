@@ -33,7 +33,7 @@ TINY_SMALL = [
     "stages.1.train.precision=fp32",
     # The SFT stage, shrunk too: a few steps on the synthetic addition set.
     "stages.2.data.sources.addition.num_examples=200",
-    "stages.2.train.micro_batch_size=8",
+    "stages.2.train.micro_batch_size=4",
     "stages.2.train.global_batch_size=8",
     "stages.2.train.max_steps=6",
     "stages.2.train.eval_interval=6",

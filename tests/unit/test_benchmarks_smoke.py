@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -89,3 +90,60 @@ def test_unknown_benchmark_name_exits_2():
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "unknown benchmark no_such_bench; available: " in proc.stderr
     assert "validate_latency" in proc.stderr
+
+
+# The training benchmarks (train_bench, time_to_loss_bench, memory_bench, checkpoint_bench):
+# each starts, prints its one line and records the details docs/performance.md reads.
+TRAINING_BENCHMARKS = {
+    "train_step": (">= 1.0", {"ratios", "shapes"}),
+    "time_to_loss": ("<= 0.8", {"llmforge", "reference", "target_val_loss"}),
+    "memory": ("<= 1.1", {"llmforge_peak_above_baseline_mb", "reference_peak_above_baseline_mb"}),
+    "checkpoint": ("<= 1.5", {"ratios", "sizes"}),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(TRAINING_BENCHMARKS))
+def test_training_benchmark_runs_quick_and_prints_its_line(name, tmp_path):
+    if name == "time_to_loss":
+        corpus = Path(os.environ.get("TINYSHAKESPEARE", ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+        if not corpus.exists():
+            pytest.skip(f"time_to_loss needs the tinyshakespeare corpus ({corpus} is absent; set TINYSHAKESPEARE)")
+    goal, keys = TRAINING_BENCHMARKS[name]
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--only", name, "--output", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [line] = proc.stdout.splitlines()
+    m = LINE.match(line)
+    assert m and m["name"] == name and m["goal"] == goal, line
+    assert float(m["figure"]) > 0
+    [row] = json.loads(out.read_text())["results"]
+    assert keys <= set(row["details"]), sorted(row["details"])
+
+
+def test_reference_gpt_has_the_gpt_options_shape_and_trains():
+    """The baseline counts as many parameters as llmforge's size model for each switch, and its loss falls."""
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import reference_gpt as ref
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from llmforge.models.size import param_count
+    from llmforge.spec.components import GPTModel
+
+    llama = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, vocab_size=96, seq_length=16,
+                 position_embedding_type="rope", normalization="RMSNorm", activation="swiglu", ffn_hidden_size=96,
+                 add_bias_linear=False, untie_embeddings_and_output_weights=True)
+    gpt2 = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=96, seq_length=16, activation="gelu_tanh")
+    for keys in (llama, gpt2):
+        options = GPTModel(**keys)
+        model = ref.ReferenceGPT(ref.Shape.of(options), seed=0)
+        assert sum(p.numel() for p in model.parameters()) == param_count(options), keys
+    model = ref.ReferenceGPT(ref.Shape.of(GPTModel(**llama)), seed=0)
+    optimizer = ref.build_optimizer(model, lr=3e-3)
+    # a learnable sequence: each token is the previous one plus one
+    batch = (torch.arange(17).unsqueeze(0) + torch.randint(0, 96, (8, 1), generator=torch.Generator().manual_seed(0))) % 96
+    losses = [ref.train_step(model, optimizer, list(batch.split(4)), lr=3e-3, precision=p) for p in ["fp32"] * 15 + ["bf16"] * 5]
+    assert losses[-1] < 0.5 * losses[0], losses

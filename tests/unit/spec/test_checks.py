@@ -140,7 +140,7 @@ def layout_case(write_spec) -> dict:
 
 def test_a_stage_type_that_cannot_run_under_the_layout(write_spec):
     message, hint, location = layout_case(write_spec)["stages[2].type"]
-    assert message.startswith("a pipeline_free stage does not support pipeline_model_parallel_size > 1 yet (got 2)")
+    assert message.startswith("stage type 'pipeline_free' does not support pipeline_model_parallel_size > 1 yet (got 2)")
     assert location == "spec.yaml:23:5"
 
 

@@ -1,0 +1,163 @@
+"""`checkpoint`: save and load seconds through llmforge's checkpoint path against torch.save/torch.load.
+
+    python benchmarks/run.py --only checkpoint [--quick]
+
+llmforge's side is what a training run does: `CheckpointManager.save` around `save_sharded`
+(model and optimizer through megatron's dist_checkpointing, fsync, rename, a sha256 marker,
+retention), and on load `latest()` (which verifies the checksums), the trainer state and
+`load_sharded`. The baseline saves the same model and optimizer state with `torch.save`
+into one file and fsyncs it, and loads it with `torch.load` and `load_state_dict`. Sizes:
+the tiny spec's model and a ~100M-parameter GPT-2-style one (--quick: the tiny one only),
+each with AdamW state after one step. Runs alternate in one worker process (each
+measurement the fastest of a few for the tiny model); the figure is the worst median
+ratio over (size × save/load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from harness import ROOT, compare, result
+
+GOAL = 1.5
+# GPT-2 small's layers with a 16k vocabulary: 12 × 7.1M + 12.6M embedding ≈ 98M parameters.
+HUNDRED_M = {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "vocab_size": 16384, "seq_length": 128,
+             "position_embedding_type": "learned_absolute", "normalization": "LayerNorm", "activation": "gelu", "add_bias_linear": True}
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _size(work, root: Path, pairs: int, repeats: int) -> dict:
+    """Alternating save and load timings of one model size (each the fastest of `repeats`)."""
+    import torch
+
+    import workloads
+    from llmforge.models.init import unwrap
+    from llmforge.models.size import param_count
+    from llmforge.runtime.checkpoint import CheckpointManager, read_trainer_state
+    from llmforge.runtime.sharded_io import load_sharded, save_sharded
+
+    built = workloads.build_llmforge(work)
+    built["step"]["fp32"](workloads.batches(work))  # AdamW state exists after a step
+    chunks, optimizer = built["chunks"], built["optimizer"]
+    model, torch_optimizer = unwrap(chunks[0]), optimizer.optimizer
+    manager = CheckpointManager(root / "llmforge", keep_last=1, log=lambda message: None)
+    plain = root / "plain" / "checkpoint.pt"
+    plain.parent.mkdir(parents=True)
+    step = 0
+
+    def ours_save() -> float:
+        nonlocal step
+        step += 1
+        start = time.perf_counter()
+
+        def write(tmp: Path) -> None:
+            (tmp / "model").mkdir()
+            save_sharded(tmp / "model", chunks, optimizer, {})
+
+        manager.save(step, write, {"version": 1, "step": step})
+        return time.perf_counter() - start
+
+    def theirs_save() -> float:
+        start = time.perf_counter()
+        torch.save({"model": model.state_dict(), "optimizer": torch_optimizer.state_dict()}, plain)
+        _fsync(plain)
+        _fsync(plain.parent)
+        return time.perf_counter() - start
+
+    def ours_load() -> float:
+        start = time.perf_counter()
+        latest = manager.latest()
+        read_trainer_state(latest)
+        load_sharded(latest / "model", chunks, optimizer)
+        return time.perf_counter() - start
+
+    def theirs_load() -> float:
+        start = time.perf_counter()
+        state = torch.load(plain, map_location="cpu", weights_only=False)  # megatron's state has non-tensor extra state
+        model.load_state_dict(state["model"])
+        torch_optimizer.load_state_dict(state["optimizer"])
+        return time.perf_counter() - start
+
+    def best_of(measure) -> Callable[[], float]:
+        # The fastest of `repeats`: other jobs' CPU and disk traffic only ever slow a save down.
+        return lambda: min(measure() for _ in range(repeats))
+
+    save = compare(best_of(theirs_save), best_of(ours_save), pairs)
+    load = compare(best_of(theirs_load), best_of(ours_load), pairs)
+    checkpoint_bytes = sum(p.stat().st_size for p in manager.latest().rglob("*") if p.is_file())
+    return {
+        "params": param_count(work.options()),
+        "save_ratio": round(save.ratio, 3),
+        "load_ratio": round(load.ratio, 3),
+        "save_s": {"llmforge": round(sorted(save.subject)[len(save.subject) // 2], 3), "torch": round(sorted(save.baseline)[len(save.baseline) // 2], 3)},
+        "load_s": {"llmforge": round(sorted(load.subject)[len(load.subject) // 2], 3), "torch": round(sorted(load.baseline)[len(load.baseline) // 2], 3)},
+        "save_ratios": [round(r, 3) for r in save.ratios],
+        "load_ratios": [round(r, 3) for r in load.ratios],
+        "llmforge_mb": round(checkpoint_bytes / 2**20, 1),
+        "torch_save_mb": round(plain.stat().st_size / 2**20, 1),
+    }
+
+
+def _worker(quick: bool, pairs: int) -> dict:
+    import workloads
+
+    # (workload, repeats per measurement): a tiny save takes a fraction of a second, so it can afford a few.
+    sizes = {"tiny": (workloads.tiny_workload().shrunk(micro_batch_size=1, num_micro_batches=1), 1 if quick else 3)}
+    if not quick:
+        sizes["100m"] = (workloads.Workload("100m", HUNDRED_M, micro_batch_size=1, num_micro_batches=1), 1)
+    out = {}
+    for name, (work, repeats) in sizes.items():
+        root = Path(tempfile.mkdtemp(prefix=f"llmforge-ckpt-bench-{name}-"))
+        try:
+            out[name] = _size(work, root, pairs, repeats)
+            out[name]["repeats_per_measurement"] = repeats
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+    return out
+
+
+def checkpoint(quick: bool) -> dict:
+    """Worst median llmforge / torch seconds over save and load of each size."""
+    pairs = 1 if quick else 3
+    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", "--pairs", str(pairs)] + (["--quick"] if quick else [])
+    proc = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"checkpoint worker exited {proc.returncode}: {proc.stderr.strip()[-800:]}")
+    sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    ratios = {f"{name}/{what}": out[f"{what}_ratio"] for name, out in sizes.items() for what in ("save", "load")}
+    worst = max(ratios.values())
+    return result("checkpoint", worst, f"<= {GOAL}", worst <= GOAL, unit="x", details={
+        "ratios": ratios,
+        "threads": os.environ.get("OMP_NUM_THREADS") or "all cores",
+        "sizes": sizes,
+        "note": "figure = the highest of the size/operation median ratios (llmforge seconds over torch.save + fsync, "
+                "or torch.load + load_state_dict, of the same model and AdamW state)",
+    })
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="checkpoint timings (the worker of the checkpoint benchmark)")
+    parser.add_argument("--worker", action="store_true", required=True)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")  # megatron's "Apex is not installed" notices
+    print(json.dumps(_worker(args.quick, args.pairs)))

@@ -1,0 +1,229 @@
+"""`time_to_loss`: wall time for `llmforge run specs/shakespeare-char.yaml` to reach val loss 1.89, against the reference.
+
+    python benchmarks/run.py --only time_to_loss [--quick]
+
+Both sides are subprocesses timed from spawn to the log line that first reports a val loss
+at or below the target, so start-up, data preparation, evaluation and per-step Python all
+count. The reference (`python benchmarks/time_to_loss_bench.py --reference RECIPE`) is
+nanoGPT's loop around `reference_gpt`: the same char tokenization and 90/10 contiguous
+split, the same model shape, AdamW, warmup + cosine schedule, clipping, batch, eval
+interval and eval batches (the first val windows, as llmforge's unshuffled val loader
+reads them), all read from the spec. Training batches are nanoGPT's random windows.
+Full mode is one pair of runs (the recipe's 2000 steps each); --quick cuts the steps and
+aims at the loss the short run reaches (~2.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import yaml
+from harness import ROOT, result
+
+SPEC = ROOT / "specs" / "shakespeare-char.yaml"
+CORPUS_DEFAULT = ROOT / ".." / "shared" / "data" / "tinyshakespeare.txt"
+TARGET, QUICK_TARGET = 1.89, 2.5
+QUICK_STEPS, QUICK_EVAL_INTERVAL = 300, 100
+GOAL = 0.8
+# A busy shared machine can make a run many times slower; past this each run is cut short.
+LIMIT_S, QUICK_LIMIT_S = 360.0, 240.0
+_LLMFORGE_EVAL = re.compile(r"\[pretrain\] step (\d+): val_loss ([0-9.]+|nan|inf)")
+_REFERENCE_EVAL = re.compile(r"^step (\d+) val_loss ([0-9.]+|nan|inf)")
+
+
+def _corpus() -> Path:
+    return Path(os.environ.get("TINYSHAKESPEARE", CORPUS_DEFAULT)).resolve()
+
+
+def _recipe(quick: bool) -> dict:
+    """The spec's model and pretrain settings (with the quick cuts), as both sides will run them."""
+    spec = yaml.safe_load(SPEC.read_text())
+    train = next(s["train"] for s in spec["stages"] if s["type"] == "pretrain")
+    if quick:
+        train = {**train, "max_steps": QUICK_STEPS, "eval_interval": QUICK_EVAL_INTERVAL}
+    if train["micro_batch_size"] != train["global_batch_size"]:
+        raise ValueError("the reference loop trains one micro batch per step; keep micro == global batch in the spec")
+    return {"seed": spec["seed"], "model": {k: v for k, v in spec["model"].items() if k != "name"}, "train": train,
+            "corpus": str(_corpus()), "val_fraction": spec["data"]["split"]["val_fraction"]}
+
+
+# --- the reference run (a subprocess) ----------------------------------------------------------
+
+
+def _reference_main(recipe: dict) -> None:
+    """nanoGPT's train.py in miniature, printing `step N val_loss X` at each evaluation."""
+    import torch
+    import torch.nn.functional as F
+
+    import reference_gpt as ref
+
+    train, model_keys = recipe["train"], recipe["model"]
+    text = Path(recipe["corpus"]).read_text(encoding="utf-8")
+    stoi = {c: i for i, c in enumerate(sorted(set(text)))}  # nanoGPT's char vocabulary
+    data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
+    split = int(len(data) * (1 - recipe["val_fraction"]))
+    train_data, val_data = data[:split], data[split:]
+    seq, batch = model_keys["seq_length"], train["micro_batch_size"]
+    torch.manual_seed(recipe["seed"])
+    generator = torch.Generator().manual_seed(recipe["seed"])
+
+    shape = ref.Shape(
+        num_layers=model_keys["num_layers"], hidden_size=model_keys["hidden_size"], num_attention_heads=model_keys["num_attention_heads"],
+        kv_groups=model_keys.get("num_query_groups") or model_keys["num_attention_heads"],
+        ffn=model_keys.get("ffn_hidden_size") or 4 * model_keys["hidden_size"], vocab_size=model_keys["vocab_size"],
+        max_positions=model_keys.get("max_position_embeddings") or seq,
+        position_embedding_type=model_keys.get("position_embedding_type", "learned_absolute"),
+        normalization=model_keys.get("normalization", "LayerNorm"), activation=model_keys.get("activation", "gelu"),
+        add_bias_linear=model_keys.get("add_bias_linear", True), tied=not model_keys.get("untie_embeddings_and_output_weights", False),
+    )
+    model = ref.ReferenceGPT(shape, seed=recipe["seed"])
+    opt = train["optimizer"]
+    optimizer = ref.build_optimizer(model, lr=opt["lr"], betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"])
+    sched, total, peak = train["lr_schedule"], train["max_steps"], opt["lr"]
+
+    def lr_at(step: int) -> float:  # llmforge's warmup + cosine (llmforge.runtime.schedules)
+        if step < sched["warmup_steps"]:
+            return peak * (step + 1) / sched["warmup_steps"]
+        progress = min(1.0, (step - sched["warmup_steps"]) / max(1, total - sched["warmup_steps"]))
+        return sched["min_lr"] + (peak - sched["min_lr"]) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    # The val batches llmforge's unshuffled val loader reads: consecutive windows of seq + 1 tokens, stride seq.
+    windows = val_data.unfold(0, seq + 1, seq)
+    val_batches = list(windows[: train["eval_iters"] * batch].split(batch))
+
+    @torch.no_grad()
+    def val_loss() -> float:
+        model.eval()
+        losses = [F.cross_entropy(model(b[:, :-1]).flatten(0, 1), b[:, 1:].flatten(), reduction="sum") for b in val_batches]
+        model.train()
+        return float(sum(losses)) / sum(b[:, 1:].numel() for b in val_batches)
+
+    for step in range(total):
+        starts = torch.randint(len(train_data) - seq - 1, (batch,), generator=generator)
+        tokens = torch.stack([train_data[s : s + seq + 1] for s in starts])
+        ref.train_step(model, optimizer, [tokens], lr=lr_at(step), clip_grad=train.get("clip_grad"))
+        done = step + 1
+        if done % train["eval_interval"] == 0 or done == total:
+            print(f"step {done} val_loss {val_loss():.4f}", flush=True)
+
+
+# --- the benchmark ---------------------------------------------------------------------------
+
+
+def _time_to_target(argv: list[str], pattern: re.Pattern, target: float, env: dict[str, str], limit_s: float) -> dict:
+    """Run `argv`; seconds from spawn to the first eval line at or below `target` (then stop it), and the curve.
+
+    A run still short of the target after `limit_s` is stopped there: its curve still counts.
+    """
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = threading.Timer(limit_s, proc.kill)
+    deadline.start()
+    curve: list[tuple[int, float, float]] = []  # (step, val loss, seconds since spawn)
+    reached = None
+    try:
+        for line in proc.stdout:
+            m = pattern.search(line)
+            if not m:
+                continue
+            curve.append((int(m[1]), float(m[2]), round(time.perf_counter() - start, 2)))
+            if curve[-1][1] <= target:
+                reached = curve[-1][2]
+                break
+    finally:
+        deadline.cancel()
+        if proc.poll() is None:
+            proc.kill()  # the target is reached; the rest of the run is not measured
+        _, stderr = proc.communicate()
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds (user + sys, with the run's own worker processes) move less than wall time on a busy machine.
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    if reached is None and proc.returncode != 0 and wall < limit_s:
+        raise RuntimeError(f"{' '.join(argv[:3])} exited {proc.returncode}: {stderr.strip()[-800:]}")
+    return {"seconds": reached, "curve": curve, "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2),
+            "stopped_at_limit": reached is None and wall >= limit_s}
+
+
+def _first_time_at(curve: list[tuple[int, float, float]], loss: float) -> float:
+    return next(t for _, l, t in curve if l <= loss)
+
+
+def _interpolated(curve: list[tuple[int, float, float]], target: float) -> float | None:
+    """Seconds at which the val curve crosses `target`, linear between evaluations (the eval interval's rounding removed)."""
+    for (_, loss_a, t_a), (_, loss_b, t_b) in zip(curve, curve[1:]):
+        if loss_a > target >= loss_b:
+            return round(t_a + (t_b - t_a) * (loss_a - target) / (loss_a - loss_b), 2)
+    return curve[0][2] if curve and curve[0][1] <= target else None
+
+
+def time_to_loss(quick: bool) -> dict:
+    """llmforge's seconds to the target val loss over the reference's, one pair of runs."""
+    corpus = _corpus()
+    if not corpus.exists():
+        raise FileNotFoundError(f"time_to_loss needs the tinyshakespeare corpus at {corpus}; set TINYSHAKESPEARE to its path")
+    recipe = _recipe(quick)
+    target = QUICK_TARGET if quick else TARGET
+    limit_s = QUICK_LIMIT_S if quick else LIMIT_S
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TINYSHAKESPEARE": str(corpus)}
+    script = Path(sys.executable).with_name("llmforge")
+    llmforge = [str(script)] if script.exists() else [sys.executable, "-m", "llmforge"]
+    train = recipe["train"]
+    with tempfile.TemporaryDirectory(prefix="llmforge-ttl-") as tmp:
+        ours_argv = [*llmforge, "run", str(SPEC), "--run-dir", str(Path(tmp) / "run"),
+                     f"stages.1.train.max_steps={train['max_steps']}", f"stages.1.train.eval_interval={train['eval_interval']}"]
+        theirs_argv = [sys.executable, str(Path(__file__).resolve()), "--reference", json.dumps(recipe)]
+        # One pair: the reference first, so that llmforge is never the side with a cold file cache.
+        theirs = _time_to_target(theirs_argv, _REFERENCE_EVAL, target, env, limit_s)
+        ours = _time_to_target(ours_argv, _LLMFORGE_EVAL, target, env, limit_s)
+    details = {
+        "target_val_loss": target,
+        "steps": train["max_steps"],
+        "eval_interval": train["eval_interval"],
+        "limit_s_per_run": limit_s,
+        "llmforge": ours,
+        "reference": theirs,
+        "llmforge_interpolated_s": _interpolated(ours["curve"], target),
+        "reference_interpolated_s": _interpolated(theirs["curve"], target),
+        "cpu_ratio": round(ours["cpu_s"] / theirs["cpu_s"], 3) if theirs["cpu_s"] else None,
+        "threads": os.environ.get("OMP_NUM_THREADS") or "all cores",
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    if ours["seconds"] is not None and theirs["seconds"] is not None:
+        ratio = ours["seconds"] / theirs["seconds"]
+        return result("time_to_loss", round(ratio, 3), f"<= {GOAL}", ratio <= GOAL, details, unit="x")
+    if not ours["curve"] or not theirs["curve"]:
+        empty = "llmforge" if not ours["curve"] else "the reference"
+        raise RuntimeError(f"{empty} reported no val loss within {limit_s:g} s; the machine is too busy for time_to_loss")
+    # The target was not reached (too few steps, or the time limit on a busy machine): compare
+    # at the lowest val loss both runs reached, and say so. The goal counts as not met.
+    common = max(min(loss for _, loss, _ in run["curve"]) for run in (ours, theirs))
+    ratio = _first_time_at(ours["curve"], common) / _first_time_at(theirs["curve"], common)
+    missed = [side for side, run in (("llmforge", ours), ("reference", theirs)) if run["seconds"] is None]
+    details["compared_at_val_loss"] = common
+    details["note"] = (f"{' and '.join(missed)} did not reach val loss {target} (within {train['max_steps']} steps and "
+                       f"{limit_s:g} s); the figure compares the time to val loss {common:.4f}, the lowest both reached")
+    return result("time_to_loss", round(ratio, 3), f"<= {GOAL}", False, details, unit="x")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="time_to_loss; with --reference RECIPE_JSON, the reference training run itself")
+    parser.add_argument("--reference", metavar="RECIPE_JSON")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.reference:
+        _reference_main(json.loads(args.reference))
+    else:
+        print(json.dumps(time_to_loss(args.quick), indent=1))

@@ -1,0 +1,137 @@
+"""`train_step`: tokens/s of llmforge's training step against a plain-PyTorch GPT of the same shape.
+
+    python benchmarks/run.py --only train_step [--quick]
+
+Each shape runs in a fresh worker process (`python benchmarks/train_bench.py --worker
+SHAPE`), so that import and build times and the peak RSS are its own. In the worker
+both sides train on the same batch, in fp32 and in bf16 autocast over fp32 master
+weights; measurements alternate reference and llmforge (harness.compare), and the figure
+is the median of llmforge / reference tokens/s per pair, for the worst of the four
+shape × precision cases. MFU is against this CPU's 2048² matmul peak, measured in the
+same worker. Each measurement is the fastest of a few steps (load from other jobs only
+ever slows a step down); CPU seconds are reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from harness import ROOT, compare, result
+
+GOAL = 1.0
+SHAPES = ("tiny", "10m")
+PRECISIONS = ("fp32", "bf16")
+
+
+def _worker(shape: str, *, steps: int, pairs: int, quick: bool) -> dict:
+    """Everything measured for one shape, in this (fresh) process."""
+    start = time.perf_counter()
+    import torch
+
+    torch_import_s = time.perf_counter() - start
+    import workloads
+    from llmforge.models.size import flops_per_token, param_count
+
+    work = workloads.workload(shape)
+    if quick:
+        work = work.shrunk(micro_batch_size=2, num_micro_batches=2)
+    # What a user waits for before the first step: megatron and llmforge's runtime, then the build.
+    start = time.perf_counter()
+    import megatron.core.models.gpt.gpt_model  # noqa: F401
+    import llmforge.runtime.step  # noqa: F401
+    import llmforge.runtime.optim  # noqa: F401
+
+    llmforge_import_s = time.perf_counter() - start
+    baseline_rss = workloads.rss_mb()
+    start = time.perf_counter()
+    ours = workloads.build_llmforge(work)
+    llmforge_build_s = time.perf_counter() - start
+    data = workloads.batches(work)
+    for precision in PRECISIONS:  # first steps allocate buffers and warm the thread pool
+        ours["step"][precision](data)
+    llmforge_peak_rss = workloads.peak_rss_mb() - baseline_rss
+
+    start = time.perf_counter()
+    theirs = workloads.build_reference(work)
+    reference_build_s = time.perf_counter() - start
+    for precision in PRECISIONS:
+        theirs["step"][precision](data)
+
+    peak = {p: workloads.matmul_peak_flops(p) for p in PRECISIONS}
+    options = work.options()
+    flops = flops_per_token(options, work.seq_length)
+    cases = {}
+    for precision in PRECISIONS:
+        cpu: dict[str, list[float]] = {"llmforge": [], "reference": []}
+
+        def rate(side: str, step_fn) -> float:
+            # The fastest of `steps` steps: other jobs on a shared machine only ever slow a step down.
+            best_wall, best_cpu = min(workloads.timed(lambda: step_fn(data)) for _ in range(steps))
+            cpu[side].append(best_cpu)
+            return work.tokens_per_step / best_wall
+
+        pair = compare(lambda: rate("reference", theirs["step"][precision]), lambda: rate("llmforge", ours["step"][precision]), pairs)
+        tokens_per_s = statistics.median(pair.subject)
+        cases[precision] = {
+            "ratio": round(pair.ratio, 3),
+            "llmforge_tokens_per_s": round(tokens_per_s),
+            "reference_tokens_per_s": round(statistics.median(pair.baseline)),
+            "ratios": [round(r, 3) for r in pair.ratios],
+            "cpu_ratio": round(statistics.median(r / o for r, o in zip(cpu["reference"], cpu["llmforge"])), 3),
+            "mfu": round(tokens_per_s * flops / peak[precision], 4),
+            "reference_mfu": round(statistics.median(pair.baseline) * flops / peak[precision], 4),
+        }
+    return {
+        "shape": shape,
+        "params": param_count(options),
+        "tokens_per_step": work.tokens_per_step,
+        "steps_per_measurement": steps,
+        "threads": torch.get_num_threads(),
+        "matmul_peak_gflops": {p: round(v / 1e9, 1) for p, v in peak.items()},
+        "cases": cases,
+        "llmforge_peak_rss_above_baseline_mb": round(llmforge_peak_rss, 1),
+        "import_s": {"torch": round(torch_import_s, 2), "megatron_and_llmforge": round(llmforge_import_s, 2)},
+        "build_s": {"llmforge": round(llmforge_build_s, 2), "reference": round(reference_build_s, 3)},
+        "llmforge_import_plus_build_s": round(torch_import_s + llmforge_import_s + llmforge_build_s, 2),
+        "reference_import_plus_build_s": round(torch_import_s + reference_build_s, 2),
+    }
+
+
+def _run_worker(shape: str, *, steps: int, pairs: int, quick: bool) -> dict:
+    argv = [sys.executable, str(Path(__file__).resolve()), "--worker", shape, "--steps", str(steps), "--pairs", str(pairs)]
+    proc = subprocess.run(argv + (["--quick"] if quick else []), cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train_step worker {shape} exited {proc.returncode}: {proc.stderr.strip()[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def train_step(quick: bool) -> dict:
+    """Median llmforge / reference tokens/s per alternating pair; the figure is the worst shape × precision."""
+    shapes = {shape: _run_worker(shape, steps=1 if quick else 2, pairs=1 if quick else 3, quick=quick) for shape in SHAPES}
+    ratios = {f"{shape}/{p}": out["cases"][p]["ratio"] for shape, out in shapes.items() for p in PRECISIONS}
+    worst = min(ratios.values())
+    return result("train_step", worst, f">= {GOAL}", worst >= GOAL, unit="x", details={
+        "ratios": ratios,
+        "shapes": shapes,
+        "note": "figure = the lowest of the shape/precision median ratios (llmforge tokens/s over the reference's, same batch, "
+                "one process, alternating); mfu = tokens/s × 6N+6Lhs FLOPs per token / the 2048² matmul peak of the same dtype",
+    })
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="one shape's train-step measurements (a worker of the train_step benchmark)")
+    parser.add_argument("--worker", choices=SHAPES, required=True)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    import warnings
+
+    warnings.filterwarnings("ignore")  # megatron's "Apex is not installed" notices
+    print(json.dumps(_worker(args.worker, steps=args.steps, pairs=args.pairs, quick=args.quick)))

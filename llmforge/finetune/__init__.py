@@ -1,0 +1,1 @@
+"""Finetuning beyond SFT: LoRA adapters, soft prompts, preference and RL losses, rewards."""

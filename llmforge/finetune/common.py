@@ -1,0 +1,90 @@
+"""Pieces the finetune stage runners share: layout checks, the frozen reference model, log-probabilities."""
+
+from __future__ import annotations
+
+import torch
+
+from llmforge.spec.errors import UserError
+
+
+def check_layout(context, stage) -> None:
+    """Refuse, at run time too, a layout the stage's step cannot run (validate says the same)."""
+    from llmforge.spec.stages import layout_problems
+
+    problems = layout_problems(stage, context.spec.parallelism)
+    if problems:
+        raise UserError(f"stage {stage.name!r}: " + "; ".join(problems), "change parallelism, or run this stage from a spec of its own")
+
+
+def frozen_model(context, stage, reference: str) -> torch.nn.Module:
+    """A frozen copy of the model from `reference`'s final checkpoint, in the run's layout (eval mode)."""
+    from llmforge.finetune.checkpoints import load_weights
+
+    spec = context.spec
+    chunks = context.registry.factory("model", spec.model.name)(spec.model, spec.parallelism, precision=stage.train.precision,
+                                                                  seed=spec.seed)
+    source = context.final_checkpoint(reference)
+    load_weights(source, chunks)
+    (model,) = chunks
+    model.eval().requires_grad_(False)
+    context.log(f"[{stage.name}] frozen reference model from {source}")
+    return model
+
+
+def logprobs_fn(model: torch.nn.Module, *, micro_batch_size: int, pad_id: int, autocast, prefix: list[int] = ()):
+    """`examples → summed log-probability of each (ids, mask) example's masked ids` for EvalContext.
+
+    `prefix` goes in front of every example untrained (a soft prompt's virtual tokens). A
+    collective under TP: every rank of the group calls it with the same examples.
+    """
+    from megatron.core import parallel_state
+
+    from llmforge.data.sft import pack_examples
+    from llmforge.finetune.steps import token_logprobs
+    from llmforge.models.init import unwrap
+
+    gpt = unwrap(model)
+
+    def logprobs(examples: list[tuple[list[int], list[int]]]) -> list[float]:
+        examples = [([*prefix, *ids], [0] * len(prefix) + list(mask)) for ids, mask in examples]
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        width = -(-(max(len(ids) for ids, _ in examples) - 1) // tp) * tp
+        tokens, masks, _ = pack_examples(examples, width, pad_id)
+        device = next(gpt.parameters()).device
+        per_token = token_logprobs(gpt, torch.from_numpy(tokens).to(device), micro_batch_size=micro_batch_size, autocast=autocast)
+        return (per_token.cpu() * torch.from_numpy(masks)).sum(dim=1).tolist()
+
+    return logprobs
+
+
+def preference_packer(tokenizer, stage, length: int, *, score_last: bool = False):
+    """records → one pair per row: chosen then rejected tokens ([n, 2 (L + 1)]) and masks ([n, 2 L]).
+
+    The masks mark the response tokens (DPO's log-likelihoods), or with `score_last` only the
+    position of each sequence's last token, where a reward model reads its score.
+    """
+    import numpy as np
+
+    from llmforge.data.sft import encode_example, pack_examples, template_parts
+
+    parts = template_parts(stage.chat_template)
+
+    def pack(records):
+        missing = next((r for r in records if not {"prompt", "chosen", "rejected"} <= set(r)), None)
+        if missing is not None:
+            raise UserError(f"stage {stage.name!r} trains on preference pairs, but a record has only {sorted(missing)}",
+                            "use a `preferences` source, or a `tasks` source with format: preferences")
+        halves = []
+        truncated = 0
+        for key in ("chosen", "rejected"):
+            encoded = [encode_example(tokenizer, parts, {"prompt": r["prompt"], "response": r[key]}) for r in records]
+            tokens, masks, cut = pack_examples(encoded, length, tokenizer.pad_id)
+            if score_last:
+                masks = np.zeros_like(masks)
+                masks[np.arange(len(encoded)), [min(len(ids), length) - 1 for ids, _ in encoded]] = 1.0
+            halves.append((tokens, masks))
+            truncated += cut
+        (tc, mc), (tr, mr) = halves
+        return np.concatenate([tc, tr], axis=1), np.concatenate([mc, mr], axis=1), truncated
+
+    return pack

@@ -1,0 +1,98 @@
+"""A reward model: the GPT's final hidden state at a sequence's last token, through a scalar head.
+
+The head is a child of the GPTModel (`reward_head`), so the model's own sharded state dict
+saves and loads it with the rest; it is replicated over TP ranks, which all see the same
+hidden state. The vocabulary projection is skipped by running the model with
+`post_process` off (the decoder still applies its final norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import torch
+
+HEAD = "reward_head"
+
+
+def attach_reward_head(model_chunks: list[torch.nn.Module], *, seed: int) -> None:
+    """Give each chunk's GPTModel a fresh scalar head (normal(0, 1/sqrt(hidden + 1)), bias 0), alike in every layout.
+
+    An untied output layer is frozen: a reward model never projects onto the vocabulary.
+    """
+    from llmforge.models.init import unwrap
+
+    for chunk in model_chunks:
+        model = unwrap(chunk)
+        hidden = model.config.hidden_size
+        key = int.from_bytes(hashlib.sha256(f"{seed}:{HEAD}".encode()).digest()[:8], "little")
+        weight = torch.randn(1, hidden, generator=torch.Generator().manual_seed(key)) / (hidden + 1) ** 0.5
+        head = torch.nn.Linear(hidden, 1, device=next(model.parameters()).device)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+            head.bias.zero_()
+        model.add_module(HEAD, head)
+        if not model.share_embeddings_and_output_weights and model.post_process:
+            # The vocabulary projection is never run; frozen, the optimizer leaves it alone.
+            model.output_layer.weight.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _hidden_states_only(model):
+    # GPTModel returns the decoder's output, before the output layer, when post_process is off.
+    model.post_process = False
+    try:
+        yield
+    finally:
+        model.post_process = True
+
+
+def sequence_scores(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Reward [b] of each row of `tokens` [b, s], read at its position `index` [b] (its last real token)."""
+    from megatron.core import tensor_parallel
+
+    from llmforge.models.init import unwrap
+
+    gpt = unwrap(model)
+    with _hidden_states_only(gpt):
+        hidden = model(tokens, positions, None)  # [s, b, h]
+    if gpt.config.sequence_parallel:
+        # Every TP rank goes on with the same (replicated) head, so the backward splits, not sums.
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+    last = hidden[index, torch.arange(tokens.shape[0], device=tokens.device)]
+    return getattr(gpt, HEAD)(last.float()).squeeze(-1)
+
+
+def score_mask(lengths: list[int], length: int) -> torch.Tensor:
+    """[n, length] one-hot masks marking where each sequence's score is read (its last token)."""
+    mask = torch.zeros(len(lengths), length)
+    mask[torch.arange(len(lengths)), torch.tensor(lengths).clamp(max=length) - 1] = 1.0
+    return mask
+
+
+@torch.no_grad()
+def score_sequences(model: torch.nn.Module, sequences: list[list[int]], *, micro_batch_size: int, pad_id: int,
+                    autocast=contextlib.nullcontext) -> list[float]:
+    """Rewards of whole token sequences, in batches; a collective under TP (same sequences everywhere)."""
+    from megatron.core import parallel_state
+
+    device = next(model.parameters()).device
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    was_training = model.training
+    model.eval()
+    scores: list[float] = []
+    try:
+        for start in range(0, len(sequences), micro_batch_size):
+            rows = sequences[start:start + micro_batch_size]
+            width = -(-max(len(r) for r in rows) // tp_size) * tp_size  # sequence parallelism splits it evenly
+            tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+            for i, row in enumerate(rows):
+                tokens[i, : len(row)] = torch.tensor(row)
+            positions = torch.arange(width).expand(len(rows), -1)
+            index = torch.tensor([len(r) - 1 for r in rows])
+            with autocast():
+                scores += sequence_scores(model, tokens.to(device), positions.to(device), index.to(device)).tolist()
+    finally:
+        model.train(was_training)
+    return scores

@@ -1,0 +1,151 @@
+"""The RL stage's loader: each global batch is a fresh rollout of the current policy.
+
+A step takes the next prompts (a seeded permutation per epoch, each DP rank a fixed slice,
+as the finetune loader orders examples), samples `group_size` completions of each with the
+KV-cache sampler, scores them with the reward components and turns the rewards into
+group-normalized advantages. Its state is the global position alone: sampling draws from
+a generator seeded by (seed, step, DP rank), so a resumed run samples what it would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmforge.data.sft import MaskedBatch
+from llmforge.finetune.losses import group_advantages
+from llmforge.finetune.rewards import Sample
+from llmforge.finetune.steps import Rollout, token_logprobs
+from llmforge.spec.errors import UserError
+
+ROLLOUT_STATE_VERSION = 1
+
+
+def _seed(*parts: int) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
+
+
+class RolloutSource:
+    """Prompts → sampled, rewarded rollouts in the micro batches PolicyGradientStep takes.
+
+    Args:
+        prompts: (record, prompt ids) per training prompt, chat template applied.
+        reward: samples → (rewards, mean per component), see `build_rewards`.
+        sampling: generate()'s keyword arguments (max_new_tokens, temperature, top_k, top_p).
+        need_old_logprobs: the step makes several updates per rollout, so the sampling
+            policy's log-probs are kept (the first update's ratio is 1 without them).
+        reference: the frozen reference model when the KL penalty is on, else None.
+        dp_group: the data-parallel process group (statistics are averaged over it), or None.
+    """
+
+    def __init__(self, prompts: list[tuple[dict[str, Any], list[int]]], *, tokenizer, reward: Callable, group_size: int,
+                 global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, length: int,
+                 sampling: dict[str, Any], scale_rewards: bool, need_old_logprobs: bool, reference, autocast,
+                 dp_group=None):
+        per_rank = global_batch_size // dp_size
+        if global_batch_size % dp_size or per_rank % group_size or per_rank % micro_batch_size:
+            raise UserError(f"global_batch_size {global_batch_size} must give each of {dp_size} data-parallel rank(s) whole groups of "
+                            f"{group_size} and whole micro batches of {micro_batch_size}",
+                            f"use a multiple of {dp_size * group_size * micro_batch_size // np.gcd(group_size, micro_batch_size)}")
+        longest = max(len(ids) for _, ids in prompts)
+        if longest + sampling["max_new_tokens"] > length + 1:
+            raise UserError(f"a prompt of {longest} tokens plus max_new_tokens {sampling['max_new_tokens']} exceeds max_seq_length {length} + 1",
+                            "raise max_seq_length or lower max_new_tokens")
+        self.prompts, self.tokenizer, self.reward = prompts, tokenizer, reward
+        self.group_size, self.global_batch_size, self.micro_batch_size = group_size, global_batch_size, micro_batch_size
+        self.dp_rank, self.dp_size, self.dp_group, self.seed, self.length = dp_rank, dp_size, dp_group, seed, length
+        self.sampling, self.scale_rewards, self.need_old_logprobs = sampling, scale_rewards, need_old_logprobs
+        self.reference, self.autocast = reference, autocast
+        self.samples_per_epoch = len(prompts) * group_size
+        self.tokens_per_sample = length
+        self.position = 0  # completions consumed, over all ranks
+        self.policy = None
+        self.on_rollout: Callable[[int, dict[str, float]], None] = lambda step, stats: None
+        self._perm_epoch, self._perm = -1, np.arange(len(prompts))
+
+    def bind(self, policy: torch.nn.Module, on_rollout: Callable[[int, dict[str, float]], None]) -> None:
+        """The policy to sample from (built after the loader) and where each rollout's statistics go."""
+        self.policy, self.on_rollout = policy, on_rollout
+
+    def _prompt(self, index: int) -> int:
+        epoch, offset = divmod(index, len(self.prompts))
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch, 0x0F7]).permutation(len(self.prompts))
+            self._perm_epoch = epoch
+        return int(self._perm[offset])
+
+    def next_global_batch(self) -> MaskedBatch:
+        from llmforge.runtime.generate import generate
+
+        step = self.position // self.global_batch_size
+        per_rank = self.global_batch_size // self.dp_size // self.group_size
+        first = self.position // self.group_size + self.dp_rank * per_rank
+        chosen = [self.prompts[self._prompt(i)] for i in range(first, first + per_rank)]
+        self.position += self.global_batch_size
+        records = [rec for rec, _ in chosen for _ in range(self.group_size)]
+        prompt_ids = [ids for _, ids in chosen for _ in range(self.group_size)]
+        generator = torch.Generator().manual_seed(_seed(self.seed, step, self.dp_rank))
+        tok = self.tokenizer
+        with self.autocast():
+            completions = generate(self.policy, prompt_ids, generator=generator, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                                   vocab_size=tok.vocab_size, **self.sampling)
+        samples = [Sample(rec, tok.decode([t for t in out if t != tok.eos_id]), ids, out)
+                   for rec, ids, out in zip(records, prompt_ids, completions)]
+        rewards, component_means = self.reward(samples)
+        rewards = torch.tensor(rewards, dtype=torch.float32)
+        advantages = group_advantages(rewards, self.group_size, scale=self.scale_rewards)
+
+        tokens = torch.full((len(samples), self.length + 1), tok.pad_id, dtype=torch.long)
+        masks = torch.zeros(len(samples), self.length)
+        for row, sample in enumerate(samples):
+            ids = sample.prompt_ids + sample.completion_ids
+            tokens[row, : len(ids)] = torch.tensor(ids)
+            masks[row, len(sample.prompt_ids) - 1: len(ids) - 1] = 1.0  # targets that are completion tokens
+        device = next(self.policy.parameters()).device
+        old = token_logprobs(self.policy, tokens.to(device), micro_batch_size=self.micro_batch_size,
+                             autocast=self.autocast).cpu() if self.need_old_logprobs else None
+        ref = token_logprobs(self.reference, tokens.to(device), micro_batch_size=self.micro_batch_size,
+                             autocast=self.autocast).cpu() if self.reference is not None else None
+
+        groups = rewards.reshape(-1, self.group_size)
+        stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
+                 "completion_tokens": float(masks.sum(1).mean()),
+                 "uniform_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
+                 **{f"reward/{name}": value for name, value in component_means.items()}}
+        self.on_rollout(step + 1, self._averaged(stats))
+
+        n = len(samples) // self.micro_batch_size
+        pieces = lambda t: [None] * n if t is None else list(t.chunk(n))  # noqa: E731
+        rollouts = [Rollout(m, a, o, r) for m, a, o, r in zip(masks.chunk(n), advantages.chunk(n), pieces(old), pieces(ref))]
+        return MaskedBatch(list(tokens.chunk(n)), rollouts)
+
+    def _averaged(self, stats: dict[str, float]) -> dict[str, float]:
+        """The statistics averaged over DP ranks (every rank scores the same number of samples)."""
+        if self.dp_size == 1:
+            return stats
+        import torch.distributed as dist
+
+        keys = sorted(stats)
+        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
+        dist.all_reduce(values, group=self.dp_group)
+        return {k: float(v) / self.dp_size for k, v in zip(keys, values)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": ROLLOUT_STATE_VERSION, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != ROLLOUT_STATE_VERSION:
+            raise UserError(f"rollout state version {state.get('version')} is not {ROLLOUT_STATE_VERSION}")
+        self.position = int(state["position"])
+
+
+def autocast_for(precision: str, device: torch.device):
+    """A context factory: bf16 autocast as TrainStep uses it, or nothing for fp32."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext

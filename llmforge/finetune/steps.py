@@ -1,0 +1,163 @@
+"""Training steps with the preference and RL losses: TrainStep with another loss per micro batch.
+
+TrainStep runs megatron's schedule (gradient accumulation, DP grad reduction, the token
+count that scales the grads), clipping and the update; these subclasses replace only the
+forward of one micro batch and its loss. Losses are summed and paired with a count (pairs,
+or response tokens), so the grads are per pair or per token over the whole global batch.
+
+A micro batch of pairs holds one pair per row: chosen tokens then rejected tokens, side by
+side ([m, 2 (L + 1)]), so the finetune loader serves it unchanged; the step splits it into
+2m rows (chosen first) for one forward.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+import torch
+
+from llmforge.finetune import losses
+from llmforge.runtime.step import StepResult, TrainStep
+
+
+def pair_rows(tokens: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[m, 2 (L + 1)] pairs and [m, 2 L] masks → [2m, L + 1] rows and [2m, L] masks, chosen rows first."""
+    m = tokens.shape[0]
+    rows = tokens.reshape(m, 2, -1).transpose(0, 1).reshape(2 * m, -1)
+    row_masks = masks.reshape(m, 2, -1).transpose(0, 1).reshape(2 * m, -1)
+    return rows, row_masks
+
+
+class _PairStep(TrainStep):
+    """A step over preference pairs: the loader's pair rows are split before the schedule runs."""
+
+    def __init__(self, *args, micro_batch_size: int, **kwargs):
+        super().__init__(*args, micro_batch_size=2 * micro_batch_size, **kwargs)
+
+    def __call__(self, micro_batches, lr, loss_masks=None) -> StepResult:
+        rows = [pair_rows(t, m) for t, m in zip(micro_batches, loss_masks)]
+        return super().__call__([r for r, _ in rows], lr, [m for _, m in rows])
+
+    def eval_loss(self, micro_batches, loss_masks=None) -> tuple[float, int]:
+        rows = [pair_rows(t, m) for t, m in zip(micro_batches, loss_masks)]
+        return super().eval_loss([r for r, _ in rows], [m for _, m in rows])
+
+    def _pair_count(self, rows: int) -> torch.Tensor:
+        return self._token_count(rows // 2)
+
+
+class PreferenceStep(_PairStep):
+    """DPO (or IPO): policy log-likelihoods of chosen and rejected responses against a frozen reference.
+
+    Args:
+        reference: the reference model (a plain GPTModel, same layout, frozen); it runs
+            under no_grad in the same micro batch, so resume needs nothing extra.
+    """
+
+    def __init__(self, *args, reference: torch.nn.Module, beta: float, loss: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reference, self.beta, self.loss_kind = reference.eval(), beta, loss
+
+    def _forward_step(self, data_iterator, model):
+        batch, mask = next(data_iterator)
+        tokens, labels = batch[:, :-1], batch[:, 1:]
+        positions = self._positions(tokens.shape[0], tokens.shape[1])
+        with self._autocast():
+            output = model(tokens, positions, None, labels=labels)
+            with torch.no_grad():
+                reference = self.reference(tokens, positions, None, labels=labels)
+        return output.float(), functools.partial(self._dpo_loss, mask, reference.float())
+
+    def _dpo_loss(self, mask: torch.Tensor, reference_loss: torch.Tensor, per_token_loss: torch.Tensor):
+        policy = losses.sequence_logprobs(per_token_loss, mask)
+        reference = losses.sequence_logprobs(reference_loss, mask)
+        m = policy.shape[0] // 2
+        pair_losses = losses.dpo_loss(policy[:m], policy[m:], reference[:m], reference[m:], beta=self.beta, kind=self.loss_kind)
+        total, count = pair_losses.sum(), self._pair_count(policy.shape[0])
+        return total, count, (total.detach(), count)
+
+
+class RewardModelStep(_PairStep):
+    """Bradley-Terry on the scalar head: the mask of each row marks the position its score is read at."""
+
+    def _forward_step(self, data_iterator, model):
+        from llmforge.finetune.reward_model import sequence_scores
+
+        batch, mask = next(data_iterator)
+        tokens = batch[:, :-1]
+        with self._autocast():
+            scores = sequence_scores(model, tokens, self._positions(tokens.shape[0], tokens.shape[1]), mask.argmax(dim=1))
+        return scores, self._bt_loss
+
+    def _bt_loss(self, scores: torch.Tensor):
+        m = scores.shape[0] // 2
+        total, count = losses.bradley_terry_loss(scores[:m], scores[m:]).sum(), self._pair_count(scores.shape[0])
+        return total, count, (total.detach(), count)
+
+
+@dataclass
+class Rollout:
+    """What one micro batch of a rollout carries besides its tokens; moved to the device as one."""
+
+    mask: torch.Tensor  # [b, L] completion targets
+    advantages: torch.Tensor  # [b]
+    old_logp: torch.Tensor | None = None  # [b, L] per-token log-probs of the sampling policy (updates_per_rollout > 1)
+    reference_logp: torch.Tensor | None = None  # [b, L] of the reference model (kl_coef > 0)
+
+    def to(self, device, non_blocking: bool = False) -> Rollout:
+        move = lambda t: None if t is None else t.to(device, non_blocking=non_blocking)  # noqa: E731
+        return Rollout(move(self.mask), move(self.advantages), move(self.old_logp), move(self.reference_logp))
+
+
+class PolicyGradientStep(TrainStep):
+    """GRPO's clipped policy-gradient objective with a KL penalty, over the completion tokens.
+
+    One call makes `updates` optimizer updates on the same rollout; the first is on-policy
+    (π = π_old, the ratio is 1 and only the clip's gradient path differs from REINFORCE).
+    Plain masked batches (the val split's reference answers) take TrainStep's loss.
+    """
+
+    def __init__(self, *args, clip_epsilon: float, kl_coef: float, updates: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clip_epsilon, self.kl_coef, self.updates = clip_epsilon, kl_coef, updates
+
+    def __call__(self, micro_batches, lr, loss_masks=None) -> StepResult:
+        result = None
+        for _ in range(self.updates):
+            result = super().__call__(micro_batches, lr, loss_masks)
+        return result
+
+    def _forward_step(self, data_iterator, model):
+        batch, extra = next(data_iterator)
+        if not isinstance(extra, Rollout):
+            return super()._forward_step(iter([(batch, extra)]), model)
+        tokens, labels = batch[:, :-1], batch[:, 1:]
+        with self._autocast():
+            output = model(tokens, self._positions(tokens.shape[0], tokens.shape[1]), None, labels=labels)
+        return output.float(), functools.partial(self._policy_loss, extra)
+
+    def _policy_loss(self, rollout: Rollout, per_token_loss: torch.Tensor):
+        logp = -per_token_loss
+        old = rollout.old_logp if rollout.old_logp is not None else logp.detach()
+        token_loss = losses.grpo_token_loss(logp, old, rollout.advantages, clip_epsilon=self.clip_epsilon,
+                                            reference_logp=rollout.reference_logp, kl_coef=self.kl_coef)
+        total = (token_loss * rollout.mask).sum()
+        count = rollout.mask.sum().to(torch.int)
+        return total, count, (total.detach(), count)
+
+
+@torch.no_grad()
+def token_logprobs(model: torch.nn.Module, tokens: torch.Tensor, *, micro_batch_size: int, autocast) -> torch.Tensor:
+    """Per-token log-probabilities [n, L] of rows [n, L + 1] (targets tokens[:, 1:]); a collective under TP."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for batch in tokens.split(micro_batch_size):
+            inputs, labels = batch[:, :-1], batch[:, 1:]
+            positions = torch.arange(inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
+            with autocast():
+                out.append(-model(inputs, positions, None, labels=labels).float())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)

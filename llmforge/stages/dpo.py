@@ -1,0 +1,31 @@
+"""The `dpo` stage: direct preference optimization of the whole model against a frozen reference."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from llmforge.runtime.context import RunContext
+
+
+def run(stage, *, context: RunContext) -> dict[str, Any]:
+    from llmforge.finetune.common import check_layout, frozen_model, logprobs_fn, preference_packer
+    from llmforge.finetune.rollout import autocast_for
+    from llmforge.finetune.steps import PreferenceStep
+    from llmforge.models.init import unwrap
+    from llmforge.stages.pretrain import build_training
+    from llmforge.stages.sft import finetune_loaders, sequence_length
+
+    check_layout(context, stage)
+    par, tokenizer = context.parallel(), context.tokenizer()
+    length = sequence_length(context, stage)
+    loader, val_loader, train_recs, val_recs = finetune_loaders(context, stage, preference_packer(tokenizer, stage, length),
+                                                                length=length, kind="preferences", what="response (chosen + rejected)")
+    reference = frozen_model(context, stage, stage.reference or stage.init_from)
+    scorer = functools.partial(logprobs_fn, micro_batch_size=stage.train.micro_batch_size, pad_id=tokenizer.pad_id,
+                               autocast=autocast_for(stage.train.precision, par.device))
+    parts = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length,
+                           step_cls=functools.partial(PreferenceStep, reference=reference, beta=stage.beta, loss=stage.loss),
+                           evaluation=lambda chunks, step: {"logprobs": scorer(unwrap(chunks[0])), "reference_logprobs": scorer(reference)})
+    summary = context.run_loop(stage, parts, evaluate_start=True)
+    return {**summary, "train_pairs": len(train_recs), "val_pairs": len(val_recs)}

@@ -1,0 +1,93 @@
+"""The `rl` stage: GRPO-style reinforcement learning from reward components.
+
+Each step samples `group_size` completions of its prompts from the current policy (KV-cache
+sampler), scores them with the stage's rewards (a rule such as exact match, or a trained
+reward model), and makes `updates_per_rollout` updates of the clipped policy-gradient
+objective with a KL penalty to the frozen reference. `rollout` rows in metrics.jsonl follow
+the reward step by step; evaluators (mean_reward, exact_match) measure held-out prompts,
+from the starting checkpoint (step 0) on.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from llmforge.runtime.context import RunContext
+from llmforge.spec.errors import UserError
+
+
+def run(stage, *, context: RunContext) -> dict[str, Any]:
+    from megatron.core import parallel_state
+
+    from llmforge.data.sft import SFTLoader, encode_example, template_parts
+    from llmforge.finetune.common import check_layout, frozen_model, logprobs_fn
+    from llmforge.finetune.rewards import build_rewards
+    from llmforge.finetune.rollout import RolloutSource, autocast_for
+    from llmforge.finetune.steps import PolicyGradientStep
+    from llmforge.models.init import unwrap
+    from llmforge.runtime.generate import generate
+    from llmforge.stages.pretrain import build_training
+    from llmforge.stages.sft import instruction_packer, load_records, sequence_length, split_records
+
+    check_layout(context, stage)
+    spec, par, tokenizer, train = context.spec, context.parallel(), context.tokenizer(), stage.train
+    length = sequence_length(context, stage)
+    parts_ = template_parts(stage.chat_template)
+    train_recs, val_recs = split_records(load_records(context, stage), stage.data.val_fraction, spec.seed)
+    val_recs = val_recs or train_recs[: train.micro_batch_size]
+    if any("prompt" not in r for r in train_recs):
+        raise UserError(f"stage {stage.name!r} samples answers to prompts, but its records have no `prompt` field (chat `messages`?)",
+                        "use `prompt`/`response` records, e.g. a `tasks` source or an `instructions` source with format: prompt_response")
+
+    def prompt_ids(record: dict[str, Any]) -> list[int]:
+        ids, mask = encode_example(tokenizer, parts_, {"prompt": record["prompt"], "response": ""})
+        return ids[: mask.index(1)]
+
+    autocast = autocast_for(train.precision, par.device)
+    reference = frozen_model(context, stage, stage.reference or stage.init_from) if stage.kl_coef > 0 else None
+    reward = build_rewards(context.registry, stage.rewards, tokenizer=tokenizer, context=context, stage=stage)
+    source = RolloutSource([(r, prompt_ids(r)) for r in train_recs], tokenizer=tokenizer, reward=reward, group_size=stage.group_size,
+                           global_batch_size=train.global_batch_size, micro_batch_size=train.micro_batch_size, dp_rank=par.dp_rank,
+                           dp_size=par.dp_size, seed=spec.seed, length=length, scale_rewards=stage.scale_rewards,
+                           sampling={"max_new_tokens": stage.max_new_tokens, "temperature": stage.temperature, "top_k": stage.top_k,
+                                     "top_p": stage.top_p},
+                           need_old_logprobs=stage.updates_per_rollout > 1, reference=reference, autocast=autocast,
+                           dp_group=parallel_state.get_data_parallel_group() if par.dp_size > 1 else None)
+    # The val split's reference answers give a val loss: how likely the right answer is.
+    va_tokens, va_masks, _ = instruction_packer(tokenizer, stage, length)(val_recs)
+
+    def val_loader() -> SFTLoader:
+        return SFTLoader(va_tokens, va_masks, global_batch_size=train.micro_batch_size * par.dp_size, micro_batch_size=train.micro_batch_size,
+                         dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed, shuffle=False)
+
+    scorer = functools.partial(logprobs_fn, micro_batch_size=train.micro_batch_size, pad_id=tokenizer.pad_id, autocast=autocast)
+
+    def evaluation(chunks, step) -> dict[str, Any]:
+        policy = unwrap(chunks[0])
+
+        def greedy(ids: list[int], n: int) -> list[int]:
+            with autocast():
+                return generate(policy, [ids], max_new_tokens=n, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                vocab_size=tokenizer.vocab_size)[0]
+
+        return {"rewards": reward, "generate": greedy, "logprobs": scorer(policy),
+                "reference_logprobs": scorer(reference) if reference is not None else None}
+
+    step_cls = functools.partial(PolicyGradientStep, clip_epsilon=stage.clip_epsilon, kl_coef=stage.kl_coef,
+                                 updates=stage.updates_per_rollout)
+    parts = build_training(context, stage, loader=source, val_loader_fn=val_loader, seq_length=length, step_cls=step_cls,
+                           evaluation=evaluation)
+    metrics = parts["metrics"]
+
+    def on_rollout(step: int, stats: dict[str, float]) -> None:
+        metrics.write({"kind": "rollout", "stage": stage.name, "step": step, "tokens": step * train.global_batch_size * length, **stats})
+        if step % spec.logging.log_interval == 0:
+            context.log(f"[{stage.name}] rollout {step}: reward {stats['reward_mean']:.3f} ± {stats['reward_std']:.3f}, "
+                        f"{stats['completion_tokens']:.1f} tokens per completion, {stats['uniform_groups']:.0%} groups without signal")
+
+    source.bind(unwrap(parts["chunks"][0]), on_rollout)
+    context.log(f"[{stage.name}] {len(train_recs)} train / {len(val_recs)} val prompts; {train.global_batch_size // stage.group_size} "
+                f"prompts × {stage.group_size} completions per step")
+    summary = context.run_loop(stage, parts, evaluate_start=True)
+    return {**summary, "train_prompts": len(train_recs), "val_prompts": len(val_recs)}

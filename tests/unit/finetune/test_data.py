@@ -1,0 +1,116 @@
+"""Finetune data: response-only masks, pair rows, soft-prompt shifts, and the loader's order and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from llmforge.data.sft import SFTLoader, encode_example, pack_examples, template_parts
+from llmforge.finetune.common import preference_packer
+from llmforge.finetune.prompt import shift_batch, with_virtual_tokens
+from llmforge.finetune.steps import pair_rows
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from llmforge.data.tokenizers import build_byte
+    from llmforge.spec.components import ByteTokenizer
+
+    return build_byte(ByteTokenizer.model_validate({}), run_dir=Path("."), texts=[])
+
+
+class _Stage:
+    chat_template = "default"
+
+
+def test_response_mask_covers_the_answer_and_eos_only(tokenizer):
+    parts = template_parts("default")
+    ids, mask = encode_example(tokenizer, parts, {"prompt": "12+30=", "response": "42"})
+    prompt = [tokenizer.bos_id, *tokenizer.encode("<|user|>12+30=<|assistant|>")]
+    assert ids == prompt + tokenizer.encode("42") + [tokenizer.eos_id]
+    assert mask == [0] * len(prompt) + [1, 1, 1]
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2+2="},
+                         {"role": "assistant", "content": "4"}]}
+    ids, mask = encode_example(tokenizer, parts, chat)
+    assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "4<|eos|>"  # only the last reply trains
+    assert sum(mask) == 2
+
+
+def test_packed_masks_align_with_targets(tokenizer):
+    parts = template_parts("plain")
+    example = encode_example(tokenizer, parts, {"prompt": "ab", "response": "c"})  # bos a b | c eos
+    tokens, masks, truncated = pack_examples([example], 6, tokenizer.pad_id)
+    assert tokens.shape == (1, 7) and masks.shape == (1, 6) and truncated == 0
+    targets = tokens[0, 1:]
+    trained = [int(t) for t, m in zip(targets, masks[0]) if m]
+    assert trained == [*tokenizer.encode("c"), tokenizer.eos_id]  # the answer and EOS, nothing else
+    assert masks[0].tolist() == [0, 0, 1, 1, 0, 0]  # padding never trains
+    _, _, cut = pack_examples([example], 3, tokenizer.pad_id)
+    assert cut == 1
+
+
+def test_preference_rows_put_chosen_beside_rejected(tokenizer):
+    records = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2=", "chosen": "4", "rejected": "44"}]
+    tokens, masks, truncated = preference_packer(tokenizer, _Stage(), 12)(records)
+    assert tokens.shape == (2, 26) and masks.shape == (2, 24) and truncated == 0
+    rows, row_masks = pair_rows(torch.from_numpy(tokens), torch.from_numpy(masks))
+    assert rows.shape == (4, 13)
+    decoded = [tokenizer.decode([int(t) for t, m in zip(r[1:], rm) if m]) for r, rm in zip(rows, row_masks)]
+    assert decoded == ["2<|eos|>", "4<|eos|>", "3<|eos|>", "44<|eos|>"]  # chosen rows first, then rejected
+
+
+def test_reward_model_masks_mark_the_last_token(tokenizer):
+    records = [{"prompt": "1+1=", "chosen": "2", "rejected": "33"}]
+    tokens, masks, _ = preference_packer(tokenizer, _Stage(), 12, score_last=True)(records)
+    rows, row_masks = pair_rows(torch.from_numpy(tokens), torch.from_numpy(masks))
+    assert row_masks.sum(dim=1).tolist() == [1.0, 1.0]
+    for row, mask in zip(rows, row_masks):
+        assert int(row[int(mask.argmax())]) == tokenizer.eos_id  # the input position holding the EOS
+
+
+def test_virtual_tokens_lead_every_sequence():
+    assert with_virtual_tokens([7, 8], 3, 0) == [0, 0, 0, 7, 8]
+    assert with_virtual_tokens([0, 0, 0, 7, 8], 3, 0) == [0, 0, 0, 7, 8]  # already there: unchanged
+    tokens = torch.tensor([[5, 6, 7, 8, 9]])
+    masks = torch.tensor([[0.0, 1.0, 1.0, 1.0]])
+    shifted, shifted_masks = shift_batch(tokens, masks, 2, 0)
+    assert shifted.tolist() == [[0, 0, 5, 6, 7]] and shifted_masks.tolist() == [[0.0, 0.0, 0.0, 1.0]]
+
+
+def _order(loader: SFTLoader, steps: int) -> list[list[int]]:
+    out = []
+    for _ in range(steps):
+        batch = loader.next_global_batch()
+        out.append([int(t[0]) for micro in batch.tokens for t in micro])
+    return out
+
+
+def test_loader_order_is_the_same_for_every_data_parallel_size():
+    tokens = np.arange(40, dtype=np.int64).reshape(20, 2)  # row i starts with 2i
+    masks = np.ones((20, 1), dtype=np.float32)
+    one = _order(SFTLoader(tokens, masks, global_batch_size=8, micro_batch_size=2, seed=3), 5)
+    ranks = [_order(SFTLoader(tokens, masks, global_batch_size=8, micro_batch_size=2, dp_rank=r, dp_size=2, seed=3), 5) for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == one
+    flat = [x for step in one for x in step]
+    assert sorted(flat[:20]) == list(range(0, 40, 2))  # one epoch: every example once
+    assert flat[:20] != flat[20:40] and sorted(flat[20:40]) == sorted(flat[:20])  # reshuffled per epoch
+    assert _order(SFTLoader(tokens, masks, global_batch_size=8, micro_batch_size=2, seed=4), 1) != one[:1]
+
+
+def test_loader_resumes_exactly_from_its_state():
+    tokens = np.arange(60, dtype=np.int64).reshape(30, 2)
+    masks = np.ones((30, 1), dtype=np.float32)
+    make = lambda: SFTLoader(tokens, masks, global_batch_size=4, micro_batch_size=2, seed=9)  # noqa: E731
+    uninterrupted = _order(make(), 12)
+    first = make()
+    _order(first, 5)
+    state = first.state_dict()
+    assert state == {"version": 1, "position": 20, "seed": 9}
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert _order(resumed, 7) == uninterrupted[5:]
+    with pytest.raises(Exception, match="version"):
+        resumed.load_state_dict({"version": 99, "position": 0})
