@@ -30,6 +30,7 @@ class EvalContext:
     text: Callable[[str, str, int], None] | None = None  # (tag, text, step) -> TensorBoard text
     micro_batch_size: int = 1
     seq_length: int = 0
+    max_positions: int = 0  # the model's positions; 0 = unknown
     # What finetune stages offer besides (None elsewhere; an evaluator needing one returns {}):
     logprobs: Callable[[list[tuple[list[int], list[int]]]], list[float]] | None = None  # (ids, mask) → summed log-prob of masked ids
     reference_logprobs: Callable[[list[tuple[list[int], list[int]]]], list[float]] | None = None  # the same, frozen reference model
@@ -46,6 +47,10 @@ class EvalContext:
             batch = val_loader_fn().next_global_batch()
             first = batch.tokens[0] if hasattr(batch, "tokens") else batch[0]
             ids = first[0, :16].tolist()
+        if self.max_positions:
+            # A preview must fit the model: keep the prompt's tail and shorten the sample.
+            ids = ids[-max(1, self.max_positions // 2):]
+            n = min(n, self.max_positions - len(ids))
         out = self.generate(ids, n)
         if out is None:
             return None

@@ -87,7 +87,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     eval_ctx = EvalContext(stage=stage, tokenizer=tokenizer, val_loss=val_loss, generate=step_fn.greedy_sample,
                            log=context.log, eval_iters=train.eval_iters, score=step_fn.eval_loss,
                            text=lambda tag, text, step: metrics.text(f"{stage.name}/{tag}", text, step) if par.rank == 0 else None,
-                           micro_batch_size=train.micro_batch_size, seq_length=seq_length)
+                           micro_batch_size=train.micro_batch_size, seq_length=seq_length, max_positions=model_opts.max_positions)
     if evaluation is not None:
         eval_ctx = dataclasses.replace(eval_ctx, **evaluation(chunks, step_fn))
     evaluators = build_evaluators(registry, stage.evaluators, eval_ctx)
