@@ -10,7 +10,9 @@ split, the same model shape, AdamW, warmup + cosine schedule, clipping, batch, e
 interval and eval batches (the first val windows, as llmforge's unshuffled val loader
 reads them), all read from the spec. Training batches are nanoGPT's random windows.
 Full mode is one pair of runs (the recipe's 2000 steps each); --quick cuts the steps and
-aims at the loss the short run reaches (~2.5).
+aims at the loss the short run reaches (~2.5). With OMP_NUM_THREADS=1 (the way to measure
+on a shared machine, docs/performance.md) the two single-threaded runs go side by side,
+one core each, so that other jobs' load hits both alike; otherwise one after the other.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ import json
 import math
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import yaml
 from harness import ROOT, result
 
@@ -121,49 +124,62 @@ def _reference_main(recipe: dict) -> None:
 # --- the benchmark ---------------------------------------------------------------------------
 
 
+def _cpu_seconds(process: psutil.Process) -> float:
+    """User + system seconds of a process tree so far: itself, its reaped children, and the live ones."""
+    total = 0.0
+    for p in [process, *process.children(recursive=True)]:
+        try:
+            times = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system + (times.children_user + times.children_system if p is process else 0.0)
+    return total
+
+
 def _time_to_target(argv: list[str], pattern: re.Pattern, target: float, env: dict[str, str], limit_s: float) -> dict:
     """Run `argv`; seconds from spawn to the first eval line at or below `target` (then stop it), and the curve.
 
     A run still short of the target after `limit_s` is stopped there: its curve still counts.
+    CPU seconds to each evaluation are recorded too: on a busy machine they move far less
+    than wall time.
     """
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    start = time.perf_counter()
-    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = threading.Timer(limit_s, proc.kill)
-    deadline.start()
-    curve: list[tuple[int, float, float]] = []  # (step, val loss, seconds since spawn)
-    reached = None
-    try:
-        for line in proc.stdout:
-            m = pattern.search(line)
-            if not m:
-                continue
-            curve.append((int(m[1]), float(m[2]), round(time.perf_counter() - start, 2)))
-            if curve[-1][1] <= target:
-                reached = curve[-1][2]
-                break
-    finally:
-        deadline.cancel()
-        if proc.poll() is None:
-            proc.kill()  # the target is reached; the rest of the run is not measured
-        _, stderr = proc.communicate()
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    # CPU seconds (user + sys, with the run's own worker processes) move less than wall time on a busy machine.
-    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if reached is None and proc.returncode != 0 and wall < limit_s:
-        raise RuntimeError(f"{' '.join(argv[:3])} exited {proc.returncode}: {stderr.strip()[-800:]}")
-    return {"seconds": reached, "curve": curve, "wall_s": round(wall, 2), "cpu_s": round(cpu_s, 2),
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        process = psutil.Process(proc.pid)
+        deadline = threading.Timer(limit_s, proc.kill)
+        deadline.start()
+        curve: list[tuple[int, float, float, float]] = []  # (step, val loss, seconds since spawn, CPU seconds)
+        reached = None
+        try:
+            for line in proc.stdout:
+                m = pattern.search(line)
+                if not m:
+                    continue
+                curve.append((int(m[1]), float(m[2]), round(time.perf_counter() - start, 2), round(_cpu_seconds(process), 2)))
+                if curve[-1][1] <= target:
+                    reached = curve[-1][2]
+                    break
+        finally:
+            deadline.cancel()
+            if proc.poll() is None:
+                proc.kill()  # the target is reached; the rest of the run is not measured
+            proc.wait()
+        wall = time.perf_counter() - start
+        stderr.seek(0)
+        if reached is None and proc.returncode != 0 and wall < limit_s:
+            raise RuntimeError(f"{' '.join(argv[:3])} exited {proc.returncode}: {stderr.read().strip()[-800:]}")
+    return {"seconds": reached, "cpu_s": curve[-1][3] if curve else None, "curve": curve, "wall_s": round(wall, 2),
             "stopped_at_limit": reached is None and wall >= limit_s}
 
 
-def _first_time_at(curve: list[tuple[int, float, float]], loss: float) -> float:
-    return next(t for _, l, t in curve if l <= loss)
+def _first_time_at(curve: list[tuple[int, float, float, float]], loss: float) -> float:
+    return next(t for _, l, t, _ in curve if l <= loss)
 
 
-def _interpolated(curve: list[tuple[int, float, float]], target: float) -> float | None:
+def _interpolated(curve: list[tuple[int, float, float, float]], target: float) -> float | None:
     """Seconds at which the val curve crosses `target`, linear between evaluations (the eval interval's rounding removed)."""
-    for (_, loss_a, t_a), (_, loss_b, t_b) in zip(curve, curve[1:]):
+    for (_, loss_a, t_a, _), (_, loss_b, t_b, _) in zip(curve, curve[1:]):
         if loss_a > target >= loss_b:
             return round(t_a + (t_b - t_a) * (loss_a - target) / (loss_a - loss_b), 2)
     return curve[0][2] if curve and curve[0][1] <= target else None
@@ -181,13 +197,23 @@ def time_to_loss(quick: bool) -> dict:
     script = Path(sys.executable).with_name("llmforge")
     llmforge = [str(script)] if script.exists() else [sys.executable, "-m", "llmforge"]
     train = recipe["train"]
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    concurrent = threads == "1" and len(os.sched_getaffinity(0)) >= 2
     with tempfile.TemporaryDirectory(prefix="llmforge-ttl-") as tmp:
         ours_argv = [*llmforge, "run", str(SPEC), "--run-dir", str(Path(tmp) / "run"),
                      f"stages.1.train.max_steps={train['max_steps']}", f"stages.1.train.eval_interval={train['eval_interval']}"]
         theirs_argv = [sys.executable, str(Path(__file__).resolve()), "--reference", json.dumps(recipe)]
-        # One pair: the reference first, so that llmforge is never the side with a cold file cache.
-        theirs = _time_to_target(theirs_argv, _REFERENCE_EVAL, target, env, limit_s)
-        ours = _time_to_target(ours_argv, _LLMFORGE_EVAL, target, env, limit_s)
+        if concurrent:
+            # Single-threaded runs side by side on separate cores: whatever else loads the
+            # machine meanwhile hits both alike, which one pair run one after the other cannot promise.
+            with ThreadPoolExecutor(2) as pool:
+                theirs_run = pool.submit(_time_to_target, theirs_argv, _REFERENCE_EVAL, target, env, limit_s)
+                ours_run = pool.submit(_time_to_target, ours_argv, _LLMFORGE_EVAL, target, env, limit_s)
+                theirs, ours = theirs_run.result(), ours_run.result()
+        else:
+            # One pair: the reference first, so that llmforge is never the side with a cold file cache.
+            theirs = _time_to_target(theirs_argv, _REFERENCE_EVAL, target, env, limit_s)
+            ours = _time_to_target(ours_argv, _LLMFORGE_EVAL, target, env, limit_s)
     details = {
         "target_val_loss": target,
         "steps": train["max_steps"],
@@ -197,8 +223,9 @@ def time_to_loss(quick: bool) -> dict:
         "reference": theirs,
         "llmforge_interpolated_s": _interpolated(ours["curve"], target),
         "reference_interpolated_s": _interpolated(theirs["curve"], target),
-        "cpu_ratio": round(ours["cpu_s"] / theirs["cpu_s"], 3) if theirs["cpu_s"] else None,
-        "threads": os.environ.get("OMP_NUM_THREADS") or "all cores",
+        "cpu_ratio": round(ours["cpu_s"] / theirs["cpu_s"], 3) if ours["cpu_s"] and theirs["cpu_s"] else None,
+        "threads": threads or "all cores",
+        "runs": "side by side (one thread each)" if concurrent else "one after the other",
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
     if ours["seconds"] is not None and theirs["seconds"] is not None:
@@ -209,7 +236,7 @@ def time_to_loss(quick: bool) -> dict:
         raise RuntimeError(f"{empty} reported no val loss within {limit_s:g} s; the machine is too busy for time_to_loss")
     # The target was not reached (too few steps, or the time limit on a busy machine): compare
     # at the lowest val loss both runs reached, and say so. The goal counts as not met.
-    common = max(min(loss for _, loss, _ in run["curve"]) for run in (ours, theirs))
+    common = max(min(point[1] for point in run["curve"]) for run in (ours, theirs))
     ratio = _first_time_at(ours["curve"], common) / _first_time_at(theirs["curve"], common)
     missed = [side for side, run in (("llmforge", ours), ("reference", theirs)) if run["seconds"] is None]
     details["compared_at_val_loss"] = common

@@ -12,7 +12,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -141,13 +140,8 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """The high-water mark of resident memory (since start, or since `reset_peak_rss`)."""
+    """The high-water mark of resident memory since the process started."""
     return _status_kb("VmHWM") / 1024
-
-
-def reset_peak_rss() -> None:
-    """Set the high-water mark to the current RSS (Linux ≥ 4.0: `5` to /proc/self/clear_refs)."""
-    Path("/proc/self/clear_refs").write_text("5")
 
 
 def matmul_peak_flops(dtype_name: str, size: int = 2048, repeats: int = 5) -> float:
