@@ -26,10 +26,10 @@ def run_root(step_dir: Path) -> Path:
     return step_dir.parent.parent.parent
 
 
-def base_reference(base: Path, step_dir_root: Path) -> str:
+def base_reference(base: Path, run_dir: Path) -> str:
     """How a checkpoint names its base: relative to its run dir when inside it (the run may move)."""
     try:
-        return str(base.resolve().relative_to(step_dir_root.resolve()))
+        return str(base.resolve().relative_to(run_dir.resolve()))
     except ValueError:
         return str(base.resolve())
 

@@ -61,7 +61,8 @@ def preference_packer(tokenizer, stage, length: int, *, score_last: bool = False
     """records → one pair per row: chosen then rejected tokens ([n, 2 (L + 1)]) and masks ([n, 2 L]).
 
     The masks mark the response tokens (DPO's log-likelihoods), or with `score_last` only the
-    position of each sequence's last token, where a reward model reads its score.
+    last token of each sequence (in target coordinates, as the response masks: mask[j] is
+    token j + 1), where a reward model reads its score.
     """
     import numpy as np
 
@@ -81,7 +82,7 @@ def preference_packer(tokenizer, stage, length: int, *, score_last: bool = False
             tokens, masks, cut = pack_examples(encoded, length, tokenizer.pad_id)
             if score_last:
                 masks = np.zeros_like(masks)
-                masks[np.arange(len(encoded)), [min(len(ids), length) - 1 for ids, _ in encoded]] = 1.0
+                masks[np.arange(len(encoded)), [min(len(ids), length + 1) - 2 for ids, _ in encoded]] = 1.0
             halves.append((tokens, masks))
             truncated += cut
         (tc, mc), (tr, mr) = halves

@@ -64,17 +64,17 @@ def sequence_scores(model: torch.nn.Module, tokens: torch.Tensor, positions: tor
     return getattr(gpt, HEAD)(last.float()).squeeze(-1)
 
 
-def score_mask(lengths: list[int], length: int) -> torch.Tensor:
-    """[n, length] one-hot masks marking where each sequence's score is read (its last token)."""
-    mask = torch.zeros(len(lengths), length)
-    mask[torch.arange(len(lengths)), torch.tensor(lengths).clamp(max=length) - 1] = 1.0
-    return mask
-
-
 @torch.no_grad()
 def score_sequences(model: torch.nn.Module, sequences: list[list[int]], *, micro_batch_size: int, pad_id: int,
-                    autocast=contextlib.nullcontext) -> list[float]:
-    """Rewards of whole token sequences, in batches; a collective under TP (same sequences everywhere)."""
+                    autocast=contextlib.nullcontext, max_length: int | None = None) -> list[float]:
+    """Rewards of whole token sequences, in batches; a collective under TP (same sequences everywhere).
+
+    Args:
+        max_length: read at most this many tokens of each, as the reward model was trained
+            (its stage's max_seq_length + 1); a longer sequence is scored at its cut.
+    """
+    if max_length is not None:
+        sequences = [s[:max_length] for s in sequences]
     from megatron.core import parallel_state
 
     device = next(model.parameters()).device

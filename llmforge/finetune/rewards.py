@@ -91,6 +91,9 @@ class RewardModelReward:
         self.model.eval().requires_grad_(False)
         self.eos_id, self.pad_id = tokenizer.eos_id, tokenizer.pad_id
         self.micro_batch_size = stage.train.micro_batch_size
+        # Score no more tokens than the reward model was trained on (its stage's max_seq_length + 1).
+        trained = next((s for s in spec.stages if s.name == options.stage), None)
+        self.max_length = (trained.max_seq_length or spec.model.seq_length) + 1 if trained is not None else None
         context.log(f"[{stage.name}] reward model from {step_dir}")
 
     def __call__(self, samples: list[Sample]) -> list[float]:
@@ -102,7 +105,8 @@ class RewardModelReward:
             if not ids or ids[-1] != self.eos_id:
                 ids.append(self.eos_id)
             sequences.append(list(s.prompt_ids) + ids)
-        return score_sequences(self.model, sequences, micro_batch_size=self.micro_batch_size, pad_id=self.pad_id)
+        return score_sequences(self.model, sequences, micro_batch_size=self.micro_batch_size, pad_id=self.pad_id,
+                               max_length=self.max_length)
 
 
 def build_rewards(registry, options_list, *, tokenizer, context, stage) -> Callable[[list[Sample]], tuple[list[float], dict[str, float]]]:

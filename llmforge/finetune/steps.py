@@ -78,15 +78,18 @@ class PreferenceStep(_PairStep):
 
 
 class RewardModelStep(_PairStep):
-    """Bradley-Terry on the scalar head: the mask of each row marks the position its score is read at."""
+    """Bradley-Terry on the scalar head, read at each row's last token (its mask marks it in target
+    coordinates, so the whole row of L + 1 tokens is the input)."""
 
     def _forward_step(self, data_iterator, model):
         from llmforge.finetune.reward_model import sequence_scores
 
         batch, mask = next(data_iterator)
-        tokens = batch[:, :-1]
+        # Sequence parallelism splits the sequence evenly: pad at the end (causal, so unseen).
+        width = -(-batch.shape[1] // self.ctx.tp_size) * self.ctx.tp_size
+        tokens = torch.nn.functional.pad(batch, (0, width - batch.shape[1]))
         with self._autocast():
-            scores = sequence_scores(model, tokens, self._positions(tokens.shape[0], tokens.shape[1]), mask.argmax(dim=1))
+            scores = sequence_scores(model, tokens, self._positions(tokens.shape[0], width), mask.argmax(dim=1) + 1)
         return scores, self._bt_loss
 
     def _bt_loss(self, scores: torch.Tensor):

@@ -26,7 +26,8 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     def evaluation(chunks, step) -> dict[str, Any]:
         model = unwrap(chunks[0])
         return {"reward_scores": lambda sequences: score_sequences(model, sequences, micro_batch_size=stage.train.micro_batch_size,
-                                                                   pad_id=tokenizer.pad_id, autocast=autocast)}
+                                                                   pad_id=tokenizer.pad_id, autocast=autocast,
+                                                                   max_length=length + 1)}
 
     parts = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length,
                            adapt=lambda chunks: attach_reward_head(chunks, seed=spec.seed), step_cls=RewardModelStep,

@@ -68,7 +68,12 @@ def test_reward_model_masks_mark_the_last_token(tokenizer):
     rows, row_masks = pair_rows(torch.from_numpy(tokens), torch.from_numpy(masks))
     assert row_masks.sum(dim=1).tolist() == [1.0, 1.0]
     for row, mask in zip(rows, row_masks):
-        assert int(row[int(mask.argmax())]) == tokenizer.eos_id  # the input position holding the EOS
+        assert int(row[int(mask.argmax()) + 1]) == tokenizer.eos_id  # target coordinates: mask[j] marks token j + 1
+    # A sequence of max_seq_length + 1 tokens still has its EOS marked (the whole row is the input).
+    long = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}]
+    length = len(encode_example(tokenizer, template_parts("default"), {"prompt": "1+1=", "response": "2"})[0]) - 1
+    tokens, masks, truncated = preference_packer(tokenizer, _Stage(), length, score_last=True)(long)
+    assert truncated == 0 and masks[0, length - 1] == 1.0 and masks[0, 2 * length - 1] == 1.0
 
 
 def test_virtual_tokens_lead_every_sequence():
