@@ -177,9 +177,18 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     from llmforge.interop.export import export_hf
 
     done = export_hf(args.source, args.out_dir, stage=args.stage, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                     overwrite=args.overwrite)
+                     overwrite=args.overwrite, peft=args.peft)
+    no_tokenizer = "" if done["tokenizer"] else " (the run has no tokenizer)"
+    if args.peft:
+        lora = done["peft"]
+        print(f"exported the LoRA adapters of {done['checkpoint']} in PEFT format to {done['out_dir']}: {done['adapted_modules']} "
+              f"modules (r={lora['r']}, lora_alpha={lora['lora_alpha']:g}, target_modules={', '.join(lora['target_modules'])}, "
+              f"{done['adapter_parameters']:,} parameters, {done['dtype']})\n"
+              f"  base model: {done['base_checkpoint']} as {done['architecture']} in {done['base_dir']}{no_tokenizer}\n"
+              f"  load with PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({done['base_dir']!r}), {done['out_dir']!r})")
+        return 0
     print(f"exported {done['checkpoint']} as {done['architecture']} ({done['parameters']:,} parameters, {done['dtype']}) "
-          f"to {done['out_dir']}: {', '.join(done['weight_files'])}" + ("" if done["tokenizer"] else " (the run has no tokenizer)"))
+          f"to {done['out_dir']}: {', '.join(done['weight_files'])}{no_tokenizer}")
     return 0
 
 
@@ -250,6 +259,9 @@ def _interop_parsers(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the exported weights")
     q.add_argument("--max-shard-size", default="5GB", help="split safetensors files larger than this, with an index (e.g. 2GB)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
+    q.add_argument("--peft", action="store_true",
+                   help="for a lora stage's checkpoint: write the adapters unmerged as a PEFT adapter directory "
+                        "(adapter_config.json, adapter_model.safetensors) in OUT_DIR and the frozen base model in OUT_DIR/base")
     q.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("import", help="turn another framework's model into an llmforge checkpoint")

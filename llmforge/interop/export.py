@@ -2,7 +2,8 @@
 
 The checkpoint (any TP/PP layout) is loaded into a TP=1/PP=1 model in this process, its
 tensors are mapped to HF names and layouts (`hf_mapping`), and the directory — config.json,
-safetensors, tokenizer files, generation_config.json — is published atomically.
+safetensors, tokenizer files, generation_config.json — is published atomically. A LoRA
+checkpoint is merged, or with `peft=True` written as a PEFT adapter directory (`peft_export`).
 """
 
 from __future__ import annotations
@@ -126,20 +127,56 @@ def _parse_size(text: str | int) -> int:
     return value
 
 
+def write_model_dir(dest: Path, module, model: GPTModel, *, run_root: Path, tokenizer, dtype: str, max_bytes: int,
+                    source: str) -> dict[str, Any]:
+    """Write a TP=1 module's weights, config, generation config and tokenizer files into `dest`.
+
+    `dest` lies inside a `staged_output`, which makes the whole directory appear at once.
+    """
+    import torch
+
+    from llmforge.interop.hf_files import write_json, write_safetensors
+    from llmforge.interop.hf_mapping import to_hf
+    from llmforge.interop.model_io import state_of
+
+    token_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id} if tokenizer else {}
+    dest.mkdir(parents=True, exist_ok=True)
+    tensors = to_hf(state_of(module), model, source=source)
+    torch_dtype = getattr(torch, dtype)
+    tensors = {name: t.to(device="cpu", dtype=torch_dtype) for name, t in tensors.items()}
+    files = write_safetensors(dest, tensors, max_shard_bytes=max_bytes)
+    write_json(dest / "config.json", to_hf_config(model, token_ids=token_ids, dtype=dtype))
+    write_json(dest / "generation_config.json", generation_config(token_ids))
+    if tokenizer is not None:
+        write_tokenizer(dest, tokenizer, run_root=run_root, model=model)
+    return {"tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()), "dtype": dtype,
+            "weight_files": files, "tokenizer": tokenizer is not None}
+
+
+def write_tokenizer(dest: Path, tokenizer, *, run_root: Path, model: GPTModel) -> None:
+    """The run's tokenizer as HF tokenizer files in `dest`."""
+    from llmforge.interop.hf_files import copy_files, hf_tokenizer_files, write_tokenizer_files
+
+    tok_dir = run_root / "tokenizer"
+    if (tok_dir / "meta.json").is_file():
+        write_tokenizer_files(dest, tokenizer, model_max_length=model.max_positions)
+    else:  # an imported HF tokenizer: its own files, untouched
+        copy_files(hf_tokenizer_files(tok_dir), dest)
+
+
 def export_hf(source: str | Path, out_dir: str | Path, *, stage: str | None = None, dtype: str = "float32",
-              max_shard_size: str | int = "5GB", overwrite: bool = False) -> dict[str, Any]:
+              max_shard_size: str | int = "5GB", overwrite: bool = False, peft: bool = False) -> dict[str, Any]:
     """Write the checkpoint `source` names as an HF model directory `out_dir`; returns a summary.
 
     Args:
         dtype: the weights' dtype in the export (llmforge keeps fp32 master weights).
         max_shard_size: safetensors files larger than this are split, with an index.
+        peft: for a `lora` stage's checkpoint, write its adapters as a PEFT adapter directory
+            and its frozen base model into `out_dir/base` (see `peft_export`), instead of merging.
     """
-    import torch
-
-    from llmforge.interop.hf_files import copy_files, hf_tokenizer_files, staged_output, write_json, write_safetensors, write_tokenizer_files
-    from llmforge.interop.hf_mapping import to_hf
     from llmforge.finetune.checkpoints import load_module_weights
-    from llmforge.interop.model_io import single_process_model, state_of
+    from llmforge.interop.hf_files import staged_output
+    from llmforge.interop.model_io import single_process_model
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")
@@ -148,30 +185,15 @@ def export_hf(source: str | Path, out_dir: str | Path, *, stage: str | None = No
     model = model_options(src.run_root)
     arch = architecture_of(model)
     tokenizer = _tokenizer(src.run_root, model)
-    token_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id} if tokenizer else {}
     out_dir = Path(out_dir)
+    head = {"out_dir": str(out_dir), "architecture": HF_CLASS[arch], "checkpoint": str(src.step_dir)}
+    if peft:
+        from llmforge.interop.peft_export import export_peft
+
+        return {**head, **export_peft(src, model, tokenizer, out_dir, dtype=dtype, max_bytes=max_bytes, overwrite=overwrite)}
     with staged_output(out_dir, overwrite=overwrite) as tmp:
         module = single_process_model(model)
         load_module_weights(src.step_dir, module)  # a LoRA checkpoint of adapters alone is merged on load
-        tensors = to_hf(state_of(module), model, source=str(src.step_dir))
-        torch_dtype = getattr(torch, dtype)
-        tensors = {name: t.to(device="cpu", dtype=torch_dtype) for name, t in tensors.items()}
-        files = write_safetensors(tmp, tensors, max_shard_bytes=max_bytes)
-        write_json(tmp / "config.json", to_hf_config(model, token_ids=token_ids, dtype=dtype))
-        write_json(tmp / "generation_config.json", generation_config(token_ids))
-        if tokenizer is not None:
-            tok_dir = src.run_root / "tokenizer"
-            if (tok_dir / "meta.json").is_file():
-                write_tokenizer_files(tmp, tokenizer, model_max_length=model.max_positions)
-            else:  # an imported HF tokenizer: its own files, untouched
-                copy_files(hf_tokenizer_files(tok_dir), tmp)
-    return {
-        "out_dir": str(out_dir),
-        "architecture": HF_CLASS[arch],
-        "checkpoint": str(src.step_dir),
-        "tensors": len(tensors),
-        "parameters": sum(t.numel() for t in tensors.values()),
-        "dtype": dtype,
-        "weight_files": files,
-        "tokenizer": tokenizer is not None,
-    }
+        written = write_model_dir(tmp, module, model, run_root=src.run_root, tokenizer=tokenizer, dtype=dtype, max_bytes=max_bytes,
+                                  source=str(src.step_dir))
+    return {**head, **written}

@@ -65,7 +65,7 @@ class _Dims:
         return (self.heads + 2 * self.groups) * self.head_dim
 
 
-def _dims(model: GPTModel) -> _Dims:
+def dims(model: GPTModel) -> _Dims:
     return _Dims(hidden=model.hidden_size, ffn=model.ffn, heads=model.num_attention_heads, groups=model.kv_groups,
                  head_dim=model.hidden_size // model.num_attention_heads, vocab=model.vocab_size, positions=model.max_positions)
 
@@ -139,7 +139,7 @@ def _gpt2_links(model: GPTModel, d: _Dims) -> list[Link]:
 def links(model: GPTModel) -> list[Link]:
     """Every tensor of `model` and its HF counterpart(s)."""
     arch: Arch = architecture_of(model)
-    d = _dims(model)
+    d = dims(model)
     return _llama_links(model, d) if arch == "llama" else _gpt2_links(model, d)
 
 
@@ -166,7 +166,7 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: _Dims) -> tor
     return torch.cat(parts, dim=1).reshape(d.qkv_rows, *rest)
 
 
-def _to_hf(link: Link, t: torch.Tensor, d: _Dims) -> tuple[torch.Tensor, ...]:
+def link_to_hf(link: Link, t: torch.Tensor, d: _Dims) -> tuple[torch.Tensor, ...]:
     if link.kind == "copy":
         return (t,)
     if link.kind == "transpose":
@@ -227,7 +227,7 @@ def canonical_megatron(state: Mapping[str, torch.Tensor | object]) -> dict[str, 
 
 def to_hf(state: Mapping[str, torch.Tensor], model: GPTModel, *, source: str) -> dict[str, torch.Tensor]:
     """HF tensors (names as `save_pretrained` writes them) from a TP=1/PP=1 megatron state dict."""
-    d, table = _dims(model), links(model)
+    d, table = dims(model), links(model)
     state = canonical_megatron(state)
     if not model.untie_embeddings_and_output_weights:
         state.pop("output_layer.weight", None)  # a tied output layer is the embedding itself
@@ -235,7 +235,7 @@ def to_hf(state: Mapping[str, torch.Tensor], model: GPTModel, *, source: str) ->
            "the checkpoint does not belong to this model spec; export the run dir it came from")
     out: dict[str, torch.Tensor] = {}
     for link in table:
-        for name, tensor in zip(link.hf, _to_hf(link, state[link.megatron], d), strict=True):
+        for name, tensor in zip(link.hf, link_to_hf(link, state[link.megatron], d), strict=True):
             out[name] = tensor
     return out
 
@@ -253,7 +253,7 @@ def normalize_hf_names(tensors: Mapping[str, torch.Tensor], arch: Arch, *, tied:
 def from_hf(tensors: Mapping[str, torch.Tensor], model: GPTModel, *, source: str) -> dict[str, torch.Tensor]:
     """A TP=1/PP=1 megatron state dict (canonical names) from HF tensors."""
     arch = architecture_of(model)
-    d, table = _dims(model), links(model)
+    d, table = dims(model), links(model)
     tensors = normalize_hf_names(tensors, arch, tied=not model.untie_embeddings_and_output_weights)
     expected = {name: shape for link in table for name, shape in zip(link.hf, link.hf_shapes, strict=True)}
     _check(tensors, expected, source, "config.json", "the weights do not match config.json; check that both come from the same model")

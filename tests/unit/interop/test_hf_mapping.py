@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llmforge.interop.hf_mapping import _dims, canonical_megatron, from_hf, fuse_qkv, links, split_qkv, to_hf
+from llmforge.interop.hf_mapping import dims, canonical_megatron, from_hf, fuse_qkv, links, split_qkv, to_hf
 from llmforge.models.presets import shrink
 from llmforge.spec.components import GPTModel
 from llmforge.spec.errors import UserError
@@ -21,7 +21,7 @@ def _random_megatron(model: GPTModel, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def test_qkv_layout_is_per_query_group():
     """Rows of megatron's fused QKV: for each group, its query heads, then its key, then its value."""
-    d = _dims(LLAMA)  # 4 heads, 2 groups, head_dim 16
+    d = dims(LLAMA)  # 4 heads, 2 groups, head_dim 16
     q = torch.arange(4).repeat_interleave(16).float() + 100  # query head j: 100 + j
     k = torch.arange(2).repeat_interleave(16).float() + 200
     v = torch.arange(2).repeat_interleave(16).float() + 300
