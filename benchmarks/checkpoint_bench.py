@@ -3,9 +3,9 @@
     python benchmarks/run.py --only checkpoint [--quick]
 
 llmforge's side is what a training run does: `CheckpointManager.save` around `save_sharded`
-(model and optimizer through megatron's dist_checkpointing, fsync, rename, a sha256 marker,
-retention), and on load `latest()` (which verifies the checksums), the trainer state and
-`load_sharded`. The baseline saves the same model and optimizer state with `torch.save`
+(model and optimizer through megatron's dist_checkpointing, fsync, rename, a CRC-32 marker,
+retention), and on load `load_latest()` (which verifies the CRC-32 checksums in a second
+thread while it loads), the trainer state and `load_sharded`. The baseline saves the same model and optimizer state with `torch.save`
 into one file and fsyncs it, and loads it with `torch.load` and `load_state_dict`. Sizes:
 the tiny spec's model and a ~100M-parameter GPT-2-style one (--quick: the tiny one only),
 each with AdamW state after one step. Runs alternate in one worker process (each
@@ -28,6 +28,8 @@ from pathlib import Path
 
 from harness import ROOT, compare, result
 
+from llmforge.atomic import fsync_dir
+
 GOAL = 1.5
 # GPT-2 small's layers with a 16k vocabulary: 12 × 7.1M + 12.6M embedding ≈ 98M parameters.
 HUNDRED_M = {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "vocab_size": 16384, "seq_length": 128,
@@ -35,11 +37,8 @@ HUNDRED_M = {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "v
 
 
 def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def _size(work, root: Path, pairs: int, repeats: int) -> dict:
@@ -77,14 +76,13 @@ def _size(work, root: Path, pairs: int, repeats: int) -> dict:
         start = time.perf_counter()
         torch.save({"model": model.state_dict(), "optimizer": torch_optimizer.state_dict()}, plain)
         _fsync(plain)
-        _fsync(plain.parent)
+        fsync_dir(plain.parent)
         return time.perf_counter() - start
 
     def ours_load() -> float:
         start = time.perf_counter()
-        latest = manager.latest()
-        read_trainer_state(latest)
-        load_sharded(latest / "model", chunks, optimizer)
+        # What a single-process run's resume does: checksums verified while the load reads.
+        manager.load_latest(lambda latest: (read_trainer_state(latest), load_sharded(latest / "model", chunks, optimizer)))
         return time.perf_counter() - start
 
     def theirs_load() -> float:

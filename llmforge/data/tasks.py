@@ -8,9 +8,19 @@ from __future__ import annotations
 
 import random
 import string
+import zlib
 from collections.abc import Iterator
 
 TASKS = ("add2", "add3", "reverse")
+SPLITS = ("train", "heldout", "all")
+# One problem in ten is held out, chosen by a hash of the problem itself (not of the seed), so
+# "heldout" sets share no problem with "train" sets whatever seeds and sizes two specs pick:
+# with 8,100 possible 2-digit sums, seeds alone would repeat most problems across sets.
+HELDOUT_PERCENT = 10
+
+
+def is_heldout(task: str, prompt: str) -> bool:
+    return zlib.crc32(f"{task}:{prompt}".encode()) % 100 < HELDOUT_PERCENT
 
 
 def _example(task: str, rng: random.Random) -> tuple[str, str, str]:
@@ -31,32 +41,41 @@ def _example(task: str, rng: random.Random) -> tuple[str, str, str]:
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 
-def generate(tasks: list[str], n: int, seed: int) -> Iterator[tuple[str, str, str, str]]:
-    """n examples cycling through `tasks`: (task, prompt, right, wrong). Same seed, same data."""
+def generate(tasks: list[str], n: int, seed: int, split: str = "all") -> Iterator[tuple[str, str, str, str]]:
+    """n examples cycling through `tasks`: (task, prompt, right, wrong). Same seed, same data.
+
+    `split` keeps only problems on one side of the fixed train/heldout partition (`is_heldout`).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     rng = random.Random(f"llmforge-tasks:{seed}")
     for i in range(n):
         task = tasks[i % len(tasks)]
-        yield (task, *_example(task, rng))
+        while True:
+            example = _example(task, rng)
+            if split == "all" or is_heldout(task, example[0]) == (split == "heldout"):
+                break
+        yield (task, *example)
 
 
-def instructions(tasks: list[str], n: int, seed: int) -> list[dict[str, str]]:
-    return [{"prompt": p, "response": r, "task": t} for t, p, r, _ in generate(tasks, n, seed)]
+def instructions(tasks: list[str], n: int, seed: int, split: str = "all") -> list[dict[str, str]]:
+    return [{"prompt": p, "response": r, "task": t} for t, p, r, _ in generate(tasks, n, seed, split)]
 
 
-def preferences(tasks: list[str], n: int, seed: int) -> list[dict[str, str]]:
-    return [{"prompt": p, "chosen": r, "rejected": w, "task": t} for t, p, r, w in generate(tasks, n, seed)]
+def preferences(tasks: list[str], n: int, seed: int, split: str = "all") -> list[dict[str, str]]:
+    return [{"prompt": p, "chosen": r, "rejected": w, "task": t} for t, p, r, w in generate(tasks, n, seed, split)]
 
 
-def pretraining_text(tasks: list[str], n: int, seed: int) -> str:
+def pretraining_text(tasks: list[str], n: int, seed: int, split: str = "all") -> str:
     """The same tasks as plain lines, so a tokenizer trained on them knows every symbol."""
-    return "\n".join(f"{p}{r}" for _, p, r, _ in generate(tasks, n, seed)) + "\n"
+    return "\n".join(f"{p}{r}" for _, p, r, _ in generate(tasks, n, seed, split)) + "\n"
 
 
 def task_source(options, *, context) -> Iterator:
     """The `tasks` data source: synthetic examples as finetune records or text documents."""
     from llmforge.data.sources import Document
 
-    for i, (task, prompt, right, wrong) in enumerate(generate(options.tasks, options.num_examples, options.seed)):
+    for i, (task, prompt, right, wrong) in enumerate(generate(options.tasks, options.num_examples, options.seed, options.split)):
         where = f"tasks:{options.seed}:{i}"
         if options.format == "instructions":
             yield Document({"prompt": prompt, "response": right}, where)

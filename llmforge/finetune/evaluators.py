@@ -22,7 +22,7 @@ def _pairs(options) -> list[dict[str, Any]]:
 
     if options.tasks is not None:
         t = options.tasks
-        records = tasks.preferences(list(t.tasks), t.num_examples, t.seed)
+        records = tasks.preferences(list(t.tasks), t.num_examples, t.seed, t.split)
     else:
         records = _read_jsonl(options.paths, ("prompt", "chosen", "rejected"))
     return records[: options.max_examples]

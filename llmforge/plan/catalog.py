@@ -64,6 +64,13 @@ CATALOG: dict[str, Device] = {
 }
 
 DEFAULT_GPU = "h100-80gb"
+# torch.cuda.get_device_name() fragments → catalog entries (the A100s share their peaks).
+_NAME_FRAGMENTS = {"H200": "h200-141gb", "H100": "h100-80gb", "A100": "a100-80gb", "L40S": "l40s-48gb"}
+
+
+def match_gpu(device_name: str) -> Device | None:
+    """The catalog entry for a CUDA device name such as 'NVIDIA H100 80GB HBM3', if known."""
+    return next((CATALOG[key] for fragment, key in _NAME_FRAGMENTS.items() if fragment in device_name), None)
 
 
 def get_device(name: str) -> Device:

@@ -42,6 +42,14 @@ class RunContext:
 
         return int(os.environ.get("RANK", 0))
 
+    @property
+    def world_size(self) -> int:
+        if self._parallel is not None:
+            return self._parallel.world_size
+        import os
+
+        return int(os.environ.get("WORLD_SIZE", 1))
+
     def barrier(self) -> None:
         if self._parallel is not None and self._parallel.world_size > 1:
             import torch.distributed as dist
@@ -92,11 +100,9 @@ class RunContext:
         loop, ckpt, metrics = parts["loop"], parts["ckpt"], parts["metrics"]
         ckpt.cleanup_temp()
         self.barrier()
-        latest = ckpt.latest()
-        resumed_step = 0
-        if latest is not None:
-            loop.restore(latest)
-            resumed_step = loop.counters.step
+        found = ckpt.load_latest(loop.restore, overlap=self.world_size == 1)
+        latest = None if found is None else found[0]
+        resumed_step = 0 if found is None else loop.counters.step
         baseline = evaluate_start and latest is None and loop.evaluate is not None
         if self.rank == 0:
             # A fresh start that evaluates step 0 drops the step-0 row of an attempt that died early.

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import os
 
-# Measured on the 2-core CI/developer CPU (2048² matmul, 2 threads); override with
-# LLMFORGE_PEAK_FLOPS when your CPU differs.
-CPU_PEAK = {"fp32": 133e9, "bf16": 379e9}
-# Dense bf16 datasheet peaks by device-name fragment.
-GPU_PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12}
-
-
 def peak_flops(precision: str, device: str) -> float:
+    """Peak dense FLOP/s for MFU, from the planner's device catalog (one table for both).
+
+    LLMFORGE_PEAK_FLOPS overrides it (an unknown GPU, or a CPU unlike the 2-core one the
+    catalog measured); an unknown GPU without it reports 0 and MFU is left out.
+    """
+    from llmforge.plan.catalog import CATALOG, match_gpu
+
     if "LLMFORGE_PEAK_FLOPS" in os.environ:
         return float(os.environ["LLMFORGE_PEAK_FLOPS"])
     if str(device).startswith("cuda"):
         import torch
 
-        name = torch.cuda.get_device_name()
-        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 0.0)
-        return peak if precision == "bf16" else peak / 2
-    threads = max(1, _threads())
-    return CPU_PEAK.get(precision, CPU_PEAK["fp32"]) * threads / 2
+        known = match_gpu(torch.cuda.get_device_name())
+        return known.peak_flops(precision) if known is not None else 0.0
+    # The catalog's CPU peak was measured on 2 threads; scale by the threads this run uses.
+    return CATALOG["cpu"].peak_flops(precision) * max(1, _threads()) / 2
 
 
 def _threads() -> int:

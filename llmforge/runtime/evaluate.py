@@ -107,7 +107,7 @@ class ExactMatch:
         self.options, self.context = options, context
         if options.tasks is not None:
             t = options.tasks
-            self.records = tasks.instructions(list(t.tasks), t.num_examples, t.seed)
+            self.records = tasks.instructions(list(t.tasks), t.num_examples, t.seed, t.split)
         else:
             self.records = _read_jsonl(options.paths, ("prompt", "response"))
         self.records = self.records[: options.max_examples]

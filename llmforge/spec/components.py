@@ -220,7 +220,10 @@ class TaskSet(StrictModel):
 
     tasks: list[Literal["add2", "add3", "reverse"]] = Field(default_factory=lambda: ["add2"], min_length=1, description="Task kinds, cycled in order.")
     num_examples: int = Field(200, ge=1, description="How many examples.")
-    seed: int = Field(0, ge=0, description="Generator seed; use a different seed from the training set to hold out.")
+    seed: int = Field(0, ge=0, description="Generator seed: the same seed gives the same examples.")
+    split: Literal["heldout", "train", "all"] = Field(
+        "heldout", description="Which side of the fixed problem partition to draw from: `heldout` (one problem in ten, "
+        "chosen by a hash of the problem, never in a `train` set), `train` (the other nine), or `all`.")
 
 
 class ExactMatch(StrictModel):
@@ -257,6 +260,9 @@ class TaskSource(TaskSet):
     """Synthetic task data as a data source: instruction records, preference pairs, or plain text lines."""
 
     format: Literal["instructions", "preferences", "text"] = Field("instructions", description="What each example becomes.")
+    split: Literal["heldout", "train", "all"] = Field(
+        "train", description="Which side of the fixed problem partition to draw from: `train` (nine problems in ten; "
+        "evaluator task sets default to the other side, `heldout`), `heldout`, or `all`.")
 
 
 # --- finetune evaluators ----------------------------------------------------------------

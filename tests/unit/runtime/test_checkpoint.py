@@ -94,3 +94,69 @@ def test_sigkill_inside_save_leaves_previous_checkpoint(tmp_path, point):
     assert json.loads((latest / MARKER).read_text())["step"] == 1
     mgr.cleanup_temp()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step-1"]
+
+
+def _damaged_pair(tmp_path: Path, logs: list[str]) -> tuple[CheckpointManager, Path, Path]:
+    mgr = CheckpointManager(tmp_path, keep_last=3, log=logs.append)
+    older = mgr.save(1, _write(b"a" * 4096), {"version": 1, "step": 1})
+    newer = mgr.save(2, _write(b"b" * 4096), {"version": 1, "step": 2})
+    shard = newer / "model" / "shard-1.bin"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x01  # one bit: same size, only the checksum can tell
+    shard.write_bytes(bytes(data))
+    return mgr, older, newer
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_load_latest_discards_a_corrupt_load_and_loads_the_older_one(tmp_path, overlap):
+    logs: list[str] = []
+    mgr, older, newer = _damaged_pair(tmp_path, logs)
+    loaded: list[Path] = []
+
+    def load(path: Path) -> bytes:
+        loaded.append(path)
+        return (path / "model" / "shard-0.bin").read_bytes()
+
+    path, value = mgr.load_latest(load, overlap=overlap)
+    assert path == older and value == b"a" * 4096
+    # Overlapped, the newer one is read (and its load discarded); verified first, it never is.
+    assert loaded == ([newer, older] if overlap else [older])
+    assert any("crc32 checksum" in m and "shard-1.bin" in m for m in logs)
+    stop = CheckpointManager(tmp_path, keep_last=3, on_corrupt="stop", log=logs.append)
+    with pytest.raises(UserError, match="shard-1.bin"):
+        stop.load_latest(load, overlap=overlap)
+
+
+def test_load_latest_reports_corruption_not_the_load_error_it_caused(tmp_path):
+    logs: list[str] = []
+    mgr, older, newer = _damaged_pair(tmp_path, logs)
+
+    def load(path: Path) -> str:
+        if path == newer:
+            raise RuntimeError("unpickling failed")  # what a torn file does to torch.load
+        return path.name
+
+    assert mgr.load_latest(load) == (older, "step-1")
+    assert any("corrupt checkpoint skipped" in m for m in logs)
+    # A load that fails on an intact checkpoint is a real error: raised, not skipped.
+    def always_fails(path: Path) -> None:
+        raise RuntimeError("bad spec")
+
+    with pytest.raises(RuntimeError, match="bad spec"):
+        mgr.load_latest(always_fails)
+    assert CheckpointManager(tmp_path / "empty", keep_last=1).load_latest(always_fails) is None
+
+
+def test_markers_of_version_1_still_verify(tmp_path):
+    import hashlib
+
+    mgr = CheckpointManager(tmp_path, keep_last=1, log=lambda m: None)
+    path = mgr.save(1, _write(b"z" * 100), {"version": 1, "step": 1})
+    marker = json.loads((path / MARKER).read_text())
+    assert marker["version"] == 2 and all(len(meta["crc32"]) == 8 for meta in marker["files"].values())
+    files = {rel: {"size": meta["size"], "sha256": hashlib.sha256((path / rel).read_bytes()).hexdigest()} for rel, meta in marker["files"].items()}
+    (path / MARKER).write_text(json.dumps({"version": 1, "step": 1, "files": files}))
+    assert verify(path)["version"] == 1 and mgr.latest() == path
+    files["trainer_state.json"]["sha256"] = "0" * 64
+    (path / MARKER).write_text(json.dumps({"version": 1, "step": 1, "files": files}))
+    assert mgr.latest() is None
