@@ -48,9 +48,45 @@ def _sync_save_strategy():
                 pyt_state_dict,
                 storage_writer=FileSystemWriter(checkpoint_dir, thread_count=1, sync_files=True),
                 planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False),
+                no_dist=_single_process(),
             )
 
     return SyncTorchDistSave("torch_dist", 1)
+
+
+def _single_process() -> bool:
+    # One process has nobody to plan with: torch's checkpoint then skips its gather/scatter
+    # rounds, each a gloo collective costing milliseconds even on a group of one.
+    return torch.distributed.get_world_size() == 1
+
+
+def _load_strategy():
+    """megatron's torch_dist load, told it runs alone when it does (see `_single_process`).
+
+    megatron calls `checkpoint.load_state_dict` without `no_dist` and offers no hook, so for
+    the length of one single-process load its module sees a `checkpoint` that adds it.
+    """
+    from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
+    from torch.distributed import checkpoint as dcp
+
+    class _Alone:
+        def __getattr__(self, name: str):
+            return getattr(dcp, name)
+
+        @staticmethod
+        def load_state_dict(*args, **kwargs):
+            return dcp.load_state_dict(*args, no_dist=True, **kwargs)
+
+    class SingleProcessLoad(mcore_torch.TorchDistLoadShardedStrategy):
+        def load(self, sharded_state_dict, checkpoint_dir: Path):
+            real = mcore_torch.checkpoint
+            mcore_torch.checkpoint = _Alone()
+            try:
+                return super().load(sharded_state_dict, checkpoint_dir)
+            finally:
+                mcore_torch.checkpoint = real
+
+    return SingleProcessLoad() if _single_process() else None
 
 
 def _is_distributed_optimizer(optimizer) -> bool:
@@ -119,7 +155,7 @@ def load_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimize
     if optimizer is not None and _is_distributed_optimizer(optimizer):
         cpu_compat.prepare_distributed_optimizer_for_load(optimizer)
     state = _sharded_state_dict(model_chunks, optimizer, loading=True, select=select)
-    loaded = dist_checkpointing.load(state, str(path))
+    loaded = dist_checkpointing.load(state, str(path), sharded_strategy=_load_strategy())
     for i, chunk in enumerate(model_chunks):
         entries = loaded["model"][f"chunk{i}"]
         missing, unexpected = unwrap(chunk).load_state_dict(entries, strict=select is None)
