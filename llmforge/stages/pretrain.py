@@ -100,8 +100,12 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         if sample is not None and par.rank == 0:
             metrics.text(f"{stage.name}/sample", f"```\n{sample}\n```", step)
             context.log(f"[{stage.name}] sample @ {step}: {sample[:200]!r}")
-        if "val_loss" in out:
-            context.log(f"[{stage.name}] step {step}: val_loss {out['val_loss']:.4f} (ppl {out.get('val_ppl', math.nan):.2f})")
+        # val_loss first: benchmarks/time_to_loss_bench.py reads it from this line.
+        shown = [f"val_loss {out['val_loss']:.4f} (ppl {out.get('val_ppl', math.nan):.2f})"] if "val_loss" in out else []
+        shown += [f"{k} {v:.4g}" for k, v in out.items()
+                  if k not in ("val_loss", "val_ppl") and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if shown:
+            context.log(f"[{stage.name}] step {step}: {', '.join(shown)}")
         return out
 
     ckpt = CheckpointManager(context.run.checkpoints(stage.name), keep_last=spec.checkpoint.keep_last,
