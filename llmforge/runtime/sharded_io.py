@@ -46,7 +46,7 @@ def _sync_save_strategy():
             pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
             dcp_save(
                 pyt_state_dict,
-                storage_writer=FileSystemWriter(checkpoint_dir, thread_count=1, sync_files=True),
+                storage_writer=FileSystemWriter(checkpoint_dir, thread_count=1, sync_files=False),  # the caller fsyncs the tree once
                 planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica, flatten_state_dict=False),
                 no_dist=_single_process(),
             )

@@ -37,7 +37,12 @@ def test_retention_keeps_newest_complete(tmp_path):
     mgr = CheckpointManager(tmp_path, keep_last=1, log=lambda m: None)
     for step in (1, 2, 3):
         mgr.save(step, _write(bytes([step]) * 10), {"version": 1, "step": step})
-    assert [s for s, _ in mgr.step_dirs()] == [3]
+    assert [s for s, _ in mgr.step_dirs()] == [3]  # retired at once, deleted in the background
+    mgr.wait()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3"]
+    (tmp_path / ".tmp-retired-step-2").mkdir()  # a deletion a kill interrupted
+    mgr.cleanup_temp()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-3"]
 
 
 def test_incomplete_and_temp_dirs_are_ignored_and_cleaned(tmp_path):
