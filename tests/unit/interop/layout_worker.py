@@ -26,7 +26,7 @@ def main() -> None:
     from llmforge.runtime.sharded_io import save_sharded
     from llmforge.spec.components import GPTModel
     from llmforge.spec.schema import ParallelismConfig
-    from tiny import byte_tokenizer, forward, perturb, random_ids
+    from tiny import byte_tokenizer, perturb, save_gathered_logits
 
     args = json.loads(sys.argv[1])
     run_dir = Path(args["run_dir"])
@@ -54,13 +54,7 @@ def main() -> None:
     CheckpointManager(run_dir / "checkpoints" / "pretrain", keep_last=1, rank=context.rank, barrier=dist.barrier,
                       log=lambda m: None).save(3, write, state)
     if args["pp"] == 1:
-        from megatron.core import parallel_state
-
-        local = forward(chunks[0], random_ids())  # vocab-parallel: this rank's slice of the vocabulary
-        parts = [torch.empty_like(local) for _ in range(context.tp_size)]
-        dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-        if context.rank == 0:
-            torch.save(torch.cat(parts, dim=-1), run_dir / "logits.pt")
+        save_gathered_logits(chunks[0], run_dir, rank=context.rank, tp_size=context.tp_size)
     dist.barrier()
     shutdown()
 

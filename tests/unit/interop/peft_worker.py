@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 if __package__:
-    from .tiny import byte_tokenizer, forward, perturb, random_ids
+    from .tiny import byte_tokenizer, perturb, save_gathered_logits
 else:  # run as a script, one rank of the 2-process test
     sys.path.insert(0, str(Path(__file__).parent))
-    from tiny import byte_tokenizer, forward, perturb, random_ids
+    from tiny import byte_tokenizer, perturb, save_gathered_logits
 
 TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 LORA = {"rank": 4, "alpha": 12.0, "dropout": 0.05}  # alpha / rank = 3: a wrong scale cannot hide
@@ -100,7 +100,6 @@ def save_lora_run(run_dir: Path, options: dict[str, Any], chunks, *, targets: li
 def main() -> None:
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from llmforge.models.gpt import build_gpt
     from llmforge.runtime.distributed import init_distributed, shutdown
@@ -116,11 +115,7 @@ def main() -> None:
         perturb(chunk, tp_rank=context.tp_rank, tp_size=context.tp_size)
     save_lora_run(run_dir, args["options"], chunks, rank=context.rank, tp_rank=context.tp_rank, tp_size=context.tp_size,
                   barrier=dist.barrier)
-    local = forward(chunks[0], random_ids())  # vocab-parallel: this rank's slice of the vocabulary
-    parts = [torch.empty_like(local) for _ in range(context.tp_size)]
-    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-    if context.rank == 0:
-        torch.save(torch.cat(parts, dim=-1), run_dir / "logits.pt")
+    save_gathered_logits(chunks[0], run_dir, rank=context.rank, tp_size=context.tp_size)
     dist.barrier()
     shutdown()
 

@@ -3,11 +3,6 @@ process, and transformers then computes what the sharded model computed."""
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,35 +10,15 @@ import torch
 
 from llmforge.interop.export import export_hf
 
-from .tiny import MODELS, build, forward, random_ids
+from .tiny import MODELS, build, forward, random_ids, run_two_ranks
 
 pytest.importorskip("transformers")
 WORKER = Path(__file__).with_name("layout_worker.py")
 SEED = 21
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _save_with_two_processes(run_dir: Path, options: dict, *, tp: int, pp: int) -> None:
-    port = _free_port()
-    args = json.dumps({"run_dir": str(run_dir), "options": options, "tp": tp, "pp": pp, "seed": SEED})
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    try:
-        outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{out[-4000:]}"
+    run_two_ranks(WORKER, {"run_dir": str(run_dir), "options": options, "tp": tp, "pp": pp, "seed": SEED})
 
 
 @pytest.mark.slow

@@ -4,10 +4,6 @@ onto the exported base, compute what llmforge's adapted (unmerged) model compute
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,7 @@ from llmforge.cli import main
 from llmforge.interop.export import export_hf
 
 from .peft_worker import LORA, TARGETS, save_lora_run
-from .tiny import MODELS, build, byte_tokenizer, forward, random_ids, write_run
+from .tiny import MODELS, build, byte_tokenizer, forward, random_ids, run_two_ranks, write_run
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -106,30 +102,11 @@ def test_peft_refuses_a_checkpoint_without_adapters(tmp_path, capsys):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".peft.")]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_peft_export_of_a_tp2_lora_checkpoint_gives_the_sharded_models_logits(tmp_path):
     """Column-parallel B (split by rows, swiglu fc1 as two halves) and row-parallel A (split by columns) are gathered."""
-    run_dir, port = tmp_path / "run", _free_port()
-    args = json.dumps({"run_dir": str(run_dir), "options": MODELS["llama"], "tp": 2, "seed": 21})
-    procs = []
-    for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    try:
-        outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for rank, (p, output) in enumerate(zip(procs, outputs, strict=True)):
-        assert p.returncode == 0, f"rank {rank} failed:\n{output[-4000:]}"
+    run_dir = tmp_path / "run"
+    run_two_ranks(WORKER, {"run_dir": str(run_dir), "options": MODELS["llama"], "tp": 2, "seed": 21})
     export_hf(run_dir, tmp_path / "peft", peft=True)
     torch.testing.assert_close(_logits(_peft_model(tmp_path / "peft"), random_ids()), torch.load(run_dir / "logits.pt"),
                                atol=ATOL, rtol=0)

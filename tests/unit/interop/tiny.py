@@ -152,3 +152,42 @@ def save_hf(model, path: Path, *, tokenizer: bool = True) -> Path:
     if tokenizer:
         write_tokenizer_files(path, byte_tokenizer(), model_max_length=SEQ)
     return path
+
+
+def run_two_ranks(worker: Path, args: dict[str, Any]) -> None:
+    """Run `worker args_json` as ranks 0 and 1 of a gloo job on loopback; fail with a rank's output."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, str(worker), json.dumps(args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        outputs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for rank, (p, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{out[-4000:]}"
+
+
+def save_gathered_logits(module, run_dir: Path, *, rank: int, tp_size: int) -> None:
+    """Rank 0 saves the full-vocabulary logits of `module` on `random_ids()` (a collective over the TP group)."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    local = forward(module, random_ids())  # vocab-parallel: this rank's slice of the vocabulary
+    parts = [torch.empty_like(local) for _ in range(tp_size)]
+    dist.all_gather(parts, local.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    if rank == 0:
+        torch.save(torch.cat(parts, dim=-1), run_dir / "logits.pt")
