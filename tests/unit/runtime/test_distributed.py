@@ -184,3 +184,13 @@ if __name__ == "__main__":
     parser.add_argument("--mode", choices=["plain", "timeout"], required=True)
     args = parser.parse_args()
     worker(args.out, args.mode)
+
+
+def test_busy_machine_warning_only_when_threads_would_contend():
+    from llmforge.runtime.distributed import busy_machine_warning
+
+    warning = busy_machine_warning(2, 2, "", load=3.5)
+    assert warning and "OMP_NUM_THREADS=1" in warning and "3.5 on 2 cores" in warning
+    assert busy_machine_warning(2, 2, "", load=0.8) is None  # the cores are free
+    assert busy_machine_warning(2, 2, "2", load=9.0) is None  # the user chose the thread count
+    assert busy_machine_warning(2, 1, "", load=9.0) is None  # one thread has no team to wait for
