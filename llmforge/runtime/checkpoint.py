@@ -165,23 +165,21 @@ class CheckpointManager:
         for _, path in reversed(self.complete()):
             with ThreadPoolExecutor(1) as pool:
                 checked = pool.submit(verify, path)
+                failure: BaseException | None = None
                 try:
                     value = load(path)
                 except (KeyboardInterrupt, SystemExit):
                     raise
-                except BaseException:  # torch's CheckpointException is a BaseException
-                    # A corrupt file can make the load itself fail: report the corruption, not the symptom.
-                    try:
-                        checked.result()
-                    except CorruptCheckpoint as e:
-                        self._corrupt(e)
-                        continue
-                    raise
+                except BaseException as e:  # torch's CheckpointException is a BaseException
+                    failure = e
                 try:
                     checked.result()
                 except CorruptCheckpoint as e:
+                    # A corrupt file can make the load itself fail: report the corruption, not the symptom.
                     self._corrupt(e)
                     continue
+            if failure is not None:
+                raise failure
             return path, value
         return None
 
