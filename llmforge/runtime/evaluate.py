@@ -45,8 +45,13 @@ class EvalContext:
             ids = self.tokenizer.encode(prompt)
         else:
             batch = val_loader_fn().next_global_batch()
-            first = batch.tokens[0] if hasattr(batch, "tokens") else batch[0]
-            ids = first[0, :16].tolist()
+            if hasattr(batch, "masks"):
+                # A finetune example: its prompt alone (up to the first response token), so the
+                # preview shows the model's own answer rather than continuing past the given one.
+                tokens, response = batch.tokens[0][0], batch.masks[0][0].nonzero()
+                ids = tokens[: int(response[0]) + 1].tolist() if len(response) else tokens[:16].tolist()
+            else:
+                ids = batch[0][0, :16].tolist()
         if self.max_positions:
             # A preview must fit the model: keep the prompt's tail and shorten the sample.
             ids = ids[-max(1, self.max_positions // 2):]
@@ -54,7 +59,10 @@ class EvalContext:
         out = self.generate(ids, n)
         if out is None:
             return None
-        return self.tokenizer.decode(ids + list(out))
+        out, eos = list(out), self.tokenizer.eos_id
+        if eos is not None and eos in out:
+            out = out[: out.index(eos) + 1]
+        return self.tokenizer.decode(ids + out)
 
     def complete(self, prompt_ids: list[int], max_new_tokens: int) -> list[int] | None:
         """Greedy continuation cut at the first EOS."""

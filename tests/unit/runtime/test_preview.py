@@ -1,0 +1,50 @@
+"""The eval text preview: a finetune example's prompt alone, the sample cut at EOS, within the model's positions."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from llmforge.data.sft import MaskedBatch
+from llmforge.runtime.evaluate import EvalContext
+
+EOS = 9
+
+
+class Tokens:
+    eos_id = EOS
+
+    def encode(self, text: str) -> list[int]:
+        return [int(c) for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(map(str, ids))
+
+
+def _context(seen: list[list[int]], *, max_positions: int = 0) -> EvalContext:
+    def generate(ids: list[int], n: int) -> list[int]:
+        seen.append(list(ids))
+        return [5, 6, EOS, 7, 7][:n]  # what a model does after its EOS must not show
+
+    return EvalContext(stage=None, tokenizer=Tokens(), val_loss=lambda iters: (0.0, 0), generate=generate,
+                       log=lambda m: None, eval_iters=1, max_positions=max_positions)
+
+
+def test_finetune_preview_prompts_with_the_prompt_alone_and_stops_at_eos():
+    # prompt 1 2 3, response 4 EOS, padding 0: the mask marks the targets 4 and EOS (positions 2 and 3)
+    tokens = torch.tensor([[1, 2, 3, 4, EOS, 0, 0]])
+    masks = torch.tensor([[0, 0, 1, 1, 0, 0]], dtype=torch.float32)
+    loader = SimpleNamespace(next_global_batch=lambda: MaskedBatch([tokens], [masks]))
+    seen: list[list[int]] = []
+    assert _context(seen).sample(None, 8, lambda: loader) == "12356" + str(EOS)
+    assert seen == [[1, 2, 3]]
+
+
+def test_pretraining_preview_and_a_prompt_fit_the_positions():
+    loader = SimpleNamespace(next_global_batch=lambda: [torch.arange(1, 21).remainder(9).unsqueeze(0)])
+    seen: list[list[int]] = []
+    _context(seen).sample(None, 4, lambda: loader)
+    assert len(seen[-1]) == 16
+    assert _context(seen, max_positions=6).sample("12345678", 8, lambda: loader) == "67856" + str(EOS)  # prompt tail 3, 3 new at most
+    assert seen[-1] == [6, 7, 8]
