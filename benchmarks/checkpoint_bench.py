@@ -28,17 +28,12 @@ from pathlib import Path
 
 from harness import ROOT, compare, result
 
-from llmforge.atomic import fsync_dir
+from llmforge.atomic import fsync_dir, fsync_file
 
 GOAL = 1.5
 # GPT-2 small's layers with a 16k vocabulary: 12 × 7.1M + 12.6M embedding ≈ 98M parameters.
 HUNDRED_M = {"num_layers": 12, "hidden_size": 768, "num_attention_heads": 12, "vocab_size": 16384, "seq_length": 128,
              "position_embedding_type": "learned_absolute", "normalization": "LayerNorm", "activation": "gelu", "add_bias_linear": True}
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _size(work, root: Path, pairs: int, repeats: int) -> dict:
@@ -75,7 +70,7 @@ def _size(work, root: Path, pairs: int, repeats: int) -> dict:
     def theirs_save() -> float:
         start = time.perf_counter()
         torch.save({"model": model.state_dict(), "optimizer": torch_optimizer.state_dict()}, plain)
-        _fsync(plain)
+        fsync_file(plain)
         fsync_dir(plain.parent)
         return time.perf_counter() - start
 

@@ -63,15 +63,20 @@ def remove(path: Path) -> None:
         fsync_dir(path.parent)
 
 
+def fsync_file(path: Path | str) -> None:
+    """Make a file's written bytes durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder below `root` (before the rename that publishes it)."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(os.path.join(dirpath, name))
         fsync_dir(Path(dirpath))
 
 

@@ -28,6 +28,18 @@ def _pairs(options) -> list[dict[str, Any]]:
     return records[: options.max_examples]
 
 
+def _encoded_pairs(options, context: EvalContext) -> tuple[list, list]:
+    """The held-out pairs in the stage's template: (chosen, rejected) lists of (ids, response mask)."""
+    from llmforge.data.sft import encode_example
+
+    parts = _template(context)
+    chosen, rejected = [], []
+    for rec in _pairs(options):
+        chosen.append(encode_example(context.tokenizer, parts, {"prompt": rec["prompt"], "response": rec["chosen"]}))
+        rejected.append(encode_example(context.tokenizer, parts, {"prompt": rec["prompt"], "response": rec["rejected"]}))
+    return chosen, rejected
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / max(len(values), 1)
 
@@ -36,14 +48,8 @@ class Preference:
     """Chosen-over-rejected log-likelihood margin and win rate (policy, and reference when there is one)."""
 
     def __init__(self, options, *, context: EvalContext):
-        from llmforge.data.sft import encode_example
-
         self.context = context
-        parts = _template(context)
-        self.chosen, self.rejected = [], []
-        for rec in _pairs(options):
-            self.chosen.append(encode_example(context.tokenizer, parts, {"prompt": rec["prompt"], "response": rec["chosen"]}))
-            self.rejected.append(encode_example(context.tokenizer, parts, {"prompt": rec["prompt"], "response": rec["rejected"]}))
+        self.chosen, self.rejected = _encoded_pairs(options, context)
 
     def _margins(self, logprobs) -> tuple[list[float], list[float], list[float]]:
         scores = logprobs(self.chosen + self.rejected)
@@ -71,14 +77,9 @@ class PairwiseAccuracy:
     """How often the reward model scores chosen above rejected, and by how much on average."""
 
     def __init__(self, options, *, context: EvalContext):
-        from llmforge.data.sft import encode_example
-
         self.context = context
-        parts = _template(context)
-        self.chosen, self.rejected = [], []
-        for rec in _pairs(options):
-            self.chosen.append(encode_example(context.tokenizer, parts, {"prompt": rec["prompt"], "response": rec["chosen"]})[0])
-            self.rejected.append(encode_example(context.tokenizer, parts, {"prompt": rec["prompt"], "response": rec["rejected"]})[0])
+        chosen, rejected = _encoded_pairs(options, context)
+        self.chosen, self.rejected = [ids for ids, _ in chosen], [ids for ids, _ in rejected]  # the reward model scores whole sequences
 
     def evaluate(self, step: int) -> dict[str, float]:
         if self.context.reward_scores is None:
