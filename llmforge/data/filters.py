@@ -1,4 +1,4 @@
-"""Per-source document filters (length, exact duplicates), each counted for the manifest."""
+"""Per-source document filters (length, exact duplicates), each counted for the manifest or a finetune stage's log."""
 
 from __future__ import annotations
 
@@ -25,11 +25,20 @@ class FilterCounts:
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
+    def dropped(self) -> str:
+        """What was dropped and why, e.g. `1 too short, 2 duplicates`; empty when nothing was."""
+        reasons = [(self.empty, "empty"), (self.too_short, "too short"), (self.too_long, "too long"),
+                   (self.duplicates, "duplicate" if self.duplicates == 1 else "duplicates"),
+                   (self.skipped_errors, "skipped as bad input")]
+        return ", ".join(f"{n} {why}" for n, why in reasons if n)
 
-def _chars(content: str | dict) -> int:
-    if isinstance(content, str):
-        return len(content)
-    return sum(_chars(v) for v in content.values()) if isinstance(content, dict) else sum(_chars(v) for v in content)
+
+def record_text(record: dict) -> str:
+    """A finetune record's full text, which the length filters measure: every message's content, or the
+    prompt with its response (or its chosen and rejected answers). Roles and other fields are not text."""
+    if "messages" in record:
+        return "".join(m["content"] for m in record["messages"])
+    return "".join(record[f] for f in ("prompt", "response", "chosen", "rejected") if f in record)
 
 
 def _identity(content: str | dict) -> bytes:
@@ -45,11 +54,12 @@ def filtered(docs: Iterable[Document], filters, counts: FilterCounts) -> Iterato
     dedup = bool(filters and filters.dedup)
     for doc in docs:
         counts.documents += 1
-        if isinstance(doc.content, str) and (not doc.content or doc.content.isspace()):
+        text = record_text(doc.content) if isinstance(doc.content, dict) else doc.content
+        if isinstance(text, str) and (not text or text.isspace()):
             counts.empty += 1
             continue
         if not isinstance(doc.content, np.ndarray):
-            n = _chars(doc.content) if min_chars or max_chars is not None else 0
+            n = len(text)
             if n < min_chars:
                 counts.too_short += 1
                 continue

@@ -5,10 +5,16 @@ Position p of the global sequence is sample `perm_e[p % n]` of epoch e = p // n,
 global batch is positions [p, p + global_batch_size); DP rank r takes the r-th equal
 slice, and each worker process a fixed slice of that. The state is p alone, so a resume
 with any worker count or data-parallel size continues the same global sequence.
+
+With `packing: documents` a sample is one document (or piece), shorter than the window:
+it is padded, and the batch carries loss masks that give padding no loss and no gradient.
+Token counts (`last_batch_tokens`, the `max_tokens` budget) count real input tokens only,
+read from the shard index without reading a sample.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import multiprocessing as mp
 import queue
@@ -20,7 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmforge.data.manifest import read_manifest
-from llmforge.data.shards import ShardReader, sample_key
+from llmforge.data.sft import MaskedBatch
+from llmforge.data.shards import ShardReader, _npy_header, sample_key
 from llmforge.spec.errors import UserError
 
 if TYPE_CHECKING:
@@ -29,6 +36,13 @@ if TYPE_CHECKING:
 STATE_VERSION = 1
 PREFETCH_STEPS = 2
 _LOGGED_SKIPS = 10
+
+
+def _sample_lengths(shards: list[dict], dtype: str, width: int) -> np.ndarray:
+    """Tokens per sample, from the byte sizes in the shard index (each is an .npy header + the ids)."""
+    header = len(_npy_header(np.dtype(dtype).str, width))
+    sizes = np.concatenate([np.asarray(r["sizes"], dtype=np.int64) for r in shards]) if shards else np.empty(0, np.int64)
+    return (sizes - header) // np.dtype(dtype).itemsize
 
 
 class _Fetch:
@@ -101,6 +115,11 @@ class TokenLoader:
         self.data_id = f"{manifest['inputs_hash']}:{split}"
         reader = ShardReader(self.data_dir, info["shards"])
         self._fetch = _Fetch(reader, self.tokens_per_sample + 1, self.pad_id if self.pad_id is not None else 0, vocab_size)
+        self.padded = manifest.get("packing") == "documents"
+        self._lengths = _sample_lengths(info["shards"], manifest["dtype"], self.tokens_per_sample + 1) if self.padded else None
+        # Non-pad input tokens of each sample (the inputs are a sample's tokens but its last).
+        self._input_tokens = np.minimum(self._lengths, self.tokens_per_sample) if self.padded else None
+        self.last_batch_tokens = 0  # real input tokens of the last global batch, over every DP rank
         self.position = 0
         self.skipped = 0
         self.last_keys: list[str] = []  # the `__key__`s of this rank's samples in the last batch
@@ -230,26 +249,44 @@ class TokenLoader:
             return other, row
         raise UserError(f"{self.data_dir}: no readable sample in the {self.split} split", "prepare the data again")
 
-    def next_global_batch(self) -> list[torch.LongTensor]:
-        """This rank's micro batches for one optimizer step: global/(micro × dp) tensors of [micro, seq_length+1]."""
+    def next_global_batch(self) -> list[torch.LongTensor] | MaskedBatch:
+        """This rank's micro batches for one optimizer step: global/(micro × dp) tensors of [micro, seq_length+1].
+
+        With padded samples (`packing: documents`), a MaskedBatch whose masks [micro,
+        seq_length] are 1 on the targets of real tokens and 0 on padding.
+        """
         import torch
 
+        if self.padded:
+            self.last_batch_tokens = int(self._input_tokens[self.sample_indices(self.position, self.global_batch_size)].sum())
+        else:
+            self.last_batch_tokens = self.global_batch_size * self.tokens_per_sample
         block, indices = self._read(self.position)
         self.position += self.global_batch_size
         self.last_keys = [sample_key(i) for i in indices]
-        return [torch.from_numpy(m) for m in np.split(block, len(block) // self.micro_batch_size)]
+        tokens = [torch.from_numpy(m) for m in np.split(block, len(block) // self.micro_batch_size)]
+        if not self.padded:
+            return tokens
+        # Target j (token j+1) is real when token j+1 is: a sample of L tokens has L-1 targets.
+        lengths = torch.from_numpy(self._lengths[indices])
+        masks = (torch.arange(self.tokens_per_sample).unsqueeze(0) < (lengths - 1).unsqueeze(1)).float()
+        return MaskedBatch(tokens, list(masks.split(self.micro_batch_size)))
 
     # --- budgets and state --------------------------------------------------------------
 
-    def steps_for(self, *, max_steps: int | None = None, max_tokens: int | None = None, max_epochs: float | None = None) -> int:
-        """Optimizer steps for a budget of steps, tokens (rounded up to whole steps) or epochs."""
-        if max_steps is not None:
-            return max_steps
-        if max_tokens is not None:
+    def steps_for_tokens(self, max_tokens: int) -> int:
+        """Optimizer steps until `max_tokens` real input tokens have been read, along the loader's own order."""
+        if not self.padded:
             return math.ceil(max_tokens / (self.global_batch_size * self.tokens_per_sample))
-        if max_epochs is not None:
-            return math.ceil(max_epochs * self.samples_per_epoch / self.global_batch_size)
-        raise ValueError("give one of max_steps, max_tokens, max_epochs")
+        seen = 0
+        for epoch in itertools.count():
+            order = self._permutation(epoch) if self.shuffle else np.arange(self.samples_per_epoch)
+            cumulative = seen + np.cumsum(self._input_tokens[order])
+            if cumulative[-1] >= max_tokens:
+                position = epoch * self.samples_per_epoch + int(np.searchsorted(cumulative, max_tokens))
+                return position // self.global_batch_size + 1
+            seen = int(cumulative[-1])
+        raise AssertionError("unreachable")
 
     def state_dict(self) -> dict:
         """The same on every rank: the global position and what it is a position in."""

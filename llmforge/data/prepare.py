@@ -31,7 +31,7 @@ from llmforge.data.tokenize import tokenize_documents
 from llmforge.data.tokenizers import Tokenizer, load_tokenizer
 from llmforge.spec.errors import UserError
 
-DATA_FORMAT = 1  # bump when the shard layout changes, so old shards are rebuilt
+DATA_FORMAT = 2  # bump when the shard layout changes, so old shards are rebuilt (2: BOS starts each document)
 Log = Callable[[str], None]
 
 

@@ -3,11 +3,15 @@
 Finetune sets are small next to pretraining corpora, so they are tokenized at stage start
 and kept in memory. The order follows the same rules as the pretraining loader: a seeded
 permutation per epoch over the global example index, each DP rank a fixed slice of every
-global batch, and a state that is the global position alone.
+global batch, and a state that is the global position and the identity of every input file
+(the data a resume must find unchanged).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +24,8 @@ TEMPLATES = {
     "default": ("<|user|>", "<|assistant|>", ""),
     "plain": ("", "", ""),
 }
-SFT_STATE_VERSION = 1
+SFT_STATE_VERSION = 2  # 2: the input files' identity (`data_files`)
+DataFiles = dict[str, dict[str, str]]  # source name → input file → sha256 of the records it yielded
 
 
 def template_parts(template: str) -> tuple[str, str, str]:
@@ -51,7 +56,7 @@ def encode_example(tokenizer, parts: tuple[str, str, str], record: dict[str, Any
     else:
         prompt, response = record["prompt"], record["response"]
         prompt_text = f"{head}{prompt}{middle}"
-    prefix = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt_text)
+    prefix = tokenizer.start() + tokenizer.encode(prompt_text)  # BOS by the one rule (HFTokenizer.add_bos)
     answer = tokenizer.encode(f"{response}{tail}") + [tokenizer.eos_id]
     return prefix + answer, [0] * len(prefix) + [1] * len(answer)
 
@@ -78,11 +83,48 @@ def pack_examples(encoded: list[tuple[list[int], list[int]]], length: int, pad_i
     return tokens, masks, truncated
 
 
+class RecordDigests:
+    """sha256 of the records each input file yielded, in order: the data identity a resume checks.
+
+    Records rather than bytes: a blank line or reformatted JSON leaves every example, and so the
+    resume, as it was; an edited, added, removed or reordered record shows.
+    """
+
+    def __init__(self) -> None:
+        self._hashes: dict[str, Any] = {}
+
+    def tap(self, docs: Iterable[Any]) -> Iterator[Any]:
+        """The documents, unchanged, hashed on the way by the file of their `file:line` origin."""
+        for doc in docs:
+            file, sep, line = doc.origin.rpartition(":")
+            digest = self._hashes.setdefault(file if sep and line.isdigit() else doc.origin, hashlib.sha256())
+            digest.update(json.dumps(doc.content, sort_keys=True, ensure_ascii=False).encode() + b"\n")
+            yield doc
+
+    def hexdigests(self) -> dict[str, str]:
+        return {file: digest.hexdigest() for file, digest in self._hashes.items()}
+
+
+def check_data_files(saved: DataFiles | None, current: DataFiles) -> None:
+    """Refuse to resume on other data than the checkpoint's, naming the files that changed, appeared or went."""
+    if saved is None:  # a version-1 state, written before the files were recorded
+        return
+    old = {(src, file): d for src, files in saved.items() for file, d in files.items()}
+    new = {(src, file): d for src, files in current.items() for file, d in files.items()}
+    changes = [f"{file} changed (source {src!r})" for (src, file), d in new.items() if (src, file) in old and old[src, file] != d]
+    changes += [f"{file} is new (source {src!r})" for src, file in new if (src, file) not in old]
+    changes += [f"{file} is gone or yields no records (source {src!r})" for src, file in old if (src, file) not in new]
+    if changes:
+        more = f", and {len(changes) - 3} more" if len(changes) > 3 else ""
+        raise UserError(f"the stage's data changed since its checkpoint: {', '.join(changes[:3])}{more}",
+                        "restore the file, or start the stage afresh in a new run dir")
+
+
 class SFTLoader:
     """In-memory finetune batches with the pretraining loader's ordering and state rules."""
 
     def __init__(self, tokens: np.ndarray, masks: np.ndarray, *, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True):
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, data_files: DataFiles | None = None):
         if len(tokens) == 0:
             raise UserError("the finetune set is empty", "check the stage's data sources and filters")
         if global_batch_size % (micro_batch_size * dp_size):
@@ -90,6 +132,7 @@ class SFTLoader:
         self.tokens, self.masks = tokens, masks
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
+        self.data_files = data_files or {}
         self.position = 0
         self.samples_per_epoch = len(tokens)
         self.tokens_per_sample = tokens.shape[1] - 1
@@ -122,9 +165,10 @@ class SFTLoader:
         return MaskedBatch(list(tok.chunk(n)), list(mask.chunk(n)))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": SFT_STATE_VERSION, "position": self.position, "seed": self.seed}
+        return {"version": SFT_STATE_VERSION, "position": self.position, "seed": self.seed, "data_files": self.data_files}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != SFT_STATE_VERSION:
+        if state.get("version") not in (1, SFT_STATE_VERSION):
             raise UserError(f"finetune loader state version {state.get('version')} is not {SFT_STATE_VERSION}")
+        check_data_files(state.get("data_files"), self.data_files)
         self.position = int(state["position"])

@@ -1,4 +1,5 @@
-"""Parallel tokenization: documents → one flat token file per source, EOS after each text.
+"""Parallel tokenization: documents → one flat token file per source, each text as BOS (when the
+tokenizer adds one) + its tokens + EOS.
 
 The main process reads and filters documents and sends chunks of about a MiB to worker
 processes, each running HF tokenizers single-threaded (`encode_batch`); results come back
@@ -30,7 +31,7 @@ class TokenStream:
 
     path: Path
     dtype: np.dtype
-    doc_lengths: np.ndarray  # int64, one per document, EOS included
+    doc_lengths: np.ndarray  # int64, one per document, BOS and EOS included
 
     @property
     def tokens(self) -> int:
@@ -49,22 +50,26 @@ def _init_worker(tokenizer_dir: str, dtype: str) -> None:
     from llmforge.data.tokenizers import load_tokenizer
 
     tok = load_tokenizer(Path(tokenizer_dir))
-    _worker.update(tok=tok, dtype=np.dtype(dtype), eos=np.array([] if tok.eos_id is None else [tok.eos_id], dtype=dtype))
+    _worker.update(tok=tok, dtype=np.dtype(dtype), eos=np.array([] if tok.eos_id is None else [tok.eos_id], dtype=dtype),
+                   bos=np.array(tok.start(), dtype=dtype))
 
 
 def encode_chunk(items: list[str | np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """(flat tokens, per-document lengths) of a chunk; texts get EOS appended, token docs pass through."""
-    tok, dtype, eos = _worker["tok"], _worker["dtype"], _worker["eos"]
+    """(flat tokens, per-document lengths) of a chunk; texts get BOS/EOS around them, token docs pass through."""
+    tok, dtype, eos, bos = _worker["tok"], _worker["dtype"], _worker["eos"], _worker["bos"]
     texts = [x for x in items if isinstance(x, str)]
     encoded = iter(tok.encode_batch(texts) if texts else [])
     parts: list[np.ndarray] = []
     lengths = np.empty(len(items), dtype=np.int64)
     for i, item in enumerate(items):
-        ids = next(encoded) if isinstance(item, str) else item
-        parts.append(ids)
         if isinstance(item, str):
-            parts.append(eos)
-        lengths[i] = ids.size + (eos.size if isinstance(item, str) else 0)
+            # The same start as every evaluator, preview and prompt sees: pretraining must train it.
+            ids = next(encoded)
+            parts += [bos, ids, eos]
+            lengths[i] = bos.size + ids.size + eos.size
+        else:
+            parts.append(item)
+            lengths[i] = item.size
     flat = np.concatenate(parts).astype(dtype, copy=False) if parts else np.empty(0, dtype=dtype)
     return flat, lengths
 

@@ -33,9 +33,12 @@ class Tokenizer(Protocol):
     eos_id: int | None  # None only for a char tokenizer without add_eos (nanoGPT's recipe)
     bos_id: int | None
     pad_id: int | None  # the eos token when the vocabulary has no pad token
+    add_bos: bool  # whether a sequence starts with BOS (see `HFTokenizer.add_bos`)
     hash: str  # sha256 of the saved tokenizer.json
 
     def encode(self, text: str) -> list[int]: ...
+    def start(self) -> list[int]: ...
+    def encode_sequence(self, text: str) -> list[int]: ...
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]: ...
     def decode(self, ids: list[int]) -> str: ...
     def token_to_id(self, token: str) -> int | None: ...
@@ -56,8 +59,24 @@ class HFTokenizer:
             if token is not None and ids[role] is None:
                 raise UserError(f"the tokenizer has no token {token!r} for {role}", "add it as a special token, or name one the vocabulary has")
         self.eos_id, self.bos_id, self.pad_id = ids["eos"], ids["bos"], ids["pad"]
+        self.add_bos = self._adds_bos()
         self.json = hf.to_str()
         self.hash = hashlib.sha256(self.json.encode()).hexdigest()
+
+    def _adds_bos(self) -> bool:
+        """The one BOS rule of every sequence llmforge builds (prepare, evaluators, previews, generate).
+
+        llmforge's own tokenizers start a sequence with BOS when they have a bos token. An
+        imported tokenizer does what its own encoding does, as transformers does by default:
+        Llama's post-processor adds `<|begin_of_text|>`, Qwen's adds nothing even though a bos
+        token may be named in its config.
+        """
+        if self.bos_id is None:
+            return False
+        if self.kind != "pretrained":
+            return True
+        with_specials = self.hf.encode("a", add_special_tokens=True).ids
+        return bool(with_specials) and with_specials[0] == self.bos_id and self.hf.encode("a", add_special_tokens=False).ids[:1] != [self.bos_id]
 
     def _unknown(self, texts: list[str], e: Exception) -> UserError:
         seen = {ch for t in texts for ch in set(t)}
@@ -80,6 +99,14 @@ class HFTokenizer:
         except Exception as e:
             raise self._unknown(texts, e) from None
         return [np.array(e.ids, dtype=np.uint32) for e in encodings]
+
+    def start(self) -> list[int]:
+        """The ids every sequence starts with: [bos] when the tokenizer adds one, else []."""
+        return [self.bos_id] if self.add_bos else []
+
+    def encode_sequence(self, text: str) -> list[int]:
+        """`text` as the start of a sequence (a document, a raw prompt): BOS when the tokenizer adds one."""
+        return self.start() + self.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -3,13 +3,15 @@
 A step takes the next prompts (a seeded permutation per epoch, each DP rank a fixed slice,
 as the finetune loader orders examples), samples `group_size` completions of each with the
 KV-cache sampler, scores them with the reward components and turns the rewards into
-group-normalized advantages. Its state is the global position alone: sampling draws from
-a generator seeded by (seed, step, DP rank), so a resumed run samples what it would have.
+group-normalized advantages. Its state is the global position and the prompts' file identity
+(a resume refuses edited data): sampling draws from a generator seeded by (seed, step, DP rank),
+so a resumed run samples what it would have.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -17,13 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from llmforge.data.sft import MaskedBatch
+from llmforge.data.sft import DataFiles, MaskedBatch, check_data_files
 from llmforge.finetune.losses import group_advantages
 from llmforge.finetune.rewards import Sample
 from llmforge.finetune.steps import Rollout, token_logprobs
 from llmforge.spec.errors import UserError
 
-ROLLOUT_STATE_VERSION = 1
+ROLLOUT_STATE_VERSION = 2  # 2: the prompts' file identity (`data_files`)
 
 
 def _seed(*parts: int) -> int:
@@ -39,14 +41,16 @@ class RolloutSource:
         sampling: generate()'s keyword arguments (max_new_tokens, temperature, top_k, top_p).
         need_old_logprobs: the step makes several updates per rollout, so the sampling
             policy's log-probs are kept (the first update's ratio is 1 without them).
+            They, and the reference's, are taken at the sampling temperature.
         reference: the frozen reference model when the KL penalty is on, else None.
         dp_group: the data-parallel process group (statistics are averaged over it), or None.
+        data_files: the input files' identity from `load_records`, checked on resume.
     """
 
     def __init__(self, prompts: list[tuple[dict[str, Any], list[int]]], *, tokenizer, reward: Callable, group_size: int,
                  global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, length: int,
                  sampling: dict[str, Any], scale_rewards: bool, need_old_logprobs: bool, reference, autocast,
-                 dp_group=None):
+                 dp_group=None, data_files: DataFiles | None = None):
         per_rank = global_batch_size // dp_size
         if global_batch_size % dp_size or per_rank % group_size or per_rank % micro_batch_size:
             raise UserError(f"global_batch_size {global_batch_size} must give each of {dp_size} data-parallel rank(s) whole groups of "
@@ -60,7 +64,7 @@ class RolloutSource:
         self.group_size, self.global_batch_size, self.micro_batch_size = group_size, global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.dp_group, self.seed, self.length = dp_rank, dp_size, dp_group, seed, length
         self.sampling, self.scale_rewards, self.need_old_logprobs = sampling, scale_rewards, need_old_logprobs
-        self.reference, self.autocast = reference, autocast
+        self.reference, self.autocast, self.data_files = reference, autocast, data_files or {}
         self.samples_per_epoch = len(prompts) * group_size
         self.tokens_per_sample = length
         self.position = 0  # completions consumed, over all ranks
@@ -107,10 +111,11 @@ class RolloutSource:
             tokens[row, : len(ids)] = torch.tensor(ids)
             masks[row, len(sample.prompt_ids) - 1: len(ids) - 1] = 1.0  # targets that are completion tokens
         device = next(self.policy.parameters()).device
-        old = token_logprobs(self.policy, tokens.to(device), micro_batch_size=self.micro_batch_size,
-                             autocast=self.autocast).cpu() if self.need_old_logprobs else None
-        ref = token_logprobs(self.reference, tokens.to(device), micro_batch_size=self.micro_batch_size,
-                             autocast=self.autocast).cpu() if self.reference is not None else None
+        # At the sampling temperature, as the step scores the policy (see steps.tempered_logprobs).
+        score = functools.partial(token_logprobs, micro_batch_size=self.micro_batch_size, autocast=self.autocast,
+                                  temperature=self.sampling["temperature"])
+        old = score(self.policy, tokens.to(device)).cpu() if self.need_old_logprobs else None
+        ref = score(self.reference, tokens.to(device)).cpu() if self.reference is not None else None
 
         groups = rewards.reshape(-1, self.group_size)
         stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
@@ -136,11 +141,12 @@ class RolloutSource:
         return {k: float(v) / self.dp_size for k, v in zip(keys, values)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"version": ROLLOUT_STATE_VERSION, "position": self.position, "seed": self.seed}
+        return {"version": ROLLOUT_STATE_VERSION, "position": self.position, "seed": self.seed, "data_files": self.data_files}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != ROLLOUT_STATE_VERSION:
+        if state.get("version") not in (1, ROLLOUT_STATE_VERSION):
             raise UserError(f"rollout state version {state.get('version')} is not {ROLLOUT_STATE_VERSION}")
+        check_data_files(state.get("data_files"), self.data_files)
         self.position = int(state["position"])
 
 

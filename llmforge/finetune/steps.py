@@ -117,17 +117,21 @@ class PolicyGradientStep(TrainStep):
 
     One call makes `updates` optimizer updates on the same rollout; the first is on-policy
     (π = π_old, the ratio is 1 and only the clip's gradient path differs from REINFORCE).
+    π is taken at the sampling temperature, without top-k/top-p (see `tempered_logprobs`).
     Plain masked batches (the val split's reference answers) take TrainStep's loss.
     """
 
-    def __init__(self, *args, clip_epsilon: float, kl_coef: float, updates: int, **kwargs):
+    def __init__(self, *args, clip_epsilon: float, kl_coef: float, updates: int, temperature: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.clip_epsilon, self.kl_coef, self.updates = clip_epsilon, kl_coef, updates
+        self.clip_epsilon, self.kl_coef, self.updates, self.temperature = clip_epsilon, kl_coef, updates, temperature
 
     def __call__(self, micro_batches, lr, loss_masks=None) -> StepResult:
-        result = None
         for _ in range(self.updates):
             result = super().__call__(micro_batches, lr, loss_masks)
+            # A vetoed update (non-finite, or a spike the guard drops) ends the rollout, so the loop
+            # and the guard's verdict see that update: it counts once, and `stop` stops at it.
+            if not result.applied:
+                break
         return result
 
     def _forward_step(self, data_iterator, model):
@@ -136,11 +140,11 @@ class PolicyGradientStep(TrainStep):
             return super()._forward_step(iter([(batch, extra)]), model)
         tokens, labels = batch[:, :-1], batch[:, 1:]
         with self._autocast():
-            output = model(tokens, self._positions(tokens.shape[0], tokens.shape[1]), None, labels=labels)
-        return output.float(), functools.partial(self._policy_loss, extra)
+            logp = tempered_logprobs(model, tokens, self._positions(tokens.shape[0], tokens.shape[1]), labels,
+                                     temperature=self.temperature)
+        return logp.float(), functools.partial(self._policy_loss, extra)
 
-    def _policy_loss(self, rollout: Rollout, per_token_loss: torch.Tensor):
-        logp = -per_token_loss
+    def _policy_loss(self, rollout: Rollout, logp: torch.Tensor):
         old = rollout.old_logp if rollout.old_logp is not None else logp.detach()
         token_loss = losses.grpo_token_loss(logp, old, rollout.advantages, clip_epsilon=self.clip_epsilon,
                                             reference_logp=rollout.reference_logp, kl_coef=self.kl_coef)
@@ -149,9 +153,27 @@ class PolicyGradientStep(TrainStep):
         return total, count, (total.detach(), count)
 
 
+def tempered_logprobs(model: torch.nn.Module, tokens: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor, *,
+                      temperature: float) -> torch.Tensor:
+    """log softmax(logits / temperature) [b, L] at `labels`: RL's log-probs, at the temperature rollouts are sampled at.
+
+    As in TRL, top-k and top-p are left out: the log-probs are those of the whole tempered
+    distribution, not of the truncated one the sampler draws from. The truncated set moves
+    with the policy between updates, and the reference would give -inf to a token outside its
+    own set, which neither the ratio nor the KL penalty can take.
+    """
+    if temperature == 1.0:
+        return -model(tokens, positions, None, labels=labels)  # megatron's own loss, without a copy of the logits
+    from megatron.core import tensor_parallel
+
+    logits = model(tokens, positions, None)  # [b, L, vocab / TP]: this rank's shard of the vocabulary
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits.float() / temperature, labels)
+
+
 @torch.no_grad()
-def token_logprobs(model: torch.nn.Module, tokens: torch.Tensor, *, micro_batch_size: int, autocast) -> torch.Tensor:
-    """Per-token log-probabilities [n, L] of rows [n, L + 1] (targets tokens[:, 1:]); a collective under TP."""
+def token_logprobs(model: torch.nn.Module, tokens: torch.Tensor, *, micro_batch_size: int, autocast,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probabilities [n, L] of rows [n, L + 1] (targets tokens[:, 1:]) at `temperature`; a collective under TP."""
     was_training = model.training
     model.eval()
     out = []
@@ -160,7 +182,7 @@ def token_logprobs(model: torch.nn.Module, tokens: torch.Tensor, *, micro_batch_
             inputs, labels = batch[:, :-1], batch[:, 1:]
             positions = torch.arange(inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
             with autocast():
-                out.append(-model(inputs, positions, None, labels=labels).float())
+                out.append(tempered_logprobs(model, inputs, positions, labels, temperature=temperature).float())
     finally:
         model.train(was_training)
     return torch.cat(out)

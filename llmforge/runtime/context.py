@@ -95,7 +95,7 @@ class RunContext:
             evaluate_start: on a fresh start, first evaluate the starting checkpoint as step 0
                 (finetune stages: the row their later evaluations are read against).
         """
-        from llmforge.runtime.metrics import truncate_rows
+        from llmforge.runtime.metrics import read_rows, truncate_rows
 
         loop, ckpt, metrics = parts["loop"], parts["ckpt"], parts["metrics"]
         ckpt.cleanup_temp()
@@ -109,10 +109,14 @@ class RunContext:
             truncate_rows(self.run.metrics, stage.name, -1 if baseline else resumed_step)
         if latest is not None:
             metrics.purge_step = resumed_step + 1
-        if baseline:
-            row = loop.evaluate(0)
+        # The checkpoint of an eval step is written before its evaluation; a run killed between
+        # the two evaluates that step on resume, so no asked-for row goes missing.
+        owed = latest is not None and loop.is_eval_step(resumed_step) and not any(
+            r.get("kind") == "eval" and r.get("stage") == stage.name and r.get("step") == resumed_step for r in read_rows(self.run.metrics))
+        if baseline or owed:
+            row = loop.evaluate(resumed_step)
             if row:
-                metrics.write({"kind": "eval", "stage": stage.name, "step": 0, "tokens": 0, **row})
+                metrics.write({"kind": "eval", "stage": stage.name, "step": resumed_step, "tokens": loop.counters.tokens, **row})
         try:
             summary = loop.run()
         finally:

@@ -37,21 +37,24 @@ class EvalContext:
     reward_scores: Callable[[list[list[int]]], list[float]] | None = None  # a reward model's score of whole sequences
     rewards: Callable[[list[Any]], tuple[list[float], dict[str, float]]] | None = None  # RL: samples → (rewards, mean per component)
 
-    def sample(self, prompt: str | None, n: int, val_loader_fn: Callable[[], Any]) -> str | None:
-        """A short greedy sample: from `prompt`, or from the first tokens of a val sequence."""
+    def sample(self, prompt: str | None, n: int, val_loader_fn: Callable[[], Any] | None) -> str | None:
+        """A short greedy sample: from `prompt`, or from the start of a val sequence (None without either)."""
         if n <= 0:
             return None
         if prompt is not None:
-            ids = self.tokenizer.encode(prompt)
+            ids = self.tokenizer.encode_sequence(prompt)
+        elif val_loader_fn is None:
+            return None
         else:
             batch = val_loader_fn().next_global_batch()
-            if hasattr(batch, "masks"):
+            tokens = batch.tokens[0][0] if hasattr(batch, "masks") else batch[0][0]
+            trained = batch.masks[0][0].nonzero() if hasattr(batch, "masks") else []
+            if len(trained) and int(trained[0]) > 0:
                 # A finetune example: its prompt alone (up to the first response token), so the
                 # preview shows the model's own answer rather than continuing past the given one.
-                tokens, response = batch.tokens[0][0], batch.masks[0][0].nonzero()
-                ids = tokens[: int(response[0]) + 1].tolist() if len(response) else tokens[:16].tolist()
-            else:
-                ids = batch[0][0, :16].tolist()
+                ids = tokens[: int(trained[0]) + 1].tolist()
+            else:  # a pretraining sample (every token trained on): its first tokens
+                ids = tokens[:16].tolist()
         if self.max_positions:
             # A preview must fit the model: keep the prompt's tail and shorten the sample.
             ids = ids[-max(1, self.max_positions // 2):]
@@ -172,7 +175,7 @@ class MultipleChoice:
             return {}
         tok, right = self.context.tokenizer, 0
         for item in self.items:
-            prompt = tok.encode(item["prompt"])
+            prompt = tok.encode_sequence(item["prompt"])
             scores = []
             for choice in item["choices"]:
                 ll, n = self._loglik(prompt, tok.encode(choice))
@@ -190,7 +193,7 @@ class SamplePreview:
     def evaluate(self, step: int) -> dict[str, float]:
         tok = self.context.tokenizer
         for i, prompt in enumerate(self.options.prompts):
-            ids = tok.encode(prompt)
+            ids = tok.encode_sequence(prompt)
             out = self.context.generate(ids, self.options.max_new_tokens)
             if out is None:
                 return {}

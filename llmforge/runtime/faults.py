@@ -4,7 +4,8 @@
 reaches `<point>`: `kill` (SIGKILL, the default) or `hang` (SIGSTOP: alive, silent, as a
 wedged rank is). `LLMFORGE_FAULT_RANK=<r>` limits it to one rank of a job. The points:
 `ckpt_after_shard`, `ckpt_before_rename`, `ckpt_before_marker` (checkpoint.py),
-`train_step` (after each step's update, train.py), `step_before_reduce` (inside a step,
+`train_step` (after each step's update, train.py), `evaluate` (after an eval step's checkpoint, before
+its evaluation, train.py), `step_before_reduce` (inside a step,
 before the ranks agree on its loss, step.py).
 
 `LLMFORGE_FAULT_NAN_STEP=<s>` multiplies the training loss of step s by NaN, and

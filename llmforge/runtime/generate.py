@@ -231,7 +231,7 @@ class TextGenerator:
 
         tok = self.tokenizer
         if self.template is None:
-            ids = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(prompt)
+            ids = tok.encode_sequence(prompt)
         else:
             ids, mask = encode_example(tok, self.template, {"prompt": prompt, "response": ""})
             ids = ids[: mask.index(1)]

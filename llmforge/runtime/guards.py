@@ -40,7 +40,7 @@ class SpikeGuard:
         self.config, self.policy = config, policy
         self.window: deque[float] = deque(maxlen=config.window)
         self.consecutive = 0
-        self.last: Spike | None = None  # the verdict on the latest judged loss
+        self.last: Spike | None = None  # the latest spike not yet taken
 
     def judge(self, loss: float) -> Spike | None:
         """The spike `loss` would be, or None; records nothing."""
@@ -53,17 +53,20 @@ class SpikeGuard:
         return None
 
     def allows(self, loss: float, grad_norm: float) -> bool:
-        """Judge and record one step's loss; False vetoes its update (TrainStep's `update_guard`)."""
-        self.last = self.judge(loss)
-        if self.last is None:
+        """Judge and record one update's loss; False vetoes it (TrainStep's `update_guard`)."""
+        spike = self.judge(loss)
+        if spike is None:
+            # A clean update does not clear an untaken spike: an RL step makes several updates,
+            # and one spike under `ignore` among them must still reach the loop.
             self.window.append(loss)
             self.consecutive = 0
             return True
+        self.last = spike
         self.consecutive += 1
         return self.policy == "ignore"
 
     def take(self) -> Spike | None:
-        """The latest verdict, once (the loop asks after each step)."""
+        """The latest spike since the last call, once (the loop asks after each step)."""
         spike, self.last = self.last, None
         return spike
 

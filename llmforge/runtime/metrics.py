@@ -68,6 +68,11 @@ class Log:
         if self.file:
             self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
+    def detail(self, msg: str) -> None:
+        """To run.log only: what a user may need later (a traceback) but need not read on the console."""
+        if self.enabled and self.file:
+            self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
     def close(self) -> None:
         if self.file:
             self.file.close()

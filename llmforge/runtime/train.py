@@ -42,11 +42,17 @@ class Counters:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def total_steps(train, *, samples_per_epoch: int, tokens_per_sample: int) -> int:
-    """Optimizer steps for the stage's budget (max_steps | max_tokens | max_epochs)."""
+def total_steps(train, *, samples_per_epoch: int, tokens_per_sample: int, loader=None) -> int:
+    """Optimizer steps for the stage's budget (max_steps | max_tokens | max_epochs).
+
+    A token budget counts real tokens: a loader with padded samples answers it from its own
+    order (`steps_for_tokens`); otherwise every sample holds `tokens_per_sample`.
+    """
     if train.max_steps is not None:
         return train.max_steps
     if train.max_tokens is not None:
+        if loader is not None and hasattr(loader, "steps_for_tokens"):
+            return loader.steps_for_tokens(train.max_tokens)
         return math.ceil(train.max_tokens / (train.global_batch_size * tokens_per_sample))
     return max(1, math.ceil(train.max_epochs * samples_per_epoch / train.global_batch_size))
 
@@ -175,6 +181,11 @@ class Loop:
                                   "rather than spiked, and skipping would only burn steps. Lower the lr, or raise spike.min_ratio")
         self.log(f"{what}; update skipped ({c.spikes} spike(s) so far)")
 
+    def is_eval_step(self, step: int) -> bool:
+        """Whether the loop evaluates after `step` (a step > 0)."""
+        interval = self.train.eval_interval
+        return self.evaluate is not None and step > 0 and (bool(interval and step % interval == 0) or step == self.total)
+
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         c, train = self.counters, self.train
@@ -188,7 +199,8 @@ class Loop:
                 result = self.step_fn(batches, lr)
                 loss = result.loss
                 c.step += 1
-                c.tokens += self.tokens_per_step
+                # Real tokens where the loader knows them (padded documents), else the full batch.
+                c.tokens += getattr(self.loader, "last_batch_tokens", 0) or self.tokens_per_step
                 fault_point("train_step")
                 if result.nonfinite:
                     if train.on_nonfinite == "stop":
@@ -215,15 +227,18 @@ class Loop:
                              f"grad_norm {result.grad_norm:.3f} {tps:,.0f} tok/s" + (f" mfu {mfu:.1%}" if mfu else ""))
                 # Ranks may see SIGTERM at different steps; the final save is a collective, so they agree first.
                 preempted = not last and self.any_rank(sigterm.set)
-                if self.evaluate is not None and ((train.eval_interval and c.step % train.eval_interval == 0) or last):
-                    if preempted:  # the checkpoint comes first; this evaluation is not made up on resume
+                # The checkpoint comes before the evaluation: an evaluation that fails (or is
+                # killed) never costs the step's checkpoint.
+                if (self.interval and c.step % self.interval == 0) or last or preempted:
+                    path = self.save()
+                if self.is_eval_step(c.step):
+                    if preempted:  # this evaluation is not made up on resume
                         self.log(f"[{self.stage}] step {c.step}: evaluation skipped, SIGTERM received")
                     else:
+                        fault_point("evaluate")
                         last_eval = self.evaluate(c.step)
                         if last_eval:
                             self.metrics.write({"kind": "eval", "stage": self.stage, "step": c.step, "tokens": c.tokens, **last_eval})
-                if (self.interval and c.step % self.interval == 0) or last or preempted:
-                    path = self.save()
                 if preempted:
                     raise Preempted(f"[{self.stage}] SIGTERM: checkpoint {path} written {sigterm.elapsed():.1f} s after the signal "
                                     f"(checkpoint.preempt_timeout {self.preempt_timeout:g} s); continue with --resume")

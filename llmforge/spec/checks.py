@@ -166,6 +166,54 @@ def _mix_names_sources(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
                          f"sources: {', '.join(data.sources) or 'none'}")
 
 
+@check("data", "stages")
+def _pretrain_val_split(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """A pretrain stage's val_loss reads the prepared val split, which val_fraction 0 leaves empty."""
+    if s["data"].split.val_fraction > 0:
+        return
+    for i, stage in enumerate(s["stages"]):
+        if getattr(stage, "type", None) != "pretrain":
+            continue
+        for j, ev in enumerate(stage.evaluators):
+            if getattr(ev, "name", None) == "val_loss":
+                yield _issue(loaded, ("data", "split", "val_fraction"),
+                             f"data.split.val_fraction is 0, so there is no val split, but stages[{i}] ({stage.name}) lists the val_loss "
+                             f"evaluator (evaluators[{j}]), which reads it",
+                             "set data.split.val_fraction > 0 (e.g. 0.01), or give the stage `evaluators: []` or other evaluators")
+
+
+@check("tokenizer", "stages")
+def _documents_need_padding(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """`packing: documents` pads short documents; padding must be a token of its own, never a real character."""
+    tok = s["tokenizer"]
+    if getattr(tok, "name", None) != "char" or getattr(tok, "add_eos", True):
+        return
+    for i, stage in enumerate(s["stages"]):
+        if getattr(stage, "packing", None) == "documents":
+            yield _issue(loaded, ("stages", i, "packing"),
+                         "packing: documents pads each document to seq_length+1, and the char tokenizer without add_eos has no token "
+                         "to pad with (id 0 is a real character)",
+                         "set tokenizer.add_eos: true (padding then uses EOS and carries no loss), or use packing: windows")
+
+
+@check("stages")
+def _finetune_val_split(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """A finetune stage's val_loss reads the stage's own val split, which data.val_fraction 0 leaves empty."""
+    from llmforge.spec.stages import val_split_readers
+
+    for i, stage in enumerate(s["stages"]):
+        data = getattr(stage, "data", None) if stage is not None else None
+        if getattr(data, "val_fraction", None) != 0:
+            continue
+        readers = val_split_readers(stage)
+        if readers:
+            yield _issue(loaded, ("stages", i, "data", "val_fraction"),
+                         f"data.val_fraction is 0, so stage {stage.name!r} has no val split, but it lists the {', '.join(readers)} "
+                         "evaluator, which reads it (a finetune stage never evaluates on its training examples)",
+                         "raise data.val_fraction (e.g. 0.05), or list only evaluators with their own data "
+                         "(`evaluators: []` for none; the default is [val_loss])")
+
+
 def _input_fields(s: Sections) -> Iterator[tuple[tuple, Any]]:
     """(path, options) of every component that reads input files."""
     if "data" in s:

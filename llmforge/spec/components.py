@@ -59,7 +59,7 @@ class PretrainedTokenizer(StrictModel):
 
 
 class SourceFilters(StrictModel):
-    """Per-source document filters; each is counted in the manifest."""
+    """Per-source document filters, counted in the manifest or a finetune stage's log (records: lengths of their text, dedup whole)."""
 
     min_chars: int = Field(0, ge=0, description="Drop documents shorter than this many characters.")
     max_chars: int | None = Field(None, ge=1, description="Drop documents longer than this many characters.")

@@ -91,11 +91,21 @@ class PretrainStage(StageBase):
     )
 
 
+# Evaluators that read the stage's own val split; the others bring their own held-out data.
+VAL_SPLIT_EVALUATORS = ("val_loss",)
+
+
+def val_split_readers(stage) -> list[str]:
+    """Names of the stage's evaluators that read its val split (validate and the stages refuse them without one)."""
+    return [ev.name for ev in getattr(stage, "evaluators", None) or () if getattr(ev, "name", None) in VAL_SPLIT_EVALUATORS]
+
+
 class SFTData(StrictModel):
     """Instruction data of a finetune stage."""
 
     sources: dict[str, SourceRef] = Field(..., min_length=1, description="Named instruction sources, e.g. `{name: instructions, paths: [...]}`.")
-    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of examples held out for validation.")
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="Fraction of examples held out for validation. "
+                                "0 = none: the stage then never evaluates on a val split, and may not list `val_loss`.")
 
 
 class SFTStage(StageBase):
@@ -218,13 +228,17 @@ class RLStage(_NeedsInitFrom, SFTStage):
     rewards: list[RewardRef] = Field(..., min_length=1, description="Reward components, summed with their weights, e.g. `[{name: exact_match}]`.")
     group_size: int = Field(4, ge=2, description="Completions sampled per prompt (G); advantages are normalized within each group.")
     max_new_tokens: int = Field(16, ge=1, description="Longest completion; sampling also stops at end-of-sequence.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts.")
-    top_k: int | None = Field(None, ge=1, description="Sample only from the k most likely tokens; None = all.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens with this much probability.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the rollouts. The policy, old and reference log-probs are "
+                               "taken at it too (log softmax of logits / temperature), as TRL does.")
+    top_k: int | None = Field(None, ge=1, description="Sample only from the k most likely tokens; None = all. Sampling only: as in TRL, the "
+                              "log-probs are those of the whole tempered distribution.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens with this much probability. Sampling "
+                         "only, like top_k.")
     clip_epsilon: float = Field(0.2, gt=0, lt=1, description="PPO clip range of the probability ratio.")
     kl_coef: float = Field(0.04, ge=0, description="Weight of the per-token KL penalty to the reference model (0 = none, and no reference forward).")
     scale_rewards: bool = Field(True, description="Divide advantages by the group's reward std (GRPO); false keeps them centered only (Dr. GRPO).")
-    updates_per_rollout: int = Field(1, ge=1, description="Optimizer updates on each rollout (GRPO's μ); the clip matters from the second on.")
+    updates_per_rollout: int = Field(1, ge=1, description="Optimizer updates on each rollout (GRPO's μ); the clip matters from the second on. "
+                                     "A vetoed update (non-finite, or a spike under on_spike: skip|stop) ends its rollout's updates.")
     reference: str | None = Field(None, description="Stage (or checkpoint path) of the frozen reference model; None = init_from.")
 
     @model_validator(mode="after")

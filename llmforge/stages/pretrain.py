@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
                           decay_embeddings=getattr(opt_opts, "decay_embeddings", True))
     torch_opt = registry.build("optimizer", opt_opts, params=groups)
     optimizer = wrap_optimizer(torch_opt, chunks, spec.parallelism)  # wraps `chunks` in megatron DDP in place
-    total = total_steps(train, samples_per_epoch=loader.samples_per_epoch, tokens_per_sample=loader.tokens_per_sample)
+    total = total_steps(train, samples_per_epoch=loader.samples_per_epoch, tokens_per_sample=loader.tokens_per_sample, loader=loader)
     schedule = registry.build("lr_schedule", train.lr_schedule, peak_lr=opt_opts.lr, total_steps=total)
     seq_length = seq_length or model_opts.seq_length
     step_fn = (step_cls or TrainStep)(chunks, optimizer, parallelism_ctx=par, seq_length=seq_length,
@@ -74,6 +75,9 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         return step_fn(batch, lr)
 
     def val_loss(iters: int) -> tuple[float, int]:
+        if val_loader_fn is None:
+            raise UserError(f"stage {stage.name!r} has no val split, which the val_loss evaluator reads",
+                            "give the stage a val split (val_fraction > 0), or drop val_loss from its evaluators")
         val = val_loader_fn()
         total_loss, total_tokens = 0.0, 0
         for _ in range(iters):
@@ -92,10 +96,18 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         eval_ctx = dataclasses.replace(eval_ctx, **evaluation(chunks, step_fn))
     evaluators = build_evaluators(registry, stage.evaluators, eval_ctx)
 
+    if val_loader_fn is None and spec.logging.sample_prompt is None and spec.logging.sample_tokens > 0:
+        context.log(f"[{stage.name}] no val split: the text preview of a val sample is skipped")
+
     def evaluate(step: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for ev in evaluators:
-            out.update(ev.evaluate(step))
+        for options, ev in zip(stage.evaluators, evaluators):
+            try:
+                out.update(ev.evaluate(step))
+            except Exception:  # an evaluation failure never costs training: logged whole, training goes on
+                context.log(f"[{stage.name}] step {step}: evaluator {options.name!r} failed; training continues "
+                            f"(traceback in run.log)")
+                getattr(context.log, "detail", context.log)(traceback.format_exc())
         sample = eval_ctx.sample(spec.logging.sample_prompt, spec.logging.sample_tokens, val_loader_fn)
         if sample is not None and par.rank == 0:
             metrics.text(f"{stage.name}/sample", f"```\n{sample}\n```", step)
@@ -144,6 +156,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
 
 def run(stage, *, context: RunContext) -> dict[str, Any]:
     from llmforge.data.loader import TokenLoader
+    from llmforge.data.manifest import read_manifest
 
     spec, par = context.spec, context.parallel()
     data_dir = context.run.data
@@ -165,6 +178,9 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
                            on_error=spec.data.on_error, vocab_size=spec.model.vocab_size, log=data_log)
 
     train_loader = loader("train", True, train.global_batch_size)
+    # val_loss reads eval_iters global batches of the val split in order: the same samples at any layout.
+    has_val = read_manifest(data_dir)["splits"].get("val", {}).get("samples", 0) > 0
+    val_loader = (lambda: loader("val", False, train.global_batch_size)) if has_val else None
     parts = build_training(context, stage, loader=train_loader,
-                           val_loader_fn=lambda: loader("val", False, train.micro_batch_size * par.dp_size))
+                           val_loader_fn=val_loader)
     return context.run_loop(stage, parts)

@@ -3,9 +3,12 @@
 Each step samples `group_size` completions of its prompts from the current policy (KV-cache
 sampler), scores them with the stage's rewards (a rule such as exact match, or a trained
 reward model), and makes `updates_per_rollout` updates of the clipped policy-gradient
-objective with a KL penalty to the frozen reference. `rollout` rows in metrics.jsonl follow
-the reward step by step; evaluators (mean_reward, exact_match) measure held-out prompts,
-from the starting checkpoint (step 0) on.
+objective with a KL penalty to the frozen reference. Policy, old and reference log-probs are
+taken at the sampling temperature (log softmax of logits / temperature); as in TRL, top_k
+and top_p are not applied to them (see `finetune.steps.tempered_logprobs`). A vetoed update
+(non-finite, or a spike under on_spike: skip|stop) ends its rollout's updates. `rollout`
+rows in metrics.jsonl follow the reward step by step; evaluators (mean_reward, exact_match)
+measure held-out prompts, from the starting checkpoint (step 0) on.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     from llmforge.models.init import unwrap
     from llmforge.runtime.generate import generate
     from llmforge.stages.pretrain import build_training
-    from llmforge.stages.sft import instruction_packer, load_records, sequence_length, split_records
+    from llmforge.stages.sft import instruction_packer, load_records, sequence_length, train_val_split
 
     check_layout(context, stage)
     spec, par, tokenizer, train = context.spec, context.parallel(), context.tokenizer(), stage.train
     length = sequence_length(context, stage)
     parts_ = template_parts(stage.chat_template)
-    train_recs, val_recs = split_records(load_records(context, stage), stage.data.val_fraction, spec.seed)
-    val_recs = val_recs or train_recs[: train.micro_batch_size]
+    records, data_files = load_records(context, stage)
+    train_recs, val_recs = train_val_split(stage, records, spec.seed)
     if any("prompt" not in r for r in train_recs):
         raise UserError(f"stage {stage.name!r} samples answers to prompts, but its records have no `prompt` field (chat `messages`?)",
                         "use `prompt`/`response` records, e.g. a `tasks` source or an `instructions` source with format: prompt_response")
@@ -53,12 +56,13 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
                            sampling={"max_new_tokens": stage.max_new_tokens, "temperature": stage.temperature, "top_k": stage.top_k,
                                      "top_p": stage.top_p},
                            need_old_logprobs=stage.updates_per_rollout > 1, reference=reference, autocast=autocast,
-                           dp_group=parallel_state.get_data_parallel_group() if par.dp_size > 1 else None)
+                           dp_group=parallel_state.get_data_parallel_group() if par.dp_size > 1 else None, data_files=data_files)
     # The val split's reference answers give a val loss: how likely the right answer is.
     va_tokens, va_masks, _ = instruction_packer(tokenizer, stage, length)(val_recs)
 
     def val_loader() -> SFTLoader:
-        return SFTLoader(va_tokens, va_masks, global_batch_size=train.micro_batch_size * par.dp_size, micro_batch_size=train.micro_batch_size,
+        # eval_iters global batches in order: the same val examples at any layout.
+        return SFTLoader(va_tokens, va_masks, global_batch_size=train.global_batch_size, micro_batch_size=train.micro_batch_size,
                          dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed, shuffle=False)
 
     scorer = functools.partial(logprobs_fn, micro_batch_size=train.micro_batch_size, pad_id=tokenizer.pad_id, autocast=autocast)
@@ -75,8 +79,8 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
                 "reference_logprobs": scorer(reference) if reference is not None else None}
 
     step_cls = functools.partial(PolicyGradientStep, clip_epsilon=stage.clip_epsilon, kl_coef=stage.kl_coef,
-                                 updates=stage.updates_per_rollout)
-    parts = build_training(context, stage, loader=source, val_loader_fn=val_loader, seq_length=length, step_cls=step_cls,
+                                 updates=stage.updates_per_rollout, temperature=stage.temperature)
+    parts = build_training(context, stage, loader=source, val_loader_fn=val_loader if val_recs else None, seq_length=length, step_cls=step_cls,
                            evaluation=evaluation)
     metrics = parts["metrics"]
 

@@ -2,31 +2,50 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from llmforge.runtime.context import RunContext
 from llmforge.spec.errors import UserError
 
+if TYPE_CHECKING:
+    from llmforge.data.sft import DataFiles
 
-def load_records(context: RunContext, stage, *, kind: str = "instructions") -> list[dict[str, Any]]:
-    """All records of the stage's data sources, in source order."""
+
+def load_records(context: RunContext, stage, *, kind: str = "instructions") -> tuple[list[dict[str, Any]], DataFiles]:
+    """The records of the stage's data sources in source order, filtered and counted as prepare does,
+    and the digest of the records each input file yielded (what a resume checks the data against)."""
     from llmforge.data.errors import ErrorPolicy
+    from llmforge.data.filters import FilterCounts, filtered
+    from llmforge.data.sft import RecordDigests
     from llmforge.data.sources import SourceContext
 
-    errors = ErrorPolicy(context.spec.data.on_error, log=context.log)
     records: list[dict[str, Any]] = []
+    data_files: DataFiles = {}
     for name, opts in stage.data.sources.items():
-        src_ctx = SourceContext(name=f"stages.{stage.name}.data.sources.{name}", errors=errors, tokenizer=context.tokenizer())
-        for doc in context.registry.build("source", opts, context=src_ctx):
-            if not isinstance(doc.content, dict):
-                raise UserError(f"source {name!r} ({opts.name}) yields plain documents, but a {stage.type} stage needs {kind} records",
-                                "use an `instructions`, `preferences` or `tasks` source")
+        where = f"stages.{stage.name}.data.sources.{name}"
+        errors, digests, counts = ErrorPolicy(context.spec.data.on_error, log=context.log), RecordDigests(), FilterCounts()
+        docs = context.registry.build("source", opts, context=SourceContext(name=where, errors=errors, tokenizer=context.tokenizer()))
+        for doc in filtered(digests.tap(_records_only(docs, name, opts, stage, kind)), getattr(opts, "filters", None), counts):
             records.append(doc.content)
-    if not records:
-        raise UserError(f"stage {stage.name!r}: its data sources hold no records", "check the paths and filters")
-    return records
+        counts.skipped_errors = errors.skipped
+        dropped = f" ({counts.dropped()})" if counts.dropped() else ""
+        if counts.kept == 0:
+            raise UserError(f"{where} is empty after filtering: {counts.documents} records{dropped}",
+                            "loosen the source's filters or check its paths")
+        context.log(f"[{stage.name}] source {name}: {counts.kept} of {counts.documents} records kept{dropped}")
+        data_files[name] = digests.hexdigests()
+    return records, data_files
+
+
+def _records_only(docs, name: str, opts, stage, kind: str):
+    """The source's documents, refusing plain text: a finetune stage trains on records."""
+    for doc in docs:
+        if not isinstance(doc.content, dict):
+            raise UserError(f"source {name!r} ({opts.name}) yields plain documents, but a {stage.type} stage needs {kind} records",
+                            "use an `instructions`, `preferences` or `tasks` source")
+        yield doc
 
 
 def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, list]:
@@ -37,6 +56,22 @@ def split_records(records: list, val_fraction: float, seed: int) -> tuple[list, 
         n_val = 1
     val = [records[i] for i in sorted(order[:n_val])]
     train = [records[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def train_val_split(stage, records: list, seed: int) -> tuple[list, list]:
+    """The stage's (train, val) records. An empty val split stays empty: evaluating on training
+    examples would flatter the model. It is refused when an evaluator reads it (validate refuses
+    val_fraction 0; this catches a split that rounds to nothing, e.g. of one record)."""
+    from llmforge.spec.stages import val_split_readers
+
+    train, val = split_records(records, stage.data.val_fraction, seed)
+    readers = val_split_readers(stage)
+    if not val and readers:
+        raise UserError(f"stage {stage.name!r}: its val split is empty ({len(records)} record(s), data.val_fraction "
+                        f"{stage.data.val_fraction:g}), but its {', '.join(readers)} evaluator reads it",
+                        "add records or raise data.val_fraction so that at least one is held out, or list only evaluators "
+                        "with their own data (`evaluators: []` for none)")
     return train, val
 
 
@@ -51,7 +86,7 @@ def sequence_length(context: RunContext, stage, extra: int = 0) -> int:
 
 
 def finetune_loaders(context: RunContext, stage, pack, *, length: int, kind: str = "instructions", what: str = "response"):
-    """(train loader, val loader factory, train records, val records) of a finetune stage's data.
+    """(train loader, val loader factory or None without val records, train records, val records) of a finetune stage's data.
 
     Args:
         pack: records → (tokens [n, ...], loss masks [n, ...], truncated count), e.g. padded
@@ -60,9 +95,8 @@ def finetune_loaders(context: RunContext, stage, pack, *, length: int, kind: str
     from llmforge.data.sft import SFTLoader
 
     spec, par, train_cfg = context.spec, context.parallel(), stage.train
-    train_recs, val_recs = split_records(load_records(context, stage, kind=kind), stage.data.val_fraction, spec.seed)
-    if not val_recs:
-        val_recs = train_recs[: max(1, train_cfg.micro_batch_size)]
+    records, data_files = load_records(context, stage, kind=kind)
+    train_recs, val_recs = train_val_split(stage, records, spec.seed)
 
     def encode(recs):
         tokens, masks, truncated = pack(recs)
@@ -71,14 +105,16 @@ def finetune_loaders(context: RunContext, stage, pack, *, length: int, kind: str
         return tokens, masks, truncated
 
     tr_tokens, tr_masks, truncated = encode(train_recs)
-    va_tokens, va_masks, _ = encode(val_recs)
     if truncated:
         context.log(f"[{stage.name}] warning: {truncated} example(s) longer than {length} tokens were truncated")
     context.log(f"[{stage.name}] {len(train_recs)} train / {len(val_recs)} val examples, {length} tokens each, "
                 f"{int(tr_masks.sum()):,} {what} tokens")
     loader = SFTLoader(tr_tokens, tr_masks, global_batch_size=train_cfg.global_batch_size, micro_batch_size=train_cfg.micro_batch_size,
-                       dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed)
-    val_batch = train_cfg.micro_batch_size * par.dp_size
+                       dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed, data_files=data_files)
+    if not val_recs:
+        return loader, None, train_recs, val_recs
+    va_tokens, va_masks, _ = encode(val_recs)
+    val_batch = train_cfg.global_batch_size  # eval_iters global batches in order: the same val examples at any layout
 
     def val_loader():
         return SFTLoader(va_tokens, va_masks, global_batch_size=val_batch, micro_batch_size=train_cfg.micro_batch_size,

@@ -137,11 +137,67 @@ def test_unshuffled_reads_in_order_and_wraps_around(data_dir):
 
 
 def test_budgets_in_steps_tokens_and_epochs(data_dir):
+    from types import SimpleNamespace
+
+    from llmforge.runtime.train import total_steps
+
     ld = loader(data_dir)
     n = ld.samples_per_epoch
-    assert ld.steps_for(max_steps=5) == 5
-    assert ld.steps_for(max_tokens=GLOBAL * 16 * 3 + 1) == 4
-    assert ld.steps_for(max_epochs=2) == -(-2 * n // GLOBAL)
+
+    def budget(**kw):
+        train = SimpleNamespace(**({"max_steps": None, "max_tokens": None, "max_epochs": None, "global_batch_size": GLOBAL} | kw))
+        return total_steps(train, samples_per_epoch=n, tokens_per_sample=ld.tokens_per_sample, loader=ld)
+
+    assert budget(max_steps=5) == 5
+    assert budget(max_tokens=GLOBAL * 16 * 3 + 1) == 4
+    assert budget(max_epochs=2) == -(-2 * n // GLOBAL)
+
+
+@pytest.fixture(scope="module")
+def documents_dir(tmp_path_factory):
+    """Documents of 5-60 words packed one per sample (most shorter than a window, a few cut in pieces)."""
+    tmp = tmp_path_factory.mktemp("documents")
+    write_corpus(tmp / "corpus", n_docs=40, words=(1, 12))
+    prepare(make_spec(tmp, packing="documents", seq_length=32), tmp / "run")
+    return tmp / "run" / "data"
+
+
+def test_documents_pad_without_loss(documents_dir):
+    """Padding carries no loss: each row's mask covers exactly the targets of its real tokens."""
+    from llmforge.data.shards import ShardReader
+
+    ld = loader(documents_dir)
+    manifest = json.loads((documents_dir / "manifest.json").read_text())
+    reader = ShardReader(documents_dir, manifest["splits"]["train"]["shards"])
+    seen_short = False
+    for _ in range(3):
+        batch = ld.next_global_batch()
+        tokens, masks = torch.cat(batch.tokens), torch.cat(batch.masks)
+        assert tokens.shape == (GLOBAL, 33) and masks.shape == (GLOBAL, 32)
+        real = [reader.read(int(key)) for key in ld.last_keys]
+        for row, sample in enumerate(real):
+            length = sample.size
+            seen_short |= length < 33
+            assert tokens[row, :length].tolist() == sample.tolist()
+            assert masks[row].tolist() == [1.0] * (length - 1) + [0.0] * (33 - length)
+        assert ld.last_batch_tokens == sum(min(s.size, 32) for s in real)
+    assert seen_short, "the corpus should give documents shorter than a window"
+
+
+def test_token_budget_counts_real_tokens_along_the_order(documents_dir):
+    """max_tokens with padded documents: the steps until that many real tokens are read, in the loader's own order."""
+    ld = loader(documents_dir)
+    budget = int(1.5 * ld._input_tokens.sum())  # half-way through the second epoch
+    steps = ld.steps_for_tokens(budget)
+    read, counts = 0, []
+    while read < budget:
+        ld.next_global_batch()
+        read += ld.last_batch_tokens
+        counts.append(ld.last_batch_tokens)
+    assert steps == len(counts)
+    assert sum(counts[:-1]) < budget <= sum(counts)
+    # A full-window count would stop far too early.
+    assert steps > -(-budget // (GLOBAL * ld.tokens_per_sample))
 
 
 def test_state_is_versioned_and_tied_to_its_data(data_dir):
@@ -207,8 +263,9 @@ def test_document_samples_are_padded(tmp_path):
     write_corpus(tmp_path / "corpus", n_docs=10, words=(1, 3))
     m = prepare(make_spec(tmp_path, seq_length=64, packing="documents"), tmp_path / "run")
     ld = loader(tmp_path / "run" / "data", shuffle=False, global_batch_size=2, micro_batch_size=2)
-    (batch,) = ld.next_global_batch()
-    pad = m["tokenizer"]["pad_id"]
-    for row in batch:
+    batch = ld.next_global_batch()
+    pad, bos = m["tokenizer"]["pad_id"], m["tokenizer"]["bos_id"]
+    for row in batch.tokens[0]:
         end = int((row == 257).nonzero()[0])  # the EOS closing the document
+        assert row[0] == bos  # pretraining starts a document as every prompt does
         assert (row[end + 1 :] == pad).all() and not (row[:end] == pad).any()

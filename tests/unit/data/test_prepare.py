@@ -22,7 +22,7 @@ from llmforge.spec.errors import UserError
 
 from .conftest import make_spec, prepare
 
-EOS = 257  # the byte tokenizer's eos id (after 256 bytes and bos)
+BOS, EOS = 256, 257  # the byte tokenizer's bos and eos ids (after the 256 bytes)
 
 
 def read_split(data_dir: Path, manifest: dict, split: str) -> list[tuple[str, np.ndarray]]:
@@ -49,7 +49,7 @@ def test_manifest_records_shards_tokens_tokenizer_and_sources(prepared, corpus):
     row = next(r for r in src["files"] if r[0] == str(files[0]))
     assert row[1:] == [files[0].stat().st_size, files[0].stat().st_mtime_ns, hashlib.sha256(files[0].read_bytes()).hexdigest()]
     assert src["counts"] == {"documents": 30, "kept": 30, "empty": 0, "too_short": 0, "too_long": 0, "duplicates": 0, "skipped_errors": 0}
-    assert src["tokens"] == sum(p.stat().st_size + 1 for p in files) == src["train_tokens"] + src["val_tokens"]
+    assert src["tokens"] == sum(p.stat().st_size + 2 for p in files) == src["train_tokens"] + src["val_tokens"]  # BOS + text + EOS
     for split in ("train", "val"):
         info = m["splits"][split]
         assert info["samples"] == sum(s["samples"] for s in info["shards"]) == (info["tokens"] - 1) // 16
@@ -68,7 +68,7 @@ def test_windows_are_the_token_stream_split_like_nanogpt(tmp_path):
     (tmp_path / "one.txt").write_text(text)
     spec = make_spec(tmp_path, sources={"f": {"name": "text", "paths": [str(tmp_path / "one.txt")]}}, data={"split": {"by": "contiguous", "val_fraction": 0.1}})
     m = prepare(spec, tmp_path / "run")
-    stream = np.array([*text.encode(), EOS])
+    stream = np.array([BOS, *text.encode(), EOS])
     cut = int(len(stream) * 0.9)
     for split, part in (("train", stream[:cut]), ("val", stream[cut:])):
         samples = read_split(tmp_path / "run" / "data", m, split)
@@ -98,8 +98,8 @@ def test_document_split_and_packing_keep_documents_whole(tmp_path, corpus):
     texts = {}
     for split in ("train", "val"):
         samples = read_split(tmp_path / "run" / "data", m, split)
-        assert all(s[-1] == EOS for _, s in samples)  # EOS closes every document
-        texts[split] = {bytes(s[:-1].astype(np.uint8)).decode() for _, s in samples}
+        assert all(s[0] == BOS and s[-1] == EOS for _, s in samples)  # BOS opens and EOS closes every document
+        texts[split] = {bytes(s[1:-1].astype(np.uint8)).decode() for _, s in samples}
     assert len(texts["val"]) == math.ceil(0.1 * 30) and not texts["train"] & texts["val"]
     assert texts["train"] | texts["val"] == doc_texts(corpus)
 
@@ -112,7 +112,7 @@ def test_document_packing_cuts_long_documents_into_overlapping_pieces(tmp_path):
     pieces = [s for _, s in read_split(tmp_path / "run" / "data", m, "train")]
     assert all(2 <= p.size <= 17 for p in pieces)
     assert all(a[-1] == b[0] for a, b in zip(pieces, pieces[1:]))
-    assert np.concatenate([pieces[0]] + [p[1:] for p in pieces[1:]]).tolist() == [*("abcdefghijklmnopqrstuvwxyz" * 3).encode(), EOS]
+    assert np.concatenate([pieces[0]] + [p[1:] for p in pieces[1:]]).tolist() == [BOS, *("abcdefghijklmnopqrstuvwxyz" * 3).encode(), EOS]
 
 
 def test_sources_mix_by_weight(tmp_path):
@@ -126,8 +126,8 @@ def test_sources_mix_by_weight(tmp_path):
     tokens = np.concatenate([s for _, s in read_split(tmp_path / "run" / "data", m, "train")])
     share_a = np.count_nonzero(tokens == ord("a")) / np.count_nonzero((tokens == ord("a")) | (tokens == ord("b")))
     assert share_a == pytest.approx(0.75, abs=0.03)
-    assert m["sources"]["a"]["mix"] == {"weight": 0.75, "used_tokens": 201 * 30}  # 20 docs repeated to 1.5×
-    assert m["sources"]["b"]["mix"]["used_tokens"] == 201 * 10
+    assert m["sources"]["a"]["mix"] == {"weight": 0.75, "used_tokens": 202 * 30}  # 20 docs repeated to 1.5×
+    assert m["sources"]["b"]["mix"]["used_tokens"] == 202 * 10
     # Interleaved: both sources appear within the first tenth of the windows.
     first = tokens[: tokens.size // 10]
     assert (first == ord("a")).any() and (first == ord("b")).any()
@@ -163,7 +163,7 @@ def test_changed_inputs_rebuild_or_refuse(tmp_path, prepared, corpus):
     rebuilt = prepare(spec, tmp_path / "run", logs)
     assert any("doc003.txt changed" in line for line in logs)
     assert rebuilt["inputs_hash"] != first["inputs_hash"]
-    assert rebuilt["sources"]["corpus"]["tokens"] == sum(p.stat().st_size + 1 for p in corpus.rglob("*.txt"))
+    assert rebuilt["sources"]["corpus"]["tokens"] == sum(p.stat().st_size + 2 for p in corpus.rglob("*.txt"))
     # A changed option (seq_length) is named too.
     with pytest.raises(UserError, match=r"seq_length changed \(16 → 8\)"):
         prepare(make_spec(tmp_path, seq_length=8, data={"on_change": "refuse"}), tmp_path / "run")
@@ -227,7 +227,7 @@ def test_bpe_tokenizer_is_trained_once_and_reused(tmp_path, corpus):
     tok = load_tokenizer(tmp_path / "run" / "tokenizer")
     assert any("built the bpe tokenizer" in line for line in logs) and m["tokenizer"]["sha256"] == tok.hash
     samples = read_split(tmp_path / "run" / "data", m, "train")
-    assert tok.decode(samples[0][1].tolist()).startswith("document 0: ")
+    assert tok.decode(samples[0][1].tolist()).startswith("<|bos|>document 0: ")
     logs.clear()
     prepare(spec, tmp_path / "run", logs)
     assert not any("built" in line for line in logs)

@@ -113,9 +113,34 @@ def test_loader_resumes_exactly_from_its_state():
     first = make()
     _order(first, 5)
     state = first.state_dict()
-    assert state == {"version": 1, "position": 20, "seed": 9}
+    assert state == {"version": 2, "position": 20, "seed": 9, "data_files": {}}
     resumed = make()
     resumed.load_state_dict(state)
     assert _order(resumed, 7) == uninterrupted[5:]
     with pytest.raises(Exception, match="version"):
         resumed.load_state_dict({"version": 99, "position": 0})
+
+
+def test_rollout_resume_refuses_changed_prompt_files():
+    import contextlib
+
+    from llmforge.finetune.rollout import RolloutSource
+    from llmforge.spec.errors import UserError
+
+    def source(data_files):
+        return RolloutSource([({"prompt": "1+1="}, [1, 2])], tokenizer=None, reward=None, group_size=2, global_batch_size=2,
+                             micro_batch_size=2, dp_rank=0, dp_size=1, seed=0, length=8, sampling={"max_new_tokens": 2},
+                             scale_rewards=True, need_old_logprobs=False, reference=None, autocast=contextlib.nullcontext,
+                             data_files=data_files)
+
+    saved = source({"add": {"/data/add.jsonl": "aa"}})
+    saved.position = 6
+    state = saved.state_dict()
+    resumed = source({"add": {"/data/add.jsonl": "aa"}})
+    resumed.load_state_dict(state)
+    assert resumed.position == 6
+    with pytest.raises(UserError, match="/data/add.jsonl changed") as info:
+        source({"add": {"/data/add.jsonl": "bb"}}).load_state_dict(state)
+    assert info.value.hint == "restore the file, or start the stage afresh in a new run dir"
+    with pytest.raises(UserError, match="/data/more.jsonl is new"):
+        source({"add": {"/data/add.jsonl": "aa", "/data/more.jsonl": "cc"}}).load_state_dict(state)

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.child import worker_facts
 
 TARGET, STEPS = 7, 30
 
@@ -79,12 +78,7 @@ def main() -> None:
 
 @pytest.fixture(scope="module")
 def curves(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("rl") / "curves.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    done = subprocess.run([sys.executable, __file__, "--out", str(out)], capture_output=True, text=True, timeout=600,
-                          env={**env, "PYTHONWARNINGS": "ignore"})
-    assert done.returncode == 0, done.stderr[-5000:]
-    return json.loads(out.read_text())
+    return worker_facts(__file__, tmp_path_factory.mktemp("rl") / "curves.json")
 
 
 @pytest.mark.slow

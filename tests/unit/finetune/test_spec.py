@@ -79,3 +79,15 @@ def test_lora_targets_and_unknown_keys_are_checked(tmp_path):
     assert any(i.path[:3] == ("stages", 1, "lora") for i in _issues(_spec(tmp_path, stage)))
     stage["lora"] = {"rank": 4, "alpah": 8}
     assert any("alpah" in str(i.path) or "alpah" in i.message for i in _issues(_spec(tmp_path, stage)))
+
+
+@pytest.mark.parametrize("kind", ["sft", *STAGES])
+def test_val_loss_without_a_val_split_is_refused(tmp_path, kind):
+    stage = {"name": "ft2", "type": kind, "init_from": "sft", "train": TRAIN, **STAGES.get(kind, {"data": TASKS})}
+    stage["data"] = {**stage["data"], "val_fraction": 0.0}
+    issues = _issues(_spec(tmp_path, {**stage, "evaluators": [{"name": "exact_match", "tasks": {"tasks": ["add2"]}}, {"name": "val_loss"}]}))
+    (issue,) = [i for i in issues if i.path == ("stages", 1, "data", "val_fraction")]
+    assert "val_loss" in issue.message and "no val split" in issue.message and issue.location
+    assert "raise data.val_fraction" in issue.hint
+    reset_registry()
+    load_and_validate(str(_spec(tmp_path, {**stage, "evaluators": []})))  # nothing reads the val split: fine

@@ -29,6 +29,7 @@ stages:
     type: sft
     init_from: pretrain
     data: {sources: {chat: {name: instructions, paths: ["%(sft)s"]}}, val_fraction: 0.0}
+    evaluators: []
     train: {micro_batch_size: 1, global_batch_size: 4, max_epochs: 2}
 """
 

@@ -13,10 +13,16 @@ EOS = 9
 
 
 class Tokens:
-    eos_id = EOS
+    eos_id, bos_id = EOS, 8
 
     def encode(self, text: str) -> list[int]:
         return [int(c) for c in text]
+
+    def start(self) -> list[int]:
+        return [self.bos_id]
+
+    def encode_sequence(self, text: str) -> list[int]:
+        return self.start() + self.encode(text)
 
     def decode(self, ids: list[int]) -> str:
         return "".join(map(str, ids))
@@ -48,3 +54,20 @@ def test_pretraining_preview_and_a_prompt_fit_the_positions():
     assert len(seen[-1]) == 16
     assert _context(seen, max_positions=6).sample("12345678", 8, lambda: loader) == "67856" + str(EOS)  # prompt tail 3, 3 new at most
     assert seen[-1] == [6, 7, 8]
+
+
+def test_a_prompt_preview_starts_with_bos_as_training_does():
+    seen: list[list[int]] = []
+    _context(seen).sample("123", 2, lambda: None)
+    assert seen == [[8, 1, 2, 3]]
+
+
+def test_a_padded_pretraining_sample_previews_its_first_tokens_and_none_without_val():
+    # packing: documents — every target up to the padding is trained, so this is no prompt/response pair
+    tokens = torch.arange(1, 41).remainder(7).unsqueeze(0)
+    masks = torch.cat([torch.ones(1, 30), torch.zeros(1, 9)], dim=1)
+    loader = SimpleNamespace(next_global_batch=lambda: MaskedBatch([tokens], [masks]))
+    seen: list[list[int]] = []
+    _context(seen).sample(None, 4, lambda: loader)
+    assert seen == [tokens[0, :16].tolist()]
+    assert _context(seen).sample(None, 4, None) is None  # no val split, no prompt: no preview

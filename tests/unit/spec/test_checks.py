@@ -54,6 +54,11 @@ CASES = [
     (["data={sources: {}, mix: {web: 1.0}}"], "data.mix.web", "mix names 'web', which is not a source"),
     (["stages.1.train.max_epochs=1"], "stages[1].train", "give exactly one of max_steps, max_tokens, max_epochs (got max_steps, max_epochs)"),
     (["stages.1.name=prepare"], "stages[1].name", "stage name 'prepare' is used twice"),
+    (["stages.1={name: sft, type: sft, data: {sources: {add: {name: tasks, tasks: [add2]}}, val_fraction: 0}, "
+      "train: {micro_batch_size: 2, global_batch_size: 4, max_steps: 1}}"],
+     "stages[1].data.val_fraction", "data.val_fraction is 0, so stage 'sft' has no val split, but it lists the val_loss evaluator"),
+    (["data.split.val_fraction=0"], "data.split.val_fraction", "there is no val split, but stages[1] (pretrain) lists the val_loss"),
+    (["tokenizer={name: char}", "stages.0.packing=documents"], "stages[0].packing", "char tokenizer without add_eos has no token to pad"),
 ]
 
 
@@ -72,6 +77,11 @@ def test_a_check_error_points_at_the_line_in_the_file(write_spec):
     message, hint, location = found["parallelism.tensor_model_parallel_size"]
     assert location == "spec.yaml:11:3"
     assert hint == "use a tensor-parallel size that divides 4 (e.g. 2)"
+
+
+def test_an_empty_val_split_is_fine_without_val_loss_and_padding_fine_with_eos(write_spec):
+    assert problems(write_spec(), "data.split.val_fraction=0", "stages.1.evaluators=[]") == {}
+    assert problems(write_spec(), "tokenizer={name: char, add_eos: true}", "stages.0.packing=documents") == {}
 
 
 def test_init_from_may_name_a_checkpoint_path(write_spec):
@@ -103,6 +113,24 @@ def test_finetune_inputs_are_checked_too(write_spec):
 """)
     found = problems(spec)
     assert found["stages[2].data.sources.chat.paths[0]"][2] == "spec.yaml:27:44"
+
+
+def test_a_finetune_stage_without_a_val_split_may_not_list_val_loss(write_spec, cli):
+    spec = write_spec(write_spec().read_text() + """\
+  - name: sft
+    type: sft
+    init_from: pretrain
+    data:
+      sources:
+        add: {name: tasks, tasks: [add2]}
+      val_fraction: 0
+    train: {micro_batch_size: 2, global_batch_size: 4, max_steps: 1}
+""")
+    code, out, err = cli("validate", spec)
+    assert code == 2 and out == ""
+    assert "spec.yaml:28:7 stages[2].data.val_fraction: data.val_fraction is 0, so stage 'sft' has no val split" in err
+    assert "val_loss" in err and "Traceback" not in err
+    assert problems(spec, "stages.2.evaluators=[]") == {}
 
 
 def test_a_missing_pretrained_tokenizer_file(write_spec):
