@@ -9,8 +9,9 @@ script. On a CPU machine:
 Figures, all written to `<out>/gpu_check.json` (`$OUT` on the device):
 - tokens/s of specs/gpu-1b.yaml at the largest micro batch `llmforge plan --gpu h200-141gb`
   says fits (a divisor of the global batch, so the step is the spec's);
-- MFU = tokens/s × (6·N + 6·L·h·s) / peak, against the datasheet dense bf16 peak and against
-  the 788 TFLOP/s an 8192³ bf16 matmul reached on this kind of machine (KINDS.md);
+- MFU = tokens/s / devices × (6·N + 6·L·h·s) / one device's peak (`model_flops_utilization`,
+  llmforge's one definition), against the datasheet dense bf16 peak and against the
+  788 TFLOP/s an 8192³ bf16 matmul reached on this kind of machine (KINDS.md);
 - the plan's predicted peak (the largest `memory_per_rank` total) against
   `torch.cuda.max_memory_allocated()`.
 """
@@ -120,9 +121,11 @@ def run_gpu_tests(out: Path, *, timeout_s: float) -> dict[str, Any]:
 # --- the benchmark ----------------------------------------------------------------------
 
 
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
-    """Model FLOPs utilization: the model's own FLOPs (no recompute) per second over the peak."""
-    return tokens_per_s * flops_per_token / peak_flops
+def mfu(bench: dict[str, Any], peak_flops: float) -> float:
+    """Model FLOPs utilization of the benchmark: the model's own FLOPs (no recompute) per second per device over its peak."""
+    from llmforge.plan.cost import model_flops_utilization
+
+    return model_flops_utilization(bench["tokens_per_s"], bench["flops_per_token"], world_size=bench["world_size"], peak_flops=peak_flops)
 
 
 def benchmark(spec: Any, *, warmup: int, steps: int) -> dict[str, Any]:
@@ -177,6 +180,7 @@ def benchmark(spec: Any, *, warmup: int, steps: int) -> dict[str, Any]:
     return {
         "device": str(ctx.device),
         "backend": ctx.backend,
+        "world_size": ctx.world_size,
         "micro_batch_size": train.micro_batch_size,
         "global_batch_size": train.global_batch_size,
         "num_microbatches": micro_batches,
@@ -335,8 +339,8 @@ def check(out: Path, *, dry_run: bool, skip_tests: bool, warmup: int, steps: int
         return result
     peak = plan["device"]["peak_flops_bf16"] if stage["precision"] == "bf16" else plan["device"]["peak_flops_fp32"]
     measured_peak = MEASURED_MATMUL_FLOPS if on_gpu else peak
-    bench["mfu_datasheet"] = round(mfu(bench["tokens_per_s"], bench["flops_per_token"], peak), 4)
-    bench["mfu_measured_matmul"] = round(mfu(bench["tokens_per_s"], bench["flops_per_token"], measured_peak), 4)
+    bench["mfu_datasheet"] = round(mfu(bench, peak), 4)
+    bench["mfu_measured_matmul"] = round(mfu(bench, measured_peak), 4)
     bench["peaks"] = {"datasheet": peak, "measured_matmul": measured_peak,
                       "measured_matmul_source": "KINDS.md: 8192³ bf16 torch matmul on random data, nvidia-h200" if on_gpu
                       else "no GPU: the catalog's CPU peak stands in"}

@@ -3,7 +3,8 @@
 Written as a careful engineer would write it for speed, so that a ratio ≥ 1 means
 something: one fused QKV projection, `F.scaled_dot_product_attention` with `is_causal`,
 the functional norms, RoPE tables computed once, batch-first tensors (no transposes
-around attention beyond the head split), and AdamW with `foreach`. The shape, the
+around attention beyond the head split), and AdamW with `fused=True`, the same implementation
+llmforge's `adamw` uses (the kernel must not decide a ratio). The shape, the
 initialization (normal(0, std), residual outputs scaled by 1/sqrt(2 · layers)) and the
 weight-decay groups follow llmforge's `gpt` model, so both sides do the same arithmetic.
 bf16 is autocast over fp32 parameters, as in llmforge.
@@ -177,11 +178,11 @@ class ReferenceGPT(nn.Module):
 
 def build_optimizer(model: ReferenceGPT, *, lr: float, betas: tuple[float, float] = (0.9, 0.95), weight_decay: float = 0.1,
                     eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW with `foreach`: weight decay on matrices and embeddings, none on norms and biases (as llmforge)."""
+    """AdamW, `fused` as llmforge's: weight decay on matrices and embeddings, none on norms and biases (as llmforge)."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
 
 
 def train_step(model: ReferenceGPT, optimizer: torch.optim.Optimizer, micro_batches: list[torch.Tensor], *, lr: float,

@@ -37,6 +37,7 @@ def _worker(shape: str, *, steps: int, pairs: int, quick: bool) -> dict:
     torch_import_s = time.perf_counter() - start
     import workloads
     from llmforge.models.size import flops_per_token, param_count
+    from llmforge.plan.cost import model_flops_utilization
 
     work = workloads.workload(shape)
     if quick:
@@ -84,8 +85,8 @@ def _worker(shape: str, *, steps: int, pairs: int, quick: bool) -> dict:
             "reference_tokens_per_s": round(statistics.median(pair.baseline)),
             "ratios": [round(r, 3) for r in pair.ratios],
             "cpu_ratio": round(statistics.median(r / o for r, o in zip(cpu["reference"], cpu["llmforge"])), 3),
-            "mfu": round(tokens_per_s * flops / peak[precision], 4),
-            "reference_mfu": round(statistics.median(pair.baseline) * flops / peak[precision], 4),
+            "mfu": round(model_flops_utilization(tokens_per_s, flops, world_size=1, peak_flops=peak[precision]), 4),
+            "reference_mfu": round(model_flops_utilization(statistics.median(pair.baseline), flops, world_size=1, peak_flops=peak[precision]), 4),
         }
     return {
         "shape": shape,

@@ -10,10 +10,11 @@ global batch, and a state that is the global position and the identity of every 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -61,6 +62,12 @@ def encode_example(tokenizer, parts: tuple[str, str, str], record: dict[str, Any
     return prefix + answer, [0] * len(prefix) + [1] * len(answer)
 
 
+def prompt_ids(tokenizer, parts: tuple[str, str, str], prompt: str) -> list[int]:
+    """A prompt as the template renders it, up to where the response starts: what generation continues."""
+    ids, mask = encode_example(tokenizer, parts, {"prompt": prompt, "response": ""})
+    return ids[: mask.index(1)]
+
+
 @dataclass
 class MaskedBatch:
     """One optimizer step's micro batches with their loss masks (what TrainStep takes)."""
@@ -69,10 +76,24 @@ class MaskedBatch:
     masks: list[Any]  # FloatTensor [micro, length]
 
 
-def pack_examples(encoded: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """Pad each example to length+1 tokens; masks align with the *targets* (ids[1:]). Returns truncated count."""
+class Packed(NamedTuple):
+    """Examples padded into rows, with what the loader counts of each row."""
+
+    tokens: np.ndarray  # [n, width] token ids, padded
+    masks: np.ndarray  # [n, width - 1] loss masks on the targets
+    truncated: int  # examples cut to fit
+    input_tokens: np.ndarray  # [n] real (non-pad) input tokens the model reads of each row, from the true lengths
+
+
+def pack_examples(encoded: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> Packed:
+    """Pad each example to length+1 tokens; masks align with the *targets* (ids[1:]).
+
+    The model reads the first `length` tokens of a row: an example's real input tokens are
+    min(its length, `length`), counted from the example itself, since the pad id may be EOS.
+    """
     tokens = np.full((len(encoded), length + 1), pad_id, dtype=np.int64)
     masks = np.zeros((len(encoded), length), dtype=np.float32)
+    inputs = np.zeros(len(encoded), dtype=np.int64)
     truncated = 0
     for i, (ids, mask) in enumerate(encoded):
         if len(ids) > length + 1:
@@ -80,7 +101,8 @@ def pack_examples(encoded: list[tuple[list[int], list[int]]], length: int, pad_i
             ids, mask = ids[: length + 1], mask[: length + 1]
         tokens[i, : len(ids)] = ids
         masks[i, : len(ids) - 1] = mask[1:]
-    return tokens, masks, truncated
+        inputs[i] = min(len(ids), length)
+    return Packed(tokens, masks, truncated, inputs)
 
 
 class RecordDigests:
@@ -121,10 +143,16 @@ def check_data_files(saved: DataFiles | None, current: DataFiles) -> None:
 
 
 class SFTLoader:
-    """In-memory finetune batches with the pretraining loader's ordering and state rules."""
+    """In-memory finetune batches with the pretraining loader's ordering and state rules.
+
+    With `input_tokens` (each row's real input tokens, `Packed.input_tokens`) it counts what
+    the pretraining loader counts: `last_batch_tokens`, the real input tokens of the last
+    global batch over every DP rank, and a `max_tokens` budget along its own order.
+    """
 
     def __init__(self, tokens: np.ndarray, masks: np.ndarray, *, global_batch_size: int, micro_batch_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, data_files: DataFiles | None = None):
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, data_files: DataFiles | None = None,
+                 input_tokens: np.ndarray | None = None):
         if len(tokens) == 0:
             raise UserError("the finetune set is empty", "check the stage's data sources and filters")
         if global_batch_size % (micro_batch_size * dp_size):
@@ -136,6 +164,8 @@ class SFTLoader:
         self.position = 0
         self.samples_per_epoch = len(tokens)
         self.tokens_per_sample = tokens.shape[1] - 1
+        self.input_tokens = input_tokens
+        self.last_batch_tokens = 0  # real input tokens of the last global batch, over every DP rank (0: not counted)
         self._perm_epoch, self._perm = -1, np.arange(len(tokens))
 
     @property
@@ -158,11 +188,26 @@ class SFTLoader:
         per_rank = self.global_batch_size // self.dp_size
         start = self.position + self.dp_rank * per_rank
         rows = [self._index(p) for p in range(start, start + per_rank)]
+        if self.input_tokens is not None:
+            every_rank = [self._index(p) for p in range(self.position, self.position + self.global_batch_size)]
+            self.last_batch_tokens = int(self.input_tokens[every_rank].sum())
         self.position += self.global_batch_size
         tok = torch.from_numpy(self.tokens[rows])
         mask = torch.from_numpy(self.masks[rows])
         n = per_rank // self.micro_batch_size
         return MaskedBatch(list(tok.chunk(n)), list(mask.chunk(n)))
+
+    def steps_for_tokens(self, max_tokens: int) -> int:
+        """Optimizer steps until `max_tokens` real input tokens have been read, along the loader's own order."""
+        if self.input_tokens is None:
+            return -(-max_tokens // (self.global_batch_size * self.tokens_per_sample))
+        seen, n = 0, self.samples_per_epoch
+        for epoch in itertools.count():
+            cumulative = seen + np.cumsum(self.input_tokens[[self._index(epoch * n + i) for i in range(n)]])
+            if cumulative[-1] >= max_tokens:
+                return (epoch * n + int(np.searchsorted(cumulative, max_tokens))) // self.global_batch_size + 1
+            seen = int(cumulative[-1])
+        raise AssertionError("unreachable")
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": SFT_STATE_VERSION, "position": self.position, "seed": self.seed, "data_files": self.data_files}

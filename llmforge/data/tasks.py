@@ -66,11 +66,6 @@ def preferences(tasks: list[str], n: int, seed: int, split: str = "all") -> list
     return [{"prompt": p, "chosen": r, "rejected": w, "task": t} for t, p, r, w in generate(tasks, n, seed, split)]
 
 
-def pretraining_text(tasks: list[str], n: int, seed: int, split: str = "all") -> str:
-    """The same tasks as plain lines, so a tokenizer trained on them knows every symbol."""
-    return "\n".join(f"{p}{r}" for _, p, r, _ in generate(tasks, n, seed, split)) + "\n"
-
-
 def task_source(options, *, context) -> Iterator:
     """The `tasks` data source: synthetic examples as finetune records or text documents."""
     from llmforge.data.sources import Document

@@ -164,10 +164,11 @@ def byte_unicode() -> dict[int, str]:
 
 
 def _limited(texts: Iterable[str], max_bytes: float) -> Iterable[str]:
+    """`texts` up to the one that reaches `max_bytes` of UTF-8 (what MiB of a source means)."""
     seen = 0
     for t in texts:
         yield t
-        seen += len(t)
+        seen += len(t.encode("utf-8"))
         if seen >= max_bytes:
             return
 

@@ -49,24 +49,26 @@ def logprobs_fn(model: torch.nn.Module, *, micro_batch_size: int, pad_id: int, a
         examples = [([*prefix, *ids], [0] * len(prefix) + list(mask)) for ids, mask in examples]
         tp = parallel_state.get_tensor_model_parallel_world_size()
         width = -(-(max(len(ids) for ids, _ in examples) - 1) // tp) * tp
-        tokens, masks, _ = pack_examples(examples, width, pad_id)
+        packed = pack_examples(examples, width, pad_id)
         device = next(gpt.parameters()).device
-        per_token = token_logprobs(gpt, torch.from_numpy(tokens).to(device), micro_batch_size=micro_batch_size, autocast=autocast)
-        return (per_token.cpu() * torch.from_numpy(masks)).sum(dim=1).tolist()
+        per_token = token_logprobs(gpt, torch.from_numpy(packed.tokens).to(device), micro_batch_size=micro_batch_size, autocast=autocast)
+        return (per_token.cpu() * torch.from_numpy(packed.masks)).sum(dim=1).tolist()
 
     return logprobs
 
 
 def preference_packer(tokenizer, stage, length: int, *, score_last: bool = False):
-    """records → one pair per row: chosen then rejected tokens ([n, 2 (L + 1)]) and masks ([n, 2 L]).
+    """records → `Packed`, one pair per row: chosen then rejected tokens ([n, 2 (L + 1)]) and masks ([n, 2 L]).
 
     The masks mark the response tokens (DPO's log-likelihoods), or with `score_last` only the
     last token of each sequence (in target coordinates, as the response masks: mask[j] is
-    token j + 1), where a reward model reads its score.
+    token j + 1), where a reward model reads its score. A row's input tokens are both
+    sequences' real tokens as the step reads them: the first L of each for DPO, all L + 1 of
+    each for the reward model (it scores the last token).
     """
     import numpy as np
 
-    from llmforge.data.sft import encode_example, pack_examples, template_parts
+    from llmforge.data.sft import Packed, encode_example, pack_examples, template_parts
 
     parts = template_parts(stage.chat_template)
 
@@ -77,15 +79,18 @@ def preference_packer(tokenizer, stage, length: int, *, score_last: bool = False
                             "use a `preferences` source, or a `tasks` source with format: preferences")
         halves = []
         truncated = 0
+        inputs = np.zeros(len(records), dtype=np.int64)
         for key in ("chosen", "rejected"):
             encoded = [encode_example(tokenizer, parts, {"prompt": r["prompt"], "response": r[key]}) for r in records]
-            tokens, masks, cut = pack_examples(encoded, length, tokenizer.pad_id)
+            tokens, masks, cut, read = pack_examples(encoded, length, tokenizer.pad_id)
             if score_last:
                 masks = np.zeros_like(masks)
                 masks[np.arange(len(encoded)), [min(len(ids), length + 1) - 2 for ids, _ in encoded]] = 1.0
+                read = np.array([min(len(ids), length + 1) for ids, _ in encoded], dtype=np.int64)
             halves.append((tokens, masks))
             truncated += cut
+            inputs += read
         (tc, mc), (tr, mr) = halves
-        return np.concatenate([tc, tr], axis=1), np.concatenate([mc, mr], axis=1), truncated
+        return Packed(np.concatenate([tc, tr], axis=1), np.concatenate([mc, mr], axis=1), truncated, inputs)
 
     return pack

@@ -68,6 +68,7 @@ class RolloutSource:
         self.samples_per_epoch = len(prompts) * group_size
         self.tokens_per_sample = length
         self.position = 0  # completions consumed, over all ranks
+        self.last_batch_tokens = 0  # real input tokens (prompt + completion) of the last rollout, over every DP rank
         self.policy = None
         self.on_rollout: Callable[[int, dict[str, float]], None] = lambda step, stats: None
         self._perm_epoch, self._perm = -1, np.arange(len(prompts))
@@ -110,6 +111,8 @@ class RolloutSource:
             ids = sample.prompt_ids + sample.completion_ids
             tokens[row, : len(ids)] = torch.tensor(ids)
             masks[row, len(sample.prompt_ids) - 1: len(ids) - 1] = 1.0  # targets that are completion tokens
+        # The model reads the first `length` tokens of each row; counted from the samples, since the pad id may be EOS.
+        self.last_batch_tokens = self._summed(sum(min(len(s.prompt_ids) + len(s.completion_ids), self.length) for s in samples))
         device = next(self.policy.parameters()).device
         # At the sampling temperature, as the step scores the policy (see steps.tempered_logprobs).
         score = functools.partial(token_logprobs, micro_batch_size=self.micro_batch_size, autocast=self.autocast,
@@ -128,6 +131,16 @@ class RolloutSource:
         pieces = lambda t: [None] * n if t is None else list(t.chunk(n))  # noqa: E731
         rollouts = [Rollout(m, a, o, r) for m, a, o, r in zip(masks.chunk(n), advantages.chunk(n), pieces(old), pieces(ref))]
         return MaskedBatch(list(tokens.chunk(n)), rollouts)
+
+    def _summed(self, count: int) -> int:
+        """`count` summed over DP ranks."""
+        if self.dp_size == 1:
+            return count
+        import torch.distributed as dist
+
+        total = torch.tensor([count], dtype=torch.int64, device=next(self.policy.parameters()).device)  # nccl takes device tensors
+        dist.all_reduce(total, group=self.dp_group)
+        return int(total.item())
 
     def _averaged(self, stats: dict[str, float]) -> dict[str, float]:
         """The statistics averaged over DP ranks (every rank scores the same number of samples)."""

@@ -13,9 +13,17 @@ megatron's own mixed precision keeps bf16 parameters; two of its pieces assume t
   TP=1, and every row-parallel layer), `F.linear` computes the same thing and autograd
   keeps autocast's bf16 copies for backward (a bf16 step of a 4-layer model: 258 copies
   instead of 312, and as fast as a plain PyTorch GPT).
+- Full recompute (`CheckpointFunction`) replays each layer's forward in backward, where
+  autocast is off (torch's own checkpoint restores it; megatron's does not need to, its
+  parameters being bf16). The replay then multiplies the saved bf16 activations by fp32
+  weights and fails, and would compute other numbers than the forward did; it replays
+  under the forward's autocast state instead.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -59,12 +67,44 @@ def _communication_free_layers_use_f_linear() -> None:
         klass._forward_impl = _forward_impl
 
 
+def _autocast_as_now() -> Callable[[], contextlib.ExitStack]:
+    """A context that brings back this moment's autocast state (of each device type whose state differs by then)."""
+    now = {device: (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda")}
+
+    def restore() -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        for device, (enabled, dtype) in now.items():
+            if (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) != (enabled, dtype):
+                stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        return stack
+
+    return restore
+
+
+def _recompute_replays_under_forward_autocast() -> None:
+    from megatron.core.tensor_parallel import random
+
+    forward = random.CheckpointFunction.forward
+
+    def forward_recording_autocast(ctx, run_function, distribute_saved_activations, *args):
+        autocast = _autocast_as_now()
+
+        def replay(*inputs):
+            with autocast():
+                return run_function(*inputs)
+
+        return forward(ctx, replay, distribute_saved_activations, *args)
+
+    random.CheckpointFunction.forward = staticmethod(forward_recording_autocast)
+
+
 def install(device_type: str) -> None:
     """Make megatron's linear layers train under `device_type` autocast over fp32 weights (idempotent)."""
     global _layers_patched
     if not _layers_patched:
         _reduce_scatter_casts_to_output_dtype()
         _communication_free_layers_use_f_linear()
+        _recompute_replays_under_forward_autocast()
         _layers_patched = True
     if device_type != "cuda" and device_type not in _autocast_devices:
         _linear_functions_follow_autocast_of(device_type)

@@ -79,6 +79,18 @@ class SDPACoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
+class FP32RMSNorm(torch.nn.RMSNorm):
+    """RMSNorm computed in fp32, returned in its input's dtype.
+
+    Under bf16 autocast the input arrives in bf16 while the weight stays an fp32 master
+    weight, and autocast leaves `rms_norm` alone: torch's kernel then takes its unfused path
+    with a dtype-mismatch warning. Upcasting the input gives the same values and gradients.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
 class TorchNorm:
     """torch LayerNorm or RMSNorm (per `config.normalization`) usable with sequence parallelism.
 
@@ -89,7 +101,7 @@ class TorchNorm:
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> torch.nn.Module:
         if config.normalization == "RMSNorm":
-            norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+            norm = FP32RMSNorm(hidden_size, eps=eps)
         else:
             norm = torch.nn.LayerNorm(hidden_size, eps=eps)
         for param in norm.parameters():

@@ -103,7 +103,9 @@ def _assumptions(device: Device, mfu: float) -> list[str]:
         "pipeline: 1F1B keeps pp − i micro batches in flight on stage i (interleaved: megatron's warm-up count)",
         f"fits: the largest rank must stay under {1 - fit.HEADROOM:.0%} of the device's memory "
         "(the rest: CUDA context, communication buffers, fragmentation)",
-        f"time: {mfu:.0%} MFU of {device.name}'s dense peak; the pipeline bubble, recompute and "
+        f"time: {mfu:.0%} MFU (model FLOPs per second per device over one {device.name}'s dense peak"
+        + ("; a rank's device is its share of the machine" if device.shared_by_node else "")
+        + "); the pipeline bubble, recompute and "
         f"+{cost.TP_SLOWDOWN_PER_DOUBLING:.0%} per tensor-parallel doubling come on top",
         "FLOPs per token: 6·N + 6·L·h·s (N without the input embedding, with the output projection; causal attention)",
     ]

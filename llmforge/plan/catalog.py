@@ -63,7 +63,6 @@ CATALOG: dict[str, Device] = {
     )
 }
 
-DEFAULT_GPU = "h100-80gb"
 # torch.cuda.get_device_name() fragments → catalog entries (the A100s share their peaks).
 _NAME_FRAGMENTS = {"H200": "h200-141gb", "H100": "h100-80gb", "A100": "a100-80gb", "L40S": "l40s-48gb"}
 

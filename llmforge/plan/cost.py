@@ -1,11 +1,13 @@
 """Step time and checkpoint cost of a stage, from FLOPs, the device's peak and an assumed MFU.
 
     step time = tokens per step × FLOPs per token × recompute factor
-                / (devices × peak × MFU) × (1 + pipeline bubble) × tensor-parallel factor
+                / (devices × peak per device × MFU) × (1 + pipeline bubble) × tensor-parallel factor
 
-MFU is the model-FLOPs utilization of the work itself. The pipeline bubble, (pp − 1) /
-(micro batches × virtual chunks) of 1F1B, and recompute's extra forward FLOPs come on
-top, so the estimate moves with the layout the way a real run does.
+MFU is the model-FLOPs utilization of the work itself, with one definition for the plan,
+the train log, TensorBoard and the benchmarks (`model_flops_utilization`): model FLOPs per
+second per device over one device's peak. The pipeline bubble, (pp − 1) / (micro batches ×
+virtual chunks) of 1F1B, and recompute's extra forward FLOPs come on top, so the estimate
+moves with the layout the way a real run does.
 """
 
 from __future__ import annotations
@@ -48,15 +50,27 @@ def recompute_factor(model: Any, recompute: str, seq_length: int) -> float:
     return 1.0
 
 
-def cluster_peak(device: Device, layout: Layout, precision: str) -> float:
-    """Peak FLOP/s of the whole job: per device, or per machine for the CPU."""
-    units = layout.nnodes if device.shared_by_node else layout.world_size
-    return device.peak_flops(precision) * units
+def model_flops_utilization(tokens_per_s: float, flops_per_token: float, *, world_size: int, peak_flops: float) -> float:
+    """MFU: model FLOPs per second per device over one device's peak.
+
+    Args:
+        tokens_per_s: the whole job's tokens per second (every DP rank's together).
+        world_size: the processes that share the work (each one device, or one share of a CPU).
+        peak_flops: one device's peak FLOP/s (`device_peak`; at run time `runtime.device.peak_flops`).
+    """
+    return tokens_per_s * flops_per_token / (world_size * peak_flops)
+
+
+def device_peak(device: Device, layout: Layout, precision: str) -> float:
+    """Peak FLOP/s of one rank's device: its GPU, or on the CPU its share of the machine."""
+    share = layout.nproc_per_node if device.shared_by_node else 1
+    return device.peak_flops(precision) / share
 
 
 def step_time(model: Any, layout: Layout, device: Device, *, precision: str, seq_length: int, mfu: float) -> StepTime:
     tokens = layout.global_batch_size * seq_length
-    compute = tokens * size.flops_per_token(model, seq_length) / (cluster_peak(device, layout, precision) * mfu)
+    # The time at which model_flops_utilization(tokens / compute, ...) equals the assumed MFU.
+    compute = tokens * size.flops_per_token(model, seq_length) / (layout.world_size * device_peak(device, layout, precision) * mfu)
     factor = recompute_factor(model, layout.recompute, seq_length)
     bubble = (layout.pipeline - 1) / (layout.num_microbatches * layout.virtual)
     tp = 1.0 + TP_SLOWDOWN_PER_DOUBLING * math.log2(layout.tensor)

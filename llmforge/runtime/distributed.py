@@ -42,17 +42,8 @@ class ParallelContext:
     backend: str
 
     @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.pp_size - 1
-
-    @property
-    def is_logging_rank(self) -> bool:
-        """The one rank that writes logs and metrics (rank 0; it holds the loss after TrainStep's reduction)."""
-        return self.rank == 0
 
 
 @dataclass(frozen=True)
@@ -117,6 +108,28 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     except ValueError as e:
         raise UserError(f"cannot read the launcher's environment: {e}", hint="check RANK, WORLD_SIZE, LOCAL_RANK and MASTER_PORT") from None
     return LaunchEnv(0, 1, 0, 1, "127.0.0.1", _free_port(), "none")
+
+
+def check_world_size(parallelism: ParallelismConfig, launch: LaunchEnv) -> None:
+    """Refuse a launch whose process count is not the spec's nnodes × nproc_per_node.
+
+    Under the user's own torchrun or srun the runtime would take DP from the processes it
+    got, while validate's checks and the plan worked from the spec's numbers.
+    """
+    if launch.world_size == parallelism.world_size:
+        return
+    per_node = launch.local_world_size
+    if not per_node or launch.world_size % per_node:  # an uneven srun layout: count it as one node
+        per_node = launch.world_size
+    nodes = launch.world_size // per_node
+    fix = [f"parallelism.{key}={value}" for key, value, spec_value in
+           (("nnodes", nodes, parallelism.nnodes), ("nproc_per_node", per_node, parallelism.nproc_per_node)) if value != spec_value]
+    raise UserError(
+        f"{launch.launcher} started {launch.world_size} processes ({nodes} node(s) × {per_node}), but the spec's layout is "
+        f"parallelism.nnodes {parallelism.nnodes} × parallelism.nproc_per_node {parallelism.nproc_per_node} = {parallelism.world_size}",
+        hint=f"override {' '.join(fix)} (what the launch gives), or launch {parallelism.world_size} "
+             f"process{'es' if parallelism.world_size != 1 else ''}",
+    )
 
 
 def resolve_layout(parallelism: ParallelismConfig, world_size: int) -> int:

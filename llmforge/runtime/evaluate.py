@@ -125,10 +125,9 @@ class ExactMatch:
         self.parts = template_parts(getattr(context.stage, "chat_template", "default"))
 
     def _prompt_ids(self, prompt: str) -> list[int]:
-        from llmforge.data.sft import encode_example
+        from llmforge.data.sft import prompt_ids
 
-        ids, mask = encode_example(self.context.tokenizer, self.parts, {"prompt": prompt, "response": ""})
-        return ids[: mask.index(1)]
+        return prompt_ids(self.context.tokenizer, self.parts, prompt)
 
     def evaluate(self, step: int) -> dict[str, float]:
         tok = self.context.tokenizer

@@ -38,7 +38,11 @@ def prepare_run_dir(spec: Spec, resolved: dict, plan: dict, run_dir: Path, *, re
 def execute(spec: Spec, resolved: dict, plan: dict, registry: Registry, *, run_dir: Path, resume: bool | None,
             overwrite: bool, allow_spec_change: bool) -> dict[str, Any]:
     from llmforge.runtime.context import RunContext
+    from llmforge.runtime.distributed import check_world_size, read_launch_env
 
+    launched = read_launch_env()
+    if launched.launcher != "none":  # the user's own torchrun or srun: refused before any work
+        check_world_size(spec.parallelism, launched)
     rank = _rank()
     if os.environ.get(READY_ENV) == "1":
         run, resuming = RunDir(run_dir), os.environ.get(RESUMING_ENV) == "1"
@@ -48,6 +52,7 @@ def execute(spec: Spec, resolved: dict, plan: dict, registry: Registry, *, run_d
     else:  # ranks > 0 under the user's own torchrun: rank 0 applies the rules
         run, resuming = RunDir(run_dir), bool(resume)
     log = Log(run.log if rank == 0 else None, enabled=rank == 0)
+    log.capture_warnings()  # libraries' warnings to run.log only; close() ends it
     context = RunContext(spec=spec, registry=registry, run=run, log=log, resuming=resuming, plan=plan)
     if spec.parallelism.world_size > 1:
         context.parallel()  # every rank meets here before the first stage

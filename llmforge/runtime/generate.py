@@ -227,15 +227,11 @@ class TextGenerator:
         self.template = None if template == "raw" else template_parts(template)
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        from llmforge.data.sft import encode_example
+        from llmforge.data.sft import prompt_ids
 
-        tok = self.tokenizer
         if self.template is None:
-            ids = tok.encode_sequence(prompt)
-        else:
-            ids, mask = encode_example(tok, self.template, {"prompt": prompt, "response": ""})
-            ids = ids[: mask.index(1)]
-        return self.prefix + ids
+            return self.prefix + self.tokenizer.encode_sequence(prompt)
+        return self.prefix + prompt_ids(self.tokenizer, self.template, prompt)
 
     def __call__(self, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
                  generator: torch.Generator | None = None) -> str:

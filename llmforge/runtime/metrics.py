@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,7 @@ class Log:
         self.file = open(path, "a", buffering=1) if (enabled and path) else None
         self.tty = sys.stdout.isatty()
         self._console = None
+        self._showwarning = None
 
     @property
     def console(self):
@@ -73,7 +75,23 @@ class Log:
         if self.enabled and self.file:
             self.file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
+    def capture_warnings(self) -> None:
+        """Python warnings go to run.log only, until close().
+
+        What reaches the console of a run is llmforge's; the libraries' warnings (torch's
+        deprecations, notices about a single-process checkpoint) are nothing a user can act
+        on, but stay on record. A Log without a file (ranks > 0) leaves them on stderr.
+        """
+        if self.file and self._showwarning is None:
+            self._showwarning = warnings.showwarning
+            warnings.showwarning = self._warning
+
+    def _warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+        self.detail(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+
     def close(self) -> None:
+        if self._showwarning is not None:
+            warnings.showwarning, self._showwarning = self._showwarning, None
         if self.file:
             self.file.close()
             self.file = None
@@ -123,13 +141,6 @@ class Metrics:
             self._open()
         if self.tb is not None:
             self.tb.add_text(tag, text, step)
-
-    def hparams(self, hparams: dict[str, Any], final: dict[str, float]) -> None:
-        if self.enabled and self._file is None:
-            self._open()
-        if self.tb is not None:
-            flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
-            self.tb.add_hparams(flat, final, run_name=".")
 
     def stage_end(self, stage: str, summary: dict[str, Any]) -> None:
         for cb in self.callbacks:

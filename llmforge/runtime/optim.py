@@ -3,21 +3,21 @@
 A registered optimizer (built-in or a plugin's, e.g. Lion) is a plain torch optimizer over
 `param_groups(...)`. `wrap_optimizer` then puts the model chunks in megatron's DDP (a
 contiguous grad buffer, all-reduced over DP) and the optimizer in megatron's FP32Optimizer,
-or, for AdamW with `use_distributed_optimizer`, in megatron's DistributedOptimizer (ZeRO-1).
+or, with `use_distributed_optimizer` (AdamW only: validate refuses others), in megatron's
+DistributedOptimizer (ZeRO-1).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from llmforge.spec.errors import UserError
+
 if TYPE_CHECKING:
     from llmforge.spec.components import SGD, AdamW
     from llmforge.spec.schema import ParallelismConfig
-
-log = logging.getLogger(__name__)
 
 
 def _no_decay(name: str, param: torch.nn.Parameter, decay_embeddings: bool) -> bool:
@@ -73,10 +73,8 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
     """The megatron optimizer for training `model_chunks` with `torch_optimizer`.
 
     Wraps the chunks in megatron's DistributedDataParallel *in place*: afterwards the list
-    holds the DDP modules, which TrainStep and the checkpoint functions take. With
-    `use_distributed_optimizer` and an optimizer megatron cannot shard (anything but
-    AdamW), the optimizer state stays replicated and gradients use a plain DP all-reduce;
-    a one-line notice says so.
+    holds the DDP modules, which TrainStep and the checkpoint functions take.
+    `use_distributed_optimizer` needs AdamW, the one optimizer megatron shards.
     """
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -88,12 +86,8 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
 
     distributed = parallelism.use_distributed_optimizer
     if distributed and not isinstance(torch_optimizer, torch.optim.AdamW):
-        log.warning(
-            "use_distributed_optimizer: megatron shards only AdamW; %s keeps its full state on every "
-            "data-parallel rank, gradients are all-reduced",
-            type(torch_optimizer).__name__,
-        )
-        distributed = False
+        raise UserError(f"use_distributed_optimizer shards AdamW's state only, not {type(torch_optimizer).__name__}'s",
+                        "set parallelism.use_distributed_optimizer: false, or use optimizer adamw")
 
     config = model_chunks[0].config
     ddp_config = DistributedDataParallelConfig(

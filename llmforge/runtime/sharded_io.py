@@ -64,7 +64,8 @@ def _load_strategy():
     """megatron's torch_dist load, told it runs alone when it does (see `_single_process`).
 
     megatron calls `checkpoint.load_state_dict` without `no_dist` and offers no hook, so for
-    the length of one single-process load its module sees a `checkpoint` that adds it.
+    the length of one single-process load its module sees a `checkpoint` that adds it (and
+    calls `load`, which torch has deprecated `load_state_dict` for).
     """
     from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
     from torch.distributed import checkpoint as dcp
@@ -74,8 +75,8 @@ def _load_strategy():
             return getattr(dcp, name)
 
         @staticmethod
-        def load_state_dict(*args, **kwargs):
-            return dcp.load_state_dict(*args, no_dist=True, **kwargs)
+        def load_state_dict(state_dict, storage_reader, **kwargs):
+            return dcp.load(state_dict, storage_reader=storage_reader, no_dist=True, **kwargs)
 
     class SingleProcessLoad(mcore_torch.TorchDistLoadShardedStrategy):
         def load(self, sharded_state_dict, checkpoint_dir: Path):

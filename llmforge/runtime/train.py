@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmforge.plan.cost import model_flops_utilization
 from llmforge.runtime.checkpoint import CheckpointManager, read_trainer_state
 from llmforge.runtime.faults import fault_point
 from llmforge.spec.errors import UserError
@@ -112,7 +113,9 @@ class Loop:
         evaluate: callable(step) -> dict of eval metrics (or None to skip evals).
         save_model: callable(tmp_dir) writing model and optimizer shards (collective).
         load_model: callable(step_dir) restoring them (collective).
-        rng: object with a `seed` and save()/load() of this rank's RNG streams.
+        rng: object with a `seed` and save()/load() of this rank's RNG streams (runtime/rng.py RngState).
+        tokens_per_step: tokens of a step whose loader does not count them (`last_batch_tokens`).
+        peak_flops: one device's peak FLOP/s; with `world_size` it gives MFU (`model_flops_utilization`).
         guard: the SpikeGuard the step function consults before each update, or None.
         any_rank: callable(flag) -> whether any rank's flag is set (a collective; identity on one process).
         preempt_timeout: seconds after SIGTERM for the final checkpoint.
@@ -121,13 +124,14 @@ class Loop:
     def __init__(self, *, stage: str, train, total: int, step_fn, loader, schedule, evaluate, metrics, log,
                  ckpt: CheckpointManager, checkpoint_interval: int | None, save_model, load_model, rng,
                  tokens_per_step: int, flops_per_token: float, peak_flops: float, rank: int, memory_fn,
-                 log_interval: int, guard=None, any_rank: Callable[[bool], bool] = bool, preempt_timeout: float = 120.0):
+                 log_interval: int, guard=None, any_rank: Callable[[bool], bool] = bool, preempt_timeout: float = 120.0,
+                 world_size: int = 1):
         self.stage, self.train, self.total = stage, train, total
         self.step_fn, self.loader, self.schedule, self.evaluate = step_fn, loader, schedule, evaluate
         self.metrics, self.log, self.ckpt, self.interval = metrics, log, ckpt, checkpoint_interval
         self.save_model, self.load_model, self.rng = save_model, load_model, rng
         self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
-        self.rank, self.memory_fn, self.log_interval = rank, memory_fn, log_interval
+        self.rank, self.world_size, self.memory_fn, self.log_interval = rank, world_size, memory_fn, log_interval
         self.guard, self.any_rank, self.preempt_timeout = guard, any_rank, preempt_timeout
         self.counters = Counters()
 
@@ -156,7 +160,8 @@ class Loop:
             raise UserError(f"{step_dir} was trained with seed {state['seed']}, but the spec says seed {self.rng.seed}",
                             f"resume with seed: {state['seed']}, or start the stage afresh in a new run dir")
         self.load_model(step_dir)
-        self.rng.load(step_dir, self.rank)
+        if note := self.rng.load(step_dir, self.rank, step=state["step"]):
+            self.log(f"[{self.stage}] {note}")
         self.loader.load_state_dict(state["loader"])
         if hasattr(self.loader, "skipped"):
             self.loader.skipped = state.get("skipped_samples", 0)
@@ -199,7 +204,7 @@ class Loop:
                 result = self.step_fn(batches, lr)
                 loss = result.loss
                 c.step += 1
-                # Real tokens where the loader knows them (padded documents), else the full batch.
+                # Real input tokens where the loader counts them (padded documents, finetune examples, rollouts).
                 c.tokens += getattr(self.loader, "last_batch_tokens", 0) or self.tokens_per_step
                 fault_point("train_step")
                 if result.nonfinite:
@@ -218,7 +223,8 @@ class Loop:
                     now = time.perf_counter()
                     tps = (c.tokens - last_log_tokens) / max(now - last_log_time, 1e-9)
                     last_log_time, last_log_tokens = now, c.tokens
-                    mfu = tps * self.flops_per_token / self.peak_flops if self.peak_flops else None
+                    mfu = (model_flops_utilization(tps, self.flops_per_token, world_size=self.world_size, peak_flops=self.peak_flops)
+                           if self.peak_flops else None)
                     row = {"kind": "train", "stage": self.stage, "step": c.step, "tokens": c.tokens, "loss": loss, "lr": lr,
                            "grad_norm": result.grad_norm, "tokens_per_s": tps, "mfu": mfu, "skipped_steps": c.skipped,
                            "spikes": c.spikes, "skipped_samples": getattr(self.loader, "skipped", 0), "memory_mb": self.memory_fn()}

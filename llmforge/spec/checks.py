@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from llmforge.spec.errors import SpecIssue
+from llmforge.spec.errors import SpecIssue, dotted
 from llmforge.spec.load import LoadedSpec
 
 Sections = dict[str, Any]
@@ -43,6 +44,16 @@ def _tensor_parallel_divides(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIs
         yield _issue(loaded, ("parallelism", "tensor_model_parallel_size"),
                      f"num_query_groups {groups} is not divisible by tensor_model_parallel_size {tp}",
                      "each tensor-parallel rank needs whole key/value groups")
+    ffn = getattr(model, "ffn_hidden_size", None)  # when omitted, 4 × hidden_size divides when the heads do
+    if ffn is not None and ffn % tp:
+        yield _issue(loaded, ("model", "ffn_hidden_size"), f"ffn_hidden_size {ffn} is not divisible by tensor_model_parallel_size {tp}",
+                     "each tensor-parallel rank holds an equal slice of the MLP: use a multiple of the tensor-parallel size")
+    vocab = getattr(model, "vocab_size", None)
+    if vocab is not None and vocab % tp:
+        padded = -(-vocab // (128 * tp)) * 128 * tp
+        yield _issue(loaded, ("model", "vocab_size"), f"vocab_size {vocab} is not divisible by tensor_model_parallel_size {tp}",
+                     f"pad vocab_size to a multiple of 128 × {tp} (e.g. {padded}), as Megatron-LM does, "
+                     "or pick a tensor-parallel size that divides it")
     if par.sequence_parallel and tp == 1:
         yield _issue(loaded, ("parallelism", "sequence_parallel"), "sequence_parallel needs tensor_model_parallel_size > 1",
                      "turn sequence_parallel off or raise tensor_model_parallel_size")
@@ -126,8 +137,22 @@ def _vocab_fits(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
                      f"set model.vocab_size ≥ {need} (a multiple of 128 is fastest)")
 
 
+def _stage_references(stage) -> Iterator[tuple[tuple, str, str]]:
+    """(path below the stage, stage name or checkpoint path, what it needs there) of every checkpoint a stage reads."""
+    from llmforge.spec.stages import MODEL, REWARD_HEAD
+
+    if getattr(stage, "init_from", None) is not None:
+        yield ("init_from",), stage.init_from, MODEL
+    if getattr(stage, "reference", None) is not None:
+        yield ("reference",), stage.reference, MODEL
+    for j, reward in enumerate(getattr(stage, "rewards", None) or ()):
+        if getattr(reward, "name", None) == "reward_model":
+            yield ("rewards", j, "stage"), reward.stage, REWARD_HEAD
+
+
 @check("stages")
-def _init_from_earlier(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+def _references_name_earlier_stages(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """init_from, reference and a reward model's stage name an earlier stage (its final checkpoint), or a checkpoint path."""
     earlier: list[str] = []
     raw = loaded.data.get("stages") or []
     names = [x.get("name") if isinstance(x, dict) and isinstance(x.get("name"), str) else None for x in raw]
@@ -135,13 +160,34 @@ def _init_from_earlier(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
         if stage is None:
             earlier.append(names[i])
             continue
-        ref = getattr(stage, "init_from", None)
-        if ref is not None and ref not in earlier and not _is_checkpoint_path(ref):
-            later = ref in names
-            why = "it comes later" if later else "no stage has that name"
-            yield _issue(loaded, ("stages", i, "init_from"), f"init_from {ref!r} must name an earlier stage, but {why}",
-                         f"earlier stages: {', '.join(e for e in earlier if e) or 'none'}")
+        for where, ref, _ in _stage_references(stage):
+            if ref not in earlier and not _is_checkpoint_path(ref):
+                why = "it comes later" if ref in names else "no stage has that name"
+                yield _issue(loaded, ("stages", i, *where), f"{dotted(where)} {ref!r} must name an earlier stage, but {why}",
+                             f"earlier stages: {', '.join(e for e in earlier if e) or 'none'}; or give a checkpoint path")
         earlier.append(stage.name)
+
+
+@check("stages")
+def _references_hold_what_is_read(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """A stage named by init_from/reference must write model weights, one named by a reward_model reward a reward head."""
+    from llmforge.spec.stages import MODEL, REWARD_HEAD, SOFT_PROMPT
+
+    what = {MODEL: "model weights", SOFT_PROMPT: "a soft prompt for a frozen model", REWARD_HEAD: "a reward head"}
+    stages = {stage.name: stage for stage in s["stages"] if stage is not None}
+    for i, stage in enumerate(s["stages"]):
+        for where, ref, needs in _stage_references(stage) if stage is not None else ():
+            target = stages.get(ref)
+            if target is None or needs in target.checkpoint_holds:
+                continue
+            if target.checkpoint_holds:
+                holds = " and ".join(what.get(h, h) for h in sorted(target.checkpoint_holds))
+                why = f"whose checkpoints hold {holds}, not {what[needs]}"
+            else:
+                why = "which writes no checkpoint"
+            hint = ("name a reward_model stage, or a checkpoint one wrote" if needs == REWARD_HEAD else
+                    "name a stage that trains the model (for a prompt_tuning stage: its own init_from), or a checkpoint path")
+            yield _issue(loaded, ("stages", i, *where), f"{dotted(where)} {ref!r} is a {target.type} stage, {why}", hint)
 
 
 @check("stages", "parallelism")
@@ -214,8 +260,182 @@ def _finetune_val_split(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
                          "(`evaluators: []` for none; the default is [val_loss])")
 
 
+def _step_length(stage, model) -> int | None:
+    """Tokens per sequence a training stage's step reads: max_seq_length (else model.seq_length), plus soft-prompt tokens."""
+    length = getattr(stage, "max_seq_length", None) or getattr(model, "seq_length", None)
+    virtual = getattr(getattr(stage, "prompt_tuning", None), "num_virtual_tokens", 0)
+    return None if length is None else length + virtual
+
+
+@check("model", "stages")
+def _finetune_sequences_fit(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """max_seq_length plus a soft prompt's virtual tokens fit in the model's positions."""
+    positions = getattr(s["model"], "max_positions", None)
+    for i, stage in enumerate(s["stages"]):
+        given, soft_prompt = getattr(stage, "max_seq_length", None), getattr(stage, "prompt_tuning", None)
+        if positions is None or (given is None and soft_prompt is None):
+            continue
+        length, virtual = _step_length(stage, s["model"]), getattr(soft_prompt, "num_virtual_tokens", 0)
+        if length is not None and length > positions:
+            what = f"max_seq_length {length - virtual} + {virtual} virtual tokens = {length}" if virtual else f"max_seq_length {length}"
+            where = ("max_seq_length",) if given is not None else ("prompt_tuning", "num_virtual_tokens")
+            yield _issue(loaded, ("stages", i, *where), f"{what} exceeds the model's {positions} positions (max_position_embeddings)",
+                         "lower max_seq_length" + (" or num_virtual_tokens" if virtual else ""))
+
+
+@check("model", "parallelism", "stages")
+def _sequence_parallel_divides_sequences(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """Sequence parallelism splits every training sequence over the tensor-parallel ranks."""
+    par = s["parallelism"]
+    tp = par.tensor_model_parallel_size
+    if not par.sequence_parallel or tp == 1:
+        return
+    for i, stage in enumerate(s["stages"]):
+        if getattr(stage, "train", None) is None:
+            continue
+        length = _step_length(stage, s["model"])
+        if length is not None and length % tp:
+            given = getattr(stage, "max_seq_length", None) is not None
+            where = ("stages", i, "max_seq_length") if given else ("model", "seq_length")
+            yield _issue(loaded, where, f"stage {stage.name!r} trains on {length}-token sequences, which sequence_parallel splits over "
+                         f"tensor_model_parallel_size {tp}: {length} is not divisible by {tp}",
+                         f"use a sequence length divisible by {tp}, or turn sequence_parallel off")
+
+
+@check("stages", "parallelism")
+def _rollout_groups_per_rank(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """Each data-parallel rank samples whole groups of completions (their advantages are normalized per group)."""
+    par = s["parallelism"]
+    if par.world_size % (par.tensor_model_parallel_size * par.pipeline_model_parallel_size):
+        return
+    dp = par.resolved_data_parallel_size()
+    for i, stage in enumerate(s["stages"]):
+        group, train = getattr(stage, "group_size", None), getattr(stage, "train", None)
+        if group is None or train is None or train.global_batch_size % (train.micro_batch_size * dp):
+            continue  # _batch_divides says it
+        per_rank = train.global_batch_size // dp
+        if per_rank % group:
+            step = dp * math.lcm(group, train.micro_batch_size)
+            yield _issue(loaded, ("stages", i, "train", "global_batch_size"),
+                         f"global_batch_size {train.global_batch_size} gives each of {dp} data-parallel ranks {per_rank} completions, "
+                         f"not whole groups of group_size {group}",
+                         f"use a multiple of data-parallel size × lcm(group_size, micro_batch_size) = {step}")
+
+
+@check("model", "stages")
+def _rollouts_leave_room_for_prompts(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """A rollout's prompt and completion fit in max_seq_length + 1 tokens; every prompt has at least one token besides."""
+    for i, stage in enumerate(s["stages"]):
+        new_tokens = getattr(stage, "max_new_tokens", None)
+        length = _step_length(stage, s["model"]) if getattr(stage, "group_size", None) is not None else None
+        if new_tokens is not None and length is not None and new_tokens >= length:
+            yield _issue(loaded, ("stages", i, "max_new_tokens"),
+                         f"max_new_tokens {new_tokens} leaves no room for a prompt: prompt and completion share "
+                         f"max_seq_length + 1 = {length + 1} tokens",
+                         f"lower max_new_tokens (well below {length}) or raise max_seq_length")
+
+
+@check("stages")
+def _prompt_init_text_needs_vocab_init(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """init_text picks the word embeddings a soft prompt starts from; `init: random` draws it instead."""
+    for i, stage in enumerate(s["stages"]):
+        opts = getattr(stage, "prompt_tuning", None)
+        if opts is not None and opts.init_text is not None and opts.init == "random":
+            yield _issue(loaded, ("stages", i, "prompt_tuning", "init_text"),
+                         "init_text starts the soft prompt from its tokens' embeddings, but init: random draws it from a normal distribution",
+                         "set prompt_tuning.init: vocab to use init_text, or remove init_text")
+
+
+@check("stages", "parallelism")
+def _distributed_optimizer_needs_adamw(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """megatron's DistributedOptimizer shards Adam's state; it has no sharding for other optimizers."""
+    if not s["parallelism"].use_distributed_optimizer:
+        return
+    for i, stage in enumerate(s["stages"]):
+        name = getattr(getattr(getattr(stage, "train", None), "optimizer", None), "name", None)
+        if name is not None and name != "adamw":
+            yield _issue(loaded, ("stages", i, "train", "optimizer", "name"),
+                         f"parallelism.use_distributed_optimizer shards AdamW's state only (megatron's DistributedOptimizer), "
+                         f"but stage {stage.name!r} uses optimizer {name!r}",
+                         "set parallelism.use_distributed_optimizer: false, or use optimizer adamw")
+
+
+@check("stages")
+def _chat_template_is_known(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """A chat template is a built-in's name or a string with both placeholders."""
+    from llmforge.spec.stages import CHAT_TEMPLATES
+
+    for i, stage in enumerate(s["stages"]):
+        template = getattr(stage, "chat_template", None)
+        if template is None or template in CHAT_TEMPLATES or ("{prompt}" in template and "{response}" in template):
+            continue
+        yield _issue(loaded, ("stages", i, "chat_template"),
+                     f"chat_template {template!r} is neither a built-in ({', '.join(CHAT_TEMPLATES)}) "
+                     "nor a string with {prompt} and {response}",
+                     "write e.g. '### Question: {prompt}\\n### Answer: {response}'")
+
+
+@check("data", "model", "stages")
+def _prepare_has_input(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """A prepare stage tokenizes data.sources, which must yield plain documents, into samples of seq_length + 1."""
+    prepare = next((i for i, stage in enumerate(s["stages"]) if getattr(stage, "type", None) == "prepare"), None)
+    if prepare is None:
+        return
+    data = s["data"]
+    if not data.sources:
+        yield SpecIssue(("data", "sources"), f"data.sources is empty, so stages[{prepare}] (prepare) has nothing to tokenize",
+                        "add a source, e.g. data.sources.web: {name: text, paths: [corpus/*.txt]}, or remove the prepare stage",
+                        loaded.locate(("data", "sources")) if "data" in loaded.data else loaded.locate(("stages", prepare)))
+    if getattr(s["model"], "seq_length", None) is None:
+        yield _issue(loaded, ("model",), f"model {s['model'].name!r} has no seq_length, which the prepare stage packs samples by",
+                     "use a model with a seq_length, or remove the prepare stage")
+    for key, src in data.sources.items():
+        fields = getattr(src, "record_fields", None)
+        if fields:
+            yield _issue(loaded, ("data", "sources", key), f"data.sources.{key} ({src.name}) yields finetune records "
+                         f"({', '.join(sorted(fields))}), which prepare cannot pack into pretraining shards",
+                         "use this source under a finetune stage's data.sources (or a tasks source with format: text)")
+
+
+@check("stages")
+def _sources_yield_what_the_stage_reads(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """Each finetune source yields the records its stage reads (and its rewards' fields), where the source says what it yields."""
+    for i, stage in enumerate(s["stages"]):
+        wants = getattr(stage, "reads_records", None)
+        data = getattr(stage, "data", None) if stage is not None else None
+        if not wants or data is None:
+            continue
+        want = " or ".join("{" + ", ".join(sorted(w)) + "}" for w in wants)
+        for key, src in data.sources.items():
+            fields = getattr(src, "record_fields", None)
+            if fields is None:
+                continue  # a plugin source that does not say
+            path = ("stages", i, "data", "sources", key)
+            if not fields:
+                yield _issue(loaded, path, f"source {key!r} ({src.name}) yields plain documents, but a {stage.type} stage trains on "
+                             f"records with {want}", "use an `instructions`, `preferences` or `tasks` source")
+            elif not any(w <= fields for w in wants):
+                yield _issue(loaded, path, f"source {key!r} ({src.name}) yields records with {{{', '.join(sorted(fields))}}}, "
+                             f"but a {stage.type} stage reads records with {want}", _record_hint(wants))
+            else:
+                for j, reward in enumerate(getattr(stage, "rewards", None) or ()):
+                    field = getattr(reward, "field", None)
+                    if field is not None and field not in fields:
+                        yield _issue(loaded, ("stages", i, "rewards", j, "field"),
+                                     f"the {reward.name} reward reads field {field!r}, but source {key!r} ({src.name}) yields records "
+                                     f"with {{{', '.join(sorted(fields))}}}", "name a field the records have (the reference answer)")
+
+
+def _record_hint(wants: tuple[frozenset[str], ...]) -> str:
+    if any("chosen" in w for w in wants):
+        return "use a `preferences` source, or a `tasks` source with format: preferences"
+    if any("messages" in w for w in wants):
+        return "use an `instructions` source, or a `tasks` source with format: instructions"
+    return "use `prompt`/`response` records: an `instructions` source with format: prompt_response, or a `tasks` source"
+
+
 def _input_fields(s: Sections) -> Iterator[tuple[tuple, Any]]:
-    """(path, options) of every component that reads input files."""
+    """(path, options) of every component that reads input files (sources, and evaluators with `paths`)."""
     if "data" in s:
         for key, src in s["data"].sources.items():
             yield ("data", "sources", key), src
@@ -223,6 +443,8 @@ def _input_fields(s: Sections) -> Iterator[tuple[tuple, Any]]:
         data = getattr(stage, "data", None) if stage is not None else None
         for key, src in (getattr(data, "sources", None) or {}).items():
             yield ("stages", i, "data", "sources", key), src
+        for j, evaluator in enumerate(getattr(stage, "evaluators", None) or []):
+            yield ("stages", i, "evaluators", j), evaluator
 
 
 def _matches(pattern: str) -> bool:
@@ -247,4 +469,9 @@ def run_checks(sections: Sections, loaded: LoadedSpec, *, check_inputs: bool = T
         tok = sections.get("tokenizer")
         if tok is not None and getattr(tok, "name", None) == "pretrained" and not os.path.exists(os.path.expanduser(tok.path)):
             issues.append(_issue(loaded, ("tokenizer", "path"), f"tokenizer file not found: {tok.path}", "point it at a local tokenizer.json or directory"))
+        for i, stage in enumerate(sections.get("stages") or []):
+            for where, ref, _ in _stage_references(stage) if stage is not None else ():
+                if _is_checkpoint_path(ref) and not os.path.isdir(ref):
+                    issues.append(_issue(loaded, ("stages", i, *where), f"checkpoint not found: {ref}",
+                                         "point it at a checkpoint directory (<run dir>/checkpoints/<stage>/step-N), or pass --skip-inputs"))
     return issues

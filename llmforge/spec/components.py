@@ -73,6 +73,15 @@ class FileSource(StrictModel):
     exclude: list[str] = Field(default_factory=list, description="Glob patterns (on the full path) of files or folders to skip.")
     filters: SourceFilters = Field(default_factory=dict, description="Document filters.")
 
+    @property
+    def record_fields(self) -> frozenset[str]:
+        """The fields a finetune record of this source may have; empty: it yields plain documents.
+
+        `validate` matches them against what a stage reads. A plugin source may define it too;
+        without it, validate cannot tell.
+        """
+        return frozenset()
+
 
 class TextSource(FileSource):
     """Plain text files."""
@@ -92,15 +101,27 @@ class WebDatasetSource(StrictModel):
 
     paths: list[str] = Field(..., min_length=1, description="Shard files or globs.")
 
+    @property
+    def record_fields(self) -> frozenset[str]:
+        return frozenset()  # token documents
+
 
 class InstructionSource(FileSource):
     """Instruction JSONL: `prompt`/`response` fields, or chat `messages` with roles."""
 
     format: Literal["prompt_response", "messages"] = Field("prompt_response", description="Record layout.")
 
+    @property
+    def record_fields(self) -> frozenset[str]:
+        return frozenset({"messages"} if self.format == "messages" else {"prompt", "response", "system"})
+
 
 class PreferenceSource(FileSource):
     """Preference JSONL: `prompt`, `chosen` and `rejected` fields."""
+
+    @property
+    def record_fields(self) -> frozenset[str]:
+        return frozenset({"prompt", "chosen", "rejected"})
 
 
 # --- model ------------------------------------------------------------------------------
@@ -182,7 +203,7 @@ class SGD(StrictModel):
 
 
 class ScheduleBase(StrictModel):
-    warmup_steps: int = Field(0, ge=0, description="Linear warmup from 0 to the optimizer's lr over this many steps.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup: step s (from 0) of these trains at lr × (s + 1) / warmup_steps.")
 
 
 class ConstantSchedule(ScheduleBase):
@@ -263,6 +284,11 @@ class TaskSource(TaskSet):
     split: Literal["heldout", "train", "all"] = Field(
         "train", description="Which side of the fixed problem partition to draw from: `train` (nine problems in ten; "
         "evaluator task sets default to the other side, `heldout`), `heldout`, or `all`.")
+
+    @property
+    def record_fields(self) -> frozenset[str]:
+        return {"instructions": frozenset({"prompt", "response"}), "preferences": frozenset({"prompt", "chosen", "rejected"}),
+                "text": frozenset()}[self.format]
 
 
 # --- finetune evaluators ----------------------------------------------------------------

@@ -78,7 +78,10 @@ class ParallelismConfig(StrictModel):
     recompute_granularity: Literal["none", "selective", "full"] = Field(
         "none", description="Activation recompute: `selective` recomputes attention internals, `full` whole layers."
     )
-    use_distributed_optimizer: bool = Field(False, description="Shard optimizer state over data-parallel ranks (ZeRO-1, Megatron's DistributedOptimizer).")
+    use_distributed_optimizer: bool = Field(
+        False, description="Shard optimizer state over data-parallel ranks (ZeRO-1, Megatron's DistributedOptimizer). AdamW only: "
+        "every training stage must use the adamw optimizer."
+    )
     nnodes: int = Field(1, ge=1, description="Machines in the job.")
     nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs, or CPU ranks) per machine.")
     collective_timeout_s: float = Field(

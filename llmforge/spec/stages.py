@@ -67,9 +67,14 @@ class TrainConfig(StrictModel):
         return self
 
 
+MODEL, SOFT_PROMPT, REWARD_HEAD = "model", "soft_prompt", "reward_head"
+
+
 class StageBase(StrictModel):
     """Fields every stage has."""
 
+    # What the stage's checkpoints hold: `init_from` and `reference` need a model, a reward_model reward a reward head.
+    checkpoint_holds: ClassVar[frozenset[str]] = frozenset({MODEL})
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="Unique stage name; later stages refer to it with `init_from`.")
     init_from: str | None = Field(None, description="Start from the final checkpoint of this earlier stage (by name).")
 
@@ -77,6 +82,7 @@ class StageBase(StrictModel):
 class PrepareStage(StageBase):
     """Train or load the tokenizer, tokenize the `data` sources and write WebDataset shards."""
 
+    checkpoint_holds: ClassVar[frozenset[str]] = frozenset()
     packing: Literal["windows", "documents"] = Field(
         "windows", description="`windows`: fixed seq_length+1 token windows across documents; `documents`: keep document boundaries."
     )
@@ -108,9 +114,17 @@ class SFTData(StrictModel):
                                 "0 = none: the stage then never evaluates on a val split, and may not list `val_loss`.")
 
 
+# The built-in chat templates (their text is in llmforge.data.sft.TEMPLATES; a test keeps the two equal).
+CHAT_TEMPLATES = ("default", "plain")
+
+PROMPT_RESPONSE, CHAT, PREFERENCE = frozenset({"prompt", "response"}), frozenset({"messages"}), frozenset({"prompt", "chosen", "rejected"})
+
+
 class SFTStage(StageBase):
     """Supervised finetuning: loss only on response tokens, through a chat template."""
 
+    # The records the stage trains on: every field of one of these sets (sources say what they yield).
+    reads_records: ClassVar[tuple[frozenset[str], ...]] = (PROMPT_RESPONSE, CHAT)
     data: SFTData = Field(..., description="Instruction or chat data.")
     chat_template: str = Field(
         "default", description="A built-in chat template (`default`, `plain`), or a template string with {prompt} and {response}."
@@ -182,13 +196,15 @@ class PromptTuningConfig(StrictModel):
     init: Literal["vocab", "random"] = Field(
         "vocab", description="`vocab`: start from word embeddings (of init_text's tokens, else of seeded random tokens); `random`: normal(0, init std)."
     )
-    init_text: str | None = Field(None, description="Text whose token embeddings start the soft prompt (cycled to num_virtual_tokens), with init: vocab.")
+    init_text: str | None = Field(None, description="Text whose token embeddings start the soft prompt (cycled to num_virtual_tokens); "
+                                  "only with init: vocab.")
 
 
 class PromptTuningStage(_NeedsInitFrom, SFTStage):
     """Prompt tuning on instruction data: only the soft prompt trains; checkpoints hold it alone."""
 
     parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
+    checkpoint_holds: ClassVar[frozenset[str]] = frozenset({SOFT_PROMPT})
     prompt_tuning: PromptTuningConfig = Field(default_factory=dict, description="Number of virtual tokens and their initialization.")
 
 
@@ -202,6 +218,7 @@ class DPOStage(_NeedsInitFrom, SFTStage):
     """Direct preference optimization against a frozen reference model (sigmoid loss, or IPO)."""
 
     parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
+    reads_records: ClassVar[tuple[frozenset[str], ...]] = (PREFERENCE,)
     data: PreferenceData = Field(..., description="Preference pairs.")
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint to the reference (DPO's beta).")
     loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="`sigmoid`: DPO's −log σ(β h); `ipo`: IPO's (h − 1/(2β))².")
@@ -212,6 +229,8 @@ class RewardModelStage(_NeedsInitFrom, SFTStage):
     """A reward model: the GPT with a scalar head on its last token, trained on preference pairs (Bradley-Terry)."""
 
     parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
+    reads_records: ClassVar[tuple[frozenset[str], ...]] = (PREFERENCE,)
+    checkpoint_holds: ClassVar[frozenset[str]] = frozenset({MODEL, REWARD_HEAD})
     data: PreferenceData = Field(..., description="Preference pairs.")
 
 
@@ -224,6 +243,7 @@ class RLStage(_NeedsInitFrom, SFTStage):
     """
 
     parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE, SEQUENCE_PARALLEL)
+    reads_records: ClassVar[tuple[frozenset[str], ...]] = (frozenset({"prompt"}),)  # and what its rewards read
     data: SFTData = Field(..., description="Prompts with reference answers (`prompt`/`response` records), e.g. a `tasks` source.")
     rewards: list[RewardRef] = Field(..., min_length=1, description="Reward components, summed with their weights, e.g. `[{name: exact_match}]`.")
     group_size: int = Field(4, ge=2, description="Completions sampled per prompt (G); advantages are normalized within each group.")

@@ -147,10 +147,10 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     tokens_per_step = train.global_batch_size * seq_length
     loop = Loop(stage=stage.name, train=train, total=total, step_fn=train_step, loader=loader, schedule=schedule,
                 evaluate=evaluate, metrics=metrics, log=context.log, ckpt=ckpt, checkpoint_interval=spec.checkpoint.interval,
-                save_model=save_model, load_model=load_model, rng=RngState(spec.seed), tokens_per_step=tokens_per_step,
+                save_model=save_model, load_model=load_model, rng=RngState(spec.seed, world_size=par.world_size), tokens_per_step=tokens_per_step,
                 flops_per_token=flops_per_token(model_opts, seq_length), peak_flops=peak_flops(train.precision, par.device),
                 rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval, guard=guard, any_rank=any_rank,
-                preempt_timeout=spec.checkpoint.preempt_timeout)
+                preempt_timeout=spec.checkpoint.preempt_timeout, world_size=par.world_size)
     return {"loop": loop, "ckpt": ckpt, "metrics": metrics, "chunks": chunks, "step": step_fn, "eval": eval_ctx}
 
 

@@ -23,7 +23,7 @@ from llmforge.spec.errors import UserError
 def run(stage, *, context: RunContext) -> dict[str, Any]:
     from megatron.core import parallel_state
 
-    from llmforge.data.sft import SFTLoader, encode_example, template_parts
+    from llmforge.data.sft import SFTLoader, prompt_ids, template_parts
     from llmforge.finetune.common import check_layout, frozen_model, logprobs_fn
     from llmforge.finetune.rewards import build_rewards
     from llmforge.finetune.rollout import RolloutSource, autocast_for
@@ -43,14 +43,10 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
         raise UserError(f"stage {stage.name!r} samples answers to prompts, but its records have no `prompt` field (chat `messages`?)",
                         "use `prompt`/`response` records, e.g. a `tasks` source or an `instructions` source with format: prompt_response")
 
-    def prompt_ids(record: dict[str, Any]) -> list[int]:
-        ids, mask = encode_example(tokenizer, parts_, {"prompt": record["prompt"], "response": ""})
-        return ids[: mask.index(1)]
-
     autocast = autocast_for(train.precision, par.device)
     reference = frozen_model(context, stage, stage.reference or stage.init_from) if stage.kl_coef > 0 else None
     reward = build_rewards(context.registry, stage.rewards, tokenizer=tokenizer, context=context, stage=stage)
-    source = RolloutSource([(r, prompt_ids(r)) for r in train_recs], tokenizer=tokenizer, reward=reward, group_size=stage.group_size,
+    source = RolloutSource([(r, prompt_ids(tokenizer, parts_, r["prompt"])) for r in train_recs], tokenizer=tokenizer, reward=reward, group_size=stage.group_size,
                            global_batch_size=train.global_batch_size, micro_batch_size=train.micro_batch_size, dp_rank=par.dp_rank,
                            dp_size=par.dp_size, seed=spec.seed, length=length, scale_rewards=stage.scale_rewards,
                            sampling={"max_new_tokens": stage.max_new_tokens, "temperature": stage.temperature, "top_k": stage.top_k,
@@ -58,7 +54,7 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
                            need_old_logprobs=stage.updates_per_rollout > 1, reference=reference, autocast=autocast,
                            dp_group=parallel_state.get_data_parallel_group() if par.dp_size > 1 else None, data_files=data_files)
     # The val split's reference answers give a val loss: how likely the right answer is.
-    va_tokens, va_masks, _ = instruction_packer(tokenizer, stage, length)(val_recs)
+    va_tokens, va_masks, *_ = instruction_packer(tokenizer, stage, length)(val_recs)
 
     def val_loader() -> SFTLoader:
         # eval_iters global batches in order: the same val examples at any layout.
@@ -85,7 +81,9 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     metrics = parts["metrics"]
 
     def on_rollout(step: int, stats: dict[str, float]) -> None:
-        metrics.write({"kind": "rollout", "stage": stage.name, "step": step, "tokens": step * train.global_batch_size * length, **stats})
+        # The loop's count once this step's rollout is in: real input tokens, as in its train rows.
+        tokens = parts["loop"].counters.tokens + source.last_batch_tokens
+        metrics.write({"kind": "rollout", "stage": stage.name, "step": step, "tokens": tokens, **stats})
         if step % spec.logging.log_interval == 0:
             context.log(f"[{stage.name}] rollout {step}: reward {stats['reward_mean']:.3f} ± {stats['reward_std']:.3f}, "
                         f"{stats['completion_tokens']:.1f} tokens per completion, {stats['uniform_groups']:.0%} groups without signal")

@@ -89,8 +89,8 @@ def finetune_loaders(context: RunContext, stage, pack, *, length: int, kind: str
     """(train loader, val loader factory or None without val records, train records, val records) of a finetune stage's data.
 
     Args:
-        pack: records → (tokens [n, ...], loss masks [n, ...], truncated count), e.g. padded
-            SFT examples, or a preference pair per row.
+        pack: records → `Packed` (tokens [n, ...], loss masks [n, ...], truncated count, real
+            input tokens per row), e.g. padded SFT examples, or a preference pair per row.
     """
     from llmforge.data.sft import SFTLoader
 
@@ -99,25 +99,27 @@ def finetune_loaders(context: RunContext, stage, pack, *, length: int, kind: str
     train_recs, val_recs = train_val_split(stage, records, spec.seed)
 
     def encode(recs):
-        tokens, masks, truncated = pack(recs)
-        if tokens.max() >= spec.model.vocab_size:
-            raise UserError(f"a token id {int(tokens.max())} is ≥ model.vocab_size {spec.model.vocab_size}", "raise model.vocab_size")
-        return tokens, masks, truncated
+        packed = pack(recs)
+        if packed.tokens.max() >= spec.model.vocab_size:
+            raise UserError(f"a token id {int(packed.tokens.max())} is ≥ model.vocab_size {spec.model.vocab_size}", "raise model.vocab_size")
+        return packed
 
-    tr_tokens, tr_masks, truncated = encode(train_recs)
-    if truncated:
-        context.log(f"[{stage.name}] warning: {truncated} example(s) longer than {length} tokens were truncated")
+    train_set = encode(train_recs)
+    if train_set.truncated:
+        context.log(f"[{stage.name}] warning: {train_set.truncated} example(s) longer than {length} tokens were truncated")
     context.log(f"[{stage.name}] {len(train_recs)} train / {len(val_recs)} val examples, {length} tokens each, "
-                f"{int(tr_masks.sum()):,} {what} tokens")
-    loader = SFTLoader(tr_tokens, tr_masks, global_batch_size=train_cfg.global_batch_size, micro_batch_size=train_cfg.micro_batch_size,
-                       dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed, data_files=data_files)
+                f"{int(train_set.masks.sum()):,} {what} tokens")
+    # Counted from the examples' true lengths: tokens, tokens/s and max_tokens are real input tokens.
+    loader = SFTLoader(train_set.tokens, train_set.masks, global_batch_size=train_cfg.global_batch_size,
+                       micro_batch_size=train_cfg.micro_batch_size, dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed,
+                       data_files=data_files, input_tokens=train_set.input_tokens)
     if not val_recs:
         return loader, None, train_recs, val_recs
-    va_tokens, va_masks, _ = encode(val_recs)
+    val_set = encode(val_recs)
     val_batch = train_cfg.global_batch_size  # eval_iters global batches in order: the same val examples at any layout
 
     def val_loader():
-        return SFTLoader(va_tokens, va_masks, global_batch_size=val_batch, micro_batch_size=train_cfg.micro_batch_size,
+        return SFTLoader(val_set.tokens, val_set.masks, global_batch_size=val_batch, micro_batch_size=train_cfg.micro_batch_size,
                          dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed, shuffle=False)
 
     return loader, val_loader, train_recs, val_recs

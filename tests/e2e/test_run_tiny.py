@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -76,3 +77,19 @@ def test_unimplemented_component_is_refused_by_name(tmp_path):
     proc = llmforge("run", "specs/7b-pretrain.yaml", "--run-dir", str(tmp_path / "x"))
     assert proc.returncode == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_library_warnings_go_to_run_log_only(tmp_path):
+    # The shipped precision (bf16 autocast), 3 + 3 steps: saves, and an SFT start from a checkpoint.
+    short = [o for o in TINY_SMALL if not o.endswith("precision=fp32") and ".max_steps=" not in o and ".eval_interval=" not in o]
+    short += ["stages.1.train.max_steps=3", "stages.2.train.max_steps=3", "stages.1.train.eval_interval=3",
+              "stages.2.train.eval_interval=3", "checkpoint.interval=3"]
+    run_dir = tmp_path / "run"
+    proc = llmforge("run", "specs/tiny.yaml", *short, "--run-dir", str(run_dir))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    console = proc.stdout + proc.stderr
+    assert not re.search(r"\w+Warning:", console), console
+    log = (run_dir / "run.log").read_text()
+    for library in ("deprecating ShardedTensor", "torch.distributed is disabled"):
+        assert library in log and library not in console
+    assert "Mismatch dtype" not in log  # the norm's: fixed where it arose (models/layers.py)

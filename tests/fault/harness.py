@@ -213,14 +213,18 @@ class Runner:
         job.wait(timeout)
         return job.result()
 
-    def ranks(self, *args: str, world: int = 2, env: dict[int, dict[str, str]] | None = None, spec: Path | None = None) -> Job:
-        """A job of `world` ranks launched by hand (as srun launches them): no torchrun agent watches over them."""
+    def ranks(self, *args: str, world: int = 2, env: dict[int, dict[str, str]] | None = None, spec: Path | None = None,
+              nproc_per_node: int | None = None) -> Job:
+        """A job of `world` ranks launched by hand (as srun launches them): no torchrun agent watches over them.
+
+        Each is told `--nproc-per-node nproc_per_node` (default: `world`, the launch's own size).
+        """
         port = str(free_port())
         procs = []
         for rank in range(world):
             rank_env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world),
                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, **(env or {}).get(rank, {})}
-            procs.append({"argv": ["run", str(spec or self.spec), "--nproc-per-node", str(world), *args], "env": rank_env})
+            procs.append({"argv": ["run", str(spec or self.spec), "--nproc-per-node", str(nproc_per_node or world), *args], "env": rank_env})
         return self.server.start(procs)
 
 

@@ -255,8 +255,16 @@ def test_empty_data_vocab_and_split_errors(tmp_path, corpus):
 
 
 def test_finetune_records_are_refused_in_pretraining_data(tmp_path):
+    from llmforge.registry.manager import get_registry
+    from llmforge.spec.errors import SpecError
+    from llmforge.spec.load import load_spec
+    from llmforge.spec.validate import spec_model
+
     (tmp_path / "i.jsonl").write_text(json.dumps({"prompt": "p", "response": "r"}) + "\n")
-    spec = make_spec(tmp_path, sources={"sft": {"name": "instructions", "paths": [str(tmp_path / "i.jsonl")]}})
+    with pytest.raises(SpecError, match=r"data.sources.sft \(instructions\) yields finetune records"):
+        make_spec(tmp_path, sources={"sft": {"name": "instructions", "paths": [str(tmp_path / "i.jsonl")]}})
+    # prepare refuses them too, in a spec handed to it without validate's checks
+    spec = spec_model(get_registry()).model_validate(load_spec(str(tmp_path / "spec.yaml")).data)
     with pytest.raises(UserError, match=r"data.sources.sft \(instructions\) yields finetune records"):
         prepare(spec, tmp_path / "run")
 

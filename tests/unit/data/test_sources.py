@@ -111,3 +111,29 @@ def test_every_builtin_source_and_tokenizer_is_implemented():
         for name in registry.names(kind):
             if registry.get(kind, name).provider == "llmforge":
                 assert callable(registry.factory(kind, name)), f"{kind} {name}"
+
+
+def test_each_source_yields_the_records_it_tells_validate(tmp_path):
+    """`record_fields`, which validate matches against what a stage reads, covers every record; empty for plain documents."""
+    from llmforge.data.tasks import task_source
+
+    (tmp_path / "t.txt").write_text("text")
+    (tmp_path / "i.jsonl").write_text(json.dumps({"prompt": "2+2?", "response": "4", "system": "be brief"}) + "\n")
+    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "q", "chosen": "a", "rejected": "b"}) + "\n")
+    cases = [
+        (text_source, c.TextSource(paths=[str(tmp_path / "t.txt")])),
+        (jsonl_source, c.JsonlSource(paths=[str(tmp_path / "p.jsonl")], fields=["prompt"])),
+        (instruction_source, c.InstructionSource(paths=[str(tmp_path / "i.jsonl")])),
+        (instruction_source, c.InstructionSource(paths=[str(tmp_path / "c.jsonl")], format="messages")),
+        (preference_source, c.PreferenceSource(paths=[str(tmp_path / "p.jsonl")])),
+        *[(task_source, c.TaskSource(format=kind, num_examples=3)) for kind in ("instructions", "preferences", "text")],
+    ]
+    for build, options in cases:
+        docs = list(build(options, context=ctx()))
+        assert docs, options
+        for doc in docs:
+            if isinstance(doc.content, dict):
+                assert set(doc.content) <= options.record_fields, (options, doc.content)
+            else:
+                assert options.record_fields == frozenset(), options

@@ -40,6 +40,18 @@ def test_bpe_needs_text(tmp_path):
         build_bpe(c.BPETokenizer(vocab_size=320), run_dir=tmp_path, texts=iter(()))
 
 
+def test_bpe_train_max_mb_counts_utf8_bytes_not_characters(tmp_path):
+    read = []
+
+    def texts():  # 512 characters, 1 KiB of UTF-8 each
+        while True:
+            read.append("é" * 512)
+            yield read[-1]
+
+    build_bpe(c.BPETokenizer(vocab_size=300, train_max_mb=4 / 1024), run_dir=tmp_path, texts=texts())
+    assert len(read) == 4  # 4 KiB; counting characters read 8
+
+
 def test_bpe_without_split_digits_merges_numbers(tmp_path):
     tok = build_bpe(c.BPETokenizer(vocab_size=320, split_digits=False), run_dir=tmp_path, texts=iter(["1234 " * 200]))
     assert len(tok.encode("1234")) < 4

@@ -42,19 +42,20 @@ def test_response_mask_covers_the_answer_and_eos_only(tokenizer):
 def test_packed_masks_align_with_targets(tokenizer):
     parts = template_parts("plain")
     example = encode_example(tokenizer, parts, {"prompt": "ab", "response": "c"})  # bos a b | c eos
-    tokens, masks, truncated = pack_examples([example], 6, tokenizer.pad_id)
+    tokens, masks, truncated, inputs = pack_examples([example], 6, tokenizer.pad_id)
     assert tokens.shape == (1, 7) and masks.shape == (1, 6) and truncated == 0
+    assert inputs.tolist() == [len(example[0])]  # every real token is an input: the window holds 6
     targets = tokens[0, 1:]
     trained = [int(t) for t, m in zip(targets, masks[0]) if m]
     assert trained == [*tokenizer.encode("c"), tokenizer.eos_id]  # the answer and EOS, nothing else
     assert masks[0].tolist() == [0, 0, 1, 1, 0, 0]  # padding never trains
-    _, _, cut = pack_examples([example], 3, tokenizer.pad_id)
-    assert cut == 1
+    _, _, cut, inputs = pack_examples([example], 3, tokenizer.pad_id)
+    assert cut == 1 and inputs.tolist() == [3]  # cut to 4 tokens, of which the model reads 3
 
 
 def test_preference_rows_put_chosen_beside_rejected(tokenizer):
     records = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}, {"prompt": "2+2=", "chosen": "4", "rejected": "44"}]
-    tokens, masks, truncated = preference_packer(tokenizer, _Stage(), 12)(records)
+    tokens, masks, truncated, _ = preference_packer(tokenizer, _Stage(), 12)(records)
     assert tokens.shape == (2, 26) and masks.shape == (2, 24) and truncated == 0
     rows, row_masks = pair_rows(torch.from_numpy(tokens), torch.from_numpy(masks))
     assert rows.shape == (4, 13)
@@ -64,7 +65,7 @@ def test_preference_rows_put_chosen_beside_rejected(tokenizer):
 
 def test_reward_model_masks_mark_the_last_token(tokenizer):
     records = [{"prompt": "1+1=", "chosen": "2", "rejected": "33"}]
-    tokens, masks, _ = preference_packer(tokenizer, _Stage(), 12, score_last=True)(records)
+    tokens, masks, *_ = preference_packer(tokenizer, _Stage(), 12, score_last=True)(records)
     rows, row_masks = pair_rows(torch.from_numpy(tokens), torch.from_numpy(masks))
     assert row_masks.sum(dim=1).tolist() == [1.0, 1.0]
     for row, mask in zip(rows, row_masks):
@@ -72,7 +73,7 @@ def test_reward_model_masks_mark_the_last_token(tokenizer):
     # A sequence of max_seq_length + 1 tokens still has its EOS marked (the whole row is the input).
     long = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}]
     length = len(encode_example(tokenizer, template_parts("default"), {"prompt": "1+1=", "response": "2"})[0]) - 1
-    tokens, masks, truncated = preference_packer(tokenizer, _Stage(), length, score_last=True)(long)
+    tokens, masks, truncated, _ = preference_packer(tokenizer, _Stage(), length, score_last=True)(long)
     assert truncated == 0 and masks[0, length - 1] == 1.0 and masks[0, 2 * length - 1] == 1.0
 
 

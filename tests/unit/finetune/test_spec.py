@@ -34,7 +34,7 @@ def _issues(path: Path) -> list:
 
 STAGES = {
     "lora": {"data": TASKS, "lora": {"rank": 4, "target_modules": ["linear_qkv"]}},
-    "prompt_tuning": {"data": TASKS, "prompt_tuning": {"num_virtual_tokens": 4, "init": "random"}},
+    "prompt_tuning": {"data": TASKS, "max_seq_length": 16, "prompt_tuning": {"num_virtual_tokens": 4, "init": "random"}},
     "dpo": {"data": PAIRS, "beta": 0.2, "loss": "ipo"},
     "reward_model": {"data": PAIRS},
     "rl": {"data": TASKS, "rewards": [{"name": "exact_match"}], "group_size": 4},

@@ -124,8 +124,11 @@ def test_filters_apply_to_finetune_records_and_are_counted(tmp_path, tokenizer):
     assert "[sft] source pairs: 2 of 5 records kept (1 too short, 1 too long, 1 duplicate)" in ctx.logs
     assert "[sft] source chats: 1 of 2 records kept (1 too short)" in ctx.logs
 
+    base = tmp_path / "base" / "checkpoints" / "sft" / "step-1"  # a dpo stage starts from a checkpoint
+    base.mkdir(parents=True)
     ctx = _context(tmp_path, tokenizer, {
-        "prefs": {"name": "preferences", "paths": [str(_write(tmp_path / "prefs.jsonl", prefs))], "filters": filters}}, **no_val)
+        "prefs": {"name": "preferences", "paths": [str(_write(tmp_path / "prefs.jsonl", prefs))], "filters": filters}},
+        type="dpo", init_from=str(base), **no_val)
     stage = ctx.spec.stages[0]
     assert finetune_loaders(ctx, stage, preference_packer(tokenizer, stage, 24), length=24)[2] == prefs[:1]
     assert "[sft] source prefs: 1 of 2 records kept (1 too short)" in ctx.logs

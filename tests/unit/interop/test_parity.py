@@ -101,6 +101,7 @@ def test_import_fragment_is_a_valid_spec_base_and_init_from(tmp_path):
     spec.write_text(
         "extends: out/model.yaml\n"
         "name: ft\n"
+        "data: {sources: {add: {name: tasks, format: text}}}\n"
         "stages:\n"
         "  - {name: prepare, type: prepare}\n"
         f"  - name: train\n    type: pretrain\n    init_from: {done['checkpoint']}\n"

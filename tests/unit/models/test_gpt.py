@@ -120,7 +120,7 @@ def test_llama_shape(facts):
     got = facts["llama"]
     params = got["params"]
     head_dim = 64 // 4
-    assert got["norm_types"] == ["RMSNorm"] and got["norm_eps"] == [1e-5]
+    assert got["norm_types"] == ["FP32RMSNorm"] and got["norm_eps"] == [1e-5]
     assert got["activation_is_silu"] and got["gated"]
     assert params["decoder.layers.0.mlp.linear_fc1.weight"] == [2 * 172, 64]  # gate and up
     assert params["decoder.layers.0.self_attention.linear_qkv.weight"] == [(4 + 2 * 2) * head_dim, 64]  # 2 KV groups

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -68,6 +69,19 @@ def test_norms_take_type_and_epsilon_and_carry_the_sp_tag(normalization, kind):
     norm = TorchNorm(_config(normalization=normalization, tensor_model_parallel_size=2, sequence_parallel=True), 32, eps=1e-6)
     assert isinstance(norm, kind) and norm.eps == 1e-6
     assert all(p.sequence_parallel for p in norm.parameters())
+
+
+@pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
+def test_norms_under_bf16_autocast_over_fp32_weights_warn_nothing(normalization):
+    norm = TorchNorm(_config(normalization=normalization), 32)
+    torch.nn.init.uniform_(norm.weight, 0.5, 1.5)
+    x = torch.randn(6, 2, 32, generator=torch.Generator().manual_seed(0)).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "Mismatch dtype between input and weight" fails the test
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, norm(x.float()).bfloat16(), rtol=0, atol=0)  # computed in fp32
 
 
 def test_presets_are_valid_gpt_options_and_torch_free():

@@ -68,6 +68,19 @@ def test_tiny_spec_on_this_cpu(capsys):
     assert pretrain["tokens_per_s"] == pytest.approx(tokens_per_s, rel=1e-9)
 
 
+@pytest.mark.parametrize("device", ["h100-80gb", "cpu"])
+def test_the_assumed_mfu_is_per_device_as_the_run_logs_it(capsys, device):
+    from llmforge.plan.catalog import CATALOG
+    from llmforge.plan.cost import model_flops_utilization
+
+    p = plan_json(capsys, SPEC_TINY, "parallelism.nproc_per_node=2", "--gpu", device)
+    stage = p["stages"][1]
+    known = CATALOG[device]
+    peak = known.peak_flops(stage["precision"]) / (2 if known.shared_by_node else 1)  # a rank's share of a CPU
+    tokens_per_s = stage["tokens_per_step"] / stage["step_time"]["compute_seconds"]
+    assert model_flops_utilization(tokens_per_s, p["flops_per_token"], world_size=2, peak_flops=peak) == pytest.approx(p["mfu"], rel=1e-9)
+
+
 def test_console_tables_say_whether_it_fits(capsys):
     assert main(["plan", SPEC_7B, "parallelism.nnodes=1", "parallelism.use_distributed_optimizer=false", "--gpu", "a100-40gb"]) == 0
     out = capsys.readouterr().out

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from llmforge.runtime.distributed import _first_slurm_host, read_launch_env, resolve_layout
+from llmforge.runtime.distributed import _first_slurm_host, check_world_size, read_launch_env, resolve_layout
 from llmforge.spec.errors import UserError
 from llmforge.spec.schema import ParallelismConfig
 
@@ -81,6 +81,15 @@ def test_layout_mismatches_are_user_errors(parallelism, world, words):
 def test_data_parallel_size_follows_the_world():
     assert resolve_layout(ParallelismConfig(tensor_model_parallel_size=2), 8) == 4
     assert resolve_layout(ParallelismConfig(data_parallel_size=2, pipeline_model_parallel_size=2), 4) == 2
+
+
+def test_a_launch_of_another_size_names_both_and_the_overrides_that_fit_it():
+    srun = read_launch_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4(x2)", "SLURM_JOB_NODELIST": "gpu[1-2]"})
+    check_world_size(ParallelismConfig(nnodes=2, nproc_per_node=4), srun)  # the spec's size: fine
+    with pytest.raises(UserError) as raised:
+        check_world_size(ParallelismConfig(nproc_per_node=4), srun)
+    assert "srun started 8 processes (2 node(s) × 4)" in str(raised.value) and "= 4" in str(raised.value)
+    assert "parallelism.nnodes=2" in raised.value.hint and "nproc_per_node=" not in raised.value.hint
 
 
 # --- real jobs ---------------------------------------------------------------------------------

@@ -67,3 +67,14 @@ def test_state_is_materialized_without_touching_weights(build):
     assert all(len(optimizer.state[p]) for p in model.parameters())
     assert all(p.grad is None for p in model.parameters())
     assert [g["lr"] for g in optimizer.param_groups] == [1.0, 1.0] and optimizer.param_groups[0]["weight_decay"] == 0.5
+
+
+def test_the_distributed_optimizer_takes_adamw_only():
+    """validate refuses the spec (spec/checks.py); wrap_optimizer refuses it too, before wrapping anything."""
+    from llmforge.runtime.optim import wrap_optimizer
+    from llmforge.spec.errors import UserError
+    from llmforge.spec.schema import ParallelismConfig
+
+    model = TinyGPT()
+    with pytest.raises(UserError, match="use_distributed_optimizer shards AdamW's state only, not SGD's"):
+        wrap_optimizer(build_sgd(SGD(lr=0.1), model_chunks=[model]), [model], ParallelismConfig(use_distributed_optimizer=True))

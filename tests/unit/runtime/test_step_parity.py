@@ -92,9 +92,7 @@ class Trainer:
     def __init__(self, shape: str, *, optimizer: str = "sgd", lr: float = 0.5, precision: str = "fp32", seed: int = SEED, model=None, **parallelism):
         from llmforge.models.gpt import build_gpt
         from llmforge.runtime.distributed import init_distributed
-        import torch
-
-        from llmforge.runtime.optim import build_adamw, build_sgd, param_groups, wrap_optimizer
+        from llmforge.runtime.optim import build_adamw, build_sgd, wrap_optimizer
         from llmforge.runtime.step import TrainStep
         from llmforge.spec.components import SGD, AdamW
         from llmforge.spec.schema import ParallelismConfig
@@ -108,8 +106,6 @@ class Trainer:
             torch_optimizer = build_sgd(SGD(lr=lr), model_chunks=self.chunks)
         elif optimizer == "sgd_momentum":
             torch_optimizer = build_sgd(SGD(lr=lr, momentum=0.9), model_chunks=self.chunks)
-        elif optimizer == "adagrad":  # stands for a plugin optimizer megatron cannot shard
-            torch_optimizer = torch.optim.Adagrad(param_groups(self.chunks, 0.0), lr=lr)
         else:
             torch_optimizer = build_adamw(AdamW(lr=lr, weight_decay=0.01), model_chunks=self.chunks)
         self.optimizer = wrap_optimizer(torch_optimizer, self.chunks, self.parallelism)
@@ -239,7 +235,6 @@ def job_pair(out: Path) -> dict:
     results["gpt_tp2_sp_bf16"] = Trainer("gpt", precision="bf16", tensor_model_parallel_size=2, sequence_parallel=True).train(range(2))
     results["llama_dp2_masked"] = Trainer("llama").train(range(3), masked=True)
     results["gpt_pp2_masked"] = Trainer("gpt", pipeline_model_parallel_size=2).train(range(3), masked=True)
-    results["llama_dp2_adagrad_distopt"] = Trainer("llama", optimizer="adagrad", lr=1e-2, use_distributed_optimizer=True).train(range(3))
     results["sample_llama_tp2_sp"] = Trainer("llama", tensor_model_parallel_size=2, sequence_parallel=True).step.greedy_sample(PROMPT, 6)
     results["sample_llama_pp2"] = Trainer("llama", pipeline_model_parallel_size=2).step.greedy_sample(PROMPT, 6)
     results["nonfinite_dp2"] = _nonfinite("llama", poison_rank=1)
@@ -265,7 +260,6 @@ def job_single(out: Path) -> dict:
     results["llama_single_masked"] = Trainer("llama").train(range(3), masked=True)
     results["gpt_single_masked"] = Trainer("gpt").train(range(3), masked=True)
     results["masked_token_counts"] = [int(sum(m.sum() for m in _loss_masks(s))) for s in range(3)]
-    results["llama_single_adagrad"] = Trainer("llama", optimizer="adagrad", lr=1e-2).train(range(3))
     results["sample_llama_single"] = Trainer("llama").step.greedy_sample(PROMPT, 6)
     for recompute in ("none", "selective", "full"):
         dropout = {"hidden_dropout": 0.1, "attention_dropout": 0.1}
@@ -356,10 +350,6 @@ def test_loss_masks_weigh_per_token_across_ranks(runs, case, reference):
     _close(got["losses"], single[reference]["losses"])
     assert got["tokens"] == single[reference]["tokens"] == single["masked_token_counts"]
     assert got["losses"] != single[reference.removesuffix("_masked")]["losses"][:3]
-
-
-def test_unshardable_optimizer_falls_back_to_all_reduce(runs):
-    _close(runs["pair_rank0"]["llama_dp2_adagrad_distopt"]["losses"], runs["single_rank0"]["llama_single_adagrad"]["losses"])
 
 
 def test_greedy_sample_agrees_across_layouts(runs):

@@ -11,7 +11,7 @@ import pytest
 from llmforge.cli import main
 from llmforge.registry.manager import AUTOLOAD_ENV, reset_registry
 
-# A valid spec with every section the checks look at; small and with no input files.
+# A valid spec with every section the checks look at; small and with no input files (its text source is generated).
 BASE_SPEC = """\
 name: t
 tokenizer: {name: byte}
@@ -24,6 +24,7 @@ model:
   seq_length: 32
 parallelism:
   tensor_model_parallel_size: 1
+data: {sources: {add: {name: tasks, format: text}}}
 stages:
   - name: prepare
     type: prepare

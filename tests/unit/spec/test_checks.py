@@ -7,6 +7,7 @@ from typing import ClassVar
 import pytest
 
 from llmforge.registry import Component, hookimpl
+from llmforge.spec.base import StrictModel
 from llmforge.registry.manager import build_registry
 from llmforge.spec.errors import SpecError
 from llmforge.spec.stages import PIPELINE, StageBase
@@ -24,8 +25,34 @@ def problems(path, *overrides: str, check_inputs: bool = True, registry=None) ->
     return {}
 
 
+@pytest.fixture(autouse=True)
+def checkpoint(tmp_path):
+    """The checkpoint directory the finetune cases start from (validate checks that it exists)."""
+    (tmp_path / CHECKPOINT).mkdir(parents=True)
+
+
+CHECKPOINT = "base/checkpoints/pretrain/step-10"
+
+
+def finetune(stage_type: str, *fields: str, source: str = "{name: tasks}") -> str:
+    """An override that makes stages[1] a finetune stage of `stage_type` on a tasks source, from CHECKPOINT."""
+    more = "".join(f", {f}" for f in fields)
+    return (f"stages.1={{name: ft, type: {stage_type}, init_from: {CHECKPOINT}, data: {{sources: {{add: {source}}}}}, "
+            f"train: {{micro_batch_size: 2, global_batch_size: 4, max_steps: 1}}{more}}}")
+
+
+RL = finetune("rl", "rewards: [{name: exact_match}]")
+
+
 def test_the_base_spec_is_valid(write_spec):
     assert problems(write_spec()) == {}
+
+
+def test_the_finetune_cases_start_valid(write_spec):
+    assert problems(write_spec(), finetune("sft")) == {}
+    assert problems(write_spec(), RL) == {}
+    assert problems(write_spec(), finetune("dpo", source="{name: tasks, format: preferences}")) == {}
+    assert problems(write_spec(), finetune("prompt_tuning", "max_seq_length: 24", "prompt_tuning: {init_text: 'Answer:'}")) == {}
 
 
 CASES = [
@@ -51,7 +78,7 @@ CASES = [
     (["model.vocab_size=260"], "model.vocab_size", "vocabulary 262"),
     (["stages.1.init_from=nothing"], "stages[1].init_from", "no stage has that name"),
     (["stages.0.init_from=pretrain"], "stages[0].init_from", "it comes later"),
-    (["data={sources: {}, mix: {web: 1.0}}"], "data.mix.web", "mix names 'web', which is not a source"),
+    (["data.mix={add: 1.0, web: 1.0}"], "data.mix.web", "mix names 'web', which is not a source"),
     (["stages.1.train.max_epochs=1"], "stages[1].train", "give exactly one of max_steps, max_tokens, max_epochs (got max_steps, max_epochs)"),
     (["stages.1.name=prepare"], "stages[1].name", "stage name 'prepare' is used twice"),
     (["stages.1={name: sft, type: sft, data: {sources: {add: {name: tasks, tasks: [add2]}}, val_fraction: 0}, "
@@ -59,6 +86,32 @@ CASES = [
      "stages[1].data.val_fraction", "data.val_fraction is 0, so stage 'sft' has no val split, but it lists the val_loss evaluator"),
     (["data.split.val_fraction=0"], "data.split.val_fraction", "there is no val split, but stages[1] (pretrain) lists the val_loss"),
     (["tokenizer={name: char}", "stages.0.packing=documents"], "stages[0].packing", "char tokenizer without add_eos has no token to pad"),
+    (["model.ffn_hidden_size=255", "parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=2"],
+     "model.ffn_hidden_size", "ffn_hidden_size 255 is not divisible by tensor_model_parallel_size 2"),
+    (["model.vocab_size=513", "parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=2"],
+     "model.vocab_size", "vocab_size 513 is not divisible by tensor_model_parallel_size 2"),
+    (["parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=2", "parallelism.sequence_parallel=true", "model.seq_length=31"],
+     "model.seq_length", "stage 'pretrain' trains on 31-token sequences, which sequence_parallel splits over tensor_model_parallel_size 2"),
+    ([finetune("sft", "max_seq_length: 40")], "stages[1].max_seq_length", "max_seq_length 40 exceeds the model's 32 positions"),
+    ([finetune("prompt_tuning")], "stages[1].prompt_tuning.num_virtual_tokens", "max_seq_length 32 + 8 virtual tokens = 40 exceeds"),
+    ([RL, "parallelism.nproc_per_node=2"], "stages[1].train.global_batch_size",
+     "gives each of 2 data-parallel ranks 2 completions, not whole groups of group_size 4"),
+    ([RL, "stages.1.max_new_tokens=32"], "stages[1].max_new_tokens", "max_new_tokens 32 leaves no room for a prompt"),
+    ([finetune("prompt_tuning", "max_seq_length: 24", "prompt_tuning: {init: random, init_text: 'Answer:'}")],
+     "stages[1].prompt_tuning.init_text", "init_text starts the soft prompt from its tokens' embeddings, but init: random"),
+    (["parallelism.use_distributed_optimizer=true", "stages.1.train.optimizer={name: sgd}"], "stages[1].train.optimizer.name",
+     "use_distributed_optimizer shards AdamW's state only (megatron's DistributedOptimizer), but stage 'pretrain' uses optimizer 'sgd'"),
+    ([finetune("sft", "chat_template: 'Q: {question}'")], "stages[1].chat_template",
+     "chat_template 'Q: {question}' is neither a built-in (default, plain) nor a string with {prompt} and {response}"),
+    (["data.sources.add.format=instructions"], "data.sources.add", "data.sources.add (tasks) yields finetune records (prompt, response)"),
+    ([finetune("sft", source="{name: tasks, format: text}")], "stages[1].data.sources.add",
+     "source 'add' (tasks) yields plain documents, but a sft stage trains on records with {prompt, response} or {messages}"),
+    ([finetune("dpo")], "stages[1].data.sources.add",
+     "source 'add' (tasks) yields records with {prompt, response}, but a dpo stage reads records with {chosen, prompt, rejected}"),
+    ([RL, "stages.1.rewards=[{name: exact_match, field: answer}]"], "stages[1].rewards[0].field",
+     "the exact_match reward reads field 'answer', but source 'add' (tasks) yields records with {prompt, response}"),
+    ([RL, "stages.1.reference=nothing"], "stages[1].reference", "reference 'nothing' must name an earlier stage, but no stage has that name"),
+    (["stages.1.init_from=prepare"], "stages[1].init_from", "init_from 'prepare' is a prepare stage, which writes no checkpoint"),
 ]
 
 
@@ -84,8 +137,87 @@ def test_an_empty_val_split_is_fine_without_val_loss_and_padding_fine_with_eos(w
     assert problems(write_spec(), "tokenizer={name: char, add_eos: true}", "stages.0.packing=documents") == {}
 
 
-def test_init_from_may_name_a_checkpoint_path(write_spec):
-    assert problems(write_spec(), "stages.1.init_from=runs/other/checkpoints/step_100") == {}
+def test_init_from_may_name_a_checkpoint_path_that_exists(write_spec):
+    assert problems(write_spec(), f"stages.1.init_from={CHECKPOINT}") == {}
+    missing = "runs/other/checkpoints/pretrain/step-100"
+    found = problems(write_spec(), f"stages.1.init_from={missing}")
+    assert list(found) == ["stages[1].init_from"] and found["stages[1].init_from"][0] == f"checkpoint not found: {missing}"
+    assert problems(write_spec(), f"stages.1.init_from={missing}", check_inputs=False) == {}
+
+
+def test_a_reference_and_a_reward_model_checkpoint_path_must_exist_too(write_spec):
+    found = problems(write_spec(), RL, "stages.1.reference=runs/x/step-1", "stages.1.rewards=[{name: reward_model, stage: runs/y/step-2}]")
+    assert found["stages[1].reference"][0] == "checkpoint not found: runs/x/step-1"
+    assert found["stages[1].rewards[0].stage"][0] == "checkpoint not found: runs/y/step-2"
+
+
+def test_evaluator_paths_must_match_files(write_spec, tmp_path):
+    (tmp_path / "mc.jsonl").write_text('{"prompt": "1+1=", "choices": ["2", "3"], "answer": 0}\n')
+    assert problems(write_spec(), "stages.1.evaluators=[{name: multiple_choice, paths: [mc.jsonl]}]") == {}
+    found = problems(write_spec(), "stages.1.evaluators=[{name: multiple_choice, paths: [mc.jsonl, heldout/*.jsonl]}]")
+    assert list(found) == ["stages[1].evaluators[0].paths[1]"]
+    assert found["stages[1].evaluators[0].paths[1]"][0] == "0 files match 'heldout/*.jsonl'"
+
+
+def test_a_prepare_stage_needs_data_sources(write_spec):
+    text = write_spec().read_text()
+    found = problems(write_spec(text.replace("data: {sources: {add: {name: tasks, format: text}}}\n", "")))
+    message, hint, location = found["data.sources"]
+    assert message == "data.sources is empty, so stages[0] (prepare) has nothing to tokenize"
+    assert location == "spec.yaml:13:5"  # the prepare stage, as the spec has no data section
+    assert problems(write_spec(text.replace("  - name: prepare\n    type: prepare\n", "").replace("data: {sources: {add: {name: tasks, format: text}}}\n", "")),
+                    f"stages.0.init_from={CHECKPOINT}") == {}
+
+
+class SequenceFreeModel(StrictModel):
+    """A plugin model without a sequence length (a prepare stage cannot pack samples for it)."""
+
+    width: int = 8
+
+
+class SequenceFreePlugin:
+    @hookimpl
+    def register_models(self) -> list[Component]:
+        return [Component("sequence_free", SequenceFreeModel)]
+
+
+def test_a_prepare_stage_needs_a_model_with_a_seq_length(write_spec):
+    registry = build_registry([(SequenceFreePlugin(), "test-models", "0")])
+    found = problems(write_spec(), "model={name: sequence_free}", registry=registry)
+    assert found == {"model": ("model 'sequence_free' has no seq_length, which the prepare stage packs samples by",
+                               "use a model with a seq_length, or remove the prepare stage", "override 'model={name: sequence_free}'")}
+
+
+REFERENCES = """\
+  - name: tuned
+    type: prompt_tuning
+    init_from: pretrain
+    max_seq_length: 16
+    data: {sources: {add: {name: tasks}}}
+    train: {micro_batch_size: 2, global_batch_size: 4, max_steps: 1}
+  - name: rl
+    type: rl
+    init_from: tuned
+    data: {sources: {add: {name: tasks}}}
+    train: {micro_batch_size: 2, global_batch_size: 4, max_steps: 1}
+    rewards: [{name: reward_model, stage: pretrain}]
+"""
+
+
+def test_references_must_hold_what_the_stage_reads(write_spec):
+    found = problems(write_spec(write_spec().read_text() + REFERENCES))
+    assert found["stages[3].init_from"][:2] == (
+        "init_from 'tuned' is a prompt_tuning stage, whose checkpoints hold a soft prompt for a frozen model, not model weights",
+        "name a stage that trains the model (for a prompt_tuning stage: its own init_from), or a checkpoint path")
+    assert found["stages[3].rewards[0].stage"][0] == "rewards[0].stage 'pretrain' is a pretrain stage, whose checkpoints hold model weights, not a reward head"
+    assert found["stages[3].init_from"][2] == "spec.yaml:31:5"
+
+
+def test_the_built_in_chat_templates_are_the_ones_validate_knows():
+    from llmforge.data.sft import TEMPLATES
+    from llmforge.spec.stages import CHAT_TEMPLATES
+
+    assert tuple(TEMPLATES) == CHAT_TEMPLATES
 
 
 def test_input_paths_must_match_files_unless_skipped(write_spec, tmp_path):
@@ -112,7 +244,7 @@ def test_finetune_inputs_are_checked_too(write_spec):
     train: {micro_batch_size: 2, global_batch_size: 4, max_epochs: 1}
 """)
     found = problems(spec)
-    assert found["stages[2].data.sources.chat.paths[0]"][2] == "spec.yaml:27:44"
+    assert found["stages[2].data.sources.chat.paths[0]"][2] == "spec.yaml:28:44"
 
 
 def test_a_finetune_stage_without_a_val_split_may_not_list_val_loss(write_spec, cli):
@@ -128,7 +260,7 @@ def test_a_finetune_stage_without_a_val_split_may_not_list_val_loss(write_spec, 
 """)
     code, out, err = cli("validate", spec)
     assert code == 2 and out == ""
-    assert "spec.yaml:28:7 stages[2].data.val_fraction: data.val_fraction is 0, so stage 'sft' has no val split" in err
+    assert "spec.yaml:29:7 stages[2].data.val_fraction: data.val_fraction is 0, so stage 'sft' has no val split" in err
     assert "val_loss" in err and "Traceback" not in err
     assert problems(spec, "stages.2.evaluators=[]") == {}
 
@@ -169,7 +301,7 @@ def layout_case(write_spec) -> dict:
 def test_a_stage_type_that_cannot_run_under_the_layout(write_spec):
     message, hint, location = layout_case(write_spec)["stages[2].type"]
     assert message.startswith("stage type 'pipeline_free' does not support pipeline_model_parallel_size > 1 yet (got 2)")
-    assert location == "spec.yaml:23:5"
+    assert location == "spec.yaml:24:5"
 
 
 def test_every_registered_check_has_a_failing_case_here(write_spec, tmp_path, monkeypatch):
