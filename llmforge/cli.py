@@ -209,7 +209,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
     import torch
 
-    from llmforge.runtime.generate import TextGenerator
+    from llmforge.interop.generate import TextGenerator
     from llmforge.spec.errors import UserError
 
     if args.prompt is None and not args.interactive:

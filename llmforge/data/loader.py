@@ -1,8 +1,7 @@
 """The token loader: a global sample order fixed by the data and the seed, sliced per rank.
 
-Position p of the global sequence is sample `perm_e[p % n]` of epoch e = p // n, where
-`perm_e` is a permutation drawn from the loader's own generator seeded by (seed, e). A
-global batch is positions [p, p + global_batch_size); DP rank r takes the r-th equal
+Position p of the global sequence is a sample index by `data.order.GlobalOrder` (a seeded
+permutation per epoch, on its own generator). A global batch is positions [p, p + global_batch_size); DP rank r takes the r-th equal
 slice, and each worker process a fixed slice of that. The state is p alone, so a resume
 with any worker count or data-parallel size continues the same global sequence.
 
@@ -14,7 +13,6 @@ read from the shard index without reading a sample.
 
 from __future__ import annotations
 
-import itertools
 import math
 import multiprocessing as mp
 import queue
@@ -26,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmforge.data.manifest import read_manifest
+from llmforge.data.order import GlobalOrder
 from llmforge.data.sft import MaskedBatch
 from llmforge.data.shards import ShardReader, _npy_header, sample_key
 from llmforge.spec.errors import UserError
@@ -123,7 +122,7 @@ class TokenLoader:
         self.position = 0
         self.skipped = 0
         self.last_keys: list[str] = []  # the `__key__`s of this rank's samples in the last batch
-        self._perms: dict[int, np.ndarray] = {}
+        self._order = GlobalOrder(self.samples_per_epoch, seed=seed, shuffle=shuffle)
         self._workers: list[tuple[mp.Process, mp.Queue, mp.Queue]] = []
         self._pending: deque[tuple[int, int]] = deque()  # (generation, position) of steps sent to the workers
         self._generation = 0
@@ -134,23 +133,9 @@ class TokenLoader:
     def epoch(self) -> int:
         return self.position // self.samples_per_epoch
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        perm = self._perms.get(epoch)
-        if perm is None:
-            # Its own generator, never the global one: ranks that draw differently must still agree.
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.samples_per_epoch)
-            self._perms = {epoch - 1: self._perms[epoch - 1]} if epoch - 1 in self._perms else {}
-            self._perms[epoch] = perm
-        return perm
-
     def sample_indices(self, start: int, count: int) -> list[int]:
         """Sample indices at global positions [start, start + count)."""
-        n = self.samples_per_epoch
-        out = []
-        for pos in range(start, start + count):
-            epoch, k = divmod(pos, n)
-            out.append(int(self._permutation(epoch)[k]) if self.shuffle else k)
-        return out
+        return self._order.indices(start, count)
 
     def _rank_indices(self, position: int) -> list[int]:
         per_rank = self.global_batch_size // self.dp_size
@@ -278,15 +263,7 @@ class TokenLoader:
         """Optimizer steps until `max_tokens` real input tokens have been read, along the loader's own order."""
         if not self.padded:
             return math.ceil(max_tokens / (self.global_batch_size * self.tokens_per_sample))
-        seen = 0
-        for epoch in itertools.count():
-            order = self._permutation(epoch) if self.shuffle else np.arange(self.samples_per_epoch)
-            cumulative = seen + np.cumsum(self._input_tokens[order])
-            if cumulative[-1] >= max_tokens:
-                position = epoch * self.samples_per_epoch + int(np.searchsorted(cumulative, max_tokens))
-                return position // self.global_batch_size + 1
-            seen = int(cumulative[-1])
-        raise AssertionError("unreachable")
+        return self._order.steps_for_tokens(self._input_tokens, global_batch_size=self.global_batch_size, max_tokens=max_tokens)
 
     def state_dict(self) -> dict:
         """The same on every rank: the global position and what it is a position in."""

@@ -10,7 +10,6 @@ global batch, and a state that is the global position and the identity of every 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from llmforge.data.order import GlobalOrder
 from llmforge.spec.errors import UserError
 
 # Built-in templates: (text before the prompt, between prompt and response, after the response).
@@ -166,30 +166,20 @@ class SFTLoader:
         self.tokens_per_sample = tokens.shape[1] - 1
         self.input_tokens = input_tokens
         self.last_batch_tokens = 0  # real input tokens of the last global batch, over every DP rank (0: not counted)
-        self._perm_epoch, self._perm = -1, np.arange(len(tokens))
+        self._order = GlobalOrder(len(tokens), seed=seed, shuffle=shuffle, salt=0x5F7)
 
     @property
     def epoch(self) -> int:
         return self.position // self.samples_per_epoch
-
-    def _index(self, position: int) -> int:
-        epoch, offset = divmod(position, self.samples_per_epoch)
-        if not self.shuffle:
-            return offset
-        if epoch != self._perm_epoch:
-            # Its own generator: the global RNG is shared with dropout and the TP ranks.
-            self._perm = np.random.default_rng([self.seed, epoch, 0x5F7]).permutation(self.samples_per_epoch)
-            self._perm_epoch = epoch
-        return int(self._perm[offset])
 
     def next_global_batch(self) -> MaskedBatch:
         import torch
 
         per_rank = self.global_batch_size // self.dp_size
         start = self.position + self.dp_rank * per_rank
-        rows = [self._index(p) for p in range(start, start + per_rank)]
+        rows = [self._order.index(p) for p in range(start, start + per_rank)]
         if self.input_tokens is not None:
-            every_rank = [self._index(p) for p in range(self.position, self.position + self.global_batch_size)]
+            every_rank = [self._order.index(p) for p in range(self.position, self.position + self.global_batch_size)]
             self.last_batch_tokens = int(self.input_tokens[every_rank].sum())
         self.position += self.global_batch_size
         tok = torch.from_numpy(self.tokens[rows])
@@ -201,13 +191,7 @@ class SFTLoader:
         """Optimizer steps until `max_tokens` real input tokens have been read, along the loader's own order."""
         if self.input_tokens is None:
             return -(-max_tokens // (self.global_batch_size * self.tokens_per_sample))
-        seen, n = 0, self.samples_per_epoch
-        for epoch in itertools.count():
-            cumulative = seen + np.cumsum(self.input_tokens[[self._index(epoch * n + i) for i in range(n)]])
-            if cumulative[-1] >= max_tokens:
-                return (epoch * n + int(np.searchsorted(cumulative, max_tokens))) // self.global_batch_size + 1
-            seen = int(cumulative[-1])
-        raise AssertionError("unreachable")
+        return self._order.steps_for_tokens(self.input_tokens, global_batch_size=self.global_batch_size, max_tokens=max_tokens)
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": SFT_STATE_VERSION, "position": self.position, "seed": self.seed, "data_files": self.data_files}

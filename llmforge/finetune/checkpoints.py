@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmforge.runtime.training import StageHooks
 from llmforge.spec.errors import UserError
 
 LORA_META = "lora.json"
@@ -71,6 +72,14 @@ def load_weights(step_dir: Path, model_chunks: list) -> None:
     raise UserError(f"{step_dir} holds no model weights (no model/ directory)", "point init_from at a training stage's checkpoint")
 
 
+class AnyCheckpointInit(StageHooks):
+    """StageHooks whose init_from may be any checkpoint that stands for model weights: a full one,
+    or a LoRA one (adapters folded into their base on load)."""
+
+    def init_weights(self, source: Path, chunks: list) -> None:
+        load_weights(source, chunks)
+
+
 def attach_lora_from(meta: dict[str, Any], model_chunks: list):
     from llmforge.finetune.lora import attach_lora
 
@@ -111,8 +120,8 @@ def attach_prompt_from(step_dir: Path, model_chunks: list):
     return prompt, meta
 
 
-class PartialCheckpoints:
-    """A frozen-base stage's checkpoints: only the trained entries (and their optimizer state).
+class PartialCheckpoints(AnyCheckpointInit):
+    """The hooks of a frozen-base stage: its checkpoints hold only the trained entries (and their optimizer state).
 
     Args:
         folder: where the entries go in a step dir (`adapters`, `prompt`).
@@ -142,13 +151,3 @@ class PartialCheckpoints:
         from llmforge.runtime.sharded_io import load_sharded
 
         load_sharded(step_dir / self.folder, model_chunks, optimizer, select=self.select)
-
-
-def load_module_weights(step_dir: Path, module) -> None:
-    """One plain module's weights from any checkpoint (export, generate); full ones get their shapes checked first."""
-    from llmforge.interop.model_io import load_checkpoint
-
-    if (Path(step_dir) / "model").is_dir():
-        load_checkpoint(Path(step_dir) / "model", module)
-    else:
-        load_weights(step_dir, [module])  # LoRA adapters alone: merged on load

@@ -10,7 +10,6 @@ so a resumed run samples what it would have.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llmforge.data.order import GlobalOrder
 from llmforge.data.sft import DataFiles, MaskedBatch, check_data_files
 from llmforge.finetune.losses import group_advantages
 from llmforge.finetune.rewards import Sample
@@ -71,18 +71,11 @@ class RolloutSource:
         self.last_batch_tokens = 0  # real input tokens (prompt + completion) of the last rollout, over every DP rank
         self.policy = None
         self.on_rollout: Callable[[int, dict[str, float]], None] = lambda step, stats: None
-        self._perm_epoch, self._perm = -1, np.arange(len(prompts))
+        self._order = GlobalOrder(len(prompts), seed=seed, salt=0x0F7)
 
     def bind(self, policy: torch.nn.Module, on_rollout: Callable[[int, dict[str, float]], None]) -> None:
         """The policy to sample from (built after the loader) and where each rollout's statistics go."""
         self.policy, self.on_rollout = policy, on_rollout
-
-    def _prompt(self, index: int) -> int:
-        epoch, offset = divmod(index, len(self.prompts))
-        if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch, 0x0F7]).permutation(len(self.prompts))
-            self._perm_epoch = epoch
-        return int(self._perm[offset])
 
     def next_global_batch(self) -> MaskedBatch:
         from llmforge.runtime.generate import generate
@@ -90,7 +83,7 @@ class RolloutSource:
         step = self.position // self.global_batch_size
         per_rank = self.global_batch_size // self.dp_size // self.group_size
         first = self.position // self.group_size + self.dp_rank * per_rank
-        chosen = [self.prompts[self._prompt(i)] for i in range(first, first + per_rank)]
+        chosen = [self.prompts[self._order.index(i)] for i in range(first, first + per_rank)]
         self.position += self.global_batch_size
         records = [rec for rec, _ in chosen for _ in range(self.group_size)]
         prompt_ids = [ids for _, ids in chosen for _ in range(self.group_size)]
@@ -161,10 +154,3 @@ class RolloutSource:
             raise UserError(f"rollout state version {state.get('version')} is not {ROLLOUT_STATE_VERSION}")
         check_data_files(state.get("data_files"), self.data_files)
         self.position = int(state["position"])
-
-
-def autocast_for(precision: str, device: torch.device):
-    """A context factory: bf16 autocast as TrainStep uses it, or nothing for fp32."""
-    if precision == "bf16":
-        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext

@@ -174,9 +174,8 @@ def export_hf(source: str | Path, out_dir: str | Path, *, stage: str | None = No
         peft: for a `lora` stage's checkpoint, write its adapters as a PEFT adapter directory
             and its frozen base model into `out_dir/base` (see `peft_export`), instead of merging.
     """
-    from llmforge.finetune.checkpoints import load_module_weights
     from llmforge.interop.hf_files import staged_output
-    from llmforge.interop.model_io import single_process_model
+    from llmforge.interop.model_io import load_module_weights, single_process_model
 
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")

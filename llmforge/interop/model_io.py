@@ -88,3 +88,13 @@ def load_checkpoint(model_dir: Path, module: torch.nn.Module) -> None:
         raise UserError(f"{model_dir}: the checkpoint does not fit the run's model spec: {'; '.join(problems[:3])}{more}",
                         "export the checkpoint with the spec of the run that wrote it (spec.resolved.yaml or model.yaml)")
     load_sharded(model_dir, [module], None)
+
+
+def load_module_weights(step_dir: Path, module) -> None:
+    """One plain module's weights from any checkpoint (export, generate); full ones get their shapes checked first."""
+    from llmforge.finetune.checkpoints import load_weights
+
+    if (Path(step_dir) / "model").is_dir():
+        load_checkpoint(Path(step_dir) / "model", module)
+    else:
+        load_weights(step_dir, [module])  # LoRA adapters alone: merged on load

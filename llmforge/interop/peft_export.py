@@ -145,13 +145,13 @@ def export_peft(src: Source, model: GPTModel, tokenizer, out_dir: Path, *, dtype
     """Write the LoRA checkpoint `src` as a PEFT adapter directory with its base in `out_dir/base`; returns a summary."""
     import torch
 
-    from llmforge.finetune.checkpoints import attach_lora_from, base_of, load_module_weights
+    from llmforge.finetune.checkpoints import attach_lora_from, base_of
     from llmforge.finetune.lora import is_adapter_key
     from llmforge.interop.export import write_model_dir, write_tokenizer
     from safetensors.torch import save_file
 
     from llmforge.interop.hf_files import staged_output, write_json
-    from llmforge.interop.model_io import single_process_model
+    from llmforge.interop.model_io import load_module_weights, single_process_model
     from llmforge.runtime.sharded_io import load_sharded
 
     meta = lora_meta(src.step_dir)

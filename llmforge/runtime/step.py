@@ -25,6 +25,14 @@ if TYPE_CHECKING:
     from llmforge.runtime.distributed import ParallelContext
 
 
+def autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context factory: bf16 autocast over fp32 master weights, or nothing for fp32. Every forward
+    (training, scoring, sampling) runs under this one, so they compute alike."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one step did. `loss` is the mean per target token over the whole global batch."""
@@ -83,7 +91,7 @@ class TrainStep:
             )
         self.config.finalize_model_grads_func = finalize_model_grads
         self._forward_backward = get_forward_backward_func()
-        self._autocast_dtype = torch.bfloat16 if precision == "bf16" else None
+        self._autocast = autocast(precision, parallelism_ctx.device)
         # The grad norm sums each shard once: the DistributedOptimizer's shards are
         # disjoint over DP, otherwise DP replicas hold equal grads and one replica counts.
         self._counts_grad_norm = isinstance(optimizer, DistributedOptimizer) or parallelism_ctx.dp_rank == 0
@@ -170,11 +178,6 @@ class TrainStep:
         return ids[len(prompt_ids) :]
 
     # --- internals -------------------------------------------------------------------
-
-    def _autocast(self):
-        if self._autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.ctx.device.type, dtype=self._autocast_dtype)
 
     def _positions(self, batch: int, length: int) -> torch.Tensor:
         key = (batch, length)

@@ -5,15 +5,31 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from llmforge.finetune.checkpoints import AnyCheckpointInit
 from llmforge.runtime.context import RunContext
+
+
+class DPOHooks(AnyCheckpointInit):
+    """The whole model trains on the DPO loss against a frozen reference, which the evaluators can score too."""
+
+    def __init__(self, stage, *, reference, scorer) -> None:
+        self.stage, self.reference, self.scorer = stage, reference, scorer
+
+    def step_class(self):
+        from llmforge.finetune.steps import PreferenceStep
+
+        return functools.partial(PreferenceStep, reference=self.reference, beta=self.stage.beta, loss=self.stage.loss)
+
+    def evaluation(self, chunks: list, step) -> dict[str, Any]:
+        from llmforge.models.init import unwrap
+
+        return {"logprobs": self.scorer(unwrap(chunks[0])), "reference_logprobs": self.scorer(self.reference)}
 
 
 def run(stage, *, context: RunContext) -> dict[str, Any]:
     from llmforge.finetune.common import check_layout, frozen_model, logprobs_fn, preference_packer
-    from llmforge.finetune.rollout import autocast_for
-    from llmforge.finetune.steps import PreferenceStep
-    from llmforge.models.init import unwrap
-    from llmforge.stages.pretrain import build_training
+    from llmforge.runtime.step import autocast
+    from llmforge.runtime.training import build_training
     from llmforge.stages.sft import finetune_loaders, sequence_length
 
     check_layout(context, stage)
@@ -23,9 +39,8 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
                                                                 length=length, kind="preferences", what="response (chosen + rejected)")
     reference = frozen_model(context, stage, stage.reference or stage.init_from)
     scorer = functools.partial(logprobs_fn, micro_batch_size=stage.train.micro_batch_size, pad_id=tokenizer.pad_id,
-                               autocast=autocast_for(stage.train.precision, par.device))
+                               autocast=autocast(stage.train.precision, par.device))
     parts = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length,
-                           step_cls=functools.partial(PreferenceStep, reference=reference, beta=stage.beta, loss=stage.loss),
-                           evaluation=lambda chunks, step: {"logprobs": scorer(unwrap(chunks[0])), "reference_logprobs": scorer(reference)})
+                           hooks=DPOHooks(stage, reference=reference, scorer=scorer))
     summary = context.run_loop(stage, parts, evaluate_start=True)
     return {**summary, "train_pairs": len(train_recs), "val_pairs": len(val_recs)}

@@ -2,161 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import sys
-import traceback
-from pathlib import Path
 from typing import Any
 
 from llmforge.runtime.context import RunContext
 from llmforge.spec.errors import UserError
 
 
-def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_length: int | None = None, adapt=None,
-                   step_cls=None, model_io=None, evaluation=None) -> dict[str, Any]:
-    """Model, optimizer, schedule, step, checkpoints and the loop for a training stage.
-
-    Shared by pretrain and the finetune stages, which differ in data and loss only. A
-    loader returns a list of micro batches, or a batch with `.tokens` and `.masks`
-    (finetune data: loss on response tokens only).
-
-    Args:
-        adapt: `adapt(chunks)` after init_from's weights are in and before the optimizer
-            sees the parameters: adapters, a soft prompt, a reward head, frozen weights.
-        step_cls: a TrainStep subclass (or a partial of one) carrying the stage's own loss.
-        model_io: for a stage that trains part of a frozen model: `save(tmp_dir, chunks,
-            optimizer, final=...)` and `load(step_dir, chunks, optimizer)` of what it trains.
-        evaluation: `evaluation(chunks, step) -> dict` of EvalContext fields to set or
-            replace (log-probabilities, rewards, generation with a soft prompt).
-    """
-    from llmforge.models.size import flops_per_token
-    from llmforge.finetune.checkpoints import load_weights
-    from llmforge.runtime.checkpoint import CheckpointManager
-    from llmforge.runtime.device import memory_mb, peak_flops
-    from llmforge.runtime.evaluate import EvalContext, build_evaluators
-    from llmforge.runtime.faults import install_loss_faults
-    from llmforge.runtime.guards import SpikeGuard
-    from llmforge.runtime.optim import param_groups, wrap_optimizer
-    from llmforge.runtime.rng import RngState
-    from llmforge.runtime.sharded_io import load_sharded, save_sharded
-    from llmforge.runtime.step import TrainStep
-    from llmforge.runtime.train import Loop, total_steps
-
-    spec, registry, par = context.spec, context.registry, context.parallel()
-    train = stage.train
-    model_opts = spec.model
-    chunks = registry.factory("model", model_opts.name)(model_opts, spec.parallelism, precision=train.precision, seed=spec.seed)
-    if stage.init_from:
-        source = context.final_checkpoint(stage.init_from)
-        load_weights(source, chunks)  # a full checkpoint, or a LoRA one merged on the fly
-        context.log(f"[{stage.name}] initialized from {source}")
-    if adapt is not None:
-        adapt(chunks)
-    opt_opts = train.optimizer
-    groups = param_groups(chunks, weight_decay=getattr(opt_opts, "weight_decay", 0.0),
-                          decay_embeddings=getattr(opt_opts, "decay_embeddings", True))
-    torch_opt = registry.build("optimizer", opt_opts, params=groups)
-    optimizer = wrap_optimizer(torch_opt, chunks, spec.parallelism)  # wraps `chunks` in megatron DDP in place
-    total = total_steps(train, samples_per_epoch=loader.samples_per_epoch, tokens_per_sample=loader.tokens_per_sample, loader=loader)
-    schedule = registry.build("lr_schedule", train.lr_schedule, peak_lr=opt_opts.lr, total_steps=total)
-    seq_length = seq_length or model_opts.seq_length
-    step_fn = (step_cls or TrainStep)(chunks, optimizer, parallelism_ctx=par, seq_length=seq_length,
-                                      micro_batch_size=train.micro_batch_size, precision=train.precision, clip_grad=train.clip_grad)
-    guard = SpikeGuard(train.spike, train.on_spike)
-    step_fn.update_guard = guard.allows  # judged before the optimizer step, so a skipped spike never lands
-    if par.is_last_stage:  # the reliability suite's NaN and spike injection; a no-op unless asked for
-        install_loss_faults(step_fn.chunks[-1], lambda: loop.counters.step + 1)
-    tokenizer = context.tokenizer()
-
-    def train_step(batch, lr: float):
-        if hasattr(batch, "masks"):
-            return step_fn(batch.tokens, lr, batch.masks)
-        return step_fn(batch, lr)
-
-    def val_loss(iters: int) -> tuple[float, int]:
-        if val_loader_fn is None:
-            raise UserError(f"stage {stage.name!r} has no val split, which the val_loss evaluator reads",
-                            "give the stage a val split (val_fraction > 0), or drop val_loss from its evaluators")
-        val = val_loader_fn()
-        total_loss, total_tokens = 0.0, 0
-        for _ in range(iters):
-            batch = val.next_global_batch()
-            s, n = step_fn.eval_loss(batch.tokens, batch.masks) if hasattr(batch, "masks") else step_fn.eval_loss(batch)
-            total_loss += s
-            total_tokens += n
-        return total_loss / max(total_tokens, 1), total_tokens
-
-    metrics = context.metrics(stage.name)
-    eval_ctx = EvalContext(stage=stage, tokenizer=tokenizer, val_loss=val_loss, generate=step_fn.greedy_sample,
-                           log=context.log, eval_iters=train.eval_iters, score=step_fn.eval_loss,
-                           text=lambda tag, text, step: metrics.text(f"{stage.name}/{tag}", text, step) if par.rank == 0 else None,
-                           micro_batch_size=train.micro_batch_size, seq_length=seq_length, max_positions=model_opts.max_positions)
-    if evaluation is not None:
-        eval_ctx = dataclasses.replace(eval_ctx, **evaluation(chunks, step_fn))
-    evaluators = build_evaluators(registry, stage.evaluators, eval_ctx)
-
-    if val_loader_fn is None and spec.logging.sample_prompt is None and spec.logging.sample_tokens > 0:
-        context.log(f"[{stage.name}] no val split: the text preview of a val sample is skipped")
-
-    def evaluate(step: int) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for options, ev in zip(stage.evaluators, evaluators):
-            try:
-                out.update(ev.evaluate(step))
-            except Exception:  # an evaluation failure never costs training: logged whole, training goes on
-                context.log(f"[{stage.name}] step {step}: evaluator {options.name!r} failed; training continues "
-                            f"(traceback in run.log)")
-                getattr(context.log, "detail", context.log)(traceback.format_exc())
-        sample = eval_ctx.sample(spec.logging.sample_prompt, spec.logging.sample_tokens, val_loader_fn)
-        if sample is not None and par.rank == 0:
-            metrics.text(f"{stage.name}/sample", f"```\n{sample}\n```", step)
-            context.log(f"[{stage.name}] sample @ {step}: {sample[:200]!r}")
-        # val_loss first: benchmarks/time_to_loss_bench.py reads it from this line.
-        shown = [f"val_loss {out['val_loss']:.4f} (ppl {out.get('val_ppl', math.nan):.2f})"] if "val_loss" in out else []
-        shown += [f"{k} {v:.4g}" for k, v in out.items()
-                  if k not in ("val_loss", "val_ppl") and isinstance(v, (int, float)) and not isinstance(v, bool)]
-        if shown:
-            context.log(f"[{stage.name}] step {step}: {', '.join(shown)}")
-        return out
-
-    ckpt = CheckpointManager(context.run.checkpoints(stage.name), keep_last=spec.checkpoint.keep_last,
-                             on_corrupt=spec.checkpoint.on_corrupt, rank=par.rank, barrier=context.barrier, log=context.log)
-
-    def save_model(tmp: Path) -> None:
-        if model_io is not None:
-            return model_io.save(tmp, chunks, optimizer, final=loop.counters.step >= total)
-        (tmp / "model").mkdir(parents=True, exist_ok=True)
-        save_sharded(tmp / "model", chunks, optimizer, {})
-
-    def load_model(step_dir: Path) -> None:
-        if model_io is not None:
-            return model_io.load(step_dir, chunks, optimizer)
-        load_sharded(step_dir / "model", chunks, optimizer)
-
-    def any_rank(flag: bool) -> bool:
-        if par.world_size == 1:
-            return flag
-        import torch
-        import torch.distributed as dist
-
-        vote = torch.tensor([float(flag)], device=par.device)
-        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
-        return bool(vote.item())
-
-    tokens_per_step = train.global_batch_size * seq_length
-    loop = Loop(stage=stage.name, train=train, total=total, step_fn=train_step, loader=loader, schedule=schedule,
-                evaluate=evaluate, metrics=metrics, log=context.log, ckpt=ckpt, checkpoint_interval=spec.checkpoint.interval,
-                save_model=save_model, load_model=load_model, rng=RngState(spec.seed, world_size=par.world_size), tokens_per_step=tokens_per_step,
-                flops_per_token=flops_per_token(model_opts, seq_length), peak_flops=peak_flops(train.precision, par.device),
-                rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval, guard=guard, any_rank=any_rank,
-                preempt_timeout=spec.checkpoint.preempt_timeout, world_size=par.world_size)
-    return {"loop": loop, "ckpt": ckpt, "metrics": metrics, "chunks": chunks, "step": step_fn, "eval": eval_ctx}
-
-
 def run(stage, *, context: RunContext) -> dict[str, Any]:
     from llmforge.data.loader import TokenLoader
     from llmforge.data.manifest import read_manifest
+    from llmforge.finetune.checkpoints import AnyCheckpointInit
+    from llmforge.runtime.training import build_training
 
     spec, par = context.spec, context.parallel()
     data_dir = context.run.data
@@ -181,6 +38,6 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     # val_loss reads eval_iters global batches of the val split in order: the same samples at any layout.
     has_val = read_manifest(data_dir)["splits"].get("val", {}).get("samples", 0) > 0
     val_loader = (lambda: loader("val", False, train.global_batch_size)) if has_val else None
-    parts = build_training(context, stage, loader=train_loader,
-                           val_loader_fn=val_loader)
+    # init_from may name any checkpoint that stands for model weights (a LoRA one is merged on load).
+    parts = build_training(context, stage, loader=train_loader, val_loader_fn=val_loader, hooks=AnyCheckpointInit())
     return context.run_loop(stage, parts)

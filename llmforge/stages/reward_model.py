@@ -4,33 +4,48 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmforge.finetune.checkpoints import AnyCheckpointInit
 from llmforge.runtime.context import RunContext
+
+
+class RewardModelHooks(AnyCheckpointInit):
+    """A scalar head on the GPT, trained with the Bradley-Terry loss; the evaluators can score whole sequences."""
+
+    def __init__(self, stage, context: RunContext, *, length: int) -> None:
+        self.stage, self.context, self.length = stage, context, length
+
+    def adapt(self, chunks: list) -> None:
+        from llmforge.finetune.reward_model import attach_reward_head
+
+        attach_reward_head(chunks, seed=self.context.spec.seed)
+
+    def step_class(self):
+        from llmforge.finetune.steps import RewardModelStep
+
+        return RewardModelStep
+
+    def evaluation(self, chunks: list, step) -> dict[str, Any]:
+        from llmforge.finetune.reward_model import score_sequences
+        from llmforge.models.init import unwrap
+        from llmforge.runtime.step import autocast
+
+        model, train, pad_id = unwrap(chunks[0]), self.stage.train, self.context.tokenizer().pad_id
+        cast = autocast(train.precision, self.context.parallel().device)
+        return {"reward_scores": lambda sequences: score_sequences(model, sequences, micro_batch_size=train.micro_batch_size,
+                                                                   pad_id=pad_id, autocast=cast, max_length=self.length + 1)}
 
 
 def run(stage, *, context: RunContext) -> dict[str, Any]:
     from llmforge.finetune.common import check_layout, preference_packer
-    from llmforge.finetune.reward_model import attach_reward_head, score_sequences
-    from llmforge.finetune.rollout import autocast_for
-    from llmforge.finetune.steps import RewardModelStep
-    from llmforge.models.init import unwrap
-    from llmforge.stages.pretrain import build_training
+    from llmforge.runtime.training import build_training
     from llmforge.stages.sft import finetune_loaders, sequence_length
 
     check_layout(context, stage)
-    spec, par, tokenizer = context.spec, context.parallel(), context.tokenizer()
+    tokenizer = context.tokenizer()
     length = sequence_length(context, stage)
     loader, val_loader, train_recs, val_recs = finetune_loaders(context, stage, preference_packer(tokenizer, stage, length, score_last=True),
                                                                 length=length, kind="preferences", what="scored")
-    autocast = autocast_for(stage.train.precision, par.device)
-
-    def evaluation(chunks, step) -> dict[str, Any]:
-        model = unwrap(chunks[0])
-        return {"reward_scores": lambda sequences: score_sequences(model, sequences, micro_batch_size=stage.train.micro_batch_size,
-                                                                   pad_id=tokenizer.pad_id, autocast=autocast,
-                                                                   max_length=length + 1)}
-
     parts = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length,
-                           adapt=lambda chunks: attach_reward_head(chunks, seed=spec.seed), step_cls=RewardModelStep,
-                           evaluation=evaluation)
+                           hooks=RewardModelHooks(stage, context, length=length))
     summary = context.run_loop(stage, parts, evaluate_start=True)
     return {**summary, "train_pairs": len(train_recs), "val_pairs": len(val_recs)}

@@ -16,7 +16,38 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from llmforge.finetune.checkpoints import AnyCheckpointInit
 from llmforge.runtime.context import RunContext
+
+
+class RLHooks(AnyCheckpointInit):
+    """The whole model trains on the clipped policy-gradient loss; the evaluators get its rewards,
+    generation, and log-probabilities of the policy and the frozen reference."""
+
+    def __init__(self, stage, context: RunContext, *, reward, reference, scorer, autocast) -> None:
+        self.stage, self.context, self.reward, self.reference = stage, context, reward, reference
+        self.scorer, self.autocast = scorer, autocast
+
+    def step_class(self):
+        from llmforge.finetune.steps import PolicyGradientStep
+
+        stage = self.stage
+        return functools.partial(PolicyGradientStep, clip_epsilon=stage.clip_epsilon, kl_coef=stage.kl_coef,
+                                 updates=stage.updates_per_rollout, temperature=stage.temperature)
+
+    def evaluation(self, chunks: list, step) -> dict[str, Any]:
+        from llmforge.models.init import unwrap
+        from llmforge.runtime.generate import generate
+
+        policy, tokenizer = unwrap(chunks[0]), self.context.tokenizer()
+
+        def greedy(ids: list[int], n: int) -> list[int]:
+            with self.autocast():
+                return generate(policy, [ids], max_new_tokens=n, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                vocab_size=tokenizer.vocab_size)[0]
+
+        return {"rewards": self.reward, "generate": greedy, "logprobs": self.scorer(policy),
+                "reference_logprobs": self.scorer(self.reference) if self.reference is not None else None}
 from llmforge.spec.errors import UserError
 
 
@@ -26,11 +57,10 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     from llmforge.data.sft import SFTLoader, prompt_ids, template_parts
     from llmforge.finetune.common import check_layout, frozen_model, logprobs_fn
     from llmforge.finetune.rewards import build_rewards
-    from llmforge.finetune.rollout import RolloutSource, autocast_for
-    from llmforge.finetune.steps import PolicyGradientStep
+    from llmforge.finetune.rollout import RolloutSource
     from llmforge.models.init import unwrap
-    from llmforge.runtime.generate import generate
-    from llmforge.stages.pretrain import build_training
+    from llmforge.runtime.step import autocast as step_autocast
+    from llmforge.runtime.training import build_training
     from llmforge.stages.sft import instruction_packer, load_records, sequence_length, train_val_split
 
     check_layout(context, stage)
@@ -43,7 +73,7 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
         raise UserError(f"stage {stage.name!r} samples answers to prompts, but its records have no `prompt` field (chat `messages`?)",
                         "use `prompt`/`response` records, e.g. a `tasks` source or an `instructions` source with format: prompt_response")
 
-    autocast = autocast_for(train.precision, par.device)
+    autocast = step_autocast(train.precision, par.device)
     reference = frozen_model(context, stage, stage.reference or stage.init_from) if stage.kl_coef > 0 else None
     reward = build_rewards(context.registry, stage.rewards, tokenizer=tokenizer, context=context, stage=stage)
     source = RolloutSource([(r, prompt_ids(tokenizer, parts_, r["prompt"])) for r in train_recs], tokenizer=tokenizer, reward=reward, group_size=stage.group_size,
@@ -63,21 +93,8 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
 
     scorer = functools.partial(logprobs_fn, micro_batch_size=train.micro_batch_size, pad_id=tokenizer.pad_id, autocast=autocast)
 
-    def evaluation(chunks, step) -> dict[str, Any]:
-        policy = unwrap(chunks[0])
-
-        def greedy(ids: list[int], n: int) -> list[int]:
-            with autocast():
-                return generate(policy, [ids], max_new_tokens=n, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                vocab_size=tokenizer.vocab_size)[0]
-
-        return {"rewards": reward, "generate": greedy, "logprobs": scorer(policy),
-                "reference_logprobs": scorer(reference) if reference is not None else None}
-
-    step_cls = functools.partial(PolicyGradientStep, clip_epsilon=stage.clip_epsilon, kl_coef=stage.kl_coef,
-                                 updates=stage.updates_per_rollout, temperature=stage.temperature)
-    parts = build_training(context, stage, loader=source, val_loader_fn=val_loader if val_recs else None, seq_length=length, step_cls=step_cls,
-                           evaluation=evaluation)
+    hooks = RLHooks(stage, context, reward=reward, reference=reference, scorer=scorer, autocast=autocast)
+    parts = build_training(context, stage, loader=source, val_loader_fn=val_loader if val_recs else None, seq_length=length, hooks=hooks)
     metrics = parts["metrics"]
 
     def on_rollout(step: int, stats: dict[str, float]) -> None:

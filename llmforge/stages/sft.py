@@ -139,11 +139,12 @@ def instruction_packer(tokenizer, stage, length: int, *, prefix: list[int] = ())
 
 
 def run(stage, *, context: RunContext) -> dict[str, Any]:
-    from llmforge.stages.pretrain import build_training
+    from llmforge.finetune.checkpoints import AnyCheckpointInit
+    from llmforge.runtime.training import build_training
 
     length = sequence_length(context, stage)
     loader, val_loader, train_recs, val_recs = finetune_loaders(context, stage, instruction_packer(context.tokenizer(), stage, length),
                                                                 length=length)
-    parts_ = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length)
+    parts_ = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length, hooks=AnyCheckpointInit())
     summary = context.run_loop(stage, parts_)
     return {**summary, "train_examples": len(train_recs), "val_examples": len(val_recs)}

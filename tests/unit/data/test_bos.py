@@ -104,7 +104,7 @@ def test_every_evaluator_and_the_preview_start_with_bos(tmp_path):
 
 
 def test_generate_with_the_raw_template_starts_with_bos(tmp_path):
-    from llmforge.runtime.generate import TextGenerator
+    from llmforge.interop.generate import TextGenerator
 
     tok = build_byte(c.ByteTokenizer(), run_dir=tmp_path, texts=iter(()))
     raw = SimpleNamespace(tokenizer=tok, template=None, prefix=[])

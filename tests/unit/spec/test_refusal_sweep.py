@@ -107,8 +107,6 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
         spec("stage type 'rl' does not support sequence_parallel", RL, *TP2, "parallelism.sequence_parallel=true"),
     ("runtime/generate.py", "KVCacheDecoder.__init__", "positions, the model has"):
         "depends on the prompts' lengths (the data, or `llmforge generate`'s arguments)",
-    ("runtime/generate.py", "TextGenerator.__init__", "has no tokenizer/ directory"): "`llmforge generate` reads a run dir, not a spec",
-    ("runtime/generate.py", "TextGenerator.__call__", "the prompt is"): "the prompt comes from `llmforge generate`'s command line",
     ("runtime/launch.py", "check_devices", "this is one machine"): LAUNCH,
     ("runtime/launch.py", "check_devices", "processes per node"): LAUNCH + " (`llmforge plan` shows what the layout needs)",
     ("runtime/launch.py", "torchrun_argv", "--rdzv-endpoint"): LAUNCH,
@@ -127,7 +125,8 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
     ("runtime/step.py", "TrainStep.__init__", "is not supported"): PRECISION,
     ("runtime/step.py", "TrainStep.__init__", "which sequence parallelism needs"): SP_SEQUENCE,
     ("runtime/train.py", "Loop.restore", "was trained with seed"): RESUME,
-    ("stages/pretrain.py", "build_training.val_loss", "has no val split"):
+    ("runtime/training.py", "StageHooks.init_weights", "holds no full model checkpoint"): "depends on what the checkpoint directory holds",
+    ("runtime/training.py", "build_training.val_loss", "has no val split"):
         spec("data.val_fraction is 0, so stage 'ft' has no val split, but it lists the val_loss evaluator", stage("sft", data="val_fraction: 0")),
     ("stages/pretrain.py", "run", "needs prepared shards"): RUN_DIR + " (a spec without a prepare stage reads the shards an earlier run prepared there)",
     ("stages/rl.py", "run", "its records have no `prompt` field"):
