@@ -1,7 +1,9 @@
 """Evaluators of the preference and RL stages: margins and win rates, reward-model accuracy, mean reward.
 
-Each reaches the model only through the EvalContext's finetune fields and returns {} when
-its stage does not offer them (a `pairwise_accuracy` listed in an SFT stage, say).
+Each reaches the model only through the EvalContext's finetune fields. Its options model
+declares what it `needs`, each stage what it `offers`, and validate refuses an evaluator in a
+stage that lacks it (a `pairwise_accuracy` listed in an SFT stage, say); the `{}` returns
+below only guard a plugin stage that declares more than its hooks give.
 """
 
 from __future__ import annotations

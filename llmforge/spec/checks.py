@@ -434,6 +434,23 @@ def _record_hint(wants: tuple[frozenset[str], ...]) -> str:
     return "use `prompt`/`response` records: an `instructions` source with format: prompt_response, or a `tasks` source"
 
 
+STAGES_OFFERING = {"logprobs": "dpo, prompt_tuning, rl", "reward_scores": "reward_model", "rewards": "rl"}
+
+
+@check("stages")
+def _evaluators_fit_their_stage(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """An evaluator that needs what its stage does not offer would report nothing; refuse it instead."""
+    for i, stage in enumerate(s["stages"]):
+        offers = getattr(stage, "offers", frozenset())
+        for j, ev in enumerate(getattr(stage, "evaluators", None) or ()):
+            missing = sorted(getattr(ev, "needs", frozenset()) - offers)
+            if missing:
+                where = "; ".join(f"{m}: {STAGES_OFFERING.get(m, 'none built in')}" for m in missing)
+                yield _issue(loaded, ("stages", i, "evaluators", j, "name"),
+                             f"the {ev.name} evaluator needs {', '.join(missing)}, which a {stage.type} stage does not offer",
+                             f"list it under a stage that does ({where}), or remove it from stages[{i}].evaluators")
+
+
 def _input_fields(s: Sections) -> Iterator[tuple[tuple, Any]]:
     """(path, options) of every component that reads input files (sources, and evaluators with `paths`)."""
     if "data" in s:

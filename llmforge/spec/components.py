@@ -6,7 +6,7 @@ They live apart from the code that builds the components so that `validate`, `pl
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -315,13 +315,21 @@ class Preference(HeldOutPairs):
     starting checkpoint) and DPO's implicit-reward margin and accuracy.
     """
 
+    # What the evaluator asks of its stage's EvalContext beyond generation and scoring; validate
+    # refuses it in a stage that does not offer that (StageBase.offers), rather than reporting nothing.
+    needs: ClassVar[frozenset[str]] = frozenset({"logprobs"})
+
 
 class PairwiseAccuracy(HeldOutPairs):
     """How often a reward model (reward_model stage) scores chosen above rejected, and the mean score margin."""
 
+    needs: ClassVar[frozenset[str]] = frozenset({"reward_scores"})
+
 
 class MeanReward(ExactMatch):
     """Mean reward of greedy completions of held-out prompts, scored by the RL stage's reward components."""
+
+    needs: ClassVar[frozenset[str]] = frozenset({"rewards"})
 
 
 # --- rewards ----------------------------------------------------------------------------

@@ -75,6 +75,9 @@ class StageBase(StrictModel):
 
     # What the stage's checkpoints hold: `init_from` and `reference` need a model, a reward_model reward a reward head.
     checkpoint_holds: ClassVar[frozenset[str]] = frozenset({MODEL})
+    # What its evaluators can ask of the model beyond generation and scoring (the EvalContext
+    # fields its StageHooks.evaluation sets); an evaluator that needs more is refused by validate.
+    offers: ClassVar[frozenset[str]] = frozenset()
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$", description="Unique stage name; later stages refer to it with `init_from`.")
     init_from: str | None = Field(None, description="Start from the final checkpoint of this earlier stage (by name).")
 
@@ -205,6 +208,7 @@ class PromptTuningStage(_NeedsInitFrom, SFTStage):
 
     parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
     checkpoint_holds: ClassVar[frozenset[str]] = frozenset({SOFT_PROMPT})
+    offers: ClassVar[frozenset[str]] = frozenset({"logprobs"})
     prompt_tuning: PromptTuningConfig = Field(default_factory=dict, description="Number of virtual tokens and their initialization.")
 
 
@@ -219,6 +223,7 @@ class DPOStage(_NeedsInitFrom, SFTStage):
 
     parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
     reads_records: ClassVar[tuple[frozenset[str], ...]] = (PREFERENCE,)
+    offers: ClassVar[frozenset[str]] = frozenset({"logprobs", "reference_logprobs"})
     data: PreferenceData = Field(..., description="Preference pairs.")
     beta: float = Field(0.1, gt=0, description="Strength of the implicit KL constraint to the reference (DPO's beta).")
     loss: Literal["sigmoid", "ipo"] = Field("sigmoid", description="`sigmoid`: DPO's −log σ(β h); `ipo`: IPO's (h − 1/(2β))².")
@@ -231,6 +236,7 @@ class RewardModelStage(_NeedsInitFrom, SFTStage):
     parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
     reads_records: ClassVar[tuple[frozenset[str], ...]] = (PREFERENCE,)
     checkpoint_holds: ClassVar[frozenset[str]] = frozenset({MODEL, REWARD_HEAD})
+    offers: ClassVar[frozenset[str]] = frozenset({"reward_scores"})
     data: PreferenceData = Field(..., description="Preference pairs.")
 
 
@@ -243,6 +249,7 @@ class RLStage(_NeedsInitFrom, SFTStage):
     """
 
     parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE, SEQUENCE_PARALLEL)
+    offers: ClassVar[frozenset[str]] = frozenset({"rewards", "logprobs", "reference_logprobs"})
     reads_records: ClassVar[tuple[frozenset[str], ...]] = (frozenset({"prompt"}),)  # and what its rewards read
     data: SFTData = Field(..., description="Prompts with reference answers (`prompt`/`response` records), e.g. a `tasks` source.")
     rewards: list[RewardRef] = Field(..., min_length=1, description="Reward components, summed with their weights, e.g. `[{name: exact_match}]`.")

@@ -50,6 +50,11 @@ def test_the_base_spec_is_valid(write_spec):
 
 def test_the_finetune_cases_start_valid(write_spec):
     assert problems(write_spec(), finetune("sft")) == {}
+    # Each finetune evaluator in a stage that offers what it needs.
+    assert problems(write_spec(), finetune("dpo", "evaluators: [{name: preference, tasks: {tasks: [add2]}}]",
+                                          source="{name: tasks, format: preferences}")) == {}
+    assert problems(write_spec(), finetune("rl", "rewards: [{name: exact_match}]",
+                                          "evaluators: [{name: mean_reward, tasks: {tasks: [add2]}}, {name: preference, tasks: {tasks: [add2]}}]")) == {}
     assert problems(write_spec(), RL) == {}
     assert problems(write_spec(), finetune("dpo", source="{name: tasks, format: preferences}")) == {}
     assert problems(write_spec(), finetune("prompt_tuning", "max_seq_length: 24", "prompt_tuning: {init_text: 'Answer:'}")) == {}
@@ -85,6 +90,12 @@ CASES = [
       "train: {micro_batch_size: 2, global_batch_size: 4, max_steps: 1}}"],
      "stages[1].data.val_fraction", "data.val_fraction is 0, so stage 'sft' has no val split, but it lists the val_loss evaluator"),
     (["data.split.val_fraction=0"], "data.split.val_fraction", "there is no val split, but stages[1] (pretrain) lists the val_loss"),
+    ([finetune("sft", "evaluators: [{name: preference, tasks: {tasks: [add2]}}]")], "stages[1].evaluators[0].name",
+     "the preference evaluator needs logprobs, which a sft stage does not offer"),
+    ([finetune("dpo", "evaluators: [{name: pairwise_accuracy, tasks: {tasks: [add2]}}]", source="{name: tasks, format: preferences}")],
+     "stages[1].evaluators[0].name", "the pairwise_accuracy evaluator needs reward_scores, which a dpo stage does not offer"),
+    (["stages.1.evaluators=[{name: mean_reward, tasks: {tasks: [add2]}}]"], "stages[1].evaluators[0].name",
+     "the mean_reward evaluator needs rewards, which a pretrain stage does not offer"),
     (["tokenizer={name: char}", "stages.0.packing=documents"], "stages[0].packing", "char tokenizer without add_eos has no token to pad"),
     (["model.ffn_hidden_size=255", "parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=2"],
      "model.ffn_hidden_size", "ffn_hidden_size 255 is not divisible by tensor_model_parallel_size 2"),
