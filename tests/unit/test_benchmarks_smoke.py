@@ -92,24 +92,26 @@ def test_unknown_benchmark_name_exits_2():
     assert "validate_latency" in proc.stderr
 
 
-# The training benchmarks (train_bench, time_to_loss_bench, memory_bench, checkpoint_bench):
-# each starts, prints its one line and records the details docs/performance.md reads.
-TRAINING_BENCHMARKS = {
+# The benchmarks that build llmforge's model (train_bench, time_to_loss_bench, memory_bench,
+# checkpoint_bench, generate_bench): each starts, prints its one line and records the
+# details docs/performance.md reads.
+MODEL_BENCHMARKS = {
     "train_step": (">= 1.0", {"ratios", "shapes"}),
     "time_to_loss": ("<= 0.8", {"llmforge", "reference", "target_val_loss"}),
     "memory": ("<= 1.1", {"llmforge_peak_above_baseline_mb", "reference_peak_above_baseline_mb"}),
     "checkpoint": ("<= 1.5", {"ratios", "sizes"}),
+    "generate_speed": (">= 3.0", {"cases", "workload"}),
 }
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(TRAINING_BENCHMARKS))
-def test_training_benchmark_runs_quick_and_prints_its_line(name, tmp_path):
+@pytest.mark.parametrize("name", list(MODEL_BENCHMARKS))
+def test_model_benchmark_runs_quick_and_prints_its_line(name, tmp_path):
     if name == "time_to_loss":
         corpus = Path(os.environ.get("TINYSHAKESPEARE", ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
         if not corpus.exists():
             pytest.skip(f"time_to_loss needs the tinyshakespeare corpus ({corpus} is absent; set TINYSHAKESPEARE)")
-    goal, keys = TRAINING_BENCHMARKS[name]
+    goal, keys = MODEL_BENCHMARKS[name]
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--only", name, "--output", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
