@@ -40,6 +40,8 @@ class GlobalOrder:
 
     def index(self, position: int) -> int:
         epoch, offset = divmod(position, self.size)
+        if not self.shuffle:  # the val loaders: no array to build per sample
+            return offset
         return int(self.epoch(epoch)[offset])
 
     def indices(self, start: int, count: int) -> list[int]:

@@ -146,6 +146,11 @@ class RolloutSource:
         dist.all_reduce(values, group=self.dp_group)
         return {k: float(v) / self.dp_size for k, v in zip(keys, values)}
 
+    def steps_for_tokens(self, max_tokens: int) -> int:
+        """A token budget cannot size RL: its tokens (prompt + completion) are known only once sampled."""
+        raise UserError(f"an rl stage cannot run to max_tokens {max_tokens}: its tokens are known only once its completions are sampled",
+                        "give the rl stage max_steps or max_epochs")
+
     def state_dict(self) -> dict[str, Any]:
         return {"version": ROLLOUT_STATE_VERSION, "position": self.position, "seed": self.seed, "data_files": self.data_files}
 

@@ -111,12 +111,18 @@ class RunContext:
             metrics.purge_step = resumed_step + 1
         # The checkpoint of an eval step is written before its evaluation; a run killed between
         # the two evaluates that step on resume, so no asked-for row goes missing.
-        owed = latest is not None and loop.is_eval_step(resumed_step) and not any(
-            r.get("kind") == "eval" and r.get("stage") == stage.name and r.get("step") == resumed_step for r in read_rows(self.run.metrics))
+        owed = False
+        if latest is not None and loop.is_eval_step(resumed_step):
+            # Rank 0 reads the rows; every rank evaluates (a collective) on its word.
+            missing = self.rank == 0 and not any(r.get("kind") == "eval" and r.get("stage") == stage.name
+                                                 and r.get("step") == resumed_step for r in read_rows(self.run.metrics))
+            owed = loop.any_rank(missing)
         if baseline or owed:
             row = loop.evaluate(resumed_step)
             if row:
                 metrics.write({"kind": "eval", "stage": stage.name, "step": resumed_step, "tokens": loop.counters.tokens, **row})
+            if owed:
+                loop.last_eval = row
         try:
             summary = loop.run()
         finally:

@@ -134,6 +134,7 @@ class Loop:
         self.rank, self.world_size, self.memory_fn, self.log_interval = rank, world_size, memory_fn, log_interval
         self.guard, self.any_rank, self.preempt_timeout = guard, any_rank, preempt_timeout
         self.counters = Counters()
+        self.last_eval: dict[str, Any] = {}  # the latest evaluation (an owed one made up on resume), for the summary
 
     # --- persistence -------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
@@ -195,7 +196,7 @@ class Loop:
     def run(self) -> dict[str, Any]:
         c, train = self.counters, self.train
         last_log_time, last_log_tokens = time.perf_counter(), c.tokens
-        last_eval: dict[str, Any] = {}
+        last_eval: dict[str, Any] = dict(self.last_eval)
         loss = float("nan")
         with SigtermFlag(self.preempt_timeout) as sigterm:
             while c.step < self.total:
@@ -238,7 +239,7 @@ class Loop:
                 if (self.interval and c.step % self.interval == 0) or last or preempted:
                     path = self.save()
                 if self.is_eval_step(c.step):
-                    if preempted:  # this evaluation is not made up on resume
+                    if preempted:  # the resumed run makes it up (RunContext.run_loop: an owed evaluation)
                         self.log(f"[{self.stage}] step {c.step}: evaluation skipped, SIGTERM received")
                     else:
                         fault_point("evaluate")

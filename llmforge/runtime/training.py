@@ -79,7 +79,14 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         seq_length: tokens per sample when not model.seq_length (finetune `max_seq_length`).
         hooks: what the stage changes (`StageHooks`); None = pretraining's defaults.
     """
+    from llmforge.spec.stages import val_split_readers
+
     hooks = hooks or StageHooks()
+    readers = val_split_readers(stage)
+    if val_loader_fn is None and readers:
+        # Refused before any work: an evaluator failing at every evaluation would only be logged.
+        raise UserError(f"stage {stage.name!r} has no val split, but its {', '.join(readers)} evaluator reads it",
+                        "give the stage a val split (val_fraction > 0), or drop val_loss from its evaluators")
     from llmforge.models.size import flops_per_token
     from llmforge.runtime.checkpoint import CheckpointManager
     from llmforge.runtime.device import memory_mb, peak_flops
@@ -121,9 +128,6 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         return step_fn(batch, lr)
 
     def val_loss(iters: int) -> tuple[float, int]:
-        if val_loader_fn is None:
-            raise UserError(f"stage {stage.name!r} has no val split, which the val_loss evaluator reads",
-                            "give the stage a val split (val_fraction > 0), or drop val_loss from its evaluators")
         val = val_loader_fn()
         total_loss, total_tokens = 0.0, 0
         for _ in range(iters):
@@ -152,7 +156,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
             except Exception:  # an evaluation failure never costs training: logged whole, training goes on
                 context.log(f"[{stage.name}] step {step}: evaluator {options.name!r} failed; training continues "
                             f"(traceback in run.log)")
-                getattr(context.log, "detail", context.log)(traceback.format_exc())
+                context.log.detail(traceback.format_exc())
         sample = eval_ctx.sample(spec.logging.sample_prompt, spec.logging.sample_tokens, val_loader_fn)
         if sample is not None and par.rank == 0:
             metrics.text(f"{stage.name}/sample", f"```\n{sample}\n```", step)

@@ -302,6 +302,16 @@ def _sequence_parallel_divides_sequences(s: Sections, loaded: LoadedSpec) -> Ite
                          f"use a sequence length divisible by {tp}, or turn sequence_parallel off")
 
 
+@check("stages")
+def _rl_budget_in_steps(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """RL's tokens are known only after sampling, so a token budget cannot size the stage."""
+    for i, stage in enumerate(s["stages"]):
+        if getattr(stage, "type", None) == "rl" and stage.train.max_tokens is not None:
+            yield _issue(loaded, ("stages", i, "train", "max_tokens"),
+                         "an rl stage cannot run to max_tokens: its tokens are known only once its completions are sampled",
+                         "give the rl stage max_steps or max_epochs")
+
+
 @check("stages", "parallelism")
 def _rollout_groups_per_rank(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
     """Each data-parallel rank samples whole groups of completions (their advantages are normalized per group)."""

@@ -233,7 +233,7 @@ class WSDSchedule(ScheduleBase):
 
 
 class ValLoss(StrictModel):
-    """Validation loss and perplexity over `eval_iters` batches of the val split."""
+    """Validation loss and perplexity over the first `eval_iters` × global_batch_size samples of the val split."""
 
 
 class TaskSet(StrictModel):

@@ -47,7 +47,8 @@ class TrainConfig(StrictModel):
     clip_grad: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this value; None disables clipping.")
     precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: bf16 autocast with fp32 master weights (a 2-3x lever on CPU too).")
     eval_interval: int | None = Field(None, ge=1, description="Run the stage's evaluators every this many steps (and at the end). None = only at the end.")
-    eval_iters: int = Field(10, ge=1, description="Validation batches per evaluation.")
+    eval_iters: int = Field(10, ge=1, description="Validation global batches per evaluation: val_loss covers the first "
+                            "eval_iters × global_batch_size val samples, in order, at any layout (Megatron-LM's meaning).")
     on_nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="A NaN/Inf loss or gradient: `stop` (weights untouched, non-zero exit) or `skip` the step and count it."
     )

@@ -96,6 +96,7 @@ CASES = [
      "stages[1].evaluators[0].name", "the pairwise_accuracy evaluator needs reward_scores, which a dpo stage does not offer"),
     (["stages.1.evaluators=[{name: mean_reward, tasks: {tasks: [add2]}}]"], "stages[1].evaluators[0].name",
      "the mean_reward evaluator needs rewards, which a pretrain stage does not offer"),
+    ([RL.replace("max_steps: 1", "max_tokens: 100")], "stages[1].train.max_tokens", "an rl stage cannot run to max_tokens"),
     (["tokenizer={name: char}", "stages.0.packing=documents"], "stages[0].packing", "char tokenizer without add_eos has no token to pad"),
     (["model.ffn_hidden_size=255", "parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=2"],
      "model.ffn_hidden_size", "ffn_hidden_size 255 is not divisible by tensor_model_parallel_size 2"),

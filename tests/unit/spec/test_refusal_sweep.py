@@ -126,9 +126,11 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
     ("runtime/step.py", "TrainStep.__init__", "which sequence parallelism needs"): SP_SEQUENCE,
     ("runtime/train.py", "Loop.restore", "was trained with seed"): RESUME,
     ("runtime/training.py", "StageHooks.init_weights", "holds no full model checkpoint"): "depends on what the checkpoint directory holds",
-    ("runtime/training.py", "build_training.val_loss", "has no val split"):
+    ("runtime/training.py", "build_training", "has no val split"):
         spec("data.val_fraction is 0, so stage 'ft' has no val split, but it lists the val_loss evaluator", stage("sft", data="val_fraction: 0")),
     ("stages/pretrain.py", "run", "needs prepared shards"): RUN_DIR + " (a spec without a prepare stage reads the shards an earlier run prepared there)",
+    ("finetune/rollout.py", "RolloutSource.steps_for_tokens", "cannot run to max_tokens"):
+        spec("an rl stage cannot run to max_tokens", stage("rl", "rewards: [{name: exact_match}]", train="{micro_batch_size: 2, global_batch_size: 4, max_tokens: 100}")),
     ("stages/rl.py", "run", "its records have no `prompt` field"):
         spec("source 'add' (instructions) yields records with {messages}, but a rl stage reads records with {prompt}",
              stage("rl", "rewards: [{name: exact_match}]", source="{name: instructions, format: messages, paths: [chat.jsonl]}")),
