@@ -105,7 +105,7 @@ class RolloutSource:
             tokens[row, : len(ids)] = torch.tensor(ids)
             masks[row, len(sample.prompt_ids) - 1: len(ids) - 1] = 1.0  # targets that are completion tokens
         # The model reads the first `length` tokens of each row; counted from the samples, since the pad id may be EOS.
-        self.last_batch_tokens = self._summed(sum(min(len(s.prompt_ids) + len(s.completion_ids), self.length) for s in samples))
+        input_tokens = sum(min(len(s.prompt_ids) + len(s.completion_ids), self.length) for s in samples)
         device = next(self.policy.parameters()).device
         # At the sampling temperature, as the step scores the policy (see steps.tempered_logprobs).
         score = functools.partial(token_logprobs, micro_batch_size=self.micro_batch_size, autocast=self.autocast,
@@ -118,33 +118,26 @@ class RolloutSource:
                  "completion_tokens": float(masks.sum(1).mean()),
                  "uniform_groups": float((groups.max(1).values == groups.min(1).values).float().mean()),
                  **{f"reward/{name}": value for name, value in component_means.items()}}
-        self.on_rollout(step + 1, self._averaged(stats))
+        # Every rank scores the same number of samples: the statistics average over DP, the tokens add up.
+        summed = self._dp_sum({**stats, "input_tokens": float(input_tokens)})
+        self.last_batch_tokens = int(summed.pop("input_tokens"))
+        self.on_rollout(step + 1, {k: v / self.dp_size for k, v in summed.items()})
 
         n = len(samples) // self.micro_batch_size
         pieces = lambda t: [None] * n if t is None else list(t.chunk(n))  # noqa: E731
         rollouts = [Rollout(m, a, o, r) for m, a, o, r in zip(masks.chunk(n), advantages.chunk(n), pieces(old), pieces(ref))]
         return MaskedBatch(list(tokens.chunk(n)), rollouts)
 
-    def _summed(self, count: int) -> int:
-        """`count` summed over DP ranks."""
+    def _dp_sum(self, values: dict[str, float]) -> dict[str, float]:
+        """`values` summed over the DP ranks, in one all-reduce on the policy's device (NCCL takes device tensors)."""
         if self.dp_size == 1:
-            return count
+            return values
         import torch.distributed as dist
 
-        total = torch.tensor([count], dtype=torch.int64, device=next(self.policy.parameters()).device)  # nccl takes device tensors
-        dist.all_reduce(total, group=self.dp_group)
-        return int(total.item())
-
-    def _averaged(self, stats: dict[str, float]) -> dict[str, float]:
-        """The statistics averaged over DP ranks (every rank scores the same number of samples)."""
-        if self.dp_size == 1:
-            return stats
-        import torch.distributed as dist
-
-        keys = sorted(stats)
-        values = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-        dist.all_reduce(values, group=self.dp_group)
-        return {k: float(v) / self.dp_size for k, v in zip(keys, values)}
+        keys = sorted(values)
+        summed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=next(self.policy.parameters()).device)
+        dist.all_reduce(summed, group=self.dp_group)
+        return dict(zip(keys, summed.tolist()))
 
     def steps_for_tokens(self, max_tokens: int) -> int:
         """A token budget cannot size RL: its tokens (prompt + completion) are known only once sampled."""
