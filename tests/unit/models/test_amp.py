@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.child import worker_facts
 
 SEQ, MICRO_BATCH, VOCAB = 32, 2, 256
 # GPT-2's shape has biases (fp32 residual adds under autocast), Llama's none (bf16 ones).
@@ -61,11 +60,7 @@ def main() -> None:
 
 @pytest.fixture(scope="module")
 def losses(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("amp") / "losses.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
-    done = subprocess.run([sys.executable, __file__, "--out", str(out)], capture_output=True, text=True, timeout=300, env={**env, "PYTHONWARNINGS": "ignore"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(out.read_text())
+    return worker_facts(__file__, tmp_path_factory.mktemp("amp") / "losses.json", timeout=300)
 
 
 @pytest.mark.slow

@@ -10,12 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.child import worker_facts
 
 from llmforge.models.presets import shrink
 from llmforge.spec.components import GPTModel
@@ -94,11 +93,7 @@ def main() -> None:
 
 @pytest.fixture(scope="module")
 def facts(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("gpt") / "facts.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS")}
-    done = subprocess.run([sys.executable, __file__, "--out", str(out)], capture_output=True, text=True, timeout=300, env={**env, "PYTHONWARNINGS": "ignore"})
-    assert done.returncode == 0, done.stderr[-5000:]
-    return json.loads(out.read_text())
+    return worker_facts(__file__, tmp_path_factory.mktemp("gpt") / "facts.json", timeout=300)
 
 
 @pytest.mark.slow
