@@ -1,4 +1,4 @@
-"""Cached decoding gives the logits of a full recomputation, for both model shapes.
+"""Cached decoding (`StageDecoder`, `ModelServer`) gives the logits of a full recomputation, for both model shapes.
 
 The megatron work runs in one child process (`python test_generate.py --out facts.json`),
 which writes the largest logit differences it measured; the tests then judge them. The
@@ -36,7 +36,8 @@ def _full_logits(model, tokens):
 
 def _facts(options: dict) -> dict:
     from llmforge.models.gpt import build_gpt
-    from llmforge.runtime.generate import KVCacheDecoder, generate
+    from llmforge.runtime.generate import StageDecoder
+    from llmforge.runtime.serve import ModelServer
     from llmforge.spec.components import GPTModel
     from llmforge.spec.schema import ParallelismConfig
 
@@ -51,13 +52,15 @@ def _facts(options: dict) -> dict:
     with torch.no_grad():
         full = _full_logits(model, tokens)
 
+    server = ModelServer([model])
+
     def cached(chunks: list[int], mask_fn=None) -> torch.Tensor:
-        decoder = KVCacheDecoder(model, batch_size=2, max_length=12)
+        decoder = StageDecoder([model], batch_size=2, max_length=12)
         outs, start = [], 0
         for size in chunks:
             piece = tokens[:, start:start + size]
             positions = torch.arange(start, start + size).expand(2, -1)
-            outs.append(decoder.forward(piece, positions))
+            outs.append(server._forward(piece, positions, None, decoder=decoder))
             start += size
         return torch.cat(outs, dim=1)
 
@@ -78,20 +81,20 @@ def _facts(options: dict) -> dict:
 
     # A left-padded batch: each row's last logits match that prompt alone, unpadded.
     prompts = [tokens[0, :3].tolist(), tokens[1, :7].tolist()]
-    decoder = KVCacheDecoder(model, batch_size=2, max_length=7)
+    decoder = StageDecoder([model], batch_size=2, max_length=7)
     padded = torch.zeros(2, 7, dtype=torch.long)
     valid = torch.zeros(2, 7, dtype=torch.bool)
     for row, prompt in enumerate(prompts):
         padded[row, 7 - len(prompt):] = torch.tensor(prompt)
         valid[row, 7 - len(prompt):] = True
     positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-    batch_last = decoder.forward(padded, positions, valid)[:, -1]
+    batch_last = server._forward(padded, positions, valid, decoder=decoder)[:, -1]
     with torch.no_grad():
         alone = [_full_logits(model, torch.tensor([p]))[0, -1] for p in prompts]
     facts["left_padded_batch"] = max((batch_last[i] - alone[i]).abs().max().item() for i in range(2))
 
     # Greedy generation through the cache equals greedy full recomputation, token for token.
-    greedy = generate(model, prompts, max_new_tokens=6)
+    greedy = server.generate(prompts, max_new_tokens=6)
     reference = []
     for prompt in prompts:
         ids = list(prompt)
@@ -101,13 +104,21 @@ def _facts(options: dict) -> dict:
         reference.append(ids[len(prompt):])
     facts["greedy"] = greedy
     facts["greedy_reference"] = reference
-    facts["top_k_1_equals_greedy"] = generate(model, prompts, max_new_tokens=6, temperature=1.3, top_k=1,
-                                               generator=torch.Generator().manual_seed(0)) == greedy
-    sampled = [generate(model, prompts, max_new_tokens=6, temperature=1.0, generator=torch.Generator().manual_seed(s)) for s in (3, 3, 4)]
+    facts["top_k_1_equals_greedy"] = server.generate(prompts, max_new_tokens=6, temperature=1.3, top_k=1, seed=0) == greedy
+    sampled = [server.generate(prompts, max_new_tokens=6, temperature=1.0, seed=s) for s in (3, 3, 4)]
     facts["sampling_seeded"] = [sampled[0] == sampled[1], sampled[0] == sampled[2]]
+    # A row's draws depend on its index and the seed, not on what else is in the batch.
+    facts["row_alone_equals_in_batch"] = server.generate(prompts[:1], max_new_tokens=6, temperature=1.0, seed=3)[0] == sampled[0][0]
+    facts["batch_size_1_equals_whole"] = server.generate(prompts, max_new_tokens=6, temperature=1.0, seed=3, batch_size=1) == sampled[0]
     stop = greedy[0][2]
-    facts["eos_stop"] = generate(model, prompts[:1], max_new_tokens=6, eos_id=stop)
+    facts["eos_stop"] = server.generate(prompts[:1], max_new_tokens=6, stop_ids=[stop])
     facts["eos_token"] = stop
+    # Log-probabilities of given rows equal log_softmax of the full forward's logits at the targets.
+    rows = torch.cat([tokens, tokens[:, :1]], dim=1)
+    reference_logp = torch.log_softmax(full, dim=-1).gather(-1, rows[:, 1:, None])[..., 0]
+    facts["logprobs"] = (server.logprobs(rows, micro_batch_size=1) - reference_logp).abs().max().item()
+    tempered = torch.log_softmax(full / 0.7, dim=-1).gather(-1, rows[:, 1:, None])[..., 0]
+    facts["logprobs_tempered"] = (server.logprobs(rows, micro_batch_size=2, temperature=0.7) - tempered).abs().max().item()
     return facts
 
 
@@ -135,7 +146,7 @@ def facts(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cached_decoding_matches_full_recomputation(facts, shape):
     got = facts[shape]
-    for case in ("prefill_then_steps", "chunk_after_prefix", "one_token_at_a_time", "left_padded_batch"):
+    for case in ("prefill_then_steps", "chunk_after_prefix", "one_token_at_a_time", "left_padded_batch", "logprobs", "logprobs_tempered"):
         assert got[case] < TOLERANCE, (case, got[case])
 
 
@@ -152,6 +163,7 @@ def test_generation_through_the_cache(facts, shape):
     assert got["greedy"] == got["greedy_reference"]
     assert got["top_k_1_equals_greedy"]
     assert got["sampling_seeded"] == [True, False]
+    assert got["row_alone_equals_in_batch"] and got["batch_size_1_equals_whole"]
     eos = got["eos_token"]
     assert got["eos_stop"][0][-1] == eos and got["eos_stop"][0].count(eos) == 1 and len(got["eos_stop"][0]) <= 3
 
@@ -174,7 +186,7 @@ def test_top_k_and_top_p_filters():
 
 def test_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).expand(4000, -1)
-    draws = sample_next(logits, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    draws = sample_next(logits, temperature=1.0, generators=[torch.Generator().manual_seed(i) for i in range(4000)])
     freq = torch.bincount(draws, minlength=3).float() / 4000
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
     assert sample_next(logits[:2], temperature=0.0).tolist() == [0, 0]
