@@ -5,8 +5,8 @@
 One worker process (`python benchmarks/generate_bench.py --worker`) builds specs/tiny.yaml's
 model in fp32 as the pretrain stage does (`build_gpt`; its QKV weights × 8, so that greedy
 output is not one repeated token) and continues the same random prompts greedily two ways:
-llmforge's `runtime.generate.generate` (a prefill, then one `KVCacheDecoder` step per
-token), and the model's full forward over the whole sequence for every new token, taking
+llmforge's `runtime.serve.ModelServer.generate` (a prefill, then one `StageDecoder` step per
+token: the path evaluators, RL rollouts and `llmforge generate` use at every layout), and the model's full forward over the whole sequence for every new token, taking
 the last position's argmax. Both must produce the same tokens, or the figure means nothing:
 the worker checks that on every run and fails otherwise. Measurements alternate
 (harness.compare); the figure is the median of cached / full tokens/s per pair at batch 1.
@@ -68,7 +68,7 @@ def _worker(*, new_tokens: int, pairs: int, repeats: int) -> dict:
     import workloads
     from llmforge.models.gpt import build_gpt
     from llmforge.runtime.distributed import init_distributed, shutdown
-    from llmforge.runtime.generate import generate
+    from llmforge.runtime.serve import ModelServer
     from llmforge.spec.schema import ParallelismConfig
 
     work = workloads.tiny_workload()
@@ -81,6 +81,11 @@ def _worker(*, new_tokens: int, pairs: int, repeats: int) -> dict:
         for name, param in model.named_parameters():
             if name.endswith("linear_qkv.weight"):
                 param.mul_(QKV_SCALE)
+    server = ModelServer([model])
+
+    def generate(model, prompts, *, max_new_tokens):
+        return server.generate(prompts, max_new_tokens=max_new_tokens)
+
     vocab = work.model["vocab_size"]
     generator = torch.Generator().manual_seed(0)
     cases = {}
@@ -136,7 +141,7 @@ def generate_speed(quick: bool) -> dict:
         "pairs": pairs,
         "runs_per_measurement": repeats,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS") or "all cores",
-        "note": "figure = median over alternating pairs of cached tokens/s (runtime.generate.generate, KVCacheDecoder) over "
+        "note": "figure = median over alternating pairs of cached tokens/s (runtime.serve.ModelServer.generate) over "
                 "full-recompute tokens/s (the model's forward over the whole sequence for each new token), batch 1; "
                 "both sides' greedy tokens are checked equal on every run",
     })

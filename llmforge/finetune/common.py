@@ -1,4 +1,4 @@
-"""Pieces the finetune stage runners share: layout checks, the frozen reference model, log-probabilities."""
+"""Pieces the finetune stage runners share: layout checks, the frozen reference model, preference packing."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ def check_layout(context, stage) -> None:
         raise UserError(f"stage {stage.name!r}: " + "; ".join(problems), "change parallelism, or run this stage from a spec of its own")
 
 
-def frozen_model(context, stage, reference: str) -> torch.nn.Module:
-    """A frozen copy of the model from `reference`'s final checkpoint, in the run's layout (eval mode)."""
+def frozen_model(context, stage, reference: str) -> list[torch.nn.Module]:
+    """Frozen chunks of the model from `reference`'s final checkpoint, in the run's layout (eval mode).
+
+    Serve them with `runtime.serve.ModelServer`, which runs them at any layout."""
     from llmforge.finetune.checkpoints import load_weights
 
     spec = context.spec
@@ -25,36 +27,10 @@ def frozen_model(context, stage, reference: str) -> torch.nn.Module:
                                                                   seed=spec.seed)
     source = context.final_checkpoint(reference)
     load_weights(source, chunks)
-    (model,) = chunks
-    model.eval().requires_grad_(False)
+    for chunk in chunks:
+        chunk.eval().requires_grad_(False)
     context.log(f"[{stage.name}] frozen reference model from {source}")
-    return model
-
-
-def logprobs_fn(model: torch.nn.Module, *, micro_batch_size: int, pad_id: int, autocast, prefix: list[int] = ()):
-    """`examples → summed log-probability of each (ids, mask) example's masked ids` for EvalContext.
-
-    `prefix` goes in front of every example untrained (a soft prompt's virtual tokens). A
-    collective under TP: every rank of the group calls it with the same examples.
-    """
-    from megatron.core import parallel_state
-
-    from llmforge.data.sft import pack_examples
-    from llmforge.finetune.steps import token_logprobs
-    from llmforge.models.init import unwrap
-
-    gpt = unwrap(model)
-
-    def logprobs(examples: list[tuple[list[int], list[int]]]) -> list[float]:
-        examples = [([*prefix, *ids], [0] * len(prefix) + list(mask)) for ids, mask in examples]
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        width = -(-(max(len(ids) for ids, _ in examples) - 1) // tp) * tp
-        packed = pack_examples(examples, width, pad_id)
-        device = next(gpt.parameters()).device
-        per_token = token_logprobs(gpt, torch.from_numpy(packed.tokens).to(device), micro_batch_size=micro_batch_size, autocast=autocast)
-        return (per_token.cpu() * torch.from_numpy(packed.masks)).sum(dim=1).tolist()
-
-    return logprobs
+    return chunks
 
 
 def preference_packer(tokenizer, stage, length: int, *, score_last: bool = False):

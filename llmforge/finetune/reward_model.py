@@ -25,6 +25,8 @@ def attach_reward_head(model_chunks: list[torch.nn.Module], *, seed: int) -> Non
 
     for chunk in model_chunks:
         model = unwrap(chunk)
+        if not model.post_process:
+            continue  # under pipeline parallelism only the last stage reads a score
         hidden = model.config.hidden_size
         key = int.from_bytes(hashlib.sha256(f"{seed}:{HEAD}".encode()).digest()[:8], "little")
         weight = torch.randn(1, hidden, generator=torch.Generator().manual_seed(key)) / (hidden + 1) ** 0.5
@@ -33,7 +35,7 @@ def attach_reward_head(model_chunks: list[torch.nn.Module], *, seed: int) -> Non
             head.weight.copy_(weight)
             head.bias.zero_()
         model.add_module(HEAD, head)
-        if not model.share_embeddings_and_output_weights and model.post_process:
+        if not model.share_embeddings_and_output_weights:
             # The vocabulary projection is never run; frozen, the optimizer leaves it alone.
             model.output_layer.weight.requires_grad_(False)
 
@@ -64,10 +66,10 @@ def sequence_scores(model: torch.nn.Module, tokens: torch.Tensor, positions: tor
     return getattr(gpt, HEAD)(last.float()).squeeze(-1)
 
 
-@torch.no_grad()
-def score_sequences(model: torch.nn.Module, sequences: list[list[int]], *, micro_batch_size: int, pad_id: int,
-                    autocast=contextlib.nullcontext, max_length: int | None = None) -> list[float]:
-    """Rewards of whole token sequences, in batches; a collective under TP (same sequences everywhere).
+def score_sequences(server, sequences: list[list[int]], *, micro_batch_size: int, pad_id: int, max_length: int | None = None,
+                    shared: bool = True) -> list[float]:
+    """Rewards of whole token sequences through a `runtime.serve.ModelServer` over the reward
+    model's chunks (any layout); a collective.
 
     Args:
         max_length: read at most this many tokens of each, as the reward model was trained
@@ -75,24 +77,4 @@ def score_sequences(model: torch.nn.Module, sequences: list[list[int]], *, micro
     """
     if max_length is not None:
         sequences = [s[:max_length] for s in sequences]
-    from megatron.core import parallel_state
-
-    device = next(model.parameters()).device
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    was_training = model.training
-    model.eval()
-    scores: list[float] = []
-    try:
-        for start in range(0, len(sequences), micro_batch_size):
-            rows = sequences[start:start + micro_batch_size]
-            width = -(-max(len(r) for r in rows) // tp_size) * tp_size  # sequence parallelism splits it evenly
-            tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
-            for i, row in enumerate(rows):
-                tokens[i, : len(row)] = torch.tensor(row)
-            positions = torch.arange(width).expand(len(rows), -1)
-            index = torch.tensor([len(r) - 1 for r in rows])
-            with autocast():
-                scores += sequence_scores(model, tokens.to(device), positions.to(device), index.to(device)).tolist()
-    finally:
-        model.train(was_training)
-    return scores
+    return server.scores(sequences, micro_batch_size=micro_batch_size, pad_id=pad_id, head=HEAD, shared=shared)

@@ -84,11 +84,15 @@ class RewardModelReward:
         if not model_dir.is_dir() or f"{HEAD}.weight" not in dist_checkpointing.load_tensors_metadata(str(model_dir)):
             raise UserError(f"reward {options.stage!r}: {step_dir} is not a reward model's checkpoint (no {HEAD})",
                             "name a reward_model stage, or a checkpoint it wrote")
-        self.model, = context.registry.factory("model", spec.model.name)(spec.model, spec.parallelism, precision=stage.train.precision,
-                                                                           seed=spec.seed)
-        attach_reward_head([self.model], seed=spec.seed)
-        load_sharded(model_dir, [self.model], None)
-        self.model.eval().requires_grad_(False)
+        from llmforge.runtime.serve import ModelServer
+
+        chunks = context.registry.factory("model", spec.model.name)(spec.model, spec.parallelism, precision=stage.train.precision,
+                                                                      seed=spec.seed)
+        attach_reward_head(chunks, seed=spec.seed)
+        load_sharded(model_dir, chunks, None)
+        for chunk in chunks:
+            chunk.eval().requires_grad_(False)
+        self.server = ModelServer(chunks)  # at the run's layout; fp32, as the reward model was always read
         self.eos_id, self.pad_id = tokenizer.eos_id, tokenizer.pad_id
         self.micro_batch_size = stage.train.micro_batch_size
         # Score no more tokens than the reward model was trained on (its stage's max_seq_length + 1).
@@ -105,8 +109,9 @@ class RewardModelReward:
             if not ids or ids[-1] != self.eos_id:
                 ids.append(self.eos_id)
             sequences.append(list(s.prompt_ids) + ids)
-        return score_sequences(self.model, sequences, micro_batch_size=self.micro_batch_size, pad_id=self.pad_id,
-                               max_length=self.max_length)
+        # Replica-local: each data-parallel replica scores its own rollouts.
+        return score_sequences(self.server, sequences, micro_batch_size=self.micro_batch_size, pad_id=self.pad_id,
+                               max_length=self.max_length, shared=False)
 
 
 def build_rewards(registry, options_list, *, tokenizer, context, stage) -> Callable[[list[Sample]], tuple[list[float], dict[str, float]]]:

@@ -2,15 +2,16 @@
 
 A step takes the next prompts (a seeded permutation per epoch, each DP rank a fixed slice,
 as the finetune loader orders examples), samples `group_size` completions of each with the
-KV-cache sampler, scores them with the reward components and turns the rewards into
-group-normalized advantages. Its state is the global position and the prompts' file identity
-(a resume refuses edited data): sampling draws from a generator seeded by (seed, step, DP rank),
-so a resumed run samples what it would have.
+KV-cache sampler (`runtime.serve.ModelServer`, replica-local: each DP replica samples its own
+prompts with its TP/PP ranks), scores them with the reward components and turns the rewards
+into group-normalized advantages. Its state is the global position and the prompts' file
+identity (a resume refuses edited data): each completion draws from a generator seeded by
+(seed, step, its index in the global batch), so a resumed run samples what it would have, and
+a run samples the same completions at any DP size.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from llmforge.data.order import GlobalOrder
 from llmforge.data.sft import DataFiles, MaskedBatch, check_data_files
 from llmforge.finetune.losses import group_advantages
 from llmforge.finetune.rewards import Sample
-from llmforge.finetune.steps import Rollout, token_logprobs
+from llmforge.finetune.steps import Rollout
 from llmforge.spec.errors import UserError
 
 ROLLOUT_STATE_VERSION = 2  # 2: the prompts' file identity (`data_files`)
@@ -42,14 +43,14 @@ class RolloutSource:
         need_old_logprobs: the step makes several updates per rollout, so the sampling
             policy's log-probs are kept (the first update's ratio is 1 without them).
             They, and the reference's, are taken at the sampling temperature.
-        reference: the frozen reference model when the KL penalty is on, else None.
+        reference: a `ModelServer` over the frozen reference model when the KL penalty is on, else None.
         dp_group: the data-parallel process group (statistics are averaged over it), or None.
         data_files: the input files' identity from `load_records`, checked on resume.
     """
 
     def __init__(self, prompts: list[tuple[dict[str, Any], list[int]]], *, tokenizer, reward: Callable, group_size: int,
                  global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int, seed: int, length: int,
-                 sampling: dict[str, Any], scale_rewards: bool, need_old_logprobs: bool, reference, autocast,
+                 sampling: dict[str, Any], scale_rewards: bool, need_old_logprobs: bool, reference,
                  dp_group=None, data_files: DataFiles | None = None):
         per_rank = global_batch_size // dp_size
         if global_batch_size % dp_size or per_rank % group_size or per_rank % micro_batch_size:
@@ -64,7 +65,7 @@ class RolloutSource:
         self.group_size, self.global_batch_size, self.micro_batch_size = group_size, global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.dp_group, self.seed, self.length = dp_rank, dp_size, dp_group, seed, length
         self.sampling, self.scale_rewards, self.need_old_logprobs = sampling, scale_rewards, need_old_logprobs
-        self.reference, self.autocast, self.data_files = reference, autocast, data_files or {}
+        self.reference, self.data_files = reference, data_files or {}
         self.samples_per_epoch = len(prompts) * group_size
         self.tokens_per_sample = length
         self.position = 0  # completions consumed, over all ranks
@@ -73,13 +74,11 @@ class RolloutSource:
         self.on_rollout: Callable[[int, dict[str, float]], None] = lambda step, stats: None
         self._order = GlobalOrder(len(prompts), seed=seed, salt=0x0F7)
 
-    def bind(self, policy: torch.nn.Module, on_rollout: Callable[[int, dict[str, float]], None]) -> None:
-        """The policy to sample from (built after the loader) and where each rollout's statistics go."""
+    def bind(self, policy, on_rollout: Callable[[int, dict[str, float]], None]) -> None:
+        """The policy's `ModelServer` (built after the loader) and where each rollout's statistics go."""
         self.policy, self.on_rollout = policy, on_rollout
 
     def next_global_batch(self) -> MaskedBatch:
-        from llmforge.runtime.generate import generate
-
         step = self.position // self.global_batch_size
         per_rank = self.global_batch_size // self.dp_size // self.group_size
         first = self.position // self.group_size + self.dp_rank * per_rank
@@ -87,11 +86,10 @@ class RolloutSource:
         self.position += self.global_batch_size
         records = [rec for rec, _ in chosen for _ in range(self.group_size)]
         prompt_ids = [ids for _, ids in chosen for _ in range(self.group_size)]
-        generator = torch.Generator().manual_seed(_seed(self.seed, step, self.dp_rank))
         tok = self.tokenizer
-        with self.autocast():
-            completions = generate(self.policy, prompt_ids, generator=generator, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                                   vocab_size=tok.vocab_size, **self.sampling)
+        completions = self.policy.generate(prompt_ids, stop_ids=[] if tok.eos_id is None else [tok.eos_id], pad_id=tok.pad_id, vocab_size=tok.vocab_size,
+                                           seed=_seed(self.seed, step), first_row=self.dp_rank * len(prompt_ids), shared=False,
+                                           **self.sampling)
         samples = [Sample(rec, tok.decode([t for t in out if t != tok.eos_id]), ids, out)
                    for rec, ids, out in zip(records, prompt_ids, completions)]
         rewards, component_means = self.reward(samples)
@@ -106,12 +104,12 @@ class RolloutSource:
             masks[row, len(sample.prompt_ids) - 1: len(ids) - 1] = 1.0  # targets that are completion tokens
         # The model reads the first `length` tokens of each row; counted from the samples, since the pad id may be EOS.
         input_tokens = sum(min(len(s.prompt_ids) + len(s.completion_ids), self.length) for s in samples)
-        device = next(self.policy.parameters()).device
         # At the sampling temperature, as the step scores the policy (see steps.tempered_logprobs).
-        score = functools.partial(token_logprobs, micro_batch_size=self.micro_batch_size, autocast=self.autocast,
-                                  temperature=self.sampling["temperature"])
-        old = score(self.policy, tokens.to(device)).cpu() if self.need_old_logprobs else None
-        ref = score(self.reference, tokens.to(device)).cpu() if self.reference is not None else None
+        def score(server):
+            return server.logprobs(tokens, micro_batch_size=self.micro_batch_size, temperature=self.sampling["temperature"], shared=False)
+
+        old = score(self.policy) if self.need_old_logprobs else None
+        ref = score(self.reference) if self.reference is not None else None
 
         groups = rewards.reshape(-1, self.group_size)
         stats = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std(unbiased=False)),
@@ -135,7 +133,7 @@ class RolloutSource:
         import torch.distributed as dist
 
         keys = sorted(values)
-        summed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=next(self.policy.parameters()).device)
+        summed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.policy.device)
         dist.all_reduce(summed, group=self.dp_group)
         return dict(zip(keys, summed.tolist()))
 

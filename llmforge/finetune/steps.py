@@ -46,27 +46,45 @@ class _PairStep(TrainStep):
         return self._token_count(rows // 2)
 
 
+@dataclass
+class _Scored:
+    """A micro batch's loss mask and its rows' reference log-probs [2m, L], moved to the device as one."""
+
+    mask: torch.Tensor
+    reference_logp: torch.Tensor
+
+    def to(self, device, non_blocking: bool = False) -> _Scored:
+        return _Scored(self.mask.to(device, non_blocking=non_blocking), self.reference_logp.to(device, non_blocking=non_blocking))
+
+
 class PreferenceStep(_PairStep):
     """DPO (or IPO): policy log-likelihoods of chosen and rejected responses against a frozen reference.
 
+    The reference's log-probs of each micro batch are taken before the schedule runs, through
+    its `ModelServer` (any layout: under pipeline parallelism the reference's own stages could
+    not ride along the policy's), so resume needs nothing extra.
+
     Args:
-        reference: the reference model (a plain GPTModel, same layout, frozen); it runs
-            under no_grad in the same micro batch, so resume needs nothing extra.
+        reference: a `runtime.serve.ModelServer` over the frozen reference's chunks (same layout).
     """
 
-    def __init__(self, *args, reference: torch.nn.Module, beta: float, loss: str, **kwargs):
+    def __init__(self, *args, reference, beta: float, loss: str, **kwargs):
         super().__init__(*args, **kwargs)
-        self.reference, self.beta, self.loss_kind = reference.eval(), beta, loss
+        self.reference, self.beta, self.loss_kind = reference, beta, loss
+
+    def _run_schedule(self, micro_batches, loss_masks, *, forward_only: bool) -> list:
+        # Replica-local: each DP replica scores its own micro batches.
+        scored = [_Scored(m, self.reference.logprobs(t, micro_batch_size=t.shape[0], shared=False))
+                  for t, m in zip(micro_batches, loss_masks)]
+        return super()._run_schedule(micro_batches, scored, forward_only=forward_only)
 
     def _forward_step(self, data_iterator, model):
-        batch, mask = next(data_iterator)
+        batch, scored = next(data_iterator)
         tokens, labels = batch[:, :-1], batch[:, 1:]
         positions = self._positions(tokens.shape[0], tokens.shape[1])
         with self._autocast():
-            output = model(tokens, positions, None, labels=labels)
-            with torch.no_grad():
-                reference = self.reference(tokens, positions, None, labels=labels)
-        return output.float(), functools.partial(self._dpo_loss, mask, reference.float())
+            output = model(tokens, positions, None, labels=labels)  # a middle PP stage: its hidden states
+        return output.float(), functools.partial(self._dpo_loss, scored.mask, -scored.reference_logp)
 
     def _dpo_loss(self, mask: torch.Tensor, reference_loss: torch.Tensor, per_token_loss: torch.Tensor):
         policy = losses.sequence_logprobs(per_token_loss, mask)
@@ -81,15 +99,25 @@ class RewardModelStep(_PairStep):
     """Bradley-Terry on the scalar head, read at each row's last token (its mask marks it in target
     coordinates, so the whole row of L + 1 tokens is the input)."""
 
+    @property
+    def schedule_seq_length(self) -> int:
+        # The whole row of L + 1 tokens is the input, padded for sequence parallelism (below):
+        # the length pipeline stages pass on.
+        return -(-(self.seq_length + 1) // self.ctx.tp_size) * self.ctx.tp_size
+
     def _forward_step(self, data_iterator, model):
         from llmforge.finetune.reward_model import sequence_scores
+        from llmforge.models.init import unwrap
 
         batch, mask = next(data_iterator)
         # Sequence parallelism splits the sequence evenly: pad at the end (causal, so unseen).
-        width = -(-batch.shape[1] // self.ctx.tp_size) * self.ctx.tp_size
+        width = self.schedule_seq_length
         tokens = torch.nn.functional.pad(batch, (0, width - batch.shape[1]))
+        positions = self._positions(tokens.shape[0], width)
         with self._autocast():
-            scores = sequence_scores(model, tokens, self._positions(tokens.shape[0], width), mask.argmax(dim=1) + 1)
+            if not unwrap(model).post_process:  # a pipeline stage before the head: its hidden states go on
+                return model(tokens, positions, None).float(), self._bt_loss
+            scores = sequence_scores(model, tokens, positions, mask.argmax(dim=1) + 1)
         return scores, self._bt_loss
 
     def _bt_loss(self, scores: torch.Tensor):
@@ -162,27 +190,13 @@ def tempered_logprobs(model: torch.nn.Module, tokens: torch.Tensor, positions: t
     with the policy between updates, and the reference would give -inf to a token outside its
     own set, which neither the ratio nor the KL penalty can take.
     """
+    from llmforge.models.init import unwrap
+
+    if not unwrap(model).post_process:
+        return model(tokens, positions, None)  # a pipeline stage before the output layer: its hidden states go on
     if temperature == 1.0:
         return -model(tokens, positions, None, labels=labels)  # megatron's own loss, without a copy of the logits
     from megatron.core import tensor_parallel
 
     logits = model(tokens, positions, None)  # [b, L, vocab / TP]: this rank's shard of the vocabulary
     return -tensor_parallel.vocab_parallel_cross_entropy(logits.float() / temperature, labels)
-
-
-@torch.no_grad()
-def token_logprobs(model: torch.nn.Module, tokens: torch.Tensor, *, micro_batch_size: int, autocast,
-                   temperature: float = 1.0) -> torch.Tensor:
-    """Per-token log-probabilities [n, L] of rows [n, L + 1] (targets tokens[:, 1:]) at `temperature`; a collective under TP."""
-    was_training = model.training
-    model.eval()
-    out = []
-    try:
-        for batch in tokens.split(micro_batch_size):
-            inputs, labels = batch[:, :-1], batch[:, 1:]
-            positions = torch.arange(inputs.shape[1], device=inputs.device).expand(inputs.shape[0], -1)
-            with autocast():
-                out.append(tempered_logprobs(model, inputs, positions, labels, temperature=temperature).float())
-    finally:
-        model.train(was_training)
-    return torch.cat(out)

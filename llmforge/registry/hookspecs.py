@@ -53,9 +53,11 @@ def register_evaluators() -> list:
     - `context.val_loss(iters: int) -> tuple[float, int]`: mean loss per token (nats) over
       `iters` val batches, and the number of tokens it covers;
     - `context.tokenizer`: `encode(text) -> list[int]` and `decode(ids) -> str`;
-    - `context.generate(prompt_ids: list[int], max_new_tokens: int) -> list[int] | None`: greedy
-      continuation of the prompt, the new token ids only, or None where the model's layout
-      cannot generate;
+    - `context.generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]`: greedy
+      continuation of the prompt, the new token ids only, ending after EOS (kept) if emitted;
+      `context.generate_many(prompts, max_new_tokens)` batches many; both work at every layout
+      (every rank calls them with the same prompts and gets the whole answer);
+    - `context.server`: the stage's `runtime.serve.ModelServer` (log-probs, seeded sampling);
     - `context.log(msg: str)`: a line on the console and in the run log;
     - finetune stages add, where they have them (None otherwise; the evaluator then returns {}):
       `context.logprobs(examples) -> list[float]`, the summed log-probability of each

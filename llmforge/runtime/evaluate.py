@@ -23,7 +23,7 @@ class EvalContext:
     stage: Any
     tokenizer: Any
     val_loss: Callable[[int], tuple[float, int]]  # iters -> (mean loss per token, tokens)
-    generate: Callable[[list[int], int], list[int] | None]  # greedy continuation ids (None where unsupported)
+    generate: Callable[[list[int], int], list[int]]  # greedy continuation ids of one prompt (ends at EOS, kept)
     log: Callable[[str], None]
     eval_iters: int
     score: Callable[..., tuple[float, int]] | None = None  # (micro batches, masks) -> (summed loss, tokens)
@@ -36,6 +36,14 @@ class EvalContext:
     reference_logprobs: Callable[[list[tuple[list[int], list[int]]]], list[float]] | None = None  # the same, frozen reference model
     reward_scores: Callable[[list[list[int]]], list[float]] | None = None  # a reward model's score of whole sequences
     rewards: Callable[[list[Any]], tuple[list[float], dict[str, float]]] | None = None  # RL: samples → (rewards, mean per component)
+    # Many prompts at once (batched decoding); the same answers as `generate` one by one.
+    generate_batch: Callable[[list[list[int]], int], list[list[int]]] | None = None
+    server: Any = None  # the stage's runtime.serve.ModelServer: log-probs and sampling at the run's layout
+
+    def generate_many(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        if self.generate_batch is not None:
+            return self.generate_batch(prompts, max_new_tokens)
+        return [self.generate(p, max_new_tokens) for p in prompts]
 
     def sample(self, prompt: str | None, n: int, val_loader_fn: Callable[[], Any] | None) -> str | None:
         """A short greedy sample: from `prompt`, or from the start of a val sequence (None without either)."""
@@ -59,21 +67,15 @@ class EvalContext:
             # A preview must fit the model: keep the prompt's tail and shorten the sample.
             ids = ids[-max(1, self.max_positions // 2):]
             n = min(n, self.max_positions - len(ids))
-        out = self.generate(ids, n)
-        if out is None:
-            return None
-        out, eos = list(out), self.tokenizer.eos_id
+        out, eos = list(self.generate(ids, n)), self.tokenizer.eos_id
         if eos is not None and eos in out:
             out = out[: out.index(eos) + 1]
         return self.tokenizer.decode(ids + out)
 
-    def complete(self, prompt_ids: list[int], max_new_tokens: int) -> list[int] | None:
-        """Greedy continuation cut at the first EOS."""
-        out = self.generate(prompt_ids, max_new_tokens)
-        if out is None:
-            return None
+    def complete(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations, each cut before its first EOS."""
         eos = self.tokenizer.eos_id
-        return out[: out.index(eos)] if eos in out else out
+        return [out[: out.index(eos)] if eos in out else out for out in self.generate_many(prompts, max_new_tokens)]
 
 
 class ValLoss:
@@ -132,10 +134,8 @@ class ExactMatch:
     def evaluate(self, step: int) -> dict[str, float]:
         tok = self.context.tokenizer
         right, by_task = 0, {}
-        for rec in self.records:
-            out = self.context.complete(self._prompt_ids(rec["prompt"]), self.options.max_new_tokens)
-            if out is None:
-                return {}
+        answers = self.context.complete([self._prompt_ids(rec["prompt"]) for rec in self.records], self.options.max_new_tokens)
+        for rec, out in zip(self.records, answers):
             ok = tok.decode(out).strip() == rec["response"].strip()
             right += ok
             task = rec.get("task")
@@ -191,11 +191,8 @@ class SamplePreview:
 
     def evaluate(self, step: int) -> dict[str, float]:
         tok = self.context.tokenizer
-        for i, prompt in enumerate(self.options.prompts):
-            ids = tok.encode_sequence(prompt)
-            out = self.context.generate(ids, self.options.max_new_tokens)
-            if out is None:
-                return {}
+        prompts = [tok.encode_sequence(prompt) for prompt in self.options.prompts]
+        for i, (ids, out) in enumerate(zip(prompts, self.context.generate_many(prompts, self.options.max_new_tokens))):
             text = tok.decode(ids + out)
             self.context.log(f"sample {i} @ {step}: {text!r}")
             if self.context.text is not None:

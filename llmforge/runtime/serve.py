@@ -41,24 +41,29 @@ def row_seed(*parts: int) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little")
 
 
-@contextlib.contextmanager
-def sequence_parallel_off(chunks: Sequence[torch.nn.Module]):
-    """Megatron modules read sequence parallelism from their config (the embedding's scatter) or
-    from flags set at build time (linears and LoRA adapters: `sequence_parallel`; the vocab
-    embedding: `reduce_scatter_embeddings`); all are switched off for the duration."""
-    changed: list[tuple[object, str]] = []
+def sequence_parallel_flags(chunks: Sequence[torch.nn.Module]) -> list[tuple[object, str]]:
+    """Where the chunks keep sequence parallelism switched on: their configs (the embedding's
+    scatter reads it) and flags set at build time (linears and LoRA adapters:
+    `sequence_parallel`; the vocab embedding: `reduce_scatter_embeddings`)."""
+    found: list[tuple[object, str]] = []
     for chunk in chunks:
         for module in chunk.modules():
-            owners = [(getattr(module, "config", None), "sequence_parallel"), (module, "sequence_parallel"),
-                      (module, "reduce_scatter_embeddings")]
-            for owner, name in owners:
-                if owner is not None and getattr(owner, name, None) is True:
-                    setattr(owner, name, False)
-                    changed.append((owner, name))
+            for owner, name in ((getattr(module, "config", None), "sequence_parallel"), (module, "sequence_parallel"),
+                                (module, "reduce_scatter_embeddings")):
+                if owner is not None and getattr(owner, name, None) is True and (owner, name) not in found:
+                    found.append((owner, name))
+    return found
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(flags: list[tuple[object, str]]):
+    """Every flag of `sequence_parallel_flags` off for the duration, then on again."""
+    for owner, name in flags:
+        setattr(owner, name, False)
     try:
         yield
     finally:
-        for owner, name in changed:
+        for owner, name in flags:
             setattr(owner, name, True)
 
 
@@ -105,6 +110,7 @@ class ModelServer:
         self.max_positions = first.max_sequence_length
         self.device = next(first.parameters()).device
         self.hidden_size = first.config.hidden_size
+        self._sp_flags = sequence_parallel_flags(self.chunks)
 
     # --- public ---------------------------------------------------------------------
 
@@ -133,14 +139,39 @@ class ModelServer:
         return self._gather(local, mine, rows.shape[0], shared)
 
     @torch.no_grad()
+    def scores(self, sequences: list[list[int]], *, micro_batch_size: int, pad_id: int, head: str, shared: bool = True) -> list[float]:
+        """A scalar head's reading of each sequence at its last token: `head` names a [hidden → 1]
+        module on the GPTModel (a reward model's), applied to the final-norm hidden state."""
+        mine = self._share(len(sequences), shared)
+        out: list[float] = []
+        with self._eval_mode():
+            for start in range(0, len(mine), micro_batch_size):
+                rows = [sequences[i] for i in mine[start:start + micro_batch_size]]
+                width = max(len(r) for r in rows)
+                tokens = torch.full((len(rows), width), pad_id, dtype=torch.long)
+                for i, row in enumerate(rows):
+                    tokens[i, : len(row)] = torch.tensor(row)
+                last = torch.tensor([len(r) - 1 for r in rows], device=self.device)
+                arange = torch.arange(len(rows), device=self.device)
+
+                def read(model, hidden, last=last, arange=arange):
+                    return getattr(model, head)(hidden[last, arange].float()).squeeze(-1).float()
+
+                positions = torch.arange(width).expand(len(rows), -1)
+                out += self._forward(tokens, positions, None, decoder=None, read=read).tolist()
+        return self._gather(out, mine, len(sequences), shared)
+
+    @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0, vocab_size: int | None = None,
-                 seed: int = 0, shared: bool = True, batch_size: int | None = None) -> list[list[int]]:
+                 seed: int = 0, shared: bool = True, batch_size: int | None = None, first_row: int = 0) -> list[list[int]]:
         """Continue each prompt by up to `max_new_tokens` ids; a row ends after any of `stop_ids` (kept).
 
         Args:
             vocab_size: the tokenizer's vocabulary; ids past it (the model's padded rows) are never drawn.
-            seed: row i of this call samples from a generator seeded by (seed, i).
+            seed: row i of this call samples from a generator seeded by (seed, first_row + i).
+            first_row: where a replica-local call's rows sit in a larger batch (RL: the DP rank's
+                offset), so each row draws alike at any DP size.
             batch_size: decode at most this many rows together (default: all of this replica's).
         """
         if not prompts or any(not p for p in prompts):
@@ -151,20 +182,22 @@ class ModelServer:
                             "shorten the prompt or lower max_new_tokens")
         mine = self._share(len(prompts), shared)
         out: list[list[int]] = []
+        rows = [first_row + i for i in mine]
         step = batch_size or max(len(mine), 1)
         with self._eval_mode():
             for start in range(0, len(mine), step):
                 index = mine[start:start + step]
-                out += self._generate([prompts[i] for i in index], index, max_new_tokens=max_new_tokens, temperature=temperature,
+                out += self._generate([prompts[i] for i in index], rows[start:start + step], max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, stop_ids=set(stop_ids), pad_id=pad_id, vocab_size=vocab_size, seed=seed)
         return self._gather(out, mine, len(prompts), shared)
 
     # --- one forward over the pipeline ---------------------------------------------------
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None, *, decoder: StageDecoder | None,
-                 labels: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
-        """Through every stage: gathered logits [b, new, vocab] (fp32), or with `labels` the
-        tempered log-probs [b, new]; on every rank of the pipeline."""
+                 labels: torch.Tensor | None = None, temperature: float = 1.0, read: Callable | None = None) -> torch.Tensor:
+        """Through every stage: gathered logits [b, new, vocab] (fp32), with `labels` the tempered
+        log-probs [b, new], or with `read(model, hidden)` what it reads of the last stage's final
+        hidden states [new, b, h] ([b]); on every rank of the pipeline."""
         batch, new = tokens.shape
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         valid = valid.to(self.device) if valid is not None else None
@@ -173,23 +206,23 @@ class ModelServer:
         hidden = None
         result = None
         layout = self.layout
-        with self.autocast(), sequence_parallel_off(self.chunks):
+        with self.autocast(), sequence_parallel_off(self._sp_flags):
             for index, chunk in enumerate(self.chunks):
                 if not chunk.pre_process:
                     hidden = torch.empty(new, batch, self.hidden_size, dtype=torch.float32, device=self.device)
                     dist.recv(hidden, src=layout.prev_rank)
                 hidden = own.run_chunk(index, tokens if chunk.pre_process else hidden, positions)
                 if chunk.post_process:
-                    result = own.head(index, hidden, labels=labels, temperature=temperature)
+                    result = read(chunk, hidden) if read is not None else own.head(index, hidden, labels=labels, temperature=temperature)
                 else:
                     dist.send(hidden.float().contiguous(), dst=layout.next_rank)
         own.end(new)
         if layout.pp_size > 1:
-            shape = (batch, new) if labels is not None else (batch, new, own.vocab_size)
+            shape = (batch,) if read is not None else (batch, new) if labels is not None else (batch, new, own.vocab_size)
             # Contiguous: gloo sends a tensor's storage as it lies in memory.
             result = torch.empty(shape, dtype=torch.float32, device=self.device) if result is None else result.contiguous()
             dist.broadcast(result, src=layout.last_rank, group=layout.pp_group)
-        return result.cpu() if labels is not None else result
+        return result.cpu() if labels is not None or read is not None else result
 
     def _generate(self, prompts: list[list[int]], rows: list[int], *, max_new_tokens: int, temperature: float, top_k, top_p,
                   stop_ids: set[int], pad_id: int, vocab_size: int | None, seed: int) -> list[list[int]]:
@@ -249,3 +282,39 @@ class ModelServer:
             for i, value in zip(index, values):
                 out[i] = value
         return torch.tensor(out, dtype=torch.float32).reshape(n, -1) if isinstance(local, torch.Tensor) else out
+
+
+GENERATION_BATCH = 64  # rows decoded together per replica by evaluators
+
+
+def greedy_functions(server: ModelServer, tokenizer, *, prefix: Sequence[int] = ()) -> dict[str, Callable]:
+    """EvalContext's `generate` (one prompt) and `generate_batch` (many, split over DP replicas):
+    greedy ids after each prompt, stopping after EOS (kept). `prefix` goes before every prompt
+    (a soft prompt's virtual tokens). A prompt too long for the positions keeps its tail; a
+    request for more new tokens than the positions hold gets as many as fit after one prompt token."""
+    stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
+
+    def generate_batch(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        max_new_tokens = min(max_new_tokens, server.max_positions - len(prefix) - 1)
+        room = server.max_positions - len(prefix) - max_new_tokens
+        rows = [[*prefix, *p[-room:]] for p in prompts]
+        return server.generate(rows, max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=pad, vocab_size=tokenizer.vocab_size,
+                               batch_size=GENERATION_BATCH)
+
+    return {"generate": lambda ids, n: generate_batch([ids], n)[0], "generate_batch": generate_batch}
+
+
+def summed_logprobs(server: ModelServer, *, micro_batch_size: int, pad_id: int, prefix: Sequence[int] = ()) -> Callable:
+    """EvalContext's `logprobs`: examples [(ids, mask)] → the summed log-probability of each
+    example's masked ids (mask[j] marks ids[j]), behind `prefix` (untrained). Shared over DP."""
+
+    def logprobs(examples: list[tuple[list[int], list[int]]]) -> list[float]:
+        from llmforge.data.sft import pack_examples
+
+        examples = [([*prefix, *ids], [0] * len(prefix) + list(mask)) for ids, mask in examples]
+        packed = pack_examples(examples, max(len(ids) for ids, _ in examples) - 1, pad_id)
+        per_token = server.logprobs(torch.from_numpy(packed.tokens), micro_batch_size=micro_batch_size)
+        return (per_token * torch.from_numpy(packed.masks)).sum(dim=1).tolist()
+
+    return logprobs

@@ -150,34 +150,12 @@ class TrainStep:
         loss_sum, num_tokens, _ = self._reduce(outputs, None)
         return loss_sum, int(num_tokens)
 
-    @torch.no_grad()
-    def greedy_sample(self, prompt_ids: list[int], n: int) -> list[int] | None:
-        """`n` greedy tokens after `prompt_ids` (a text preview); None under pipeline parallelism.
-
-        A collective: every rank of the TP group must call it with the same prompt.
-        """
-        if self.ctx.pp_size > 1 or not prompt_ids:
-            return None
-        model = self.chunks[0]
-        model.eval()
-        ids = list(prompt_ids)
-        try:
-            for _ in range(n):
-                window = ids[-self.seq_length :]
-                # Right padding to a multiple of TP keeps SP's sequence split even; causal
-                # attention keeps the pad out of the real positions' logits.
-                length = -(-len(window) // self.ctx.tp_size) * self.ctx.tp_size
-                tokens = torch.zeros(1, length, dtype=torch.long)
-                tokens[0, : len(window)] = torch.tensor(window)
-                tokens = tokens.to(self.ctx.device)
-                with self._autocast():
-                    logits = model(tokens, self._positions(1, length), None, runtime_gather_output=True)
-                ids.append(int(logits[0, len(window) - 1].argmax()))
-        finally:
-            model.train()
-        return ids[len(prompt_ids) :]
-
     # --- internals -------------------------------------------------------------------
+
+    @property
+    def schedule_seq_length(self) -> int:
+        """The sequence length of what pipeline stages pass each other (a subclass may read more)."""
+        return self.seq_length
 
     def _positions(self, batch: int, length: int) -> torch.Tensor:
         key = (batch, length)
@@ -213,7 +191,7 @@ class TrainStep:
             data_iterator=iterators,
             model=self.chunks,
             num_microbatches=len(items),
-            seq_length=self.seq_length,
+            seq_length=self.schedule_seq_length,
             micro_batch_size=self.micro_batch_size,
             forward_only=forward_only,
         )

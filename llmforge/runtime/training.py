@@ -33,8 +33,9 @@ class StageHooks:
     - `step_class()`: the TrainStep subclass (or a partial of one) carrying the stage's loss.
     - `save(tmp, chunks, optimizer, final=)` / `load(step_dir, chunks, optimizer)`: what the
       stage's checkpoints hold (default: the whole model and optimizer under `model/`).
-    - `evaluation(chunks, step)`: EvalContext fields to set or replace (log-probabilities,
-      rewards, generation behind a soft prompt).
+    - `evaluation(chunks, step, server)`: EvalContext fields to set or replace (log-probabilities,
+      rewards, generation behind a soft prompt); `server` is the stage's `runtime.serve.ModelServer`
+      over `chunks`, which works at every layout.
     """
 
     def init_weights(self, source: Path, chunks: list) -> None:
@@ -63,7 +64,7 @@ class StageHooks:
 
         load_sharded(step_dir / "model", chunks, optimizer)
 
-    def evaluation(self, chunks: list, step: TrainStep) -> dict[str, Any]:
+    def evaluation(self, chunks: list, step: TrainStep, server) -> dict[str, Any]:
         return {}
 
 
@@ -95,6 +96,8 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     from llmforge.runtime.guards import SpikeGuard
     from llmforge.runtime.optim import param_groups, wrap_optimizer
     from llmforge.runtime.rng import RngState
+    from llmforge.runtime.serve import ModelServer, greedy_functions
+    from llmforge.runtime.step import autocast
     from llmforge.runtime.train import Loop, total_steps
 
     spec, registry, par = context.spec, context.registry, context.parallel()
@@ -121,6 +124,8 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     if par.is_last_stage:  # the reliability suite's NaN and spike injection; a no-op unless asked for
         install_loss_faults(step_fn.chunks[-1], lambda: loop.counters.step + 1)
     tokenizer = context.tokenizer()
+    # Scoring and generation for evaluators, the preview and the stage's hooks: every layout.
+    server = ModelServer(chunks, autocast=autocast(train.precision, par.device))
 
     def train_step(batch, lr: float):
         if hasattr(batch, "masks"):
@@ -138,11 +143,11 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         return total_loss / max(total_tokens, 1), total_tokens
 
     metrics = context.metrics(stage.name)
-    eval_ctx = EvalContext(stage=stage, tokenizer=tokenizer, val_loss=val_loss, generate=step_fn.greedy_sample,
+    eval_ctx = EvalContext(stage=stage, tokenizer=tokenizer, val_loss=val_loss, **greedy_functions(server, tokenizer), server=server,
                            log=context.log, eval_iters=train.eval_iters, score=step_fn.eval_loss,
                            text=lambda tag, text, step: metrics.text(f"{stage.name}/{tag}", text, step) if par.rank == 0 else None,
                            micro_batch_size=train.micro_batch_size, seq_length=seq_length, max_positions=model_opts.max_positions)
-    eval_ctx = dataclasses.replace(eval_ctx, **hooks.evaluation(chunks, step_fn))
+    eval_ctx = dataclasses.replace(eval_ctx, **hooks.evaluation(chunks, step_fn, server))
     evaluators = build_evaluators(registry, stage.evaluators, eval_ctx)
 
     if val_loader_fn is None and spec.logging.sample_prompt is None and spec.logging.sample_tokens > 0:
@@ -195,4 +200,4 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
                 flops_per_token=flops_per_token(model_opts, seq_length), peak_flops=peak_flops(train.precision, par.device),
                 rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval, guard=guard, any_rank=any_rank,
                 preempt_timeout=spec.checkpoint.preempt_timeout, world_size=par.world_size)
-    return {"loop": loop, "ckpt": ckpt, "metrics": metrics, "chunks": chunks, "step": step_fn, "eval": eval_ctx}
+    return {"loop": loop, "ckpt": ckpt, "metrics": metrics, "chunks": chunks, "step": step_fn, "eval": eval_ctx, "server": server}

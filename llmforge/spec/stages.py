@@ -189,7 +189,6 @@ class LoRAConfig(StrictModel):
 class LoRAStage(_NeedsInitFrom, SFTStage):
     """Supervised finetuning of LoRA adapters (response-only loss, chat template); the base model frozen."""
 
-    parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
     lora: LoRAConfig = Field(default_factory=dict, description="Adapter rank, scale, dropout, target linears and merging.")
 
 
@@ -207,7 +206,6 @@ class PromptTuningConfig(StrictModel):
 class PromptTuningStage(_NeedsInitFrom, SFTStage):
     """Prompt tuning on instruction data: only the soft prompt trains; checkpoints hold it alone."""
 
-    parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
     checkpoint_holds: ClassVar[frozenset[str]] = frozenset({SOFT_PROMPT})
     offers: ClassVar[frozenset[str]] = frozenset({"logprobs"})
     prompt_tuning: PromptTuningConfig = Field(default_factory=dict, description="Number of virtual tokens and their initialization.")
@@ -222,7 +220,6 @@ class PreferenceData(SFTData):
 class DPOStage(_NeedsInitFrom, SFTStage):
     """Direct preference optimization against a frozen reference model (sigmoid loss, or IPO)."""
 
-    parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
     reads_records: ClassVar[tuple[frozenset[str], ...]] = (PREFERENCE,)
     offers: ClassVar[frozenset[str]] = frozenset({"logprobs", "reference_logprobs"})
     data: PreferenceData = Field(..., description="Preference pairs.")
@@ -234,7 +231,6 @@ class DPOStage(_NeedsInitFrom, SFTStage):
 class RewardModelStage(_NeedsInitFrom, SFTStage):
     """A reward model: the GPT with a scalar head on its last token, trained on preference pairs (Bradley-Terry)."""
 
-    parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE,)
     reads_records: ClassVar[tuple[frozenset[str], ...]] = (PREFERENCE,)
     checkpoint_holds: ClassVar[frozenset[str]] = frozenset({MODEL, REWARD_HEAD})
     offers: ClassVar[frozenset[str]] = frozenset({"reward_scores"})
@@ -249,7 +245,6 @@ class RLStage(_NeedsInitFrom, SFTStage):
     one rollout, followed by `updates_per_rollout` optimizer updates on it.
     """
 
-    parallelism_limits: ClassVar[tuple[str, ...]] = (PIPELINE, SEQUENCE_PARALLEL)
     offers: ClassVar[frozenset[str]] = frozenset({"rewards", "logprobs", "reference_logprobs"})
     reads_records: ClassVar[tuple[frozenset[str], ...]] = (frozenset({"prompt"}),)  # and what its rewards read
     data: SFTData = Field(..., description="Prompts with reference answers (`prompt`/`response` records), e.g. a `tasks` source.")

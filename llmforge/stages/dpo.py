@@ -12,22 +12,24 @@ from llmforge.runtime.context import RunContext
 class DPOHooks(AnyCheckpointInit):
     """The whole model trains on the DPO loss against a frozen reference, which the evaluators can score too."""
 
-    def __init__(self, stage, *, reference, scorer) -> None:
-        self.stage, self.reference, self.scorer = stage, reference, scorer
+    def __init__(self, stage, *, reference, pad_id: int) -> None:
+        self.stage, self.reference, self.pad_id = stage, reference, pad_id  # reference: a ModelServer
 
     def step_class(self):
         from llmforge.finetune.steps import PreferenceStep
 
         return functools.partial(PreferenceStep, reference=self.reference, beta=self.stage.beta, loss=self.stage.loss)
 
-    def evaluation(self, chunks: list, step) -> dict[str, Any]:
-        from llmforge.models.init import unwrap
+    def evaluation(self, chunks: list, step, server) -> dict[str, Any]:
+        from llmforge.runtime.serve import summed_logprobs
 
-        return {"logprobs": self.scorer(unwrap(chunks[0])), "reference_logprobs": self.scorer(self.reference)}
+        scorer = functools.partial(summed_logprobs, micro_batch_size=self.stage.train.micro_batch_size, pad_id=self.pad_id)
+        return {"logprobs": scorer(server), "reference_logprobs": scorer(self.reference)}
 
 
 def run(stage, *, context: RunContext) -> dict[str, Any]:
-    from llmforge.finetune.common import check_layout, frozen_model, logprobs_fn, preference_packer
+    from llmforge.finetune.common import check_layout, frozen_model, preference_packer
+    from llmforge.runtime.serve import ModelServer
     from llmforge.runtime.step import autocast
     from llmforge.runtime.training import build_training
     from llmforge.stages.sft import finetune_loaders, sequence_length
@@ -37,10 +39,9 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     length = sequence_length(context, stage)
     loader, val_loader, train_recs, val_recs = finetune_loaders(context, stage, preference_packer(tokenizer, stage, length),
                                                                 length=length, kind="preferences", what="response (chosen + rejected)")
-    reference = frozen_model(context, stage, stage.reference or stage.init_from)
-    scorer = functools.partial(logprobs_fn, micro_batch_size=stage.train.micro_batch_size, pad_id=tokenizer.pad_id,
-                               autocast=autocast(stage.train.precision, par.device))
+    reference = ModelServer(frozen_model(context, stage, stage.reference or stage.init_from),
+                            autocast=autocast(stage.train.precision, par.device))
     parts = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length,
-                           hooks=DPOHooks(stage, reference=reference, scorer=scorer))
+                           hooks=DPOHooks(stage, reference=reference, pad_id=tokenizer.pad_id))
     summary = context.run_loop(stage, parts, evaluate_start=True)
     return {**summary, "train_pairs": len(train_recs), "val_pairs": len(val_recs)}

@@ -28,22 +28,20 @@ class PromptTuningHooks(PartialCheckpoints):
         attach_soft_prompt(chunks, num_virtual_tokens=self.n, init=opts.init, token_ids=self.init_ids, seed=self.context.spec.seed)
         self.context.log(f"[{self.stage.name}] soft prompt of {self.n} virtual tokens ({opts.init} init); the model is frozen")
 
-    def evaluation(self, chunks: list, step) -> dict[str, Any]:
-        from llmforge.finetune.common import logprobs_fn
-        from llmforge.finetune.prompt import shift_batch, with_virtual_tokens
-        from llmforge.models.init import unwrap
-        from llmforge.runtime.step import autocast
+    def evaluation(self, chunks: list, step, server) -> dict[str, Any]:
+        from llmforge.finetune.prompt import shift_batch
+        from llmforge.runtime.serve import greedy_functions, summed_logprobs
 
-        n, placeholder, train = self.n, self.placeholder, self.stage.train
+        n, placeholder, tokenizer = self.n, self.placeholder, self.context.tokenizer()
+        prefix = [placeholder] * n
 
         # Evaluators see prompts as the data has them: behind the virtual tokens.
         def score(micro_batches, loss_masks):
             shifted = [shift_batch(t, m, n, placeholder) for t, m in zip(micro_batches, loss_masks)]
             return step.eval_loss([t for t, _ in shifted], [m for _, m in shifted])
 
-        return {"generate": lambda ids, k: step.greedy_sample(with_virtual_tokens(ids, n, placeholder), k), "score": score,
-                "logprobs": logprobs_fn(unwrap(chunks[0]), micro_batch_size=train.micro_batch_size, pad_id=self.context.tokenizer().pad_id,
-                                        autocast=autocast(train.precision, self.context.parallel().device), prefix=[placeholder] * n)}
+        return {**greedy_functions(server, tokenizer, prefix=prefix), "score": score,
+                "logprobs": summed_logprobs(server, micro_batch_size=self.stage.train.micro_batch_size, pad_id=tokenizer.pad_id, prefix=prefix)}
 
 
 def run(stage, *, context: RunContext) -> dict[str, Any]:

@@ -24,15 +24,12 @@ class RewardModelHooks(AnyCheckpointInit):
 
         return RewardModelStep
 
-    def evaluation(self, chunks: list, step) -> dict[str, Any]:
+    def evaluation(self, chunks: list, step, server) -> dict[str, Any]:
         from llmforge.finetune.reward_model import score_sequences
-        from llmforge.models.init import unwrap
-        from llmforge.runtime.step import autocast
 
-        model, train, pad_id = unwrap(chunks[0]), self.stage.train, self.context.tokenizer().pad_id
-        cast = autocast(train.precision, self.context.parallel().device)
-        return {"reward_scores": lambda sequences: score_sequences(model, sequences, micro_batch_size=train.micro_batch_size,
-                                                                   pad_id=pad_id, autocast=cast, max_length=self.length + 1)}
+        train, pad_id = self.stage.train, self.context.tokenizer().pad_id
+        return {"reward_scores": lambda sequences: score_sequences(server, sequences, micro_batch_size=train.micro_batch_size,
+                                                                   pad_id=pad_id, max_length=self.length + 1)}
 
 
 def run(stage, *, context: RunContext) -> dict[str, Any]:

@@ -24,9 +24,9 @@ class RLHooks(AnyCheckpointInit):
     """The whole model trains on the clipped policy-gradient loss; the evaluators get its rewards,
     generation, and log-probabilities of the policy and the frozen reference."""
 
-    def __init__(self, stage, context: RunContext, *, reward, reference, scorer, autocast) -> None:
-        self.stage, self.context, self.reward, self.reference = stage, context, reward, reference
-        self.scorer, self.autocast = scorer, autocast
+    def __init__(self, stage, context: RunContext, *, reward, reference, pad_id: int) -> None:
+        self.stage, self.context, self.reward, self.reference = stage, context, reward, reference  # reference: a ModelServer or None
+        self.pad_id = pad_id
 
     def step_class(self):
         from llmforge.finetune.steps import PolicyGradientStep
@@ -35,19 +35,14 @@ class RLHooks(AnyCheckpointInit):
         return functools.partial(PolicyGradientStep, clip_epsilon=stage.clip_epsilon, kl_coef=stage.kl_coef,
                                  updates=stage.updates_per_rollout, temperature=stage.temperature)
 
-    def evaluation(self, chunks: list, step) -> dict[str, Any]:
-        from llmforge.models.init import unwrap
-        from llmforge.runtime.generate import generate
+    def evaluation(self, chunks: list, step, server) -> dict[str, Any]:
+        from llmforge.runtime.serve import summed_logprobs
 
-        policy, tokenizer = unwrap(chunks[0]), self.context.tokenizer()
+        scorer = functools.partial(summed_logprobs, micro_batch_size=self.stage.train.micro_batch_size, pad_id=self.pad_id)
+        return {"rewards": self.reward, "logprobs": scorer(server),
+                "reference_logprobs": scorer(self.reference) if self.reference is not None else None}
 
-        def greedy(ids: list[int], n: int) -> list[int]:
-            with self.autocast():
-                return generate(policy, [ids], max_new_tokens=n, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                vocab_size=tokenizer.vocab_size)[0]
 
-        return {"rewards": self.reward, "generate": greedy, "logprobs": self.scorer(policy),
-                "reference_logprobs": self.scorer(self.reference) if self.reference is not None else None}
 from llmforge.spec.errors import UserError
 
 
@@ -55,10 +50,10 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     from megatron.core import parallel_state
 
     from llmforge.data.sft import SFTLoader, prompt_ids, template_parts
-    from llmforge.finetune.common import check_layout, frozen_model, logprobs_fn
+    from llmforge.finetune.common import check_layout, frozen_model
     from llmforge.finetune.rewards import build_rewards
     from llmforge.finetune.rollout import RolloutSource
-    from llmforge.models.init import unwrap
+    from llmforge.runtime.serve import ModelServer
     from llmforge.runtime.step import autocast as step_autocast
     from llmforge.runtime.training import build_training
     from llmforge.stages.sft import instruction_packer, load_records, sequence_length, train_val_split
@@ -74,14 +69,14 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
                         "use `prompt`/`response` records, e.g. a `tasks` source or an `instructions` source with format: prompt_response")
 
     autocast = step_autocast(train.precision, par.device)
-    reference = frozen_model(context, stage, stage.reference or stage.init_from) if stage.kl_coef > 0 else None
+    reference = ModelServer(frozen_model(context, stage, stage.reference or stage.init_from), autocast=autocast) if stage.kl_coef > 0 else None
     reward = build_rewards(context.registry, stage.rewards, tokenizer=tokenizer, context=context, stage=stage)
     source = RolloutSource([(r, prompt_ids(tokenizer, parts_, r["prompt"])) for r in train_recs], tokenizer=tokenizer, reward=reward, group_size=stage.group_size,
                            global_batch_size=train.global_batch_size, micro_batch_size=train.micro_batch_size, dp_rank=par.dp_rank,
                            dp_size=par.dp_size, seed=spec.seed, length=length, scale_rewards=stage.scale_rewards,
                            sampling={"max_new_tokens": stage.max_new_tokens, "temperature": stage.temperature, "top_k": stage.top_k,
                                      "top_p": stage.top_p},
-                           need_old_logprobs=stage.updates_per_rollout > 1, reference=reference, autocast=autocast,
+                           need_old_logprobs=stage.updates_per_rollout > 1, reference=reference,
                            dp_group=parallel_state.get_data_parallel_group() if par.dp_size > 1 else None, data_files=data_files)
     # The val split's reference answers give a val loss: how likely the right answer is.
     va_tokens, va_masks, *_ = instruction_packer(tokenizer, stage, length)(val_recs)
@@ -91,9 +86,7 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
         return SFTLoader(va_tokens, va_masks, global_batch_size=train.global_batch_size, micro_batch_size=train.micro_batch_size,
                          dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed, shuffle=False)
 
-    scorer = functools.partial(logprobs_fn, micro_batch_size=train.micro_batch_size, pad_id=tokenizer.pad_id, autocast=autocast)
-
-    hooks = RLHooks(stage, context, reward=reward, reference=reference, scorer=scorer, autocast=autocast)
+    hooks = RLHooks(stage, context, reward=reward, reference=reference, pad_id=tokenizer.pad_id)
     parts = build_training(context, stage, loader=source, val_loader_fn=val_loader if val_recs else None, seq_length=length, hooks=hooks)
     metrics = parts["metrics"]
 
@@ -105,7 +98,7 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
             context.log(f"[{stage.name}] rollout {step}: reward {stats['reward_mean']:.3f} ± {stats['reward_std']:.3f}, "
                         f"{stats['completion_tokens']:.1f} tokens per completion, {stats['uniform_groups']:.0%} groups without signal")
 
-    source.bind(unwrap(parts["chunks"][0]), on_rollout)
+    source.bind(parts["server"], on_rollout)
     context.log(f"[{stage.name}] {len(train_recs)} train / {len(val_recs)} val prompts; {train.global_batch_size // stage.group_size} "
                 f"prompts × {stage.group_size} completions per step")
     summary = context.run_loop(stage, parts, evaluate_start=True)

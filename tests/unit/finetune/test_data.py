@@ -123,7 +123,6 @@ def test_loader_resumes_exactly_from_its_state():
 
 
 def test_rollout_resume_refuses_changed_prompt_files():
-    import contextlib
 
     from llmforge.finetune.rollout import RolloutSource
     from llmforge.spec.errors import UserError
@@ -131,7 +130,7 @@ def test_rollout_resume_refuses_changed_prompt_files():
     def source(data_files):
         return RolloutSource([({"prompt": "1+1="}, [1, 2])], tokenizer=None, reward=None, group_size=2, global_batch_size=2,
                              micro_batch_size=2, dp_rank=0, dp_size=1, seed=0, length=8, sampling={"max_new_tokens": 2},
-                             scale_rewards=True, need_old_logprobs=False, reference=None, autocast=contextlib.nullcontext,
+                             scale_rewards=True, need_old_logprobs=False, reference=None,
                              data_files=data_files)
 
     saved = source({"add": {"/data/add.jsonl": "aa"}})

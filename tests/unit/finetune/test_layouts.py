@@ -1,7 +1,7 @@
 """LoRA, prompt tuning, DPO, the reward model and the policy-gradient step train alike at every layout.
 
 As the pretraining parity tests do: fixed batches, SGD, fp32; the 2-process job (torchrun,
-gloo) trains each case at TP=2, TP=2 with sequence parallelism and DP=2, the 1-process job
+gloo) trains each case at TP=2, TP=2 with sequence parallelism, DP=2 and PP=2, the 1-process job
 at TP=1, and `worker.py` writes what each saw. Frozen weights must stay bit-identical, and
 the 2-process LoRA checkpoints must load at TP=1 (adapters alone, merged, merged on load).
 """
@@ -46,7 +46,7 @@ def _close(a: list[float], b: list[float]) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "dp2", "pp2"])
 def test_two_processes_train_like_one(runs, case, layout):
     reference = runs["single_rank0"][f"{case}_single"]
     assert reference["losses"][-1] != reference["losses"][0]  # it trains
@@ -68,6 +68,13 @@ def test_frozen_weights_stay_bit_identical(runs, case):
         else:
             assert got["trainable"] and all(".lora_linear_" in name and name.endswith((".A", ".B")) for name in got["trainable"])
             assert len(got["trainable"]) == 2 * 4 * 2  # A and B × 4 linears × 2 layers
+    # At PP=2 each rank holds one layer: its frozen weights stay put, its own trainables move.
+    first, last = runs["pair_rank0"][f"{case}_pp2"], runs["pair_rank1"][f"{case}_pp2"]
+    assert first["frozen_identical"] and last["frozen_identical"] and first["trainable_moved"] and last["trainable_moved"]
+    if case == "prompt":
+        assert first["trainable"] == ["embedding.soft_prompt.weight"] and last["trainable"] == []
+    else:
+        assert len(first["trainable"]) == len(last["trainable"]) == 2 * 4  # A and B × 4 linears × 1 layer
 
 
 def test_full_finetunes_train_every_weight(runs):
@@ -81,7 +88,7 @@ def test_full_finetunes_train_every_weight(runs):
 
 
 @pytest.mark.parametrize("case", ["lora_llama", "lora_gpt2"])
-@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "dp2"])
+@pytest.mark.parametrize("layout", ["tp2", "tp2_sp", "dp2", "pp2"])
 def test_two_process_lora_checkpoints_load_in_one_process(runs, case, layout):
     single = runs["single_rank0"]
     trained = single[f"{case}_single"]["eval"]

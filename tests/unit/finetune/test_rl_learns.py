@@ -8,7 +8,6 @@ global state out of pytest; the test judges the reward curve it wrote.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
@@ -30,6 +29,7 @@ def _run(updates: int, kl_coef: float) -> list[float]:
     import torch
 
     from llmforge.finetune.rollout import RolloutSource
+    from llmforge.runtime.serve import ModelServer
     from llmforge.finetune.steps import PolicyGradientStep
     from llmforge.models.gpt import build_gpt
     from llmforge.runtime.distributed import init_distributed
@@ -55,10 +55,9 @@ def _run(updates: int, kl_coef: float) -> list[float]:
     source = RolloutSource(prompts, tokenizer=_Tokenizer(), reward=reward, group_size=8, global_batch_size=32, micro_batch_size=16,
                            dp_rank=0, dp_size=1, seed=3, length=8, sampling={"max_new_tokens": 6, "temperature": 1.0, "top_k": None,
                                                                               "top_p": 1.0},
-                           scale_rewards=True, need_old_logprobs=updates > 1, reference=reference.eval() if kl_coef else None,
-                           autocast=contextlib.nullcontext)
+                           scale_rewards=True, need_old_logprobs=updates > 1, reference=ModelServer([reference.eval()]) if kl_coef else None)
     curve: list[float] = []
-    source.bind(chunks[0].module, lambda s, stats: curve.append(stats["reward_mean"]))
+    source.bind(ModelServer(chunks), lambda s, stats: curve.append(stats["reward_mean"]))
     for _ in range(STEPS):
         batch = source.next_global_batch()
         step(batch.tokens, 1e-3, batch.masks)

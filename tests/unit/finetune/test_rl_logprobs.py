@@ -10,7 +10,6 @@ to keep megatron's global state out of pytest.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
@@ -32,6 +31,7 @@ def _facts() -> dict[str, float]:
     import torch
 
     from llmforge.finetune.rollout import RolloutSource
+    from llmforge.runtime.serve import ModelServer
     from llmforge.finetune.steps import PolicyGradientStep
     from llmforge.models.gpt import build_gpt
     from llmforge.runtime.distributed import init_distributed
@@ -53,8 +53,8 @@ def _facts() -> dict[str, float]:
     source = RolloutSource(prompts, tokenizer=_Tokenizer(), reward=lambda samples: ([0.0] * len(samples), {}),
                            group_size=8, global_batch_size=16, micro_batch_size=8, dp_rank=0, dp_size=1, seed=3, length=8,
                            sampling={"max_new_tokens": 6, "temperature": TEMPERATURE, "top_k": None, "top_p": 1.0},
-                           scale_rewards=True, need_old_logprobs=True, reference=reference.eval(), autocast=contextlib.nullcontext)
-    source.bind(policy, lambda step, stats: None)
+                           scale_rewards=True, need_old_logprobs=True, reference=ModelServer([reference.eval()]))
+    source.bind(ModelServer(chunks), lambda step, stats: None)
     batch = source.next_global_batch()
 
     def expected(model, tokens: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -16,7 +16,8 @@ def _context():
 
 
 def _given(hooks) -> set[str]:
-    return {k for k, v in hooks.evaluation([torch.nn.Linear(2, 2)], SimpleNamespace()).items() if v is not None}
+    server = SimpleNamespace(max_positions=16)  # a ModelServer's face: the hooks only wrap it
+    return {k for k, v in hooks.evaluation([torch.nn.Linear(2, 2)], SimpleNamespace(), server).items() if v is not None}
 
 
 def test_each_finetune_stage_offers_what_it_declares():
@@ -27,12 +28,11 @@ def test_each_finetune_stage_offers_what_it_declares():
 
     train = SimpleNamespace(micro_batch_size=2, precision="fp32")
     stage = SimpleNamespace(train=train, name="ft", prompt_tuning=SimpleNamespace(init="random"))
-    scorer = lambda model: (lambda examples: [])  # noqa: E731
+    reference = SimpleNamespace(max_positions=16)
     built = {
-        spec_stages.DPOStage: DPOHooks(stage, reference=torch.nn.Linear(2, 2), scorer=scorer),
+        spec_stages.DPOStage: DPOHooks(stage, reference=reference, pad_id=0),
         spec_stages.RewardModelStage: RewardModelHooks(stage, _context(), length=8),
-        spec_stages.RLStage: RLHooks(stage, _context(), reward=lambda samples: ([], {}), reference=torch.nn.Linear(2, 2),
-                                     scorer=scorer, autocast=None),
+        spec_stages.RLStage: RLHooks(stage, _context(), reward=lambda samples: ([], {}), reference=reference, pad_id=0),
         spec_stages.PromptTuningStage: PromptTuningHooks(stage, _context(), meta={"num_virtual_tokens": 2, "placeholder": 0}, init_ids=[]),
     }
     for model, hooks in built.items():

@@ -101,7 +101,6 @@ def test_a_pair_stage_counts_both_sequences_real_input_tokens(tmp_path, tokenize
 
 
 def test_an_rl_rollout_counts_prompt_and_completion_tokens(monkeypatch):
-    import contextlib
 
     import torch
 
@@ -111,15 +110,16 @@ def test_an_rl_rollout_counts_prompt_and_completion_tokens(monkeypatch):
     prompts = [({"prompt": "a"}, [5, 6, 7]), ({"prompt": "b"}, [5, 6])]
     completions = {3: [[9, eos], [9, 9, 9, 9, 9, eos]], 2: [[eos], [9, 9, 9]]}  # by prompt length: 5, 9 (cut to 8), 3, 5 tokens
 
-    def generate(policy, prompt_ids, **kwargs):
-        return [completions[len(ids)][i % 2] for i, ids in enumerate(prompt_ids)]
+    class Policy:  # a ModelServer's face: completions by prompt length
+        device = torch.device("cpu")
 
-    monkeypatch.setattr("llmforge.runtime.generate.generate", generate)
+        def generate(self, prompt_ids, **kwargs):
+            return [completions[len(ids)][i % 2] for i, ids in enumerate(prompt_ids)]
     tokenizer = SimpleNamespace(eos_id=eos, pad_id=pad, vocab_size=16, decode=lambda ids: "x")
     source = RolloutSource(prompts, tokenizer=tokenizer, reward=lambda samples: ([0.0] * len(samples), {}), group_size=2,
                            global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1, seed=0, length=length,
                            sampling={"max_new_tokens": 6, "temperature": 1.0, "top_k": None, "top_p": 1.0}, scale_rewards=False,
-                           need_old_logprobs=False, reference=None, autocast=contextlib.nullcontext)
-    source.bind(torch.nn.Linear(1, 1), lambda step, stats: None)
+                           need_old_logprobs=False, reference=None)
+    source.bind(Policy(), lambda step, stats: None)
     source.next_global_batch()
     assert source.last_batch_tokens == 5 + 8 + 3 + 5

@@ -1,7 +1,7 @@
 """The finetune steps at every layout, for test_layouts.py (a test helper, not a test).
 
 `python -m torch.distributed.run --nproc-per-node=2 worker.py --job pair --out DIR` trains
-each case at TP=2, TP=2 with sequence parallelism, and DP=2; `python worker.py --job single
+each case at TP=2, TP=2 with sequence parallelism, DP=2 and PP=2; `python worker.py --job single
 --out DIR` trains them in one process, then loads the 2-process LoRA checkpoints (adapters
 alone, merged, and merged on the fly) into plain one-process models. Every rank writes
 `<job>_rank<r>.json` with losses, grad norms and whether the frozen weights stayed
@@ -31,7 +31,9 @@ LAYOUTS = {
     "tp2": {"tensor_model_parallel_size": 2, "nproc_per_node": 2},
     "tp2_sp": {"tensor_model_parallel_size": 2, "sequence_parallel": True, "nproc_per_node": 2},
     "dp2": {"nproc_per_node": 2},
+    "pp2": {"pipeline_model_parallel_size": 2, "nproc_per_node": 2},
 }
+PAIR_LAYOUTS = ["tp2", "tp2_sp", "dp2", "pp2"]
 LORA = {"targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], "rank": 4, "alpha": 8.0}
 VIRTUAL = 3  # soft-prompt tokens
 CASES = ["lora_llama", "lora_gpt2", "prompt", "dpo", "reward_model", "policy_gradient"]
@@ -127,7 +129,9 @@ def _train(case: str, layout: str, out: Path) -> dict:
         reward_model.attach_reward_head(chunks, seed=SEED)
         step_cls = steps.RewardModelStep
     elif case == "dpo":
-        (reference,) = _model("llama", parallelism)
+        from llmforge.runtime.serve import ModelServer
+
+        reference = ModelServer(_model("llama", parallelism))
         step_cls = functools.partial(steps.PreferenceStep, reference=reference, beta=0.5, loss="sigmoid")
     elif case == "policy_gradient":
         step_cls = functools.partial(steps.PolicyGradientStep, clip_epsilon=0.2, kl_coef=0.1, updates=2)
@@ -135,6 +139,7 @@ def _train(case: str, layout: str, out: Path) -> dict:
     lr = LR.get(case, 0.5)
     optimizer = wrap_optimizer(build_sgd(SGD(lr=lr), model_chunks=chunks), chunks, parallelism)
     step = step_cls(chunks, optimizer, parallelism_ctx=ctx, seq_length=length, micro_batch_size=MICRO, precision="fp32", clip_grad=None)
+    # Under PP a rank holds one stage: a soft prompt lives on the first, a reward head on the last.
     trainable = {n: p.detach().clone() for n, p in chunks[0].module.named_parameters() if p.requires_grad}
     results = []
     for s in range(STEPS):
@@ -192,7 +197,7 @@ def _load_two_process_checkpoints(out: Path) -> dict:
     for case in ("lora_llama", "lora_gpt2"):
         shape = "gpt2" if case == "lora_gpt2" else "llama"
         loaded[f"{case}_base"] = _plain_eval(_model(shape, parallelism)[0], case)
-        for layout in ("tp2", "tp2_sp", "dp2"):
+        for layout in PAIR_LAYOUTS:
             adapted = _model(shape, parallelism)
             lora.attach_lora(adapted, targets=LORA["targets"], rank=LORA["rank"], alpha=LORA["alpha"], dropout=0.0, seed=SEED + 1)
             load_sharded(out / f"{case}_{layout}_adapters_only" / "adapters", adapted, None, select=lora.is_adapter_key)
@@ -215,7 +220,7 @@ def main() -> None:
     parser.add_argument("--job", choices=["pair", "single"], required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    layouts = ["tp2", "tp2_sp", "dp2"] if args.job == "pair" else ["single"]
+    layouts = PAIR_LAYOUTS if args.job == "pair" else ["single"]
     results = {f"{case}_{layout}": _train(case, layout, args.out) for layout in layouts for case in CASES}
     if args.job == "single":
         results["loaded"] = _load_two_process_checkpoints(args.out)

@@ -248,16 +248,6 @@ def test_sample_diversity_scores_loops_low_and_varied_text_high(lion_installed):
     assert words["distinct_1"] == 2 / 8
 
 
-def test_sample_diversity_reports_nothing_where_the_model_cannot_generate(lion_installed):
-    from llmforge_lion.evaluator import build_sample_diversity
-    from llmforge_lion.options import SampleDiversityOptions
-
-    context = FakeContext([])
-    context.generate = lambda prompt_ids, max_new_tokens: None
-    assert build_sample_diversity(SampleDiversityOptions(), context=context).evaluate(step=5) == {}
-    assert context.lines == ["step 5: sample diversity skipped: this model layout cannot generate"]
-
-
 def test_csv_logger_grows_its_header_and_continues_after_resume(lion_installed, tmp_path):
     import csv
 

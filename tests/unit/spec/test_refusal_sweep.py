@@ -49,7 +49,6 @@ def stage(stage_type: str, *fields: str, index: int = 1, name: str = "ft", sourc
 
 RL = stage("rl", "rewards: [{name: exact_match}]")
 TP2 = ("parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=2")
-PP2 = ("parallelism.pipeline_model_parallel_size=2", "parallelism.nproc_per_node=2")
 DIST_OPT_SGD = ("parallelism.use_distributed_optimizer=true", "stages.1.train.optimizer={name: sgd}")
 PRECISION = spec("Input should be 'fp32' or 'bf16'", "stages.1.train.precision=fp16")
 SP_SEQUENCE = spec("trains on 31-token sequences, which sequence_parallel splits", *TP2, "parallelism.sequence_parallel=true",
@@ -101,11 +100,7 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
         spec("0 files match 'heldout/*.jsonl'", "stages.1.evaluators=[{name: multiple_choice, paths: [heldout/*.jsonl]}]"),
     ("runtime/evaluate.py", "_read_jsonl", "not JSON"): DATA_CONTENTS,
     ("runtime/evaluate.py", "_read_jsonl", "missing field(s)"): DATA_CONTENTS,
-    ("runtime/generate.py", "KVCacheDecoder.__init__", "pipeline-parallel"):
-        spec("stage type 'rl' does not support pipeline_model_parallel_size > 1", RL, *PP2),
-    ("runtime/generate.py", "KVCacheDecoder.__init__", "does not support sequence_parallel"):
-        spec("stage type 'rl' does not support sequence_parallel", RL, *TP2, "parallelism.sequence_parallel=true"),
-    ("runtime/generate.py", "KVCacheDecoder.__init__", "positions, the model has"):
+    ("runtime/serve.py", "ModelServer.generate", "positions, the model has"):
         "depends on the prompts' lengths (the data, or `llmforge generate`'s arguments)",
     ("runtime/launch.py", "check_devices", "this is one machine"): LAUNCH,
     ("runtime/launch.py", "check_devices", "processes per node"): LAUNCH + " (`llmforge plan` shows what the layout needs)",
@@ -148,8 +143,9 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
         spec("init_from 'tuned' is a prompt_tuning stage, whose checkpoints hold a soft prompt for a frozen model, not model weights",
              stage("prompt_tuning", "max_seq_length: 16", index=0, name="tuned"), "stages.1.init_from=tuned"),
     ("finetune/checkpoints.py", "load_weights", "holds no model weights"): "depends on what the checkpoint directory holds",
-    ("finetune/common.py", "check_layout", "stage {stage.name!r}: "): spec("stage type 'lora' does not support pipeline_model_parallel_size > 1",
-                                                                        stage("lora"), *PP2),
+    ("finetune/common.py", "check_layout", "stage {stage.name!r}: "):
+        "no built-in stage declares parallelism_limits; a plugin stage that does is refused by validate first "
+        "(tests/unit/spec/test_checks.py, the pipeline_free stage)",
     ("finetune/common.py", "preference_packer.pack", "trains on preference pairs"):
         spec("source 'add' (tasks) yields records with {prompt, response}, but a dpo stage reads records with {chosen, prompt, rejected}",
              stage("dpo")),
