@@ -203,39 +203,93 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_argv(args: argparse.Namespace, nproc: int) -> list[str]:
+    """The generate command again, for each rank of the relaunch (`--opt=value`: a prompt may start with '-')."""
+    argv = ["generate", args.source, *args.overrides, f"--nproc-per-node={nproc}", f"--template={args.template}",
+            f"--max-new-tokens={args.max_new_tokens}", f"--temperature={args.temperature}", f"--top-p={args.top_p}", f"--seed={args.seed}"]
+    for flag, value in (("--prompt", args.prompt), ("--stage", args.stage), ("--top-k", args.top_k)):
+        if value is not None:
+            argv.append(f"{flag}={value}")
+    return [*argv, "--interactive"] if args.interactive else argv
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
-    import torch
+    warnings.filterwarnings("ignore", message="full scope is deprecated", module="megatron")
 
-    from llmforge.interop.generate import TextGenerator
+    from llmforge.interop.generate import TextGenerator, generation_layout
+    from llmforge.runtime import launch
     from llmforge.spec.errors import UserError
 
     if args.prompt is None and not args.interactive:
         raise UserError("nothing to continue", "give --prompt TEXT, or --interactive to type prompts")
-    model = TextGenerator(args.source, stage=args.stage, template=args.template)
-    generator = torch.Generator().manual_seed(args.seed)
+    layout = generation_layout(args.overrides, nproc_per_node=args.nproc_per_node, interactive=args.interactive)
+    if not launch.under_launcher() and layout.world_size > 1:
+        # What one process can check without the model, before any rank starts.
+        checked = TextGenerator(args.source, stage=args.stage, template=args.template, parallelism=layout, load=False)
+        if args.prompt is not None:
+            checked.checked_ids(args.prompt)
+        try:
+            launch.check_devices(layout, multi_node_flags=False)
+        except UserError as e:
+            raise UserError(e.args[0], "pass a smaller --nproc-per-node, or a layout that needs fewer processes") from None
+        return launch.relaunch(_generate_argv(args, layout.nproc_per_node), nproc=layout.nproc_per_node, nnodes=1, node_rank=None,
+                               rdzv_endpoint=None, resuming=False)
+    model = TextGenerator(args.source, stage=args.stage, template=args.template, parallelism=layout)
+    try:
+        speaks = model.rank == 0  # every rank computes every answer; one prints it
+        if speaks and model.world_size > 1:
+            print(f"{model.step_dir}: {model.describe_layout()}", file=sys.stderr, flush=True)
+        count = 0
 
-    def answer(prompt: str) -> None:
-        print(model(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    generator=generator), flush=True)
+        def answer(prompt: str) -> None:
+            nonlocal count
+            # The n-th prompt (from 0) samples with seed --seed + n: --prompt alone uses --seed itself.
+            text = model(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                         seed=args.seed + count)
+            count += 1
+            if speaks:
+                print(text, flush=True)
 
-    if args.prompt is not None:
-        answer(args.prompt)
-    if args.interactive:
-        print(f"{model.step_dir} — one prompt per line; an empty line or Ctrl-D ends", file=sys.stderr)
-        for line in iter(lambda: input("> ") if sys.stdin.isatty() else sys.stdin.readline(), ""):
-            prompt = line.rstrip("\n")
-            if not prompt:
-                break
-            answer(prompt)
+        if args.prompt is not None:
+            answer(args.prompt)
+        if args.interactive:
+            if speaks:
+                print(f"{model.step_dir} — one prompt per line; an empty line or Ctrl-D ends", file=sys.stderr)
+
+            def read() -> str:
+                return input("> ") if sys.stdin.isatty() else sys.stdin.readline()
+
+            while True:
+                try:
+                    line = read() if speaks else None
+                except EOFError:
+                    line = ""
+                prompt = (model.share(line) or "").rstrip("\n")
+                if not prompt:
+                    break
+                try:
+                    answer(prompt)
+                except UserError as e:  # a prompt too long for the model: every rank refuses it alike, and reads on
+                    if speaks:
+                        print(f"error: {e}", file=sys.stderr, flush=True)
+    finally:
+        model.close()
     return 0
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="continue prompts with a trained checkpoint (KV-cache sampling)")
+    p = sub.add_parser("generate", help="continue prompts with a trained checkpoint (KV-cache sampling, at any TP/PP layout)",
+                       description="Continue prompts with a checkpoint of any layout. One process by default; layout overrides "
+                                   "(e.g. parallelism.pipeline_model_parallel_size=2) and --nproc-per-node relaunch the command "
+                                   "under torchrun, each rank loading its shard of the model (the saved layout is resharded on load). "
+                                   "Greedy and seeded sampled text is the same at every layout.")
     p.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a run dir (its last stage's newest checkpoint) or a checkpoints/<stage>/step-N dir")
+    p.add_argument("overrides", nargs="*", metavar="parallelism.KEY=VALUE",
+                   help="layout to generate at, e.g. parallelism.pipeline_model_parallel_size=2 or parallelism.tensor_model_parallel_size=2 "
+                        "(default TP=1, PP=1; any layout, whatever layout saved the checkpoint)")
     p.add_argument("--prompt", help="the text to continue")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until an empty line")
     p.add_argument("--stage", help="use this stage's newest checkpoint of RUN_DIR")
@@ -245,7 +299,10 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens holding this much probability")
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the sampler (the n-th prompt, from 0, uses seed + n); the same seed gives the same text at every layout")
+    p.add_argument("--nproc-per-node", type=int,
+                   help="processes to run (relaunched under torchrun when more than one); default TP × PP of the layout overrides")
     p.set_defaults(func=cmd_generate)
 
 

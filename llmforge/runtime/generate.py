@@ -52,6 +52,10 @@ class StageDecoder:
         self.rotary = None
         if first.position_embedding_type == "rope":
             self.rotary = first.rotary_pos_emb(max_length)[:, 0, 0, :]  # [max_length, rotary dim]
+            # megatron's unfused RoPE takes cos and sin of the angles at every call, for q and k of
+            # every layer; the tables are built once here (the same elementwise values).
+            self._own_rope = not (self.config.rotary_interleaved or self.config.multi_latent_attention or self.config.apply_rope_fusion)
+            self._cos, self._sin = self.rotary.cos(), self.rotary.sin()
         self._mask = None
 
     def begin(self, new: int, valid: torch.Tensor | None) -> None:
@@ -75,14 +79,20 @@ class StageDecoder:
         model, config = self.chunks[index], self.config
         new = positions.shape[1]
         start, end = self.length, self.length + new
-        freqs = None
+        freqs = rope = None
         if self.rotary is not None:
-            freqs = self.rotary[positions.transpose(0, 1)].unsqueeze(2)  # [new, batch, 1, dim]
+            where = positions.transpose(0, 1)
+            if self._own_rope:
+                rope = (self._cos[where].unsqueeze(2), self._sin[where].unsqueeze(2))  # [new, batch, 1, dim] each
+            else:
+                freqs = self.rotary[where].unsqueeze(2)
         hidden = model.embedding(input_ids=inputs, position_ids=positions) if model.pre_process else inputs
         for number, layer in enumerate(model.decoder.layers):
             attention = layer.self_attention
             query, key, value = attention.get_query_key_value_tensors(layer.input_layernorm(hidden))
-            if freqs is not None:
+            if rope is not None:
+                query, key = _rotate(query, *rope), _rotate(key, *rope)
+            elif freqs is not None:
                 query = apply_rotary_pos_emb(query, freqs, config=config)
                 key = apply_rotary_pos_emb(key, freqs, config=config)
             if self.cache:
@@ -118,6 +128,15 @@ class StageDecoder:
         logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=False)  # [new, b, vocab / TP]
         logp = -tensor_parallel.vocab_parallel_cross_entropy(logits.float() / temperature, labels.to(self.device).transpose(0, 1).contiguous())
         return logp.transpose(0, 1).float()
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """megatron's unfused, non-interleaved RoPE (rope_utils._apply_rotary_pos_emb_bshd) from cos/sin tables."""
+    dim = cos.shape[-1]
+    rotated, rest = t[..., :dim], t[..., dim:]
+    x1, x2 = torch.chunk(rotated, 2, dim=-1)
+    out = rotated * cos.to(t.dtype) + torch.cat((-x2, x1), dim=-1) * sin.to(t.dtype)
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:

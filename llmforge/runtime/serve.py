@@ -194,10 +194,12 @@ class ModelServer:
     # --- one forward over the pipeline ---------------------------------------------------
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None, *, decoder: StageDecoder | None,
-                 labels: torch.Tensor | None = None, temperature: float = 1.0, read: Callable | None = None) -> torch.Tensor:
+                 labels: torch.Tensor | None = None, temperature: float = 1.0, read: Callable | None = None,
+                 last_only: bool = False) -> torch.Tensor:
         """Through every stage: gathered logits [b, new, vocab] (fp32), with `labels` the tempered
         log-probs [b, new], or with `read(model, hidden)` what it reads of the last stage's final
-        hidden states [new, b, h] ([b]); on every rank of the pipeline."""
+        hidden states [new, b, h] ([b]); on every rank of the pipeline. `last_only`: logits of the
+        last position alone ([b, 1, vocab]: what sampling reads)."""
         batch, new = tokens.shape
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         valid = valid.to(self.device) if valid is not None else None
@@ -213,12 +215,15 @@ class ModelServer:
                     dist.recv(hidden, src=layout.prev_rank)
                 hidden = own.run_chunk(index, tokens if chunk.pre_process else hidden, positions)
                 if chunk.post_process:
-                    result = read(chunk, hidden) if read is not None else own.head(index, hidden, labels=labels, temperature=temperature)
+                    if read is not None:
+                        result = read(chunk, hidden)
+                    else:
+                        result = own.head(index, hidden[-1:] if last_only else hidden, labels=labels, temperature=temperature)
                 else:
                     dist.send(hidden.float().contiguous(), dst=layout.next_rank)
         own.end(new)
         if layout.pp_size > 1:
-            shape = (batch,) if read is not None else (batch, new) if labels is not None else (batch, new, own.vocab_size)
+            shape = (batch,) if read is not None else (batch, new) if labels is not None else (batch, 1 if last_only else new, own.vocab_size)
             # Contiguous: gloo sends a tensor's storage as it lies in memory.
             result = torch.empty(shape, dtype=torch.float32, device=self.device) if result is None else result.contiguous()
             dist.broadcast(result, src=layout.last_rank, group=layout.pp_group)
@@ -235,7 +240,7 @@ class ModelServer:
             valid[row, width - len(prompt):] = True
         positions = (valid.long().cumsum(dim=1) - 1).clamp(min=0)
         generators = [torch.Generator().manual_seed(row_seed(seed, r)) for r in rows] if temperature > 0 else None
-        logits = self._forward(tokens, positions, valid, decoder=decoder)[:, -1]
+        logits = self._forward(tokens, positions, valid, decoder=decoder, last_only=True)[:, -1]
         next_position = positions[:, -1] + 1
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * len(prompts)
@@ -249,7 +254,7 @@ class ModelServer:
                     done[row] = token in stop_ids
             if all(done) or step == max_new_tokens - 1:
                 break
-            logits = self._forward(chosen[:, None], next_position[:, None], None, decoder=decoder)[:, -1]
+            logits = self._forward(chosen[:, None], next_position[:, None], None, decoder=decoder, last_only=True)[:, -1]
             next_position = next_position + 1
         return out
 

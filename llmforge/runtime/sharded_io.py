@@ -158,7 +158,9 @@ def load_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimize
     state = _sharded_state_dict(model_chunks, optimizer, loading=True, select=select)
     loaded = dist_checkpointing.load(state, str(path), sharded_strategy=_load_strategy())
     for i, chunk in enumerate(model_chunks):
-        entries = loaded["model"][f"chunk{i}"]
+        # A rank whose selection is empty (a soft prompt lives on the first pipeline stage only)
+        # gets nothing back for it; strict loads still refuse a missing entry below.
+        entries = loaded.get("model", {}).get(f"chunk{i}", {})
         missing, unexpected = unwrap(chunk).load_state_dict(entries, strict=select is None)
         if select is not None and (unexpected or any(select(k) for k in missing)):
             raise RuntimeError(f"{path}: selected entries did not load: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -175,3 +175,10 @@ def test_every_stage_and_evaluator_runs_at_two_process_layouts_like_one_process(
     assert [pick(r) for r in rows(run_dir, "rollout")] == [pick(r) for r in rows(finetune_run, "rollout")]
     assert [r["reward_mean"] for r in rows(run_dir, "rollout")] == pytest.approx([r["reward_mean"] for r in rows(finetune_run, "rollout")],
                                                                                 rel=1e-4)
+    if layout == "pp2":  # a soft prompt lives on the first stage only: generate from it at PP=2 and in one process
+        source = str(run_dir / "checkpoints/prompt/step-4")
+        args = ("--prompt", "12+30=", "--temperature", "0", "--max-new-tokens", "4")
+        one = llmforge("generate", source, *args)
+        two = llmforge("generate", source, *args, "parallelism.pipeline_model_parallel_size=2")
+        assert one.returncode == two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+        assert two.stdout == one.stdout and "PP 2" in two.stderr
