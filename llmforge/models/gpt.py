@@ -74,12 +74,17 @@ def transformer_config(options: GPTModel, parallelism: ParallelismConfig, *, pre
         hidden_size=options.hidden_size,
         num_attention_heads=options.num_attention_heads,
         num_query_groups=options.kv_groups,
+        kv_channels=options.kv_channels,
         ffn_hidden_size=options.ffn,
         normalization=options.normalization,
         layernorm_epsilon=options.norm_epsilon,
         activation_func=activation,
         gated_linear_unit=gated,
         add_bias_linear=options.add_bias_linear,
+        add_qkv_bias=options.add_qkv_bias,
+        # Also what makes finalize_model_grads sum the q/k norms' grads over TP: each rank
+        # normalizes only its own heads with the one shared weight.
+        qk_layernorm=options.qk_layernorm,
         hidden_dropout=options.hidden_dropout,
         attention_dropout=options.attention_dropout,
         init_method_std=options.init_method_std,
@@ -142,12 +147,15 @@ def layer_spec(config: TransformerConfig, num_layers: int):
     from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
     if _use_transformer_engine():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
 
     from llmforge.models.layers import SDPACoreAttention, TorchNorm
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization)
-    spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = SDPACoreAttention
+    if config.qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = TorchNorm
     spec.submodules.input_layernorm = TorchNorm
     spec.submodules.pre_mlp_layernorm = TorchNorm
     # A block spec, so that the final norm is ours too (megatron's default refuses SP).
@@ -186,6 +194,8 @@ def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: s
             share_embeddings_and_output_weights=not options.untie_embeddings_and_output_weights,
             position_embedding_type=options.position_embedding_type,
             rotary_base=options.rotary_base,
+            rope_scaling=options.rope_scaling_factor is not None,
+            rope_scaling_factor=options.rope_scaling_factor or 1.0,  # read only with rope_scaling
             vp_stage=vp_stage,
         )
         chunks.append(model.to(device))

@@ -97,6 +97,8 @@ class TorchNorm:
     Under SP each TP rank normalizes its own slice of the sequence, so the norm's grads are
     partial: tagging the parameters `sequence_parallel` makes megatron's
     `finalize_model_grads` sum them over the TP group (without it: 9e-5 off by step 2).
+    As the per-head query and key norms (`qk_layernorm`), each rank normalizes only its own
+    heads, so their grads are partial with or without SP; megatron sums those by name.
     """
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused) -> torch.nn.Module:

@@ -4,10 +4,13 @@
 `flops_per_token` for MFU. The counts follow what megatron-core's GPTModel allocates:
 
 - per layer: two norms (LayerNorm has weight and bias, RMSNorm only a weight), the fused
-  QKV projection (grouped-query aware), the output projection, and the MLP, whose first
-  projection is twice as wide when the activation is gated (swiglu);
-- `add_bias_linear` adds a bias to the four linear layers. A row-parallel layer's bias
-  (attention output, second MLP projection) is replicated on every tensor-parallel rank;
+  QKV projection (grouped-query aware, heads `kv_channels` wide), the output projection,
+  and the MLP, whose first projection is twice as wide when the activation is gated (swiglu);
+- `qk_layernorm` adds a query and a key norm one head wide, shared by the heads and
+  replicated on every tensor-parallel rank;
+- `add_bias_linear` adds a bias to the four linear layers, `add_qkv_bias` to the QKV
+  projection only. A row-parallel layer's bias (attention output, second MLP projection)
+  is replicated on every tensor-parallel rank;
 - the word embedding, learned position embeddings when used (replicated over TP), the
   final norm, and an output projection without bias when embeddings are untied.
 
@@ -21,7 +24,11 @@ from typing import Any, Protocol
 
 
 class GPTShape(Protocol):
-    """The attributes of the `gpt` options model that size the network."""
+    """The attributes of the `gpt` options model that size the network.
+
+    `kv_channels`, `add_qkv_bias` and `qk_layernorm` are read with defaults (hidden /
+    heads, off, off), so a plugin model written before them is sized as it was.
+    """
 
     num_layers: int
     hidden_size: int
@@ -47,12 +54,26 @@ def _ceil_div(a: int, b: int) -> int:
 
 
 def head_dim(model: GPTShape) -> int:
-    return model.hidden_size // model.num_attention_heads
+    return getattr(model, "kv_channels", None) or model.hidden_size // model.num_attention_heads
+
+
+def query_width(model: GPTShape) -> int:
+    """Features of all query heads together: the attention output projection's input."""
+    return model.num_attention_heads * head_dim(model)
 
 
 def qkv_width(model: GPTShape) -> int:
     """Output features of the fused QKV projection: all query heads plus the key/value groups."""
-    return model.hidden_size + 2 * model.kv_groups * head_dim(model)
+    return query_width(model) + 2 * model.kv_groups * head_dim(model)
+
+
+def _qkv_bias(model: GPTShape) -> bool:
+    return model.add_bias_linear or getattr(model, "add_qkv_bias", False)
+
+
+def _qk_norms(model: GPTShape) -> int:
+    """Norm layers inside attention: a query and a key norm with `qk_layernorm`, else none."""
+    return 2 if getattr(model, "qk_layernorm", False) else 0
 
 
 def fc1_width(model: GPTShape) -> int:
@@ -67,17 +88,19 @@ def norm_params(model: GPTShape) -> int:
 def layer_params(model: GPTShape, tensor_parallel: int = 1) -> int:
     """Parameters of one transformer layer on one tensor-parallel rank."""
     h, t, bias = model.hidden_size, tensor_parallel, model.add_bias_linear
-    qkv = h * qkv_width(model) // t + (qkv_width(model) // t if bias else 0)
-    proj = h * h // t + (h if bias else 0)
+    qkv = h * qkv_width(model) // t + (qkv_width(model) // t if _qkv_bias(model) else 0)
+    proj = query_width(model) * h // t + (h if bias else 0)
     fc1 = h * fc1_width(model) // t + (fc1_width(model) // t if bias else 0)
     fc2 = model.ffn * h // t + (h if bias else 0)
-    return 2 * norm_params(model) + qkv + proj + fc1 + fc2
+    qk_norms = _qk_norms(model) * head_dim(model) * (2 if model.normalization == "LayerNorm" else 1)
+    return 2 * norm_params(model) + qk_norms + qkv + proj + fc1 + fc2
 
 
 def layer_tensors(model: GPTShape) -> int:
     """Parameter tensors of one layer (Adam keeps a `step` scalar for each)."""
     norm = 2 if model.normalization == "LayerNorm" else 1
-    return 2 * norm + 4 * (2 if model.add_bias_linear else 1)
+    biases = 4 if model.add_bias_linear else int(_qkv_bias(model))
+    return (2 + _qk_norms(model)) * norm + 4 + biases
 
 
 def embedding_params(model: GPTShape, tensor_parallel: int = 1) -> int:
@@ -147,10 +170,11 @@ def attention_flops_per_token(model: GPTShape, seq_length: int | None = None) ->
 
     QKᵀ and AV cost 2·s·h multiply-adds each per token and layer over the full s×s
     square; a causal kernel (SDPA, flash) computes half of it, and backward is twice
-    forward: 3 × (2·2·s·h) / 2 = 6·s·h. PaLM's 12·L·h·s counts the full square.
+    forward: 3 × (2·2·s·h) / 2 = 6·s·h. PaLM's 12·L·h·s counts the full square. h is
+    the width of all query heads, which `kv_channels` may set apart from the model's.
     """
     s = seq_length or model.seq_length
-    return 6.0 * model.num_layers * model.hidden_size * s
+    return 6.0 * model.num_layers * query_width(model) * s
 
 
 def flops_per_token(model: GPTShape, seq_length: int | None = None) -> float:

@@ -14,6 +14,8 @@ checked against the tensors autograd saves (tests/unit/plan/test_reality.py):
 
 - attention saves q, k, v, its output and a log-sum-exp: no s×s scores (SDPA/flash).
   Only attention dropout on CPU falls back to the math kernel, which stores the scores;
+- the per-head q/k norms (`qk_layernorm`) keep what the layer norms keep, per head; a QKV
+  bias (`add_qkv_bias`) makes the QKV output fp32, as every bias does;
 - dropout at 0 stores no masks; above 0 each stores a mask as large as its input;
 - megatron casts the residual stream to the branch's dtype, so under bf16 autocast it is
   bf16 unless a bias (an fp32 parameter) promotes it back to fp32;
@@ -162,17 +164,49 @@ def _norm_saved(model: Any, tokens: float, in_bytes: int) -> float:
     return tokens * h * in_bytes + 2 * tokens * FP32  # input, mean, rstd
 
 
+def qkv_output_bytes(model: Any, precision: str) -> int:
+    """Bytes per element of the QKV projection's output: a bias (an fp32 parameter) promotes it."""
+    if precision == "fp32" or model.add_bias_linear or getattr(model, "add_qkv_bias", False):
+        return FP32
+    return _compute_bytes(precision)
+
+
+def _qk_width(model: Any) -> int:
+    """Features of the query and key heads together (what RoPE and the q/k norms touch)."""
+    return size.query_width(model) + model.kv_groups * size.head_dim(model)
+
+
 def _core_attention_inputs(model: Any, tokens: float, tensor: int, dtype: int) -> float:
-    """q, k, v as they reach core attention: rotated q and k are new tensors, and v (or all
-    three, without RoPE) is a view that keeps the whole QKV projection output alive."""
+    """q, k, v as they reach core attention: rotated (or normalized) q and k are new tensors,
+    and v (or all three, without either) is a view that keeps the whole QKV output alive."""
     stored = tokens * size.qkv_width(model) / tensor * dtype
-    if model.position_embedding_type == "rope":
-        stored += tokens * (model.hidden_size + model.kv_groups * size.head_dim(model)) / tensor * dtype
+    if model.position_embedding_type == "rope" or getattr(model, "qk_layernorm", False):
+        stored += tokens * _qk_width(model) / tensor * dtype
     return stored
 
 
+def _qk_norm_saved(model: Any, tokens: float, tensor: int, precision: str, *, holds_qkv: bool) -> float:
+    """What the query and key norms keep, as the layer norms do but per head.
+
+    A bf16 input is copied to fp32; an fp32 one is kept as a view of the QKV output, which
+    `holds_qkv` says to count here (attention keeps only bf16 copies of a bias-promoted
+    output under autocast). RMSNorm also keeps the normalized input.
+    """
+    width = _qk_width(model) / tensor
+    rows = tokens * (model.num_attention_heads + model.kv_groups) / tensor
+    if qkv_output_bytes(model, precision) != FP32:
+        kept = width * FP32  # the fp32 copy
+    elif holds_qkv:
+        kept = size.qkv_width(model) / tensor * FP32  # the view keeps the whole QKV output alive
+    else:
+        kept = 0.0
+    if model.normalization == "RMSNorm":
+        return tokens * (kept + width * FP32) + rows * FP32  # input, normalized input, rstd
+    return tokens * kept + 2 * rows * FP32  # input, mean and rstd
+
+
 def _attention_terms(model: Any, *, tokens: float, tensor: int, micro_batch_size: int, seq_length: int, compute: int,
-                     linear_out: int, precision: str, device: str) -> dict[str, float]:
+                     qkv_out: int, precision: str, device: str) -> dict[str, float]:
     t, heads = tensor, model.num_attention_heads
     per_head_rows = micro_batch_size * heads / t * seq_length
     if device == "cpu" and model.attention_dropout > 0:
@@ -180,13 +214,13 @@ def _attention_terms(model: Any, *, tokens: float, tensor: int, micro_batch_size
         # mask and dropped scores, and fp32 copies of a scaled q and of k. v is a copy
         # too under bf16 or when grouped-query attention expands it, else a view that
         # keeps the whole QKV projection output.
-        q_elems = tokens * model.hidden_size / t
+        q_elems = tokens * size.query_width(model) / t
         if precision == "bf16" or model.kv_groups < heads:
             qkv = 3 * q_elems * FP32
         else:
             qkv = 2 * q_elems * FP32 + tokens * size.qkv_width(model) / t * FP32
         return {"attention_qkv": qkv, "attention_scores": 3 * per_head_rows * seq_length * FP32}
-    if linear_out != compute:
+    if qkv_out != compute:
         qkv = tokens * size.qkv_width(model) / t * compute  # autocast's bf16 copies of fp32 q, k, v
     else:
         qkv = _core_attention_inputs(model, tokens, t, compute)
@@ -210,15 +244,18 @@ def layer_activation_terms(model: Any, *, precision: str, tensor: int, sequence_
     split_tokens = tokens / t if sequence_parallel else tokens  # what sequence parallel shards
     # A linear layer's bias is an fp32 parameter, so adding it promotes bf16 outputs to fp32.
     linear_out = FP32 if model.add_bias_linear else compute
+    qkv_out = qkv_output_bytes(model, precision)
     terms: dict[str, float] = {}
 
     terms["attention_norm"] = _norm_saved(model, split_tokens, first_in)
     terms["qkv_input"] = split_tokens * h * first_in
+    if getattr(model, "qk_layernorm", False):
+        terms["qk_norms"] = _qk_norm_saved(model, tokens, t, precision, holds_qkv=qkv_out != compute)
     terms.update(_attention_terms(model, tokens=tokens, tensor=t, micro_batch_size=micro_batch_size, seq_length=seq_length,
-                                  compute=compute, linear_out=linear_out, precision=precision, device=device))
+                                  compute=compute, qkv_out=qkv_out, precision=precision, device=device))
     if model.position_embedding_type == "rope":
-        terms["rope_tables"] = 4 * seq_length * d * linear_out  # cos and sin for q and for k
-    terms["attention_output"] = tokens * h / t * compute  # the projection keeps a view of it
+        terms["rope_tables"] = 4 * seq_length * d * qkv_out  # cos and sin for q and for k
+    terms["attention_output"] = tokens * size.query_width(model) / t * compute  # the projection keeps a view of it
 
     terms["mlp_norm"] = _norm_saved(model, split_tokens, res)
     terms["fc1_input"] = split_tokens * h * res
@@ -236,8 +273,10 @@ def layer_activation_terms(model: Any, *, precision: str, tensor: int, sequence_
 def _selective(terms: dict[str, float], model: Any, layout: Layout, seq_length: int, precision: str) -> dict[str, float]:
     """Selective recompute (megatron's `core_attn`) keeps attention's inputs as they arrive, not its internals."""
     out = {k: v for k, v in terms.items() if k not in ("attention_logsumexp", "attention_scores")}
-    linear_out = FP32 if precision == "fp32" or model.add_bias_linear else _compute_bytes(precision)
-    out["attention_qkv"] = _core_attention_inputs(model, layout.micro_batch_size * seq_length, layout.tensor, linear_out)
+    tokens = layout.micro_batch_size * seq_length
+    out["attention_qkv"] = _core_attention_inputs(model, tokens, layout.tensor, qkv_output_bytes(model, precision))
+    if "qk_norms" in out:  # attention_qkv now holds the QKV output
+        out["qk_norms"] = _qk_norm_saved(model, tokens, layout.tensor, precision, holds_qkv=False)
     return out
 
 

@@ -44,7 +44,9 @@ def _tensor_parallel_divides(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIs
         yield _issue(loaded, ("parallelism", "tensor_model_parallel_size"),
                      f"num_query_groups {groups} is not divisible by tensor_model_parallel_size {tp}",
                      "each tensor-parallel rank needs whole key/value groups")
-    ffn = getattr(model, "ffn_hidden_size", None)  # when omitted, 4 × hidden_size divides when the heads do
+    # The width the model builds: when ffn_hidden_size is omitted, 4 × hidden_size, which need not
+    # divide by TP once kv_channels frees hidden_size from the heads.
+    ffn = getattr(model, "ffn", getattr(model, "ffn_hidden_size", None))
     if ffn is not None and ffn % tp:
         yield _issue(loaded, ("model", "ffn_hidden_size"), f"ffn_hidden_size {ffn} is not divisible by tensor_model_parallel_size {tp}",
                      "each tensor-parallel rank holds an equal slice of the MLP: use a multiple of the tensor-parallel size")

@@ -138,12 +138,25 @@ class GPTModel(StrictModel):
     vocab_size: int = Field(..., ge=1, description="Embedding rows; must be ≥ the tokenizer's vocabulary.")
     seq_length: int = Field(..., ge=1, description="Training sequence length in tokens.")
     max_position_embeddings: int | None = Field(None, ge=1, description="Longest supported sequence; None = seq_length.")
+    kv_channels: int | None = Field(
+        None, ge=1, description="Width of each attention head (HF's head_dim); None = hidden_size / num_attention_heads. "
+        "It may differ from that (Qwen3-0.6B: hidden 1024, 16 heads of 128): attention then works on "
+        "num_attention_heads × kv_channels features, projected from and back to hidden_size.")
     position_embedding_type: Literal["learned_absolute", "rope"] = Field("learned_absolute", description="Position encoding.")
-    rotary_base: int = Field(10000, ge=1, description="RoPE base (theta).")
+    rotary_base: float = Field(10000, ge=1, description="RoPE base (theta); need not be a whole number.")
+    rope_scaling_factor: float | None = Field(
+        None, ge=1, description="Llama 3.x RoPE scaling (HF `rope_type: llama3`; megatron's `rope_scaling` with "
+        "`rope_scaling_factor`): rotary wavelengths longer than the original context grow by this factor, those under a "
+        "quarter of it stay, the band between is blended. megatron-core 0.16 fixes the other llama3 settings at Llama 3.1 "
+        "and 3.2's values: low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192. null = no scaling.")
     normalization: Literal["LayerNorm", "RMSNorm"] = Field("LayerNorm", description="Norm layer type.")
     norm_epsilon: float = Field(1e-5, gt=0, description="Norm epsilon.")
     activation: Literal["gelu", "gelu_tanh", "swiglu"] = Field("gelu", description="MLP activation; `swiglu` makes the MLP gated.")
     add_bias_linear: bool = Field(True, description="Biases in linear layers.")
+    add_qkv_bias: bool = Field(False, description="A bias on the fused query/key/value projection only (Qwen2, Qwen2.5), "
+                               "with add_bias_linear false (which already gives every linear one).")
+    qk_layernorm: bool = Field(False, description="Normalize each head's query and key (over kv_channels, with the "
+                               "`normalization` type and norm_epsilon, one weight shared by all heads) before RoPE, as Qwen3 does.")
     untie_embeddings_and_output_weights: bool = Field(False, description="Separate output projection instead of the tied input embedding.")
     hidden_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout after attention and MLP.")
     attention_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention probabilities.")
@@ -161,15 +174,20 @@ class GPTModel(StrictModel):
     def max_positions(self) -> int:
         return self.max_position_embeddings or self.seq_length
 
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
     @model_validator(mode="after")
     def _shape(self) -> GPTModel:
-        if self.hidden_size % self.num_attention_heads:
+        # With kv_channels given, megatron projects to heads × kv_channels: the width need not divide.
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise field_error(
                 GPTModel,
                 "num_attention_heads",
                 self.num_attention_heads,
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}; "
-                "pick heads that divide the width (e.g. hidden 512 with 8 heads)",
+                "pick heads that divide the width (e.g. hidden 512 with 8 heads), or set kv_channels",
             )
         if self.num_attention_heads % self.kv_groups:
             raise field_error(
@@ -178,6 +196,23 @@ class GPTModel(StrictModel):
                 self.num_query_groups,
                 f"num_attention_heads {self.num_attention_heads} is not divisible by num_query_groups {self.kv_groups}",
             )
+        rope = self.position_embedding_type == "rope"
+        # RoPE turns pairs of a head's channels; an odd head width fails inside megatron's rotary embedding.
+        if rope and self.head_dim % 2 and self.kv_channels:
+            raise field_error(GPTModel, "kv_channels", self.kv_channels,
+                              f"kv_channels {self.kv_channels} is odd; RoPE turns pairs of a head's channels, so it needs an even one")
+        if rope and self.head_dim % 2:
+            raise field_error(GPTModel, "num_attention_heads", self.num_attention_heads,
+                              f"heads are hidden_size {self.hidden_size} / {self.num_attention_heads} = {self.head_dim} wide, an odd "
+                              "width; RoPE turns pairs of a head's channels, so pick heads that leave an even width, or set kv_channels")
+        if self.rope_scaling_factor is not None and not rope:
+            raise field_error(GPTModel, "rope_scaling_factor", self.rope_scaling_factor,
+                              f"RoPE scaling needs position_embedding_type rope, not {self.position_embedding_type}; "
+                              "drop rope_scaling_factor (null)")
+        if self.add_qkv_bias and self.add_bias_linear:
+            raise field_error(GPTModel, "add_qkv_bias", self.add_qkv_bias,
+                              "add_bias_linear already puts a bias on the QKV projection; drop add_qkv_bias, "
+                              "or set add_bias_linear false for a bias on QKV only")
         return self
 
 

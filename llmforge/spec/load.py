@@ -119,8 +119,6 @@ def _parse(text: str) -> tuple[yaml.Node | None, Any]:
 
 def _read_yaml(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, str], list[str]]:
     """Read one file and its `extends` bases; return merged data, positions and files read."""
-    from omegaconf import OmegaConf
-
     shown = _display(path)
     if path in stack:
         chain = " -> ".join(_display(p) for p in (*stack, path))
@@ -154,7 +152,7 @@ def _read_yaml(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, s
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
         raise SpecError([SpecIssue(("extends",), "extends must be a path or a list of paths", None, positions.get(("extends",)))])
-    merged = OmegaConf.create({})
+    merged: dict = {}
     merged_pos: dict[Path_, str] = {}
     for base in bases:
         base_path = (path.parent / base).resolve()
@@ -163,12 +161,41 @@ def _read_yaml(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[Path_, s
             raise SpecError([SpecIssue(("extends",), f"extends {base!r}: {_display(base_path)!r} {why}",
                                        "extends paths are relative to the spec that names them", positions.get(("extends",)))])
         base_data, base_pos, base_files = _read_yaml(base_path, (*stack, path))
-        merged = _config(lambda: OmegaConf.merge(merged, OmegaConf.create(base_data)), base_pos)
-        _overlay(merged_pos, base_pos, base_data)
+        merged = _layer(merged, merged_pos, base_data, base_pos)
         files += base_files
-    merged = _config(lambda: OmegaConf.merge(merged, OmegaConf.create(data)), positions)
-    _overlay(merged_pos, {k: v for k, v in positions.items() if k[:1] != ("extends",)}, data)
-    return OmegaConf.to_container(merged, resolve=False), merged_pos, files
+    merged = _layer(merged, merged_pos, data, {k: v for k, v in positions.items() if k[:1] != ("extends",)})
+    return merged, merged_pos, files
+
+
+def _layer(merged: dict, merged_pos: dict[Path_, str], data: dict, positions: dict[Path_, str]) -> dict:
+    """`data` over `merged`: mappings merge key by key, except a component whose name changes.
+
+    `tokenizer: {name: pretrained, path: ...}` over a `bpe` tokenizer replaces it: bpe's
+    vocab_size would be an unknown key of the pretrained one (dotlist overrides do the same).
+    """
+    from omegaconf import OmegaConf
+
+    for path in _switched_components(merged, data, ()):
+        del _get(merged, path[:-1])[path[-1]]
+        for old in [p for p in merged_pos if p[: len(path)] == path]:
+            del merged_pos[old]
+    cfg = _config(lambda: OmegaConf.merge(OmegaConf.create(merged), OmegaConf.create(data)), positions)
+    _overlay(merged_pos, positions, data)
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _switched_components(old: dict, new: dict, prefix: Path_) -> list[Path_]:
+    """Paths of mappings in `new` that choose another component (`name`/`type`) than `old` had there."""
+    found = []
+    for key, value in new.items():
+        before = old.get(key)
+        if not (isinstance(value, dict) and isinstance(before, dict)):
+            continue
+        if any(k in value and k in before and value[k] != before[k] for k in ("name", "type")):
+            found.append((*prefix, key))
+        else:
+            found += _switched_components(before, value, (*prefix, key))
+    return found
 
 
 def _overlay(into: dict[Path_, str], new: dict[Path_, str], new_data: dict) -> None:

@@ -38,3 +38,39 @@ def test_shipped_spec_validates(spec, monkeypatch):
         if not (rel in EXTERNAL_DATA and missing_inputs):
             raise
         load_and_validate(rel, check_inputs=False)
+
+
+# specs/models/: the `model:` and `tokenizer:` sections of published models, meant for
+# `extends:`, with each one's published parameter count.
+PUBLISHED = {
+    "llama3.1-8b": 8_030_261_248,
+    "llama3.2-1b": 1_235_814_400,
+    "mistral-7b-v0.3": 7_248_023_552,
+    "qwen2.5-7b": 7_615_616_512,
+    "qwen3-8b": 8_190_735_360,
+}
+
+
+def test_every_model_fragment_has_its_published_count():
+    assert {p.stem for p in (ROOT / "specs" / "models").glob("*.yaml")} == set(PUBLISHED)
+
+
+@pytest.mark.parametrize("model", PUBLISHED)
+def test_model_fragment_composes_with_a_base_and_plans_to_its_published_count(model, tmp_path, capsys):
+    import json
+
+    import yaml
+
+    from llmforge.cli import main
+
+    reset_registry()
+    fragment = ROOT / "specs" / "models" / f"{model}.yaml"
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"extends: [{ROOT / 'specs' / '7b-pretrain.yaml'}, {fragment}]\n")
+    _, loaded = load_and_validate(str(spec), check_inputs=False)
+    # The fragment decides the whole model and tokenizer: nothing of the base's Llama 2 or BPE is left.
+    own = yaml.safe_load(fragment.read_text())
+    assert loaded.data["model"] == own["model"]
+    assert loaded.data["tokenizer"]["name"] == "pretrained" and set(loaded.data["tokenizer"]) == {"name", "path"}
+    assert main(["plan", str(spec), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["params_total"] == PUBLISHED[model]

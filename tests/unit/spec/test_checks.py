@@ -69,6 +69,9 @@ CASES = [
     (["model.num_query_groups=2", "parallelism.tensor_model_parallel_size=4", "parallelism.nproc_per_node=4"],
      "parallelism.tensor_model_parallel_size", "num_query_groups 2 is not divisible by tensor_model_parallel_size 4"),
     (["parallelism.sequence_parallel=true"], "parallelism.sequence_parallel", "needs tensor_model_parallel_size > 1"),
+    # kv_channels frees hidden_size from the heads, so the default MLP width (4 × 65) need not divide by TP 8.
+    (["model.num_attention_heads=8", "model.hidden_size=65", "model.kv_channels=8", "parallelism.tensor_model_parallel_size=8",
+      "parallelism.nproc_per_node=8"], "model.ffn_hidden_size", "ffn_hidden_size 260 is not divisible by tensor_model_parallel_size 8"),
     (["parallelism.virtual_pipeline_model_parallel_size=2"], "parallelism.virtual_pipeline_model_parallel_size", "needs pipeline_model_parallel_size > 1"),
     (["parallelism.pipeline_model_parallel_size=3", "parallelism.nproc_per_node=3", "stages.1.train.global_batch_size=2"],
      "parallelism.pipeline_model_parallel_size", "num_layers 4 is not divisible by pipeline_model_parallel_size 3"),
