@@ -97,7 +97,8 @@ class ModelServer:
         chunks: this rank's model chunks (DDP-wrapped or not), in virtual-stage order.
         autocast: the stage's autocast factory (`runtime.step.autocast`), so inference computes
             as training does.
-        max_positions: the model's position limit (prompt + new tokens must fit).
+
+    `max_positions` is the model's position limit: a prompt plus its new tokens must fit.
     """
 
     def __init__(self, chunks: Sequence[torch.nn.Module], *, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
@@ -187,8 +188,9 @@ class ModelServer:
         with self._eval_mode():
             for start in range(0, len(mine), step):
                 index = mine[start:start + step]
-                out += self._generate([prompts[i] for i in index], rows[start:start + step], max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p, stop_ids=set(stop_ids), pad_id=pad_id, vocab_size=vocab_size, seed=seed)
+                out += self._generate([prompts[i] for i in index], rows[start:start + step], max_new_tokens=max_new_tokens,
+                                      temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=set(stop_ids), pad_id=pad_id,
+                                      vocab_size=vocab_size, seed=seed)
         return self._gather(out, mine, len(prompts), shared)
 
     # --- one forward over the pipeline ---------------------------------------------------
