@@ -193,13 +193,20 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_import_hf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from llmforge.interop.import_ import import_hf
 
     done = import_hf(args.hf_dir, args.out, overwrite=args.overwrite)
-    print(f"imported {done['architecture']} ({done['parameters']:,} parameters) from {args.hf_dir}\n"
-          f"  checkpoint: {done['checkpoint']}  (a stage starts from it with `init_from: {done['checkpoint']}`)\n"
-          f"  model spec: {done['model_spec']}  (`extends:` it, or copy its model: section)"
-          + ("" if done["tokenizer"] else f"\n  no tokenizer.json in {args.hf_dir}: give the spec a tokenizer of its own"))
+    if done["tokenizer"]:
+        tokenizer = (f"\n  tokenizer:  {Path(done['out']) / 'tokenizer'}  (the HF files as they are; generation stops at ids "
+                     f"{', '.join(map(str, done['stop_ids'])) or 'none: the tokenizer has no eos token'})")
+    else:
+        tokenizer = f"\n  no tokenizer.json in {args.hf_dir}: give the spec a tokenizer of its own"
+    print(f"imported {done['architecture']} (family {done['family']}, {done['parameters']:,} parameters) from {args.hf_dir}\n"
+          f"  checkpoint: {done['checkpoint']}  (a stage starts from it with `init_from: {done['checkpoint']}`; "
+          f"`llmforge generate` reads it as it is)\n"
+          f"  model spec: {done['model_spec']}  (`extends:` it, or copy its model: section){tokenizer}")
     return 0
 
 
@@ -323,7 +330,7 @@ def _interop_parsers(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("import", help="turn another framework's model into an llmforge checkpoint")
     formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    q = formats.add_parser("hf", help="a local Hugging Face Llama or GPT-2 directory (nothing is downloaded)")
+    q = formats.add_parser("hf", help="a local Hugging Face directory: Llama 2/3.x, Mistral, Qwen2/2.5, Qwen3 or GPT-2 (nothing is downloaded)")
     q.add_argument("hf_dir", metavar="HF_DIR", help="a directory with config.json and safetensors (or pytorch_model.bin) weights")
     q.add_argument("out", metavar="OUT", help="where the checkpoint, model.yaml and tokenizer go (created atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT")

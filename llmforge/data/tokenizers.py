@@ -3,7 +3,10 @@
 bpe, char and byte are all expressed as HF tokenizers, so each is saved as a standard
 `tokenizer.json` (which `transformers` can load at export) and tokenizes in Rust. A
 `meta.json` next to it names the special tokens and carries the file's sha256; it is
-written last, so it marks a complete tokenizer directory.
+written last, so it marks a complete tokenizer directory. An imported HF tokenizer keeps its
+other files beside it as they are (`HF_FILES`: `tokenizer_config.json`, `generation_config.json`,
+...), with their sha256 in `meta.json` too: transformers reads them after an export, and
+`generation_config.json`'s `eos_token_id` says where llmforge's generations stop.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from llmforge.atomic import atomic_open, write_json
+from llmforge.atomic import atomic_open, atomic_write_bytes, write_json
 from llmforge.spec.errors import UserError
 
 if TYPE_CHECKING:
@@ -26,6 +29,8 @@ if TYPE_CHECKING:
     from llmforge.spec import components as c
 
 META_VERSION = 1
+# An HF tokenizer's files besides tokenizer.json that travel with it, byte for byte.
+HF_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json", "chat_template.jinja")
 
 
 class Tokenizer(Protocol):
@@ -33,6 +38,7 @@ class Tokenizer(Protocol):
     eos_id: int | None  # None only for a char tokenizer without add_eos (nanoGPT's recipe)
     bos_id: int | None
     pad_id: int | None  # the eos token when the vocabulary has no pad token
+    stop_ids: tuple[int, ...]  # the ids that end a generation (see `HFTokenizer.stop_ids`)
     add_bos: bool  # whether a sequence starts with BOS (see `HFTokenizer.add_bos`)
     hash: str  # sha256 of the saved tokenizer.json
 
@@ -46,11 +52,17 @@ class Tokenizer(Protocol):
 
 
 class HFTokenizer:
-    """A `tokenizers.Tokenizer` plus which of its tokens end, start and pad a document."""
+    """A `tokenizers.Tokenizer` plus which of its tokens end, start and pad a document.
+
+    Args:
+        text: the tokenizer.json text it was read from (kept byte for byte); default `hf.to_str()`.
+        files: an imported tokenizer's other HF files (`HF_FILES`), name → text.
+    """
 
     def __init__(self, hf: tokenizers.Tokenizer, *, kind: str, eos: str | None, bos: str | None, pad: str | None,
-                 built_from: str | None = None) -> None:
+                 built_from: str | None = None, text: str | None = None, files: dict[str, str] | None = None) -> None:
         self.hf, self.kind, self.built_from = hf, kind, built_from
+        self.files = dict(files or {})
         self.specials = {"eos": eos, "bos": bos, "pad": pad or eos}
         self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
         ids = {}
@@ -60,8 +72,31 @@ class HFTokenizer:
                 raise UserError(f"the tokenizer has no token {token!r} for {role}", "add it as a special token, or name one the vocabulary has")
         self.eos_id, self.bos_id, self.pad_id = ids["eos"], ids["bos"], ids["pad"]
         self.add_bos = self._adds_bos()
-        self.json = hf.to_str()
+        self.stop_ids = self._stops()
+        self.json = hf.to_str() if text is None else text
         self.hash = hashlib.sha256(self.json.encode()).hexdigest()
+
+    def _file(self, name: str) -> dict:
+        """One of `files` as JSON ({} when absent)."""
+        if name not in self.files:
+            return {}
+        try:
+            data = json.loads(self.files[name])
+        except json.JSONDecodeError as e:
+            raise UserError(f"the tokenizer's {name} is not valid JSON: {e}", "fix or remove the file") from None
+        return data if isinstance(data, dict) else {}
+
+    def _stops(self) -> tuple[int, ...]:
+        """The ids that end a generation: `generation_config.json`'s `eos_token_id` (an id or a list:
+        Llama 3 Instruct lists several), as transformers' `generate` stops; else the eos token."""
+        listed = self._file("generation_config.json").get("eos_token_id")
+        if listed is None:
+            return () if self.eos_id is None else (self.eos_id,)
+        ids = listed if isinstance(listed, list) else [listed]
+        if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
+            raise UserError(f"generation_config.json: eos_token_id {listed} names ids outside the tokenizer's {self.vocab_size} tokens",
+                            "the generation config and the tokenizer come from different models")
+        return tuple(dict.fromkeys(ids))
 
     def _adds_bos(self) -> bool:
         """The one BOS rule of every sequence llmforge builds (prepare, evaluators, previews, generate).
@@ -69,7 +104,8 @@ class HFTokenizer:
         llmforge's own tokenizers start a sequence with BOS when they have a bos token. An
         imported tokenizer does what its own encoding does, as transformers does by default:
         Llama's post-processor adds `<|begin_of_text|>`, Qwen's adds nothing even though a bos
-        token may be named in its config.
+        token may be named in its config. (transformers 5 follows tokenizer.json's post-processor
+        even where tokenizer_config.json says `add_bos_token`.)
         """
         if self.bos_id is None:
             return False
@@ -115,14 +151,17 @@ class HFTokenizer:
         return self.hf.token_to_id(token)
 
     def save(self, path: Path) -> None:
-        """Write `path/tokenizer.json`, then `path/meta.json` (the completion marker)."""
+        """Write `path/tokenizer.json` and the HF files, then `path/meta.json` (the completion marker)."""
         path.mkdir(parents=True, exist_ok=True)
         with atomic_open(path / "tokenizer.json", "w") as f:
             f.write(self.json)
-        write_json(path / "meta.json", {
-            "version": META_VERSION, "kind": self.kind, "special_tokens": self.specials, "vocab_size": self.vocab_size,
-            "sha256": self.hash, "built_from": self.built_from,
-        })
+        for name, text in self.files.items():
+            atomic_write_bytes(path / name, text.encode("utf-8"))
+        meta = {"version": META_VERSION, "kind": self.kind, "special_tokens": self.specials, "vocab_size": self.vocab_size,
+                "sha256": self.hash, "built_from": self.built_from}
+        if self.files:
+            meta["files"] = {name: hashlib.sha256(text.encode("utf-8")).hexdigest() for name, text in self.files.items()}
+        write_json(path / "meta.json", meta)
 
 
 def load_tokenizer(path: Path) -> HFTokenizer:
@@ -135,11 +174,25 @@ def load_tokenizer(path: Path) -> HFTokenizer:
     meta = json.loads(meta_path.read_text())
     if meta.get("version") != META_VERSION:
         raise UserError(f"{meta_path}: unknown tokenizer meta version {meta.get('version')!r}", f"this llmforge reads version {META_VERSION}")
-    text = json_path.read_text(encoding="utf-8")
+    text = read_text(json_path)
     if hashlib.sha256(text.encode()).hexdigest() != meta["sha256"]:
         raise UserError(f"{json_path} does not match the sha256 in {meta_path.name}", "the tokenizer was changed or damaged; run prepare again")
+    files = {}
+    for name, digest in (meta.get("files") or {}).items():
+        if not (path / name).is_file():
+            raise UserError(f"{path / name} is missing, but {meta_path.name} lists it", "the tokenizer directory is incomplete; copy it again")
+        files[name] = read_text(path / name)
+        if hashlib.sha256(files[name].encode()).hexdigest() != digest:
+            raise UserError(f"{path / name} was changed: its sha256 differs from the one {meta_path.name} records",
+                            "the tokenizer was changed or damaged; import it again (or run prepare again)")
     sp = meta["special_tokens"]
-    return HFTokenizer(HF.from_str(text), kind=meta["kind"], eos=sp["eos"], bos=sp["bos"], pad=sp["pad"], built_from=meta.get("built_from"))
+    return HFTokenizer(HF.from_str(text), kind=meta["kind"], eos=sp["eos"], bos=sp["bos"], pad=sp["pad"], built_from=meta.get("built_from"),
+                       text=text, files=files)
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 file's text exactly as it lies (no newline translation), so that its sha256 and a copy stay the same."""
+    return path.read_bytes().decode("utf-8")
 
 
 # --- builders: the registry factories, `(options, *, run_dir, texts) -> Tokenizer` -----------

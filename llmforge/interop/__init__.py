@@ -1,7 +1,7 @@
 """Hugging Face interop: `llmforge export hf` and `llmforge import hf`.
 
-`hf_config` maps the `gpt` model options to and from `config.json` (torch-free),
-`hf_mapping` maps tensors between megatron's names and layouts and HF's, `hf_files`
-reads and writes safetensors, tokenizer files and output directories atomically, and
-`export` / `import_` are the two verbs.
+`families/` holds one module per HF model family (what identifies it, its `config.json`
+mapping both ways, its tensor table; torch-free), `hf_config` and `hf_mapping` walk them for
+config.json and for the tensors, `hf_files` reads and writes safetensors, tokenizer files and
+output directories atomically, and `export` / `import_` are the two verbs.
 """

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llmforge.interop.hf_config import DTYPES, HF_CLASS, architecture_of, generation_config, to_hf_config
+from llmforge.interop.families import family_of_model
+from llmforge.interop.hf_config import DTYPES, generation_config, to_hf_config
 from llmforge.interop.import_ import MODEL_FRAGMENT
 from llmforge.spec.components import GPTModel
 from llmforge.spec.errors import UserError
@@ -158,7 +159,7 @@ def write_tokenizer(dest: Path, tokenizer, *, run_root: Path, model: GPTModel) -
     from llmforge.interop.hf_files import copy_files, hf_tokenizer_files, write_tokenizer_files
 
     tok_dir = run_root / "tokenizer"
-    if (tok_dir / "meta.json").is_file():
+    if (tok_dir / "meta.json").is_file() and not tokenizer.files:
         write_tokenizer_files(dest, tokenizer, model_max_length=model.max_positions)
     else:  # an imported HF tokenizer: its own files, untouched
         copy_files(hf_tokenizer_files(tok_dir), dest)
@@ -182,10 +183,10 @@ def export_hf(source: str | Path, out_dir: str | Path, *, stage: str | None = No
     max_bytes = _parse_size(max_shard_size)
     src = find_source(Path(source), stage=stage)
     model = model_options(src.run_root)
-    arch = architecture_of(model)
+    family = family_of_model(model)
     tokenizer = _tokenizer(src.run_root, model)
     out_dir = Path(out_dir)
-    head = {"out_dir": str(out_dir), "architecture": HF_CLASS[arch], "checkpoint": str(src.step_dir)}
+    head = {"out_dir": str(out_dir), "architecture": family.hf_class, "checkpoint": str(src.step_dir)}
     if peft:
         from llmforge.interop.peft_export import export_peft
 

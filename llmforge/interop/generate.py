@@ -247,18 +247,26 @@ class TextGenerator:
             raise UserError(f"the prompt is {len(ids)} tokens; the model has {self.max_positions} positions", "shorten the prompt")
         return ids
 
-    def __call__(self, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-                 seed: int = 0) -> str:
-        """The continuation of `prompt` (after the prompt itself for raw text), ending at EOS.
+    def continuation_ids(self, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                         top_p: float = 1.0, seed: int = 0) -> list[int]:
+        """The ids that continue `prompt`, ending with a stop id (`Tokenizer.stop_ids`: for an imported
+        model, every id of its `generation_config.json` `eos_token_id`) or after `max_new_tokens`.
 
         Args:
             seed: the sampler's seed (the row seed of `ModelServer.generate`): the same seed gives
-                the same text at every layout.
+                the same ids at every layout.
         """
         ids = self.checked_ids(prompt)
         tok = self.tokenizer
-        out = self.server.generate([ids], max_new_tokens=min(max_new_tokens, self.max_positions - len(ids)), temperature=temperature,
-                                   top_k=top_k, top_p=top_p, stop_ids=[tok.eos_id] if tok.eos_id is not None else [], pad_id=tok.pad_id if tok.pad_id is not None else 0,
-                                   vocab_size=tok.vocab_size, seed=seed, shared=True)[0]
-        text = tok.decode([t for t in out if t != tok.eos_id])
+        return self.server.generate([ids], max_new_tokens=min(max_new_tokens, self.max_positions - len(ids)), temperature=temperature,
+                                    top_k=top_k, top_p=top_p, stop_ids=tok.stop_ids, pad_id=tok.pad_id if tok.pad_id is not None else 0,
+                                    vocab_size=tok.vocab_size, seed=seed, shared=True)[0]
+
+    def __call__(self, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+                 seed: int = 0) -> str:
+        """The continuation of `prompt` as text (after the prompt itself for raw text), without its stop token."""
+        out = self.continuation_ids(prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+        if out and out[-1] in self.tokenizer.stop_ids:
+            out = out[:-1]
+        text = self.tokenizer.decode(out)
         return text if self.template is not None else prompt + text

@@ -1,32 +1,29 @@
-"""Tensor names and layouts: megatron's GPTModel (TP=1, PP=1) ↔ HF Llama and GPT-2.
+"""Tensor names and layouts: megatron's GPTModel (TP=1, PP=1) ↔ HF, walking a family's `Link` table.
 
 The layouts that differ, and so the places where conversions usually go wrong:
 
 - megatron fuses Q, K and V into one `linear_qkv` whose rows are grouped per query group:
-  `[q heads of group 0, k of group 0, v of group 0, q heads of group 1, ...]`. HF Llama
-  keeps `q_proj`, `k_proj`, `v_proj` apart; HF GPT-2 fuses them as `[Q; K; V]` in `c_attn`.
+  `[q heads of group 0, k of group 0, v of group 0, q heads of group 1, ...]`. HF's Llama
+  layout keeps `q_proj`, `k_proj`, `v_proj` apart; HF GPT-2 fuses them as `[Q; K; V]` in `c_attn`.
 - megatron's gated MLP fuses `linear_fc1` as `[gate; up]` (swiglu is `silu(x[0]) * x[1]`).
 - HF GPT-2 uses `Conv1D`, whose weight is `[in, out]`: the transpose of a Linear's.
 - RoPE needs nothing: megatron's default (`rotary_interleaved=False`) rotates halves, as
-  HF's `rotate_half` does, and HF's Llama q/k rows are already in that order.
+  HF's `rotate_half` does, and HF's q/k rows are already in that order.
 
-Every conversion is a list of `Link`s; both directions and all shape checks walk it, so a
-tensor that is missing, unexpected or of the wrong shape is named in the error.
+Each family (`families/`) declares its tensors as `Link`s; both directions and all shape checks
+walk that table, so a tensor that is missing, unexpected or of the wrong shape is named in the error.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-from llmforge.interop.hf_config import Arch, architecture_of
+from llmforge.interop.families import family_of_model
+from llmforge.interop.families.base import Dims, Family, Link, dims
 from llmforge.spec.components import GPTModel
 from llmforge.spec.errors import UserError
-
-Kind = Literal["copy", "transpose", "qkv", "c_attn", "glu"]
 
 # Buffers some HF checkpoints carry that are not weights (causal masks, RoPE tables).
 _HF_BUFFERS = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
@@ -39,114 +36,15 @@ _TE_ALIASES = {
 }
 
 
-@dataclass(frozen=True)
-class Link:
-    """One megatron tensor and the HF tensor(s) it becomes."""
-
-    megatron: str
-    hf: tuple[str, ...]
-    kind: Kind
-    megatron_shape: tuple[int, ...]
-    hf_shapes: tuple[tuple[int, ...], ...]
-
-
-@dataclass(frozen=True)
-class _Dims:
-    hidden: int
-    ffn: int
-    heads: int
-    groups: int
-    head_dim: int
-    vocab: int
-    positions: int
-
-    @property
-    def qkv_rows(self) -> int:
-        return (self.heads + 2 * self.groups) * self.head_dim
-
-
-def dims(model: GPTModel) -> _Dims:
-    return _Dims(hidden=model.hidden_size, ffn=model.ffn, heads=model.num_attention_heads, groups=model.kv_groups,
-                 head_dim=model.hidden_size // model.num_attention_heads, vocab=model.vocab_size, positions=model.max_positions)
-
-
-def _llama_links(model: GPTModel, d: _Dims) -> list[Link]:
-    bias = model.add_bias_linear
-    q_rows, kv_rows = d.heads * d.head_dim, d.groups * d.head_dim
-    links = [Link("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "copy", (d.vocab, d.hidden), ((d.vocab, d.hidden),))]
-    for i in range(model.num_layers):
-        m, h = f"decoder.layers.{i}.", f"model.layers.{i}."
-        attn = (h + "self_attn.q_proj", h + "self_attn.k_proj", h + "self_attn.v_proj")
-        mlp = (h + "mlp.gate_proj", h + "mlp.up_proj")
-        links += [
-            Link(m + "input_layernorm.weight", (h + "input_layernorm.weight",), "copy", (d.hidden,), ((d.hidden,),)),
-            Link(m + "self_attention.linear_qkv.weight", tuple(n + ".weight" for n in attn), "qkv", (d.qkv_rows, d.hidden),
-                 ((q_rows, d.hidden), (kv_rows, d.hidden), (kv_rows, d.hidden))),
-            Link(m + "self_attention.linear_proj.weight", (h + "self_attn.o_proj.weight",), "copy", (d.hidden, q_rows),
-                 ((d.hidden, q_rows),)),
-            Link(m + "pre_mlp_layernorm.weight", (h + "post_attention_layernorm.weight",), "copy", (d.hidden,), ((d.hidden,),)),
-            Link(m + "mlp.linear_fc1.weight", tuple(n + ".weight" for n in mlp), "glu", (2 * d.ffn, d.hidden),
-                 ((d.ffn, d.hidden), (d.ffn, d.hidden))),
-            Link(m + "mlp.linear_fc2.weight", (h + "mlp.down_proj.weight",), "copy", (d.hidden, d.ffn), ((d.hidden, d.ffn),)),
-        ]
-        if bias:
-            links += [
-                Link(m + "self_attention.linear_qkv.bias", tuple(n + ".bias" for n in attn), "qkv", (d.qkv_rows,),
-                     ((q_rows,), (kv_rows,), (kv_rows,))),
-                Link(m + "self_attention.linear_proj.bias", (h + "self_attn.o_proj.bias",), "copy", (d.hidden,), ((d.hidden,),)),
-                Link(m + "mlp.linear_fc1.bias", tuple(n + ".bias" for n in mlp), "glu", (2 * d.ffn,), ((d.ffn,), (d.ffn,))),
-                Link(m + "mlp.linear_fc2.bias", (h + "mlp.down_proj.bias",), "copy", (d.hidden,), ((d.hidden,),)),
-            ]
-    links.append(Link("decoder.final_layernorm.weight", ("model.norm.weight",), "copy", (d.hidden,), ((d.hidden,),)))
-    if model.untie_embeddings_and_output_weights:
-        links.append(Link("output_layer.weight", ("lm_head.weight",), "copy", (d.vocab, d.hidden), ((d.vocab, d.hidden),)))
-    return links
-
-
-def _gpt2_links(model: GPTModel, d: _Dims) -> list[Link]:
-    t = "transformer."
-    links = [
-        Link("embedding.word_embeddings.weight", (t + "wte.weight",), "copy", (d.vocab, d.hidden), ((d.vocab, d.hidden),)),
-        Link("embedding.position_embeddings.weight", (t + "wpe.weight",), "copy", (d.positions, d.hidden), ((d.positions, d.hidden),)),
-    ]
-    for i in range(model.num_layers):
-        m, h = f"decoder.layers.{i}.", f"{t}h.{i}."
-        links += [
-            Link(m + "input_layernorm.weight", (h + "ln_1.weight",), "copy", (d.hidden,), ((d.hidden,),)),
-            Link(m + "input_layernorm.bias", (h + "ln_1.bias",), "copy", (d.hidden,), ((d.hidden,),)),
-            Link(m + "self_attention.linear_qkv.weight", (h + "attn.c_attn.weight",), "c_attn", (d.qkv_rows, d.hidden),
-                 ((d.hidden, d.qkv_rows),)),
-            Link(m + "self_attention.linear_qkv.bias", (h + "attn.c_attn.bias",), "c_attn", (d.qkv_rows,), ((d.qkv_rows,),)),
-            Link(m + "self_attention.linear_proj.weight", (h + "attn.c_proj.weight",), "transpose", (d.hidden, d.hidden),
-                 ((d.hidden, d.hidden),)),
-            Link(m + "self_attention.linear_proj.bias", (h + "attn.c_proj.bias",), "copy", (d.hidden,), ((d.hidden,),)),
-            Link(m + "pre_mlp_layernorm.weight", (h + "ln_2.weight",), "copy", (d.hidden,), ((d.hidden,),)),
-            Link(m + "pre_mlp_layernorm.bias", (h + "ln_2.bias",), "copy", (d.hidden,), ((d.hidden,),)),
-            Link(m + "mlp.linear_fc1.weight", (h + "mlp.c_fc.weight",), "transpose", (d.ffn, d.hidden), ((d.hidden, d.ffn),)),
-            Link(m + "mlp.linear_fc1.bias", (h + "mlp.c_fc.bias",), "copy", (d.ffn,), ((d.ffn,),)),
-            Link(m + "mlp.linear_fc2.weight", (h + "mlp.c_proj.weight",), "transpose", (d.hidden, d.ffn), ((d.ffn, d.hidden),)),
-            Link(m + "mlp.linear_fc2.bias", (h + "mlp.c_proj.bias",), "copy", (d.hidden,), ((d.hidden,),)),
-        ]
-    links += [
-        Link("decoder.final_layernorm.weight", (t + "ln_f.weight",), "copy", (d.hidden,), ((d.hidden,),)),
-        Link("decoder.final_layernorm.bias", (t + "ln_f.bias",), "copy", (d.hidden,), ((d.hidden,),)),
-    ]
-    if model.untie_embeddings_and_output_weights:
-        links.append(Link("output_layer.weight", ("lm_head.weight",), "copy", (d.vocab, d.hidden), ((d.vocab, d.hidden),)))
-    return links
-
-
-def links(model: GPTModel) -> list[Link]:
-    """Every tensor of `model` and its HF counterpart(s)."""
-    arch: Arch = architecture_of(model)
-    d = dims(model)
-    return _llama_links(model, d) if arch == "llama" else _gpt2_links(model, d)
+def links(model: GPTModel, family: Family | None = None) -> list[Link]:
+    """Every tensor of `model` and its HF counterpart(s), in the table of `family` (default: the one its shape picks)."""
+    return (family or family_of_model(model)).links(model)
 
 
 # --- the fused layouts --------------------------------------------------------------------
 
 
-def split_qkv(fused: torch.Tensor, d: _Dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_qkv(fused: torch.Tensor, d: Dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """megatron's per-group `[q.., k, v]` rows → (Q, K, V) rows, heads in HF's order."""
     rest = fused.shape[1:]
     per_group = d.heads // d.groups
@@ -157,7 +55,7 @@ def split_qkv(fused: torch.Tensor, d: _Dims) -> tuple[torch.Tensor, torch.Tensor
     return q, k, v
 
 
-def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: _Dims) -> torch.Tensor:
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: Dims) -> torch.Tensor:
     """(Q, K, V) rows → megatron's per-group layout (HF's query head j uses key/value head j // heads-per-group)."""
     rest = q.shape[1:]
     per_group = d.heads // d.groups
@@ -166,7 +64,7 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, d: _Dims) -> tor
     return torch.cat(parts, dim=1).reshape(d.qkv_rows, *rest)
 
 
-def link_to_hf(link: Link, t: torch.Tensor, d: _Dims) -> tuple[torch.Tensor, ...]:
+def link_to_hf(link: Link, t: torch.Tensor, d: Dims) -> tuple[torch.Tensor, ...]:
     if link.kind == "copy":
         return (t,)
     if link.kind == "transpose":
@@ -179,7 +77,7 @@ def link_to_hf(link: Link, t: torch.Tensor, d: _Dims) -> tuple[torch.Tensor, ...
     return (fused.t() if fused.dim() == 2 else fused,)
 
 
-def _from_hf(link: Link, ts: tuple[torch.Tensor, ...], d: _Dims) -> torch.Tensor:
+def _from_hf(link: Link, ts: tuple[torch.Tensor, ...], d: Dims) -> torch.Tensor:
     if link.kind == "copy":
         return ts[0]
     if link.kind == "transpose":
@@ -240,21 +138,21 @@ def to_hf(state: Mapping[str, torch.Tensor], model: GPTModel, *, source: str) ->
     return out
 
 
-def normalize_hf_names(tensors: Mapping[str, torch.Tensor], arch: Arch, *, tied: bool) -> dict[str, torch.Tensor]:
-    """Drop buffers, add the `transformer.` prefix old GPT-2 files lack, drop a tied `lm_head`."""
+def normalize_hf_names(tensors: Mapping[str, torch.Tensor], model: GPTModel, family: Family) -> dict[str, torch.Tensor]:
+    """Drop buffers, rename what old files of the family name otherwise, drop a tied `lm_head`."""
     out = {n: t for n, t in tensors.items() if not n.endswith(_HF_BUFFERS)}
-    if arch == "gpt2" and not any(n.startswith("transformer.") for n in out):
-        out = {(n if n == "lm_head.weight" else "transformer." + n): t for n, t in out.items()}
-    if tied:
+    renames = family.hf_renames(list(out))
+    out = {renames.get(n, n): t for n, t in out.items()}
+    if not model.untie_embeddings_and_output_weights:
         out.pop("lm_head.weight", None)  # transformers ties it to the embedding on load, whatever the file says
     return out
 
 
-def from_hf(tensors: Mapping[str, torch.Tensor], model: GPTModel, *, source: str) -> dict[str, torch.Tensor]:
-    """A TP=1/PP=1 megatron state dict (canonical names) from HF tensors."""
-    arch = architecture_of(model)
-    d, table = dims(model), links(model)
-    tensors = normalize_hf_names(tensors, arch, tied=not model.untie_embeddings_and_output_weights)
+def from_hf(tensors: Mapping[str, torch.Tensor], model: GPTModel, *, source: str, family: Family | None = None) -> dict[str, torch.Tensor]:
+    """A TP=1/PP=1 megatron state dict (canonical names) from HF tensors of `family` (default: the one the shape picks)."""
+    family = family or family_of_model(model)
+    d, table = dims(model), links(model, family)
+    tensors = normalize_hf_names(tensors, model, family)
     expected = {name: shape for link in table for name, shape in zip(link.hf, link.hf_shapes, strict=True)}
     _check(tensors, expected, source, "config.json", "the weights do not match config.json; check that both come from the same model")
     return {link.megatron: _from_hf(link, tuple(tensors[n] for n in link.hf), d) for link in table}

@@ -1,9 +1,11 @@
-"""`llmforge import hf HF_DIR OUT`: a local HF Llama or GPT-2 directory as an llmforge checkpoint.
+"""`llmforge import hf HF_DIR OUT`: a local HF model directory of a supported family as an llmforge checkpoint.
 
-OUT gets `checkpoints/import/step-0/` (the format training writes, with its COMPLETE
-marker, so any stage can `init_from` it at any TP/PP layout), `model.yaml` (the matching
-`model:` and `tokenizer:` spec sections) and `tokenizer/` (the HF tokenizer files, when the
-directory has them). Nothing is downloaded; OUT appears complete or not at all.
+OUT gets `checkpoints/import/step-0/` (the format training writes, with its COMPLETE marker,
+so any stage can `init_from` it at any TP/PP layout), `model.yaml` (the matching `model:` and
+`tokenizer:` spec sections), `tokenizer/` (the HF tokenizer files as they are, plus llmforge's
+`meta.json`, when the directory has a tokenizer.json) and `hf_source.json` (which family and HF
+class the weights came from, and their config.json, for an export back). Nothing is
+downloaded; OUT appears complete or not at all.
 """
 
 from __future__ import annotations
@@ -12,20 +14,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmforge.interop.hf_config import HF_CLASS, from_hf_config, validated_model
+from llmforge.interop.families import family_of_config
+from llmforge.interop.hf_config import validated_model
 from llmforge.spec.errors import UserError
 
 STAGE = "import"
 MODEL_FRAGMENT = "model.yaml"
+SOURCE_RECORD = "hf_source.json"
+SOURCE_VERSION = 1
 
 
-def _check_tokenizer(hf_dir: Path, vocab_size: int):
-    """The directory's tokenizer (None if it has no tokenizer.json), which must fit the vocabulary."""
+def read_tokenizer(hf_dir: Path, vocab_size: int):
+    """The directory's tokenizer with its HF files (None if it has no tokenizer.json), which must fit the vocabulary."""
     from llmforge.data.pretrained import load_pretrained
+    from llmforge.data.tokenizers import HF_FILES, HFTokenizer, read_text
 
     if not (hf_dir / "tokenizer.json").is_file():
         return None
-    tokenizer = load_pretrained(hf_dir)
+    named = load_pretrained(hf_dir)  # the special tokens, as tokenizer_config.json names them
+    files = {name: read_text(hf_dir / name) for name in HF_FILES if (hf_dir / name).is_file()}
+    try:
+        tokenizer = HFTokenizer(named.hf, kind="pretrained", eos=named.specials["eos"], bos=named.specials["bos"],
+                                pad=named.specials["pad"], text=read_text(hf_dir / "tokenizer.json"), files=files)
+    except UserError as e:
+        raise UserError(f"{hf_dir}: {e.args[0]}", e.hint) from None
     if tokenizer.vocab_size > vocab_size:
         raise UserError(f"{hf_dir / 'tokenizer.json'} has {tokenizer.vocab_size} tokens, but config.json vocab_size is {vocab_size}",
                         "token ids past vocab_size have no embedding row; the tokenizer and the weights come from different models")
@@ -50,7 +62,7 @@ def _fragment(hf_dir: Path, out: Path, options: dict[str, Any], has_tokenizer: b
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Convert the HF model in `hf_dir` into the llmforge run-like directory `out`; returns a summary."""
-    from llmforge.interop.hf_files import copy_files, hf_tokenizer_files, read_hf_weights, read_json, staged_output
+    from llmforge.interop.hf_files import read_hf_weights, read_json, staged_output, write_json
     from llmforge.interop.hf_mapping import from_hf
     from llmforge.interop.model_io import load_state, single_process_model
     from llmforge.runtime.checkpoint import CheckpointManager
@@ -60,15 +72,19 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
     if not hf_dir.is_dir():
         raise UserError(f"{hf_dir} is not a directory", "point at a local Hugging Face model directory; nothing is downloaded")
     config_path = hf_dir / "config.json"
-    arch, options = from_hf_config(read_json(config_path), str(config_path))
+    config = read_json(config_path)
+    family = family_of_config(config, str(config_path))
+    options = {"name": "gpt", **family.from_config(config, str(config_path))}
     model = validated_model(options, str(config_path))
-    tokenizer = _check_tokenizer(hf_dir, model.vocab_size)
+    tokenizer = read_tokenizer(hf_dir, model.vocab_size)
     tensors = read_hf_weights(hf_dir)
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
-    state = from_hf(tensors, model, source=str(hf_dir))
+    state = from_hf(tensors, model, source=str(hf_dir), family=family)
     del tensors
+    record = {"version": SOURCE_VERSION, "family": family.name, "architecture": family.hf_class, "model_type": config.get("model_type"),
+              "imported_from": str(hf_dir.absolute()), "source_dtypes": dtypes, "config": config}
     trainer_state = {"version": 1, "stage": STAGE, "step": 0, "tokens": 0, "skipped": 0, "loader": None,
-                     "extra": {"imported_from": str(hf_dir.absolute()), "architecture": HF_CLASS[arch], "source_dtypes": dtypes}}
+                     "extra": {k: record[k] for k in ("imported_from", "family", "architecture", "source_dtypes")}}
     with staged_output(out, overwrite=overwrite) as tmp:
         module = single_process_model(model)
         load_state(module, state)
@@ -80,15 +96,18 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
 
         manager.save(0, write, trainer_state)
         if tokenizer is not None:
-            copy_files(hf_tokenizer_files(hf_dir), tmp / "tokenizer")
+            tokenizer.save(tmp / "tokenizer")
+        write_json(tmp / SOURCE_RECORD, record)
         (tmp / MODEL_FRAGMENT).write_text(_fragment(hf_dir, out, options, tokenizer is not None), encoding="utf-8")
     root = out.absolute()  # the paths a spec elsewhere will name
     return {
         "out": str(root),
-        "architecture": HF_CLASS[arch],
+        "family": family.name,
+        "architecture": family.hf_class,
         "checkpoint": str(root / "checkpoints" / STAGE / "step-0"),
         "model_spec": str(root / MODEL_FRAGMENT),
         "parameters": sum(t.numel() for t in state.values()),
         "source_dtypes": dtypes,
         "tokenizer": tokenizer is not None,
+        "stop_ids": list(tokenizer.stop_ids) if tokenizer is not None else [],
     }

@@ -112,3 +112,20 @@ def test_generate_with_the_raw_template_starts_with_bos(tmp_path):
     qwen_like = build_pretrained(c.PretrainedTokenizer(path=str(_hf_folder(tmp_path, adds_bos=False))), run_dir=tmp_path, texts=iter(()))
     raw = SimpleNamespace(tokenizer=qwen_like, template=None, prefix=[])
     assert TextGenerator.prompt_ids(raw, "the cat") == qwen_like.encode("the cat")
+
+
+
+@pytest.mark.parametrize(("template_adds", "add_bos_token"), [(False, True), (True, False)])
+def test_add_bos_token_in_tokenizer_config_changes_nothing_as_in_transformers(tmp_path, template_adds, add_bos_token):
+    """transformers 5 follows tokenizer.json's post-processor even where tokenizer_config.json says otherwise; so does the rule."""
+    from llmforge.data.tokenizers import HFTokenizer
+
+    transformers = pytest.importorskip("transformers")
+    folder = _hf_folder(tmp_path, adds_bos=template_adds)
+    config_path = folder / "tokenizer_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "add_bos_token": add_bos_token}))
+    plain = build_pretrained(c.PretrainedTokenizer(path=str(folder)), run_dir=tmp_path, texts=iter(()))
+    ours = HFTokenizer(plain.hf, kind="pretrained", eos="</s>", bos="<s>", pad="<pad>", files={"tokenizer_config.json": config_path.read_text()})
+    theirs = transformers.AutoTokenizer.from_pretrained(str(folder))
+    assert ours.add_bos is template_adds
+    assert ours.encode_sequence("the cat sat") == theirs("the cat sat")["input_ids"]

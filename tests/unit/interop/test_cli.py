@@ -63,8 +63,8 @@ def test_import_names_a_missing_tensor(tmp_path, hf_dir, capsys):
 
 def test_import_refuses_an_unsupported_architecture(tmp_path, hf_dir, capsys):
     config = json.loads((hf_dir / "config.json").read_text())
-    (hf_dir / "config.json").write_text(json.dumps({**config, "model_type": "mistral", "architectures": ["MistralForCausalLM"]}))
-    _fails(capsys, ["import", "hf", str(hf_dir), str(tmp_path / "out")], "model_type 'mistral' is not supported")
+    (hf_dir / "config.json").write_text(json.dumps({**config, "model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
+    _fails(capsys, ["import", "hf", str(hf_dir), str(tmp_path / "out")], "model_type 'gemma' is not supported")
     _nothing_left(tmp_path / "out")
 
 

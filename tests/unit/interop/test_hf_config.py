@@ -69,12 +69,12 @@ def test_shapes_no_hf_architecture_computes_are_refused_by_field(overrides, name
 @pytest.mark.parametrize(
     ("config", "named"),
     [
-        ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "model_type 'mistral'"),
+        ({"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}, "model_type 'gemma'"),
         ({"model_type": "llama", "hidden_size": 64}, "missing vocab_size"),
-        ({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling 'llama3'"),
+        ({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0, "high_freq_factor": 4.0,
+                                                  "original_max_position_embeddings": 8192}}, "rope_scaling.low_freq_factor 2.0"),
         ({"model_type": "llama", "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_parameters.rope_type 'yarn'"),
         ({"model_type": "llama", "hidden_act": "gelu"}, "hidden_act 'gelu'"),
-        ({"model_type": "llama", "head_dim": 32}, "head_dim 32"),
         ({"model_type": "llama", "attention_bias": True}, "attention_bias and mlp_bias differ"),
         ({"model_type": "gpt2", "activation_function": "relu"}, "activation_function 'relu'"),
         ({"model_type": "gpt2", "scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),

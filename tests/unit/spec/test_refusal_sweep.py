@@ -204,6 +204,11 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
     ("data/tokenizers.py", "load_tokenizer", "holds no complete tokenizer"): RUN_DIR,
     ("data/tokenizers.py", "load_tokenizer", "unknown tokenizer meta version"): RUN_DIR + " (which llmforge wrote it)",
     ("data/tokenizers.py", "load_tokenizer", "does not match the sha256"): DAMAGED,
+    ("data/tokenizers.py", "load_tokenizer", "is missing, but"): DAMAGED + " (a tokenizer directory missing a file its meta.json lists)",
+    ("data/tokenizers.py", "load_tokenizer", "sha256 differs"): DAMAGED + " (an imported tokenizer's HF files)",
+    ("data/tokenizers.py", "HFTokenizer._file", "is not valid JSON"): DATA_CONTENTS + " (an imported tokenizer's HF files)",
+    ("data/tokenizers.py", "HFTokenizer._stops", "names ids outside"): DATA_CONTENTS
+    + " (an imported tokenizer's generation_config.json; import refuses it first)",
     ("data/tokenizers.py", "build_bpe", "found no text to train on"): DATA_AMOUNT + " (empty data.sources are refused)",
     ("data/tokenizers.py", "build_char", "found no text to build its vocabulary from"): DATA_AMOUNT + " (empty data.sources are refused)",
 }
