@@ -24,6 +24,7 @@ from llmforge.data.sft import DataFiles, MaskedBatch, check_data_files
 from llmforge.finetune.losses import group_advantages
 from llmforge.finetune.rewards import Sample
 from llmforge.finetune.steps import Rollout
+from llmforge.runtime.serve import stop_ids_of
 from llmforge.spec.errors import UserError
 
 ROLLOUT_STATE_VERSION = 2  # 2: the prompts' file identity (`data_files`)
@@ -87,10 +88,11 @@ class RolloutSource:
         records = [rec for rec, _ in chosen for _ in range(self.group_size)]
         prompt_ids = [ids for _, ids in chosen for _ in range(self.group_size)]
         tok = self.tokenizer
-        completions = self.policy.generate(prompt_ids, stop_ids=[] if tok.eos_id is None else [tok.eos_id], pad_id=tok.pad_id, vocab_size=tok.vocab_size,
+        completions = self.policy.generate(prompt_ids, stop_ids=stop_ids_of(tok), pad_id=tok.pad_id, vocab_size=tok.vocab_size,
                                            seed=_seed(self.seed, step), first_row=self.dp_rank * len(prompt_ids), shared=False,
                                            **self.sampling)
-        samples = [Sample(rec, tok.decode([t for t in out if t != tok.eos_id]), ids, out)
+        stops = set(stop_ids_of(tok))
+        samples = [Sample(rec, tok.decode([t for t in out if t not in stops]), ids, out)
                    for rec, ids, out in zip(records, prompt_ids, completions)]
         rewards, component_means = self.reward(samples)
         rewards = torch.tensor(rewards, dtype=torch.float32)

@@ -67,15 +67,27 @@ class EvalContext:
             # A preview must fit the model: keep the prompt's tail and shorten the sample.
             ids = ids[-max(1, self.max_positions // 2):]
             n = min(n, self.max_positions - len(ids))
-        out, eos = list(self.generate(ids, n)), self.tokenizer.eos_id
-        if eos is not None and eos in out:
-            out = out[: out.index(eos) + 1]
+        out = list(self.generate(ids, n))
+        end = _first_stop(out, self.tokenizer)
+        if end is not None:
+            out = out[: end + 1]
         return self.tokenizer.decode(ids + out)
 
     def complete(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations, each cut before its first EOS."""
-        eos = self.tokenizer.eos_id
-        return [out[: out.index(eos)] if eos in out else out for out in self.generate_many(prompts, max_new_tokens)]
+        """Greedy continuations, each cut before its first stop id (EOS, or an imported model's eos list)."""
+        out = []
+        for ids in self.generate_many(prompts, max_new_tokens):
+            end = _first_stop(ids, self.tokenizer)
+            out.append(ids if end is None else ids[:end])
+        return out
+
+
+def _first_stop(ids: list[int], tokenizer) -> int | None:
+    """Index of the first id in `ids` that ends a generation, or None."""
+    from llmforge.runtime.serve import stop_ids_of
+
+    stops = set(stop_ids_of(tokenizer))
+    return next((i for i, t in enumerate(ids) if t in stops), None)
 
 
 class ValLoss:

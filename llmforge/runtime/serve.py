@@ -294,12 +294,21 @@ class ModelServer:
 GENERATION_BATCH = 64  # rows decoded together per replica by evaluators
 
 
+def stop_ids_of(tokenizer) -> list[int]:
+    """Where generation ends: an imported tokenizer's `generation_config` eos ids (Llama 3 Instruct
+    lists several), else its EOS."""
+    stops = getattr(tokenizer, "stop_ids", None)
+    if stops:
+        return list(stops)
+    return [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+
+
 def greedy_functions(server: ModelServer, tokenizer, *, prefix: Sequence[int] = ()) -> dict[str, Callable]:
     """EvalContext's `generate` (one prompt) and `generate_batch` (many, split over DP replicas):
-    greedy ids after each prompt, stopping after EOS (kept). `prefix` goes before every prompt
+    greedy ids after each prompt, stopping after a stop id (`stop_ids_of`, kept). `prefix` goes before every prompt
     (a soft prompt's virtual tokens). A prompt too long for the positions keeps its tail; a
     request for more new tokens than the positions hold gets as many as fit after one prompt token."""
-    stops = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    stops = stop_ids_of(tokenizer)
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
 
     def generate_batch(prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:

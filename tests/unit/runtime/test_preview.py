@@ -71,3 +71,13 @@ def test_a_padded_pretraining_sample_previews_its_first_tokens_and_none_without_
     _context(seen).sample(None, 4, lambda: loader)
     assert seen == [tokens[0, :16].tolist()]
     assert _context(seen).sample(None, 4, None) is None  # no val split, no prompt: no preview
+
+
+def test_completions_stop_at_any_of_an_imported_tokenizers_stop_ids():
+    # Llama 3 Instruct's generation_config lists several eos ids: `<|eot_id|>` (6 here) ends an answer too.
+    tokens = Tokens()
+    tokens.stop_ids = (EOS, 6)
+    context = EvalContext(stage=None, tokenizer=tokens, val_loss=lambda iters: (0.0, 0), generate=lambda ids, n: [5, 6, 7, EOS][:n],
+                          log=lambda m: None, eval_iters=1)
+    assert context.complete([[1, 2]], 4) == [[5]]
+    assert context.sample("12", 4, None) == "812" + "56"  # BOS 8, the prompt, the answer up to its stop id
