@@ -12,7 +12,7 @@ import binascii
 import json
 from pathlib import Path
 
-from llmforge.data.tokenizers import HFTokenizer, byte_unicode, load_tokenizer
+from llmforge.data.tokenizers import HF_FILES, HFTokenizer, byte_unicode, load_tokenizer, read_text
 from llmforge.spec.errors import UserError
 
 # Which token ends a document, when no config says: the common names, most specific first.
@@ -57,7 +57,12 @@ def _load_json_tokenizer(path: Path) -> HFTokenizer:
     if sp["eos"] is None:
         raise UserError(f"{path}: cannot tell which token ends a document",
                         "put a tokenizer_config.json with eos_token next to it (HF tokenizer folders have one)")
-    return HFTokenizer(hf, kind="pretrained", eos=sp["eos"], bos=sp["bos"], pad=sp["pad"])
+    # The HF files beside it go along as they are (generation_config.json's eos ids say where
+    # generation stops; transformers reads them after an export), as an import keeps them.
+    from llmforge.data.tokenizers import HF_FILES, read_text
+
+    files = {name: read_text(path.parent / name) for name in HF_FILES if (path.parent / name).is_file()}
+    return HFTokenizer(hf, kind="pretrained", eos=sp["eos"], bos=sp["bos"], pad=sp["pad"], text=read_text(path), files=files)
 
 
 def _read_tiktoken(path: Path) -> dict[bytes, int] | None:

@@ -65,3 +65,16 @@ def test_llmforge_tokenizers_write_no_file_list(tmp_path):
     assert "files" not in json.loads((tmp_path / "tok" / "meta.json").read_text())
     assert sorted(p.name for p in (tmp_path / "tok").iterdir()) == ["meta.json", "tokenizer.json"]
     assert load_tokenizer(tmp_path / "tok").stop_ids == (tok.eos_id,)
+
+
+def test_a_spec_pointing_at_an_hf_folder_keeps_its_files_and_stop_ids(tmp_path):
+    # `tokenizer: {name: pretrained, path: <HF folder>}` (specs/models/*.yaml) reads the folder as an import does.
+    from llmforge.data.tokenizers import build_pretrained
+
+    folder = tmp_path / "hf"
+    _imported(tmp_path, {"eos_token_id": [2, 1]}).save(folder)
+    (folder / "meta.json").unlink()  # a plain HF folder: no llmforge meta.json
+    tok = build_pretrained(c.PretrainedTokenizer(path=str(folder)), run_dir=tmp_path, texts=iter(()))
+    assert tok.stop_ids == (2, 1)
+    assert tok.files["generation_config.json"] == (folder / "generation_config.json").read_text()
+    assert tok.json == (folder / "tokenizer.json").read_text()
