@@ -175,20 +175,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from llmforge.interop.export import export_hf
+    from llmforge.interop.verify import ExportCheckFailed
 
-    done = export_hf(args.source, args.out_dir, stage=args.stage, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                     overwrite=args.overwrite, peft=args.peft)
+    try:
+        done = export_hf(args.source, args.out_dir, stage=args.stage, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                         overwrite=args.overwrite, peft=args.peft, verify=not args.no_verify, log=lambda m: print(m, flush=True))
+    except ExportCheckFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     no_tokenizer = "" if done["tokenizer"] else " (the run has no tokenizer)"
+    unchecked = "\n  not checked (--no-verify)" if args.no_verify else ""
     if args.peft:
         lora = done["peft"]
         print(f"exported the LoRA adapters of {done['checkpoint']} in PEFT format to {done['out_dir']}: {done['adapted_modules']} "
               f"modules (r={lora['r']}, lora_alpha={lora['lora_alpha']:g}, target_modules={', '.join(lora['target_modules'])}, "
               f"{done['adapter_parameters']:,} parameters, {done['dtype']})\n"
               f"  base model: {done['base_checkpoint']} as {done['architecture']} in {done['base_dir']}{no_tokenizer}\n"
-              f"  load with PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({done['base_dir']!r}), {done['out_dir']!r})")
+              f"  load with PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({done['base_dir']!r}), {done['out_dir']!r})"
+              f"{unchecked}")
         return 0
     print(f"exported {done['checkpoint']} as {done['architecture']} ({done['parameters']:,} parameters, {done['dtype']}) "
-          f"to {done['out_dir']}: {', '.join(done['weight_files'])}{no_tokenizer}")
+          f"to {done['out_dir']}: {', '.join(done['weight_files'])}{no_tokenizer}{unchecked}")
     return 0
 
 
@@ -316,16 +323,21 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 def _interop_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="write a checkpoint in another framework's format")
     formats = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    q = formats.add_parser("hf", help="a Hugging Face model directory: config.json, safetensors, tokenizer files")
+    q = formats.add_parser("hf", help="a Hugging Face model directory of the model's family (Llama, Mistral, Qwen2, Qwen3, GPT-2): "
+                                       "config.json, safetensors, tokenizer files; checked with transformers before it is published")
     q.add_argument("source", metavar="RUN_DIR|CHECKPOINT", help="a run dir (its last stage's newest checkpoint) or a checkpoints/<stage>/step-N dir")
     q.add_argument("out_dir", metavar="OUT_DIR", help="the directory to write (created atomically)")
     q.add_argument("--stage", help="export this stage's newest checkpoint of RUN_DIR")
-    q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="dtype of the exported weights")
+    q.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the exported weights (default: float32, or the imported dtype when exporting an import itself)")
     q.add_argument("--max-shard-size", default="5GB", help="split safetensors files larger than this, with an index (e.g. 2GB)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     q.add_argument("--peft", action="store_true",
                    help="for a lora stage's checkpoint: write the adapters unmerged as a PEFT adapter directory "
                         "(adapter_config.json, adapter_model.safetensors) in OUT_DIR and the frozen base model in OUT_DIR/base")
+    q.add_argument("--no-verify", action="store_true",
+                   help="publish without the self-check (by default transformers loads the export and must compute llmforge's "
+                        "logits on a few fixed sequences, else nothing is published and the exit code is 1)")
     q.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser("import", help="turn another framework's model into an llmforge checkpoint")

@@ -1,23 +1,35 @@
 """`llmforge export hf RUN_DIR|CHECKPOINT OUT_DIR`: a checkpoint as a Hugging Face model directory.
 
-The checkpoint (any TP/PP layout) is loaded into a TP=1/PP=1 model in this process, its
-tensors are mapped to HF names and layouts (`hf_mapping`), and the directory — config.json,
-safetensors, tokenizer files, generation_config.json — is published atomically. A LoRA
-checkpoint is merged, or with `peft=True` written as a PEFT adapter directory (`peft_export`).
+The family's own class and config: an import's record (`hf_source.json`, of the run or of the
+import a stage's `init_from` names) says which, else the model's shape does. A full checkpoint
+(any TP/PP layout) is read a layer at a time and its HF tensors written one by one
+(`streaming`); a LoRA checkpoint is merged in one TP=1 model, or with `peft=True` written as a
+PEFT adapter directory (`peft_export`). Before the directory is published (atomically),
+transformers loads it and must compute llmforge's logits (`verify`), unless `verify=False`.
 """
 
 from __future__ import annotations
 
+import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llmforge.interop.families import family_of_model
-from llmforge.interop.hf_config import DTYPES, generation_config, to_hf_config
-from llmforge.interop.import_ import MODEL_FRAGMENT
+from llmforge.interop.families import FAMILIES, family_of_model
+from llmforge.interop.families.base import Family
+from llmforge.interop.hf_config import DTYPES, generation_config, to_hf_config, validated_model
+from llmforge.interop.import_ import MODEL_FRAGMENT, SOURCE_RECORD, SOURCE_VERSION
 from llmforge.spec.components import GPTModel
 from llmforge.spec.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+    from llmforge.interop.verify import Verdict
+
+GENERATION_CONFIG = "generation_config.json"
 
 
 @dataclass(frozen=True)
@@ -128,30 +140,128 @@ def _parse_size(text: str | int) -> int:
     return value
 
 
-def write_model_dir(dest: Path, module, model: GPTModel, *, run_root: Path, tokenizer, dtype: str, max_bytes: int,
-                    source: str) -> dict[str, Any]:
-    """Write a TP=1 module's weights, config, generation config and tokenizer files into `dest`.
+def read_record(run_root: Path) -> dict[str, Any] | None:
+    """The import record in `run_root` (None when it has none); an unknown version fails loudly."""
+    from llmforge.interop.hf_files import read_json
 
-    `dest` lies inside a `staged_output`, which makes the whole directory appear at once.
-    """
+    path = run_root / SOURCE_RECORD
+    if not path.is_file():
+        return None
+    record = read_json(path)
+    if record.get("version") != SOURCE_VERSION:
+        raise UserError(f"{path}: unknown record version {record.get('version')!r}", f"this llmforge reads version {SOURCE_VERSION}")
+    return record
+
+
+def _run_of(checkpoint: str) -> Path | None:
+    """The run dir of a checkpoint path a stage's `init_from` names (None for a stage name)."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return None
+    return path.parent.parent.parent if path.parent.parent.name == "checkpoints" else path
+
+
+def import_record(run_root: Path, *, depth: int = 4) -> dict[str, Any] | None:
+    """The record of the import the run came from: its own (an import's directory), else that of the run
+    a stage's `init_from` checkpoint belongs to, followed back a few runs."""
+    import yaml
+
+    record = read_record(run_root)
+    spec_path = run_root / "spec.resolved.yaml"
+    if record is not None or depth == 0 or not spec_path.is_file():
+        return record
+    for stage in (yaml.safe_load(spec_path.read_text()) or {}).get("stages") or []:
+        origin = _run_of(stage["init_from"]) if isinstance(stage, dict) and isinstance(stage.get("init_from"), str) else None
+        if origin is not None and origin.resolve() != run_root.resolve():
+            found = import_record(origin, depth=depth - 1)
+            if found is not None:
+                return found
+    return None
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an export writes: the model, the HF family it is written as, and the import record it follows (if any)."""
+
+    model: GPTModel
+    family: Family
+    record: dict[str, Any] | None
+
+    def config(self, *, token_ids: dict[str, int | None], dtype: str) -> dict[str, Any]:
+        """`config.json`: the imported one as it was (dtype aside) when it still describes the model, else the family's own."""
+        record = self.record
+        if record is not None and record.get("family") == self.family.name:
+            original = record["config"]
+            try:
+                theirs = validated_model({"name": "gpt", **self.family.from_config(original, SOURCE_RECORD)}, SOURCE_RECORD)
+            except UserError:
+                theirs = None
+            if theirs is not None and self.family.to_config(theirs) == self.family.to_config(self.model):
+                return {**original, "torch_dtype": dtype, "dtype": dtype}
+        return to_hf_config(self.model, token_ids=token_ids, dtype=dtype, family=self.family)
+
+
+def export_target(run_root: Path, model: GPTModel) -> Target:
+    """The family to write: the import record's when the model still fits it, else the one the model's shape picks."""
+    record = import_record(run_root)
+    family = FAMILIES.get(record.get("family", "")) if record else None
+    if family is None or family.misfits(model):
+        family, record = family_of_model(model), None
+    return Target(model, family, record)
+
+
+def default_dtype(run_root: Path) -> str:
+    """fp32 (llmforge's master weights), or the dtype the weights were imported in when exporting an import itself."""
+    record = read_record(run_root)
+    dtypes = record.get("source_dtypes") if record else None
+    return dtypes[0] if dtypes and len(dtypes) == 1 and dtypes[0] in DTYPES else "float32"
+
+
+def hf_weight_groups(target: Target, megatron: Callable[[str], torch.Tensor], dtype: str):
+    """The HF tensors of each megatron tensor, planned (names, shapes, dtype) and made on demand from `megatron(name)`."""
     import torch
 
-    from llmforge.interop.hf_files import write_json, write_safetensors
-    from llmforge.interop.hf_mapping import to_hf
-    from llmforge.interop.model_io import state_of
+    from llmforge.interop.families.base import dims
+    from llmforge.interop.hf_files import Planned
+    from llmforge.interop.hf_mapping import link_to_hf
+
+    torch_dtype, d = getattr(torch, dtype), dims(target.model)
+    groups = []
+    for link in target.family.links(target.model):
+        planned = tuple(Planned(name, shape, torch_dtype) for name, shape in zip(link.hf, link.hf_shapes, strict=True))
+        groups.append((planned, lambda link=link: tuple(t.to(torch_dtype) for t in link_to_hf(link, megatron(link.megatron), d))))
+    return groups
+
+
+def write_model_dir(dest: Path, megatron: Callable[[str], torch.Tensor], target: Target, *, run_root: Path, tokenizer, dtype: str,
+                    max_bytes: int) -> dict[str, Any]:
+    """Write a model's weights (each megatron tensor from `megatron(canonical name)`), config, generation config and
+    tokenizer files into `dest`, which lies inside a `staged_output`."""
+    from llmforge.interop.hf_files import write_json, write_safetensors_streamed
 
     token_ids = {"bos": tokenizer.bos_id, "eos": tokenizer.eos_id, "pad": tokenizer.pad_id} if tokenizer else {}
     dest.mkdir(parents=True, exist_ok=True)
-    tensors = to_hf(state_of(module), model, source=source)
-    torch_dtype = getattr(torch, dtype)
-    tensors = {name: t.to(device="cpu", dtype=torch_dtype) for name, t in tensors.items()}
-    files = write_safetensors(dest, tensors, max_shard_bytes=max_bytes)
-    write_json(dest / "config.json", to_hf_config(model, token_ids=token_ids, dtype=dtype))
-    write_json(dest / "generation_config.json", generation_config(token_ids))
+    groups = hf_weight_groups(target, megatron, dtype)
+    files = write_safetensors_streamed(dest, groups, max_shard_bytes=max_bytes)
+    write_json(dest / "config.json", target.config(token_ids=token_ids, dtype=dtype))
+    if not _copy_generation_config(run_root, tokenizer, dest):
+        write_json(dest / GENERATION_CONFIG, generation_config(token_ids))
     if tokenizer is not None:
-        write_tokenizer(dest, tokenizer, run_root=run_root, model=model)
-    return {"tensors": len(tensors), "parameters": sum(t.numel() for t in tensors.values()), "dtype": dtype,
-            "weight_files": files, "tokenizer": tokenizer is not None}
+        write_tokenizer(dest, tokenizer, run_root=run_root, model=target.model)
+    return {"tensors": sum(len(planned) for planned, _ in groups), "dtype": dtype, "weight_files": files,
+            "parameters": sum(math.prod(link.megatron_shape) for link in target.family.links(target.model)),
+            "tokenizer": tokenizer is not None}
+
+
+def _copy_generation_config(run_root: Path, tokenizer, dest: Path) -> bool:
+    """An imported tokenizer's `generation_config.json`, byte for byte (Llama 3 Instruct's list of eos ids survives)."""
+    import shutil
+
+    source = run_root / "tokenizer" / GENERATION_CONFIG
+    if tokenizer is None or not tokenizer.files or not source.is_file():
+        return False
+    shutil.copyfile(source, dest / GENERATION_CONFIG)
+    return True
 
 
 def write_tokenizer(dest: Path, tokenizer, *, run_root: Path, model: GPTModel) -> None:
@@ -165,35 +275,119 @@ def write_tokenizer(dest: Path, tokenizer, *, run_root: Path, model: GPTModel) -
         copy_files(hf_tokenizer_files(tok_dir), dest)
 
 
-def export_hf(source: str | Path, out_dir: str | Path, *, stage: str | None = None, dtype: str = "float32",
-              max_shard_size: str | int = "5GB", overwrite: bool = False, peft: bool = False) -> dict[str, Any]:
+def self_check(check: Callable[[torch.Tensor], Verdict], model: GPTModel, *, needs: tuple[str, ...],
+               log: Callable[[str], None]) -> dict[str, Any] | None:
+    """Run `check` on the fixed sequences (see `verify`), refusing to publish above the tolerance; None when skipped."""
+    from llmforge.interop.verify import ExportCheckFailed, check_ids, missing_library, refuse_unless_passed
+
+    missing = missing_library(*needs)
+    if missing is not None:
+        log(f"self-check skipped: {missing} is not installed (pip install {missing} to check the export against it)")
+        return None
+    try:
+        verdict = check(check_ids(model.vocab_size, model.max_positions))
+    except ExportCheckFailed:
+        raise
+    except Exception as e:  # transformers refusing to load or run the files is the check failing, not a crash
+        raise ExportCheckFailed(f"self-check: the export could not be loaded and run: {type(e).__name__}: {e}; nothing was written "
+                                "(`--no-verify` publishes it anyway)") from e
+    log(verdict.line())
+    refuse_unless_passed(verdict)
+    return verdict.as_dict()
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def export_hf(source: str | Path, out_dir: str | Path, *, stage: str | None = None, dtype: str | None = None,
+              max_shard_size: str | int = "5GB", overwrite: bool = False, peft: bool = False, verify: bool = True,
+              log: Callable[[str], None] = _stderr) -> dict[str, Any]:
     """Write the checkpoint `source` names as an HF model directory `out_dir`; returns a summary.
 
     Args:
-        dtype: the weights' dtype in the export (llmforge keeps fp32 master weights).
+        dtype: the weights' dtype in the export (default: float32, llmforge's master weights, or
+            the imported dtype when `source` is an import itself, so that a round trip is exact).
         max_shard_size: safetensors files larger than this are split, with an index.
         peft: for a `lora` stage's checkpoint, write its adapters as a PEFT adapter directory
             and its frozen base model into `out_dir/base` (see `peft_export`), instead of merging.
+        verify: check the written files with transformers before publishing them (`verify`);
+            a failed check raises `verify.ExportCheckFailed` and publishes nothing.
+        log: where the self-check's line goes.
     """
     from llmforge.interop.hf_files import staged_output
-    from llmforge.interop.model_io import load_module_weights, single_process_model
 
-    if dtype not in DTYPES:
+    if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r} is not supported", f"use one of {', '.join(DTYPES)}")
     max_bytes = _parse_size(max_shard_size)
     src = find_source(Path(source), stage=stage)
     model = model_options(src.run_root)
-    family = family_of_model(model)
+    target = export_target(src.run_root, model)
+    dtype = dtype or default_dtype(src.run_root)
     tokenizer = _tokenizer(src.run_root, model)
     out_dir = Path(out_dir)
-    head = {"out_dir": str(out_dir), "architecture": family.hf_class, "checkpoint": str(src.step_dir)}
+    head = {"out_dir": str(out_dir), "architecture": target.family.hf_class, "checkpoint": str(src.step_dir)}
     if peft:
         from llmforge.interop.peft_export import export_peft
 
-        return {**head, **export_peft(src, model, tokenizer, out_dir, dtype=dtype, max_bytes=max_bytes, overwrite=overwrite)}
+        return {**head, **export_peft(src, target, tokenizer, out_dir, dtype=dtype, max_bytes=max_bytes, overwrite=overwrite,
+                                      verify=verify, log=log)}
     with staged_output(out_dir, overwrite=overwrite) as tmp:
-        module = single_process_model(model)
-        load_module_weights(src.step_dir, module)  # a LoRA checkpoint of adapters alone is merged on load
-        written = write_model_dir(tmp, module, model, run_root=src.run_root, tokenizer=tokenizer, dtype=dtype, max_bytes=max_bytes,
-                                  source=str(src.step_dir))
-    return {**head, **written}
+        if (src.step_dir / "model").is_dir():
+            written, check = _export_streamed(tmp, src, target, tokenizer=tokenizer, dtype=dtype, max_bytes=max_bytes)
+        else:
+            written, check = _export_in_memory(tmp, src, target, tokenizer=tokenizer, dtype=dtype, max_bytes=max_bytes)
+        verdict = self_check(check, model, needs=("transformers",), log=log) if verify else None
+    return {**head, **written, "check": verdict}
+
+
+def _export_streamed(tmp: Path, src: Source, target: Target, *, tokenizer, dtype: str, max_bytes: int):
+    """A full checkpoint, read a layer at a time; the check runs llmforge's forward the same way."""
+    from llmforge.interop.model_io import skeleton_model
+    from llmforge.interop.streaming import CheckpointReader, streamed_logits
+    from llmforge.interop.verify import compare, transformers_logits
+
+    skeleton = skeleton_model(target.model)
+    reader = CheckpointReader(src.step_dir / "model", skeleton)
+    written = write_model_dir(tmp, reader.get, target, run_root=src.run_root, tokenizer=tokenizer, dtype=dtype, max_bytes=max_bytes)
+    reader.clear()
+
+    def check(ids):
+        import torch
+
+        # llmforge's side first, freed layer by layer: the two models never coexist.
+        ours = streamed_logits(skeleton, reader, ids, rounded_to=getattr(torch, dtype))
+        return compare(ours, transformers_logits(tmp, ids, dtype=dtype), what=f"transformers {target.family.hf_class}")
+
+    return written, check
+
+
+def _export_in_memory(tmp: Path, src: Source, target: Target, *, tokenizer, dtype: str, max_bytes: int):
+    """A LoRA checkpoint of adapters alone, merged into its base on load, in one TP=1 model."""
+    from llmforge.interop.hf_mapping import canonical_megatron
+    from llmforge.interop.model_io import load_module_weights, single_process_model, state_of
+    from llmforge.interop.verify import compare, round_weights, transformers_logits
+
+    module = single_process_model(target.model)
+    load_module_weights(src.step_dir, module)
+    state = canonical_megatron(state_of(module))
+    written = write_model_dir(tmp, state.__getitem__, target, run_root=src.run_root, tokenizer=tokenizer, dtype=dtype,
+                              max_bytes=max_bytes)
+
+    def check(ids):
+        round_weights(module, dtype)
+        ours = forward_logits(module, ids)
+        return compare(ours, transformers_logits(tmp, ids, dtype=dtype), what=f"transformers {target.family.hf_class}")
+
+    return written, check
+
+
+def forward_logits(module: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """llmforge's own forward pass of a whole TP=1 model: full logits [batch, seq, vocab], fp32."""
+    import torch
+
+    module.eval()
+    ids = ids.to(next(module.parameters()).device)
+    positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0).expand_as(ids)
+    with torch.no_grad():
+        return module(ids, positions, None).float().cpu()

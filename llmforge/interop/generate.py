@@ -111,12 +111,12 @@ def _misfits(model_dir: Path, chunks: list) -> list[str]:
     """This rank's tensors the checkpoint lacks or holds in another global shape."""
     from megatron.core import dist_checkpointing
 
-    from llmforge.interop.model_io import _global_shapes
+    from llmforge.interop.model_io import global_shapes
 
     saved = {key: tuple(t.global_shape) for key, t in dist_checkpointing.load_tensors_metadata(str(model_dir)).items()}
     problems = []
     for chunk in chunks:
-        for key, shape in _global_shapes(chunk).items():
+        for key, shape in global_shapes(chunk).items():
             if key not in saved:
                 problems.append(f"missing tensor {key}")
             elif saved[key] != shape:

@@ -1,5 +1,5 @@
-"""The files of an HF model directory: safetensors (sharded with an index), tokenizer files,
-and the atomic publication of a whole output directory.
+"""The files of an HF model directory: safetensors (sharded with an index; read and written a
+tensor at a time), tokenizer files, and the atomic publication of a whole output directory.
 
 An output directory is built in a hidden sibling (`.NAME.tmp-PID`), fsynced, and renamed
 into place only when every file is written, so a reader never sees half an export or
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,71 +89,167 @@ def read_json(path: Path) -> dict[str, Any]:
 
 # --- weights ---------------------------------------------------------------------------------
 
-
-def _owned(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor with its own storage (safetensors refuses tensors that share one)."""
-    t = t.detach().contiguous()
-    if t.storage_offset() != 0 or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-        t = t.clone()
-    return t
+# safetensors' dtype names (the header's "dtype").
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64", torch.int64: "I64",
+              torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ST_NAMES = {name: dtype for dtype, name in _ST_DTYPES.items()}
 
 
-def write_safetensors(out_dir: Path, tensors: Mapping[str, torch.Tensor], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
-    """Write `tensors` as `model.safetensors`, or as numbered shards plus an index when larger
-    than `max_shard_bytes`; returns the file names written."""
-    from safetensors.torch import save_file
+@dataclass(frozen=True)
+class Planned:
+    """One tensor a streamed safetensors write will hold: its name, shape and dtype, known before its data."""
 
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+# A group of tensors made together (a fused megatron tensor's q, k, v) and the function that makes them.
+Group = tuple[Sequence[Planned], Callable[[], Sequence[torch.Tensor]]]
+
+
+def _write_one_file(path: Path, groups: Sequence[Group]) -> None:
+    """A safetensors file whose header is written first, from the plan; each group's data follows as it is made."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for planned, _ in groups:
+        for t in planned:
+            header[t.name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+            offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for planned, make in groups:
+            tensors = make()
+            for t, tensor in zip(planned, tensors, strict=True):
+                if tuple(tensor.shape) != t.shape or tensor.dtype != t.dtype:
+                    raise RuntimeError(f"{t.name}: made {tuple(tensor.shape)} {tensor.dtype}, planned {t.shape} {t.dtype}")
+                f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+            del tensors
+
+
+def write_safetensors_streamed(out_dir: Path, groups: Sequence[Group], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write the groups' tensors as `model.safetensors`, or as numbered shards plus an index past
+    `max_shard_bytes` (a group stays in one file); returns the file names written.
+
+    Each group's tensors are made only when their turn comes and dropped once written, so the
+    whole model never has to be in memory.
+    """
+    shards: list[list[Group]] = [[]]
     size = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
+    for group in groups:
+        nbytes = sum(t.nbytes for t in group[0])
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][name] = _owned(tensor)
+        shards[-1].append(group)
         size += nbytes
-    metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / SAFETENSORS), metadata=metadata)
+        _write_one_file(out_dir / SAFETENSORS, shards[0])
         return [SAFETENSORS]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
     for file_name, shard in zip(names, shards, strict=True):
-        save_file(shard, str(out_dir / file_name), metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, file_name))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _write_one_file(out_dir / file_name, shard)
+        weight_map.update({t.name: file_name for planned, _ in shard for t in planned})
+    total = sum(t.nbytes for planned, _ in groups for t in planned)
     write_json(out_dir / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     return [*names, SAFETENSORS_INDEX]
 
 
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise UserError(f"{path} not found, but the index names it", "copy every shard the index lists")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+def write_safetensors(out_dir: Path, tensors: Mapping[str, torch.Tensor], *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> list[str]:
+    """Write tensors already in memory (see `write_safetensors_streamed`)."""
+    groups = [((Planned(name, tuple(t.shape), t.dtype),), lambda t=t: (t,)) for name, t in tensors.items()]
+    return write_safetensors_streamed(out_dir, groups, max_shard_bytes=max_shard_bytes)
 
-            return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors and torch raise a variety of errors on a damaged file
-        raise UserError(f"{path}: cannot read the weights: {type(e).__name__}: {e}", "the file is damaged; copy it again") from None
+
+def _damaged(path: Path, e: Exception) -> UserError:
+    return UserError(f"{path}: cannot read the weights: {type(e).__name__}: {e}", "the file is damaged; copy it again")
+
+
+class HFWeights:
+    """The tensors of an HF model directory (safetensors, single or indexed, else pytorch_model.bin),
+    read one at a time: names, shapes and dtypes come from the headers, data only when asked for.
+
+    A safetensors file is opened anew for each tensor, so that no mapping of the whole file
+    stays resident; the whole checkpoint is never in memory at once.
+    """
+
+    def __init__(self, hf_dir: Path) -> None:
+        self.hf_dir = Path(hf_dir)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self._file: dict[str, Path] = {}
+        self._loaded: dict[str, torch.Tensor] = {}  # pytorch_model.bin (mmap'd when it can be)
+        for name in self._weight_files():
+            path = self.hf_dir / name
+            if not path.is_file():
+                raise UserError(f"{path} not found, but the index names it", "copy every shard the index lists")
+            if path.suffix == ".safetensors":
+                self._scan_safetensors(path)
+            else:
+                self._load_bin(path)
+
+    def _weight_files(self) -> list[str]:
+        for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (TORCH_BIN, TORCH_BIN_INDEX)):
+            if (self.hf_dir / single).is_file():
+                return [single]
+            if (self.hf_dir / index).is_file():
+                weight_map = read_json(self.hf_dir / index).get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise UserError(f"{self.hf_dir / index}: no weight_map", "a transformers-written index has one")
+                return list(dict.fromkeys(weight_map.values()))
+        raise UserError(f"{self.hf_dir}: no weights ({SAFETENSORS}, {SAFETENSORS_INDEX}, {TORCH_BIN} or {TORCH_BIN_INDEX})",
+                        "point at a Hugging Face model directory written by save_pretrained")
+
+    def _scan_safetensors(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    view = f.get_slice(name)
+                    self.shapes[name], self.dtypes[name] = tuple(view.get_shape()), _ST_NAMES[view.get_dtype()]
+                    self._file[name] = path
+        except Exception as e:  # safetensors raises a variety of errors on a damaged file
+            raise _damaged(path, e) from None
+
+    def _load_bin(self, path: Path) -> None:
+        try:
+            try:
+                tensors = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+                tensors = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise _damaged(path, e) from None
+        for name, tensor in tensors.items():
+            self._loaded[name] = tensor
+            self.shapes[name], self.dtypes[name] = tuple(tensor.shape), tensor.dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        """One tensor, as the file stores it."""
+        if name in self._loaded:
+            return self._loaded[name]
+        from safetensors import safe_open
+
+        path = self._file[name]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:
+            raise _damaged(path, e) from None
 
 
 def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of an HF model directory: safetensors (single or indexed), else pytorch_model.bin."""
-    for single, index in ((SAFETENSORS, SAFETENSORS_INDEX), (TORCH_BIN, TORCH_BIN_INDEX)):
-        if (hf_dir / single).is_file():
-            return _load_file(hf_dir / single)
-        if (hf_dir / index).is_file():
-            weight_map = read_json(hf_dir / index).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise UserError(f"{hf_dir / index}: no weight_map", "a transformers-written index has one")
-            out: dict[str, torch.Tensor] = {}
-            for file_name in dict.fromkeys(weight_map.values()):
-                out.update(_load_file(hf_dir / file_name))
-            return out
-    raise UserError(f"{hf_dir}: no weights ({SAFETENSORS}, {SAFETENSORS_INDEX}, {TORCH_BIN} or {TORCH_BIN_INDEX})",
-                    "point at a Hugging Face model directory written by save_pretrained")
+    """Every tensor of an HF model directory, in memory (small models and tests; conversions stream `HFWeights`)."""
+    weights = HFWeights(hf_dir)
+    return {name: weights.get(name) for name in weights.shapes}
 
 
 # --- tokenizer files --------------------------------------------------------------------------

@@ -77,7 +77,8 @@ def link_to_hf(link: Link, t: torch.Tensor, d: Dims) -> tuple[torch.Tensor, ...]
     return (fused.t() if fused.dim() == 2 else fused,)
 
 
-def _from_hf(link: Link, ts: tuple[torch.Tensor, ...], d: Dims) -> torch.Tensor:
+def link_from_hf(link: Link, ts: tuple[torch.Tensor, ...], d: Dims) -> torch.Tensor:
+    """The megatron tensor of `link` from its HF tensors (`link_to_hf` undone)."""
     if link.kind == "copy":
         return ts[0]
     if link.kind == "transpose":
@@ -93,15 +94,15 @@ def _from_hf(link: Link, ts: tuple[torch.Tensor, ...], d: Dims) -> torch.Tensor:
 # --- checks and the two directions ----------------------------------------------------------
 
 
-def _check(tensors: Mapping[str, torch.Tensor], expected: dict[str, tuple[int, ...]], source: str, implied_by: str,
+def _check(shapes: Mapping[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], source: str, implied_by: str,
            hint: str) -> None:
     """Name every missing, unexpected or misshapen tensor (the first few of each)."""
     problems = []
-    missing = [n for n in expected if n not in tensors]
-    unexpected = [n for n in tensors if n not in expected]
-    shapes = [f"{n} has shape {tuple(tensors[n].shape)}, {implied_by} implies {expected[n]}"
-              for n in expected if n in tensors and tuple(tensors[n].shape) != expected[n]]
-    for label, names in (("missing tensor", missing), ("unexpected tensor", unexpected), ("wrong shape", shapes)):
+    missing = [n for n in expected if n not in shapes]
+    unexpected = [n for n in shapes if n not in expected]
+    wrong = [f"{n} has shape {tuple(shapes[n])}, {implied_by} implies {expected[n]}"
+             for n in expected if n in shapes and tuple(shapes[n]) != expected[n]]
+    for label, names in (("missing tensor", missing), ("unexpected tensor", unexpected), ("wrong shape", wrong)):
         if names:
             more = f" (and {len(names) - 3} more)" if len(names) > 3 else ""
             problems.append(f"{label}{'s' if len(names) > 1 and label != 'wrong shape' else ''}: {', '.join(names[:3])}{more}")
@@ -123,14 +124,14 @@ def canonical_megatron(state: Mapping[str, torch.Tensor | object]) -> dict[str, 
             if isinstance(value, torch.Tensor) and not name.endswith("._extra_state")}
 
 
-def to_hf(state: Mapping[str, torch.Tensor], model: GPTModel, *, source: str) -> dict[str, torch.Tensor]:
+def to_hf(state: Mapping[str, torch.Tensor], model: GPTModel, *, source: str, family: Family | None = None) -> dict[str, torch.Tensor]:
     """HF tensors (names as `save_pretrained` writes them) from a TP=1/PP=1 megatron state dict."""
-    d, table = dims(model), links(model)
+    d, table = dims(model), links(model, family)
     state = canonical_megatron(state)
     if not model.untie_embeddings_and_output_weights:
         state.pop("output_layer.weight", None)  # a tied output layer is the embedding itself
-    _check(state, {link.megatron: link.megatron_shape for link in table}, source, "the run's model spec",
-           "the checkpoint does not belong to this model spec; export the run dir it came from")
+    _check({n: tuple(t.shape) for n, t in state.items()}, {link.megatron: link.megatron_shape for link in table}, source,
+           "the run's model spec", "the checkpoint does not belong to this model spec; export the run dir it came from")
     out: dict[str, torch.Tensor] = {}
     for link in table:
         for name, tensor in zip(link.hf, link_to_hf(link, state[link.megatron], d), strict=True):
@@ -138,21 +139,29 @@ def to_hf(state: Mapping[str, torch.Tensor], model: GPTModel, *, source: str) ->
     return out
 
 
-def normalize_hf_names(tensors: Mapping[str, torch.Tensor], model: GPTModel, family: Family) -> dict[str, torch.Tensor]:
-    """Drop buffers, rename what old files of the family name otherwise, drop a tied `lm_head`."""
-    out = {n: t for n, t in tensors.items() if not n.endswith(_HF_BUFFERS)}
-    renames = family.hf_renames(list(out))
-    out = {renames.get(n, n): t for n, t in out.items()}
+def hf_stored_names(names: list[str], model: GPTModel, family: Family) -> dict[str, str]:
+    """The name `save_pretrained` writes now → the name a file of the family stores it under.
+
+    Buffers are dropped, old files' names renamed, and a tied `lm_head` dropped (transformers
+    ties it to the embedding on load, whatever the file says).
+    """
+    kept = [n for n in names if not n.endswith(_HF_BUFFERS)]
+    renames = family.hf_renames(kept)
+    out = {renames.get(n, n): n for n in kept}
     if not model.untie_embeddings_and_output_weights:
-        out.pop("lm_head.weight", None)  # transformers ties it to the embedding on load, whatever the file says
+        out.pop("lm_head.weight", None)
     return out
+
+
+def check_hf_shapes(shapes: Mapping[str, tuple[int, ...]], model: GPTModel, family: Family, *, source: str) -> None:
+    """UserError naming every tensor of an HF checkpoint (names as `hf_stored_names` keys them) that the config does not imply."""
+    expected = {name: shape for link in links(model, family) for name, shape in zip(link.hf, link.hf_shapes, strict=True)}
+    _check(shapes, expected, source, "config.json", "the weights do not match config.json; check that both come from the same model")
 
 
 def from_hf(tensors: Mapping[str, torch.Tensor], model: GPTModel, *, source: str, family: Family | None = None) -> dict[str, torch.Tensor]:
     """A TP=1/PP=1 megatron state dict (canonical names) from HF tensors of `family` (default: the one the shape picks)."""
     family = family or family_of_model(model)
-    d, table = dims(model), links(model, family)
-    tensors = normalize_hf_names(tensors, model, family)
-    expected = {name: shape for link in table for name, shape in zip(link.hf, link.hf_shapes, strict=True)}
-    _check(tensors, expected, source, "config.json", "the weights do not match config.json; check that both come from the same model")
-    return {link.megatron: _from_hf(link, tuple(tensors[n] for n in link.hf), d) for link in table}
+    d, stored = dims(model), hf_stored_names(list(tensors), model, family)
+    check_hf_shapes({n: tuple(tensors[s].shape) for n, s in stored.items()}, model, family, source=source)
+    return {link.megatron: link_from_hf(link, tuple(tensors[stored[n]] for n in link.hf), d) for link in links(model, family)}

@@ -1,7 +1,7 @@
 """`llmforge import hf HF_DIR OUT`: a local HF model directory of a supported family as an llmforge checkpoint.
 
 OUT gets `checkpoints/import/step-0/` (the format training writes, with its COMPLETE marker,
-so any stage can `init_from` it at any TP/PP layout), `model.yaml` (the matching `model:` and
+so any stage can `init_from` it at any TP/PP layout; written a tensor at a time, `streaming`), `model.yaml` (the matching `model:` and
 `tokenizer:` spec sections), `tokenizer/` (the HF tokenizer files as they are, plus llmforge's
 `meta.json`, when the directory has a tokenizer.json) and `hf_source.json` (which family and HF
 class the weights came from, and their config.json, for an export back). Nothing is
@@ -61,12 +61,21 @@ def _fragment(hf_dir: Path, out: Path, options: dict[str, Any], has_tokenizer: b
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
-    """Convert the HF model in `hf_dir` into the llmforge run-like directory `out`; returns a summary."""
-    from llmforge.interop.hf_files import read_hf_weights, read_json, staged_output, write_json
-    from llmforge.interop.hf_mapping import from_hf
-    from llmforge.interop.model_io import load_state, single_process_model
+    """Convert the HF model in `hf_dir` into the llmforge run-like directory `out`; returns a summary.
+
+    Tensors stream: each megatron tensor is made from its HF tensors (read one at a time) when
+    the checkpoint writer reaches it and freed once written, so the model is never whole in memory.
+    """
+    import math
+
+    import torch
+
+    from llmforge.interop.families.base import dims
+    from llmforge.interop.hf_files import HFWeights, read_json, staged_output, write_json
+    from llmforge.interop.hf_mapping import check_hf_shapes, hf_stored_names, link_from_hf
+    from llmforge.interop.model_io import skeleton_model
+    from llmforge.interop.streaming import save_streamed
     from llmforge.runtime.checkpoint import CheckpointManager
-    from llmforge.runtime.sharded_io import save_sharded
 
     hf_dir, out = Path(hf_dir), Path(out)
     if not hf_dir.is_dir():
@@ -77,22 +86,31 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
     options = {"name": "gpt", **family.from_config(config, str(config_path))}
     model = validated_model(options, str(config_path))
     tokenizer = read_tokenizer(hf_dir, model.vocab_size)
-    tensors = read_hf_weights(hf_dir)
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
-    state = from_hf(tensors, model, source=str(hf_dir), family=family)
-    del tensors
+    weights = HFWeights(hf_dir)
+    stored = hf_stored_names(list(weights.shapes), model, family)
+    check_hf_shapes({name: weights.shapes[s] for name, s in stored.items()}, model, family, source=str(hf_dir))
+    dtypes = sorted({str(weights.dtypes[s]).removeprefix("torch.") for s in stored.values()})
+    table, d = {link.megatron: link for link in family.links(model)}, dims(model)
+
+    def megatron(name: str) -> torch.Tensor:
+        link = table[name]
+        sources = tuple(weights.get(stored[n]) for n in link.hf)
+        made = link_from_hf(link, sources, d).to(torch.float32)
+        # A tensor of its own: the writer frees each once written, which must not touch the file's (mapped) tensors.
+        shared = any(made.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in sources)
+        return made.clone() if shared else made
+
     record = {"version": SOURCE_VERSION, "family": family.name, "architecture": family.hf_class, "model_type": config.get("model_type"),
               "imported_from": str(hf_dir.absolute()), "source_dtypes": dtypes, "config": config}
     trainer_state = {"version": 1, "stage": STAGE, "step": 0, "tokens": 0, "skipped": 0, "loader": None,
                      "extra": {k: record[k] for k in ("imported_from", "family", "architecture", "source_dtypes")}}
     with staged_output(out, overwrite=overwrite) as tmp:
-        module = single_process_model(model)
-        load_state(module, state)
+        skeleton = skeleton_model(model)
         manager = CheckpointManager(tmp / "checkpoints" / STAGE, keep_last=1, log=lambda m: print(m, file=sys.stderr))
 
         def write(step_tmp: Path) -> None:
             (step_tmp / "model").mkdir()
-            save_sharded(step_tmp / "model", [module], None, {})
+            save_streamed(step_tmp / "model", skeleton, megatron, {})
 
         manager.save(0, write, trainer_state)
         if tokenizer is not None:
@@ -106,7 +124,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, overwrite: bool = False) -
         "architecture": family.hf_class,
         "checkpoint": str(root / "checkpoints" / STAGE / "step-0"),
         "model_spec": str(root / MODEL_FRAGMENT),
-        "parameters": sum(t.numel() for t in state.values()),
+        "parameters": sum(math.prod(link.megatron_shape) for link in table.values()),
         "source_dtypes": dtypes,
         "tokenizer": tokenizer is not None,
         "stop_ids": list(tokenizer.stop_ids) if tokenizer is not None else [],

@@ -11,11 +11,14 @@ megatron fuses linears that HF keeps apart (`linear_qkv` → q/k/v_proj, swiglu 
 rows of B that its rows of W get, by the very permutation the weight export applies
 (`hf_mapping`). PEFT's `lora_B` is [out, r] even on GPT-2's Conv1D (whose weight is stored
 [in, out]), so the Conv1D transpose of the weight mapping is not applied to B. The scale
-matches: llmforge's alpha / rank is PEFT's lora_alpha / r without rslora.
+matches: llmforge's alpha / rank is PEFT's lora_alpha / r without rslora. Before anything is
+published, PEFT itself, with the adapters on the written base, must compute what llmforge's
+adapted model computes, unmerged (`verify`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +27,7 @@ from llmforge.spec.errors import UserError
 if TYPE_CHECKING:
     import torch
 
-    from llmforge.interop.export import Source
+    from llmforge.interop.export import Source, Target
     from llmforge.spec.components import GPTModel
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -140,20 +143,26 @@ def adapter_config(model: GPTModel, meta: dict[str, Any], *, targets: list[str],
     }
 
 
-def export_peft(src: Source, model: GPTModel, tokenizer, out_dir: Path, *, dtype: str, max_bytes: int,
-                overwrite: bool) -> dict[str, Any]:
-    """Write the LoRA checkpoint `src` as a PEFT adapter directory with its base in `out_dir/base`; returns a summary."""
+def export_peft(src: Source, target: Target, tokenizer, out_dir: Path, *, dtype: str, max_bytes: int, overwrite: bool,
+                verify: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """Write the LoRA checkpoint `src` as a PEFT adapter directory with its base in `out_dir/base`; returns a summary.
+
+    With `verify`, PEFT's model (the adapters on the written base) must compute llmforge's
+    unmerged LoRA logits before anything is published (`export.self_check`).
+    """
     import torch
+    from safetensors.torch import save_file
 
     from llmforge.finetune.checkpoints import attach_lora_from, base_of
     from llmforge.finetune.lora import is_adapter_key
-    from llmforge.interop.export import write_model_dir, write_tokenizer
-    from safetensors.torch import save_file
-
+    from llmforge.interop.export import forward_logits, self_check, write_model_dir, write_tokenizer
     from llmforge.interop.hf_files import staged_output, write_json
-    from llmforge.interop.model_io import load_module_weights, single_process_model
+    from llmforge.interop.hf_mapping import canonical_megatron
+    from llmforge.interop.model_io import load_module_weights, single_process_model, state_of
+    from llmforge.interop.verify import compare, peft_logits, round_weights
     from llmforge.runtime.sharded_io import load_sharded
 
+    model = target.model
     meta = lora_meta(src.step_dir)
     base = base_of(src.step_dir, meta)
     if not base.is_dir():
@@ -164,8 +173,10 @@ def export_peft(src: Source, model: GPTModel, tokenizer, out_dir: Path, *, dtype
     with staged_output(out_dir, overwrite=overwrite) as tmp:
         module = single_process_model(model)
         load_module_weights(base, module)  # a base that is itself a LoRA checkpoint is merged: it is what stayed frozen
-        base_written = write_model_dir(tmp / BASE_DIR, module, model, run_root=src.run_root, tokenizer=tokenizer, dtype=dtype,
-                                       max_bytes=max_bytes, source=str(base))
+        base_weights = canonical_megatron(state_of(module))
+        base_written = write_model_dir(tmp / BASE_DIR, base_weights.__getitem__, target, run_root=src.run_root, tokenizer=tokenizer,
+                                       dtype=dtype, max_bytes=max_bytes)
+        del base_weights
         attach_lora_from(meta, [module])
         # dist_checkpointing reassembles adapters saved at any TP layout: B by rows, A by columns.
         load_sharded(src.step_dir / "adapters", [module], None, select=is_adapter_key)
@@ -179,6 +190,13 @@ def export_peft(src: Source, model: GPTModel, tokenizer, out_dir: Path, *, dtype
         write_json(tmp / ADAPTER_CONFIG, config)
         if tokenizer is not None:
             write_tokenizer(tmp, tokenizer, run_root=src.run_root, model=model)
+
+        def check(ids):
+            round_weights(module, dtype)  # base and adapters as the export holds them
+            ours = forward_logits(module, ids)  # the adapted model, unmerged: W x + (alpha / r) B A x
+            return compare(ours, peft_logits(tmp / BASE_DIR, tmp, ids), what=f"peft LoRA on transformers {target.family.hf_class}")
+
+        verdict = self_check(check, model, needs=("transformers", "peft"), log=log) if verify else None
     return {
         **base_written,
         "weight_files": [ADAPTER_CONFIG, ADAPTER_WEIGHTS],
@@ -187,4 +205,5 @@ def export_peft(src: Source, model: GPTModel, tokenizer, out_dir: Path, *, dtype
         "adapted_modules": len(adapted),
         "adapter_parameters": sum(t.numel() for t in tensors.values()),
         "peft": {k: config[k] for k in ("r", "lora_alpha", "lora_dropout", "target_modules")},
+        "check": verdict,
     }

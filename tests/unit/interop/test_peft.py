@@ -93,6 +93,29 @@ def test_peft_export_through_the_cli_loads_with_auto_peft_model(tmp_path, capsys
     torch.testing.assert_close(_logits(_peft_model(tmp_path / "bf16"), ids), ours, atol=0.1, rtol=0)  # bf16 rounding
 
 
+def test_the_peft_self_check_refuses_adapters_peft_computes_differently(tmp_path, monkeypatch):
+    """PEFT on the written base must give llmforge's unmerged LoRA logits; here B is written twice too large."""
+    from llmforge.interop import peft_export
+    from llmforge.interop.verify import ExportCheckFailed
+
+    module = build(MODELS["llama"])
+    save_lora_run(tmp_path / "run", MODELS["llama"], [module])
+    real = peft_export.adapter_tensors
+
+    def doubled(*args, **kwargs):
+        tensors, adapted = real(*args, **kwargs)
+        return {n: 2 * t if n.endswith("lora_B.weight") else t for n, t in tensors.items()}, adapted
+
+    monkeypatch.setattr(peft_export, "adapter_tensors", doubled)
+    messages: list[str] = []
+    with pytest.raises(ExportCheckFailed, match="nothing was written"):
+        export_hf(tmp_path / "run", tmp_path / "peft", peft=True, log=messages.append)
+    assert messages[0].startswith("self-check (peft LoRA on transformers LlamaForCausalLM)") and messages[0].endswith("FAILED")
+    assert not (tmp_path / "peft").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".peft.")]
+    monkeypatch.setattr(peft_export, "adapter_tensors", real)
+    assert export_hf(tmp_path / "run", tmp_path / "peft", peft=True, log=messages.append)["check"]["passed"]
+
+
 def test_peft_refuses_a_checkpoint_without_adapters(tmp_path, capsys):
     write_run(tmp_path / "run", MODELS["gpt2"], build(MODELS["gpt2"]))
     out = tmp_path / "peft"
