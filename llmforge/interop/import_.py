@@ -27,17 +27,14 @@ SOURCE_VERSION = 1
 def read_tokenizer(hf_dir: Path, vocab_size: int):
     """The directory's tokenizer with its HF files (None if it has no tokenizer.json), which must fit the vocabulary."""
     from llmforge.data.pretrained import load_pretrained
-    from llmforge.data.tokenizers import HF_FILES, HFTokenizer, read_text
 
     if not (hf_dir / "tokenizer.json").is_file():
         return None
-    named = load_pretrained(hf_dir)  # the special tokens, as tokenizer_config.json names them
-    files = {name: read_text(hf_dir / name) for name in HF_FILES if (hf_dir / name).is_file()}
     try:
-        tokenizer = HFTokenizer(named.hf, kind="pretrained", eos=named.specials["eos"], bos=named.specials["bos"],
-                                pad=named.specials["pad"], text=read_text(hf_dir / "tokenizer.json"), files=files)
+        tokenizer = load_pretrained(hf_dir)  # tokenizer.json and the HF files beside it, as they are
     except UserError as e:
-        raise UserError(f"{hf_dir}: {e.args[0]}", e.hint) from None
+        message = e.args[0] if e.args[0].startswith(str(hf_dir)) else f"{hf_dir}: {e.args[0]}"
+        raise UserError(message, e.hint) from None
     if tokenizer.vocab_size > vocab_size:
         raise UserError(f"{hf_dir / 'tokenizer.json'} has {tokenizer.vocab_size} tokens, but config.json vocab_size is {vocab_size}",
                         "token ids past vocab_size have no embedding row; the tokenizer and the weights come from different models")
