@@ -46,9 +46,9 @@ def _size(work, root: Path, pairs: int, repeats: int) -> dict:
     from llmforge.runtime.checkpoint import CheckpointManager, read_trainer_state
     from llmforge.runtime.sharded_io import load_sharded, save_sharded
 
-    built = workloads.build_llmforge(work)
+    built = workloads.build_llmforge(work, precisions=("fp32",))
     built["step"]["fp32"](workloads.batches(work))  # AdamW state exists after a step
-    chunks, optimizer = built["chunks"], built["optimizer"]
+    chunks, optimizer = built["chunks"]["fp32"], built["optimizer"]["fp32"]
     model, torch_optimizer = unwrap(chunks[0]), optimizer.optimizer
     manager = CheckpointManager(root / "llmforge", keep_last=1, log=lambda message: None)
     plain = root / "plain" / "checkpoint.pt"

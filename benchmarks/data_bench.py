@@ -130,7 +130,7 @@ def _ten_m_rank_step_seconds(steps: int) -> float:
 
     work = workloads.TEN_M
     share = work.shrunk(work.micro_batch_size, work.num_micro_batches // 2)  # DP=2: each rank trains half the global batch
-    built = workloads.build_llmforge(share)
+    built = workloads.build_llmforge(share, precisions=("fp32",))
     data = workloads.batches(share)
     built["step"]["fp32"](data)  # warm-up: allocations, thread pools
     start = time.perf_counter()

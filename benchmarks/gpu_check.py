@@ -337,7 +337,7 @@ def check(out: Path, *, dry_run: bool, skip_tests: bool, warmup: int, steps: int
         result["ok"] = False
         write_result(path, result)
         return result
-    peak = plan["device"]["peak_flops_bf16"] if stage["precision"] == "bf16" else plan["device"]["peak_flops_fp32"]
+    peak = plan["device"]["peak_flops_fp32"] if stage["precision"] == "fp32" else plan["device"]["peak_flops_bf16"]
     measured_peak = MEASURED_MATMUL_FLOPS if on_gpu else peak
     bench["mfu_datasheet"] = round(mfu(bench, peak), 4)
     bench["mfu_measured_matmul"] = round(mfu(bench, measured_peak), 4)

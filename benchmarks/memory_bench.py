@@ -5,7 +5,8 @@
 Each side runs in its own process (`python benchmarks/memory_bench.py --worker SIDE`): it
 imports what it needs (torch; for llmforge also megatron and its runtime), reads its RSS
 as the baseline, builds model and optimizer, trains a few bf16 steps of the tiny spec's
-batch (as the spec trains), and reports the high-water mark (VmHWM) above that baseline.
+batch (as the spec trains: megatron's bf16 for llmforge, autocast for the reference), and
+reports the high-water mark (VmHWM) above that baseline.
 Processes alternate, reference first in even pairs; the figure is the median ratio.
 """
 
@@ -36,7 +37,7 @@ def _worker(side: str, steps: int) -> dict:
         import llmforge.runtime.step  # noqa: F401
     work = workloads.tiny_workload()
     baseline = workloads.rss_mb()
-    built = (workloads.build_llmforge if side == "llmforge" else workloads.build_reference)(work)
+    built = workloads.build_llmforge(work, precisions=("bf16",)) if side == "llmforge" else workloads.build_reference(work)
     data = workloads.batches(work)
     for _ in range(steps):
         built["step"]["bf16"](data)
@@ -68,7 +69,8 @@ def memory(quick: bool) -> dict:
         "imports_above_torch_mb": {side: statistics.median(r["import_mb"] for r in runs if r["side"] == side) for side in SIDES},
         "ratio_with_imports": round(statistics.median(r["peak_above_torch_mb"] for r in runs if r["side"] == "llmforge")
                                     / statistics.median(r["peak_above_torch_mb"] for r in runs if r["side"] == "reference"), 3),
-        "workload": "specs/tiny.yaml model, bf16 autocast over fp32 weights, 2 micro batches of 8 × 256 tokens, AdamW",
+        "workload": "specs/tiny.yaml model in bf16 as the spec trains (llmforge: megatron's bf16 parameters with fp32 master weights; "
+                    "the reference: bf16 autocast over fp32 weights), 2 micro batches of 8 × 256 tokens, AdamW",
         "steps": steps,
         "threads": os.environ.get("OMP_NUM_THREADS") or "all cores",
     })

@@ -4,12 +4,15 @@
 
 Each shape runs in a fresh worker process (`python benchmarks/train_bench.py --worker
 SHAPE`), so that import and build times and the peak RSS are its own. In the worker
-both sides train on the same batch, in fp32 and in bf16 autocast over fp32 master
-weights; measurements alternate reference and llmforge (harness.compare), and the figure
-is the median of llmforge / reference tokens/s per pair, for the worst of the four
-shape × precision cases. MFU is against this CPU's 2048² matmul peak, measured in the
-same worker. Each measurement is the fastest of a few steps (load from other jobs only
-ever slows a step down); CPU seconds are reported too.
+both sides train on the same batch in fp32, in bf16 autocast over fp32 weights, and
+llmforge in megatron's bf16 (bf16 weights, fp32 master weights) against the reference's
+autocast, nanoGPT's bf16 recipe; measurements alternate reference and llmforge
+(harness.compare), and the figure is the median of llmforge / reference tokens/s per
+pair, for the worst of the six shape × precision cases. Megatron's bf16 is also
+alternated against llmforge's autocast and fp32 steps (`bf16_over`), next to the ratio of
+this CPU's bf16 and fp32 2048² matmul peaks, measured in the same worker; MFU is against
+the peak of the dtype that computes. Each measurement is the fastest of a few steps (load
+from other jobs only ever slows a step down); CPU seconds are reported too.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from harness import ROOT, compare, result
 
 GOAL = 1.0
 SHAPES = ("tiny", "10m")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 
 
 def _worker(shape: str, *, steps: int, pairs: int, quick: bool) -> dict:
@@ -64,30 +67,41 @@ def _worker(shape: str, *, steps: int, pairs: int, quick: bool) -> dict:
     for precision in PRECISIONS:
         theirs["step"][precision](data)
 
-    peak = {p: workloads.matmul_peak_flops(p) for p in PRECISIONS}
+    peak = {dtype: workloads.matmul_peak_flops(dtype) for dtype in ("fp32", "bf16")}
+    peak_of = lambda precision: peak["fp32" if precision == "fp32" else "bf16"]  # noqa: E731
     options = work.options()
     flops = flops_per_token(options, work.seq_length)
+
+    def rate(cpu: list[float], step_fn) -> float:
+        # The fastest of `steps` steps: other jobs on a shared machine only ever slow a step down.
+        best_wall, best_cpu = min(workloads.timed(lambda: step_fn(data)) for _ in range(steps))
+        cpu.append(best_cpu)
+        return work.tokens_per_step / best_wall
+
     cases = {}
     for precision in PRECISIONS:
         cpu: dict[str, list[float]] = {"llmforge": [], "reference": []}
-
-        def rate(side: str, step_fn) -> float:
-            # The fastest of `steps` steps: other jobs on a shared machine only ever slow a step down.
-            best_wall, best_cpu = min(workloads.timed(lambda: step_fn(data)) for _ in range(steps))
-            cpu[side].append(best_cpu)
-            return work.tokens_per_step / best_wall
-
-        pair = compare(lambda: rate("reference", theirs["step"][precision]), lambda: rate("llmforge", ours["step"][precision]), pairs)
+        pair = compare(lambda: rate(cpu["reference"], theirs["step"][precision]), lambda: rate(cpu["llmforge"], ours["step"][precision]), pairs)
         tokens_per_s = statistics.median(pair.subject)
         cases[precision] = {
             "ratio": round(pair.ratio, 3),
             "llmforge_tokens_per_s": round(tokens_per_s),
             "reference_tokens_per_s": round(statistics.median(pair.baseline)),
+            "reference_runs": workloads.REFERENCE_PRECISION[precision],
             "ratios": [round(r, 3) for r in pair.ratios],
             "cpu_ratio": round(statistics.median(r / o for r, o in zip(cpu["reference"], cpu["llmforge"])), 3),
-            "mfu": round(model_flops_utilization(tokens_per_s, flops, world_size=1, peak_flops=peak[precision]), 4),
-            "reference_mfu": round(model_flops_utilization(statistics.median(pair.baseline), flops, world_size=1, peak_flops=peak[precision]), 4),
+            "mfu": round(model_flops_utilization(tokens_per_s, flops, world_size=1, peak_flops=peak_of(precision)), 4),
+            "reference_mfu": round(model_flops_utilization(statistics.median(pair.baseline), flops, world_size=1,
+                                                           peak_flops=peak_of(precision)), 4),
         }
+    # Megatron's bf16 against llmforge's own autocast and fp32 steps, alternating as well.
+    bf16_over = {}
+    for baseline in ("bf16-autocast", "fp32"):
+        cpu = {"baseline": [], "bf16": []}
+        pair = compare(lambda: rate(cpu["baseline"], ours["step"][baseline]), lambda: rate(cpu["bf16"], ours["step"]["bf16"]), pairs)
+        bf16_over[baseline] = {"ratio": round(pair.ratio, 3), "ratios": [round(r, 3) for r in pair.ratios],
+                               "tokens_per_s": round(statistics.median(pair.subject)),
+                               "baseline_tokens_per_s": round(statistics.median(pair.baseline))}
     return {
         "shape": shape,
         "params": param_count(options),
@@ -95,7 +109,9 @@ def _worker(shape: str, *, steps: int, pairs: int, quick: bool) -> dict:
         "steps_per_measurement": steps,
         "threads": torch.get_num_threads(),
         "matmul_peak_gflops": {p: round(v / 1e9, 1) for p, v in peak.items()},
+        "bf16_over_fp32_matmul": round(peak["bf16"] / peak["fp32"], 3),
         "cases": cases,
+        "bf16_over": bf16_over,
         "llmforge_peak_rss_above_baseline_mb": round(llmforge_peak_rss, 1),
         "import_s": {"torch": round(torch_import_s, 2), "megatron_and_llmforge": round(llmforge_import_s, 2)},
         "build_s": {"llmforge": round(llmforge_build_s, 2), "reference": round(reference_build_s, 3)},
@@ -121,7 +137,9 @@ def train_step(quick: bool) -> dict:
         "ratios": ratios,
         "shapes": shapes,
         "note": "figure = the lowest of the shape/precision median ratios (llmforge tokens/s over the reference's, same batch, "
-                "one process, alternating); mfu = tokens/s × 6N+6Lhs FLOPs per token / the 2048² matmul peak of the same dtype",
+                "one process, alternating; llmforge's bf16 against the reference's autocast); mfu = tokens/s × 6N+6Lhs FLOPs "
+                "per token / the 2048² matmul peak of the computing dtype; bf16_over = llmforge's bf16 tokens/s over its own "
+                "bf16-autocast and fp32 steps, alternating",
     })
 
 

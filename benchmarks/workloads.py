@@ -84,10 +84,13 @@ def batches(work: Workload, seed: int = 0) -> list:
 # --- the two sides -----------------------------------------------------------------------
 
 
-def build_llmforge(work: Workload, *, seed: int = 1234) -> dict[str, Any]:
+def build_llmforge(work: Workload, *, seed: int = 1234, precisions: tuple[str, ...] = ("fp32", "bf16-autocast", "bf16")) -> dict[str, Any]:
     """llmforge's model, optimizer and one TrainStep per precision, assembled as the pretrain stage does.
 
-    Returns {"chunks", "optimizer", "step": {precision: callable(batches) -> loss}}.
+    fp32 and bf16-autocast share one model with fp32 parameters (the config's autocast dtype is
+    unused on CPU: TrainStep owns autocast); megatron's bf16 gets its own, with bf16 parameters.
+    Returns {"chunks": {precision: chunks}, "optimizer": {precision: optimizer}, "step": {precision:
+    callable(batches) -> loss}}.
     """
     from llmforge.models.gpt import build_gpt
     from llmforge.runtime.distributed import init_distributed
@@ -99,26 +102,34 @@ def build_llmforge(work: Workload, *, seed: int = 1234) -> dict[str, Any]:
     options = work.options()
     parallelism = ParallelismConfig()
     ctx = init_distributed(parallelism, seed=seed)
-    # The config's autocast dtype is unused on CPU (TrainStep owns autocast), so one model serves both precisions.
-    chunks = build_gpt(options, parallelism, precision="bf16", seed=seed)
-    optimizer = wrap_optimizer(build_adamw(AdamW(lr=work.lr), model_chunks=chunks), chunks, parallelism)
-    steps = {}
-    for precision in ("fp32", "bf16"):
+    built: dict[str, tuple] = {}
+    out: dict[str, dict] = {"chunks": {}, "optimizer": {}, "step": {}}
+    for precision in precisions:
+        params = "bf16" if precision == "bf16" else "fp32"
+        if params not in built:
+            chunks = build_gpt(options, parallelism, precision=precision, seed=seed)
+            built[params] = chunks, wrap_optimizer(build_adamw(AdamW(lr=work.lr), model_chunks=chunks), chunks, parallelism)
+        chunks, optimizer = built[params]
         step = TrainStep(chunks, optimizer, parallelism_ctx=ctx, seq_length=work.seq_length, micro_batch_size=work.micro_batch_size,
                          precision=precision, clip_grad=None)
-        steps[precision] = lambda micro_batches, step=step: step(micro_batches, work.lr).loss
-    return {"chunks": chunks, "optimizer": optimizer, "step": steps}
+        out["chunks"][precision], out["optimizer"][precision] = chunks, optimizer
+        out["step"][precision] = lambda micro_batches, step=step: step(micro_batches, work.lr).loss
+    return out
+
+
+# What the reference runs for each llmforge precision: megatron's bf16 against nanoGPT's recipe, bf16 autocast.
+REFERENCE_PRECISION = {"fp32": "fp32", "bf16-autocast": "bf16", "bf16": "bf16"}
 
 
 def build_reference(work: Workload, *, seed: int = 1234) -> dict[str, Any]:
-    """The plain-PyTorch reference of the same shape; same return shape as `build_llmforge`."""
+    """The plain-PyTorch reference of the same shape, keyed by llmforge's precisions (see REFERENCE_PRECISION)."""
     import reference_gpt as ref
 
     model = ref.ReferenceGPT(ref.Shape.of(work.options()), seed=seed)
     optimizer = ref.build_optimizer(model, lr=work.lr)
     steps = {
-        precision: lambda micro_batches, precision=precision: ref.train_step(model, optimizer, micro_batches, lr=work.lr, precision=precision)
-        for precision in ("fp32", "bf16")
+        precision: lambda micro_batches, theirs=theirs: ref.train_step(model, optimizer, micro_batches, lr=work.lr, precision=theirs)
+        for precision, theirs in REFERENCE_PRECISION.items()
     }
     return {"model": model, "optimizer": optimizer, "step": steps}
 

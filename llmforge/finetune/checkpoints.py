@@ -91,14 +91,14 @@ def fold_lora(step_dir: Path, meta: dict[str, Any], model_chunks: list) -> None:
     """Add the saved adapters' (α / r) B A into the chunks' weights; the chunks stay plain."""
     import torch
 
-    from llmforge.finetune.lora import PREFIX, is_adapter_key
+    from llmforge.finetune.lora import PREFIX, is_adapter_key, merge
     from llmforge.runtime.sharded_io import load_sharded
 
     attached = attach_lora_from(meta, model_chunks)
     load_sharded(step_dir / "adapters", model_chunks, None, select=is_adapter_key)
     with torch.no_grad():
         for item in attached:
-            item.linear.weight.add_(item.adapter.delta_weight())
+            item.linear.weight.copy_(merge(item.linear.weight, item.adapter))
             item.hook.remove()
     for chunk in model_chunks:
         for module in list(chunk.modules()):

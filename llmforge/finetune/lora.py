@@ -13,7 +13,8 @@ forward hook on the linear adds its output. Under tensor parallelism:
   partial A x are all-reduced (or reduce-scattered under SP, B then tagged) before B.
 
 A starts layout-invariantly (a full draw from (seed, global name), then sliced) and B at
-zero, so the adapted model starts as the base model, at every layout.
+zero, so the adapted model starts as the base model, at every layout. Adapters take their
+linear's dtype: bf16 under megatron's bf16 (the optimizer keeps their fp32 masters).
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ class LoRAAdapter(torch.nn.Module):
         return F.linear(h, self.B) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
-        """This rank's shard of (α / r) B A, laid out like the linear's local weight."""
-        return (self.B @ self.A) * self.scale
+        """This rank's shard of (α / r) B A in fp32 (bf16 adapters too), laid out like the linear's local weight."""
+        return (self.B.float() @ self.A.float()) * self.scale
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
@@ -156,6 +157,11 @@ def adapters(model_chunks: list[torch.nn.Module]) -> Iterator[tuple[torch.nn.Mod
                     yield getattr(module, child_name[len(PREFIX):]), child
 
 
+def merge(weight: torch.Tensor, adapter: LoRAAdapter) -> torch.Tensor:
+    """W + (α / r) B A, summed in fp32 and rounded once to W's dtype."""
+    return (weight.float() + adapter.delta_weight().detach()).to(weight.dtype)
+
+
 def merged_state(model_chunks: list[torch.nn.Module]) -> dict[str, dict]:
     """The chunks' sharded state with the adapters folded in: W + (α / r) B A, no adapter entries.
 
@@ -166,7 +172,7 @@ def merged_state(model_chunks: list[torch.nn.Module]) -> dict[str, dict]:
 
     from llmforge.runtime.sharded_io import model_sharded_state
 
-    merged = {id(linear.weight): linear.weight.detach() + adapter.delta_weight().detach() for linear, adapter in adapters(model_chunks)}
+    merged = {id(linear.weight): merge(linear.weight.detach(), adapter) for linear, adapter in adapters(model_chunks)}
     state = model_sharded_state(model_chunks, select=lambda key: not is_adapter_key(key))
     found = 0
     for chunk_state in state.values():

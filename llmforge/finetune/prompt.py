@@ -61,7 +61,8 @@ def _initial_vectors(model, num_virtual_tokens: int, *, init: str, token_ids: li
     if init == "random":
         key = int.from_bytes(hashlib.sha256(f"{seed}:soft_prompt".encode()).digest()[:8], "little")
         draw = torch.randn(num_virtual_tokens, hidden, generator=torch.Generator().manual_seed(key))
-        return (draw * model.config.init_method_std).to(embedding.weight.device)
+        # In the embedding's dtype, as every parameter (bf16 under megatron's bf16: fp32 masters in the optimizer).
+        return (draw * model.config.init_method_std).to(embedding.weight.device, embedding.weight.dtype)
     ids = torch.tensor([token_ids[i % len(token_ids)] for i in range(num_virtual_tokens)], device=embedding.weight.device)
     # The vocabulary is split over TP ranks: each looks up the rows it holds, then they are summed.
     start, end = embedding.vocab_start_index, embedding.vocab_end_index

@@ -16,8 +16,17 @@ import torch
 HEAD = "reward_head"
 
 
+class ScalarHead(torch.nn.Linear):
+    """[hidden → 1] in the model's parameter dtype, computed in fp32: a bf16 score would keep
+    three significant digits, and Bradley-Terry reads differences of scores."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x.float(), self.weight.float(), self.bias.float())
+
+
 def attach_reward_head(model_chunks: list[torch.nn.Module], *, seed: int) -> None:
-    """Give each chunk's GPTModel a fresh scalar head (normal(0, 1/sqrt(hidden + 1)), bias 0), alike in every layout.
+    """Give each chunk's GPTModel a fresh scalar head (normal(0, 1/sqrt(hidden + 1)), bias 0), alike in every layout
+    (drawn in fp32, then rounded to the model's dtype).
 
     An untied output layer is frozen: a reward model never projects onto the vocabulary.
     """
@@ -30,7 +39,8 @@ def attach_reward_head(model_chunks: list[torch.nn.Module], *, seed: int) -> Non
         hidden = model.config.hidden_size
         key = int.from_bytes(hashlib.sha256(f"{seed}:{HEAD}".encode()).digest()[:8], "little")
         weight = torch.randn(1, hidden, generator=torch.Generator().manual_seed(key)) / (hidden + 1) ** 0.5
-        head = torch.nn.Linear(hidden, 1, device=next(model.parameters()).device)
+        # Like every parameter, in the model's dtype (bf16 under megatron's bf16: the optimizer keeps fp32 masters).
+        head = ScalarHead(hidden, 1, device=next(model.parameters()).device, dtype=model.config.params_dtype)
         with torch.no_grad():
             head.weight.copy_(weight)
             head.bias.zero_()

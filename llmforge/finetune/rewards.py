@@ -81,18 +81,22 @@ class RewardModelReward:
         spec = context.spec
         step_dir = context.final_checkpoint(options.stage)
         model_dir = step_dir / "model"
-        if not model_dir.is_dir() or f"{HEAD}.weight" not in dist_checkpointing.load_tensors_metadata(str(model_dir)):
+        saved = dist_checkpointing.load_tensors_metadata(str(model_dir)) if model_dir.is_dir() else {}
+        if f"{HEAD}.weight" not in saved:
             raise UserError(f"reward {options.stage!r}: {step_dir} is not a reward model's checkpoint (no {HEAD})",
                             "name a reward_model stage, or a checkpoint it wrote")
+        import torch
+
         from llmforge.runtime.serve import ModelServer
 
-        chunks = context.registry.factory("model", spec.model.name)(spec.model, spec.parallelism, precision=stage.train.precision,
-                                                                      seed=spec.seed)
+        # Read as saved, without autocast: bf16 weights (megatron's bf16) in bf16, others in fp32.
+        precision = "bf16" if saved[f"{HEAD}.weight"].dtype == torch.bfloat16 else "fp32"
+        chunks = context.registry.factory("model", spec.model.name)(spec.model, spec.parallelism, precision=precision, seed=spec.seed)
         attach_reward_head(chunks, seed=spec.seed)
         load_sharded(model_dir, chunks, None)
         for chunk in chunks:
             chunk.eval().requires_grad_(False)
-        self.server = ModelServer(chunks)  # at the run's layout; fp32, as the reward model was always read
+        self.server = ModelServer(chunks)  # at the run's layout
         self.eos_id, self.pad_id = tokenizer.eos_id, tokenizer.pad_id
         self.micro_batch_size = stage.train.micro_batch_size
         # Score no more tokens than the reward model was trained on (its stage's max_seq_length + 1).

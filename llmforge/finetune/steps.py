@@ -84,7 +84,7 @@ class PreferenceStep(_PairStep):
         positions = self._positions(tokens.shape[0], tokens.shape[1])
         with self._autocast():
             output = model(tokens, positions, None, labels=labels)  # a middle PP stage: its hidden states
-        return output.float(), functools.partial(self._dpo_loss, scored.mask, -scored.reference_logp)
+        return self._stage_output(model, output), functools.partial(self._dpo_loss, scored.mask, -scored.reference_logp)
 
     def _dpo_loss(self, mask: torch.Tensor, reference_loss: torch.Tensor, per_token_loss: torch.Tensor):
         policy = losses.sequence_logprobs(per_token_loss, mask)
@@ -116,7 +116,7 @@ class RewardModelStep(_PairStep):
         positions = self._positions(tokens.shape[0], width)
         with self._autocast():
             if not unwrap(model).post_process:  # a pipeline stage before the head: its hidden states go on
-                return model(tokens, positions, None).float(), self._bt_loss
+                return self._stage_output(model, model(tokens, positions, None)), self._bt_loss
             scores = sequence_scores(model, tokens, positions, mask.argmax(dim=1) + 1)
         return scores, self._bt_loss
 
@@ -170,7 +170,7 @@ class PolicyGradientStep(TrainStep):
         with self._autocast():
             logp = tempered_logprobs(model, tokens, self._positions(tokens.shape[0], tokens.shape[1]), labels,
                                      temperature=self.temperature)
-        return logp.float(), functools.partial(self._policy_loss, extra)
+        return self._stage_output(model, logp), functools.partial(self._policy_loss, extra)
 
     def _policy_loss(self, rollout: Rollout, logp: torch.Tensor):
         old = rollout.old_logp if rollout.old_logp is not None else logp.detach()

@@ -1,6 +1,7 @@
-"""megatron-core under torch autocast with fp32 parameters (llmforge's bf16: fp32 master weights).
+"""megatron-core under torch autocast with fp32 parameters (`precision: bf16-autocast`).
 
-megatron's own mixed precision keeps bf16 parameters; two of its pieces assume that:
+megatron's own mixed precision (`precision: bf16`) keeps bf16 parameters and needs none of
+this; these pieces of megatron assume it, and are fixed here for autocast:
 
 - Its linear autograd functions replay the *CUDA* autocast state in backward
   (`custom_bwd(device_type="cuda")`). Under CPU autocast the backward then multiplies a

@@ -118,6 +118,7 @@ def _wrap_optimizers() -> None:
         optimizer.MegatronOptimizer,
         optimizer.MixedPrecisionOptimizer,
         optimizer.FP32Optimizer,
+        optimizer.Float16OptimizerWithFloat16Params,
         optimizer.ChainedOptimizer,
         distrib_optimizer.DistributedOptimizer,
     )

@@ -22,7 +22,12 @@ if TYPE_CHECKING:
     from llmforge.spec.components import GPTModel
     from llmforge.spec.schema import ParallelismConfig
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")
+
+
+def params_dtype(precision: str) -> torch.dtype:
+    """The dtype of the model's parameters: bf16 only under megatron's mixed precision (`bf16`)."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def _activation(options: GPTModel) -> tuple[object, bool]:
@@ -101,10 +106,14 @@ def transformer_config(options: GPTModel, parallelism: ParallelismConfig, *, pre
         recompute_granularity=None if recompute == "none" else recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
-        # Parameters are fp32 master weights; bf16 runs under autocast (TrainStep).
-        params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,
-        autocast_dtype=torch.bfloat16 if precision == "bf16" else torch.float32,
+        # `bf16` is megatron's mixed precision (Megatron-LM's --bf16): bf16 parameters and
+        # activations, also between pipeline stages; the optimizer keeps fp32 master weights
+        # (runtime.optim). `bf16-autocast` keeps fp32 parameters and computes under torch
+        # autocast (TrainStep); its stages pass fp32.
+        bf16=precision == "bf16",
+        params_dtype=params_dtype(precision),
+        pipeline_dtype=params_dtype(precision),
+        autocast_dtype=torch.float32 if precision == "fp32" else torch.bfloat16,
         # Loss is summed over tokens and the grads divided by the global token count, so
         # micro batches with different numbers of target tokens weigh correctly.
         calculate_per_token_loss=True,
@@ -168,10 +177,13 @@ def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: s
     Args:
         parallelism: the spec's layout; megatron's parallel_state must already match it
             (`init_distributed`).
-        precision: "fp32" or "bf16"; parameters are fp32 either way (bf16 is autocast).
+        precision: "fp32"; "bf16" (bf16 parameters, each chunk inside megatron's
+            `Float16Module`, which also hands the last stage's outputs back in fp32); or
+            "bf16-autocast" (fp32 parameters, bf16 compute under TrainStep's autocast).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_model import GPTModel
+    from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
     from llmforge.models import amp
@@ -198,6 +210,9 @@ def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: s
             rope_scaling_factor=options.rope_scaling_factor or 1.0,  # read only with rope_scaling
             vp_stage=vp_stage,
         )
-        chunks.append(model.to(device))
+        model = model.to(device)
+        # Float16Module casts what megatron built in fp32 (torch norms, learned positions) to bf16.
+        chunks.append(Float16Module(config, model) if config.bf16 else model)
+    # Drawn in fp32 and rounded, so bf16 weights are the fp32 run's, rounded, in every layout.
     initialize(chunks, num_layers=options.num_layers, init_method_std=options.init_method_std, seed=seed)
     return chunks

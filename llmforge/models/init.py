@@ -77,9 +77,10 @@ def _block_seed(seed: int, name: str, block: int, base_cache: dict[str, int]) ->
 def _fill_normal(param: torch.nn.Parameter, tp_rank: int, tp_size: int, std: float, seed: int, name: str, cache: dict[str, int]) -> None:
     dim, rows, part = global_rows(param, tp_rank, tp_size)
     block = part // math.gcd(part, _SPLITS)
-    # Drawn on the CPU generator (a GPU shard is staged through host memory).
-    staged = param.device.type != "cpu"
-    target = torch.empty(param.shape, dtype=param.dtype) if staged else param.data
+    # Drawn in fp32 on the CPU generator: a GPU or bf16 shard is staged through an fp32 host
+    # tensor, so a bf16 weight is the fp32 draw rounded.
+    staged = param.device.type != "cpu" or param.dtype != torch.float32
+    target = torch.empty(param.shape, dtype=torch.float32) if staged else param.data
     view = target.movedim(dim, 0)
     generator = torch.Generator()
     for start in range(0, len(rows), block):
@@ -90,7 +91,7 @@ def _fill_normal(param: torch.nn.Parameter, tp_rank: int, tp_size: int, std: flo
         if rows_view.is_contiguous():
             rows_view.normal_(0.0, std, generator=generator)
         else:
-            rows_view.copy_(torch.empty(rows_view.shape, dtype=param.dtype).normal_(0.0, std, generator=generator))
+            rows_view.copy_(torch.empty(rows_view.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
     if staged:
         param.data.copy_(target)
 

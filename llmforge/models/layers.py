@@ -85,10 +85,12 @@ class FP32RMSNorm(torch.nn.RMSNorm):
     Under bf16 autocast the input arrives in bf16 while the weight stays an fp32 master
     weight, and autocast leaves `rms_norm` alone: torch's kernel then takes its unfused path
     with a dtype-mismatch warning. Upcasting the input gives the same values and gradients.
+    Under megatron's bf16 the weight is bf16 too and is upcast alike (as TE's norms compute).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        weight = self.weight.float() if self.weight is not None else None
+        return F.rms_norm(x.float(), self.normalized_shape, weight, self.eps).to(x.dtype)
 
 
 class TorchNorm:

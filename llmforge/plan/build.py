@@ -66,8 +66,8 @@ def _training_stage(spec: Any, index: int, stage: Any, budget: StageBudget, devi
     fits = largest.total <= usable
     step = cost.step_time(model, layout, device, precision=train.precision, seq_length=seq, mfu=mfu)
     found = None if fits else fit.cheapest_fit(model, layout, shardable_optimizer=train.optimizer.name == "adamw", mfu=mfu, **kw)
-    state_bytes, state_note = optimizer_state_bytes_per_param(train.optimizer)
-    each = cost.checkpoint_bytes(model, train.optimizer)
+    state_bytes, state_note = optimizer_state_bytes_per_param(train.optimizer, precision=train.precision)
+    each = cost.checkpoint_bytes(model, train.optimizer, precision=train.precision)
     return {
         **budget.as_dict(),
         "precision": train.precision,
@@ -96,8 +96,9 @@ def _components(spec: Any, registry: Any) -> dict[str, Any]:
 
 def _assumptions(device: Device, mfu: float) -> list[str]:
     return [
-        "precision: bf16 is autocast with fp32 master weights (what llmforge runs): 4 B weight + 4 B gradient per parameter, "
-        "plus fp32 optimizer state (AdamW 8 B), sharded over data-parallel ranks by the distributed optimizer",
+        "precision: bf16 is megatron's mixed precision (Megatron-LM's --bf16): 2 B weight + 4 B fp32 gradient per parameter, "
+        "plus fp32 master weights and optimizer state (AdamW 4 + 8 B); fp32 and bf16-autocast: 4 B weight + 4 B gradient, "
+        "plus fp32 optimizer state (AdamW 8 B); the optimizer's bytes shard over data-parallel ranks with the distributed optimizer",
         "activations: Korthikanti et al. 2022 adapted to megatron's local layers with SDPA (no s² scores, no masks at dropout 0), "
         "matched to the tensors autograd saves; an upper bound for TransformerEngine layers, which keep bf16 norm inputs",
         "pipeline: 1F1B keeps pp − i micro batches in flight on stage i (interleaved: megatron's warm-up count)",

@@ -34,7 +34,7 @@ class Device:
         return "cpu" if self.name == "cpu" else "cuda"
 
     def peak_flops(self, precision: str) -> float:
-        return self.peak_flops_bf16 if precision == "bf16" else self.peak_flops_fp32
+        return self.peak_flops_fp32 if precision == "fp32" else self.peak_flops_bf16  # bf16 and bf16-autocast
 
 
 # Dense multi-billion-parameter training with Megatron reaches 35-50% MFU on A100/H100

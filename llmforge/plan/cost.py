@@ -18,7 +18,7 @@ from typing import Any
 
 from llmforge.models import size
 from llmforge.plan.catalog import Device
-from llmforge.plan.memory import FP32, Layout, optimizer_state_bytes_per_param
+from llmforge.plan.memory import FP32, Layout, optimizer_state_bytes_per_param, weight_bytes
 
 # Tensor parallelism adds all-reduces (or all-gathers and reduce-scatters with sequence
 # parallelism) on the critical path of every layer; inside an NVLink node Megatron loses
@@ -77,10 +77,10 @@ def step_time(model: Any, layout: Layout, device: Device, *, precision: str, seq
     return StepTime(compute * factor * (1 + bubble) * tp, compute, bubble, factor, tp)
 
 
-def checkpoint_bytes(model: Any, optimizer: Any) -> int:
-    """One checkpoint: fp32 weights plus the optimizer's fp32 states, each parameter once."""
-    state_bytes, _ = optimizer_state_bytes_per_param(optimizer)
-    return size.param_count(model) * (FP32 + state_bytes)
+def checkpoint_bytes(model: Any, optimizer: Any, *, precision: str) -> int:
+    """One checkpoint: the weights (bf16 or fp32) plus the optimizer's fp32 states and master weights, each parameter once."""
+    state_bytes, _ = optimizer_state_bytes_per_param(optimizer, precision=precision)
+    return size.param_count(model) * (weight_bytes(precision) + state_bytes)
 
 
 def checkpoint_schedule(steps: int | None, interval: int | None, keep_last: int, each_bytes: int) -> dict[str, Any]:

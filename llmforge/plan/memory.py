@@ -1,16 +1,19 @@
 """Memory per rank: weights, gradients, optimizer states and activations (no torch).
 
-Weights and optimizer follow what `llmforge.runtime` does. `precision: bf16` is autocast
-with fp32 master weights, so every parameter costs 4 bytes of weight and 4 of gradient
-whatever the precision, plus the optimizer's fp32 states (AdamW: 8 bytes). The
-distributed optimizer shards those states over data-parallel ranks (ZeRO-1); weights
-and the gradient buffer stay whole. (Megatron's own bf16-parameter scheme would be 2 + 4
-+ 12 bytes; llmforge does not run it.)
+Weights and optimizer follow what `llmforge.runtime` does. Gradients are fp32 in every
+precision (megatron's DDP buffer: 4 bytes). `precision: bf16` is megatron's mixed
+precision, Megatron-LM's `--bf16`: 2-byte weights, and the optimizer keeps fp32 master
+weights besides its fp32 states (AdamW: 4 + 8 = 12 bytes). `fp32` and `bf16-autocast`
+keep 4-byte weights, which the optimizer steps directly (AdamW: 8 bytes). The
+distributed optimizer shards the optimizer's bytes, master weights included, over
+data-parallel ranks (ZeRO-1): Megatron's 2 + 4 + 12/DP; weights and the gradient buffer
+stay whole.
 
 Activations start from Korthikanti et al. 2022, "Reducing Activation Recomputation in
 Large Transformer Models", and are adapted, term by term, to what megatron-core's local
-layer spec with SDPA attention saves for backward under torch autocast. The terms were
-checked against the tensors autograd saves (tests/unit/plan/test_reality.py):
+layer spec with SDPA attention saves for backward in bf16 (megatron's, or torch autocast
+over fp32 parameters) and fp32. The terms were checked against the tensors autograd saves
+(tests/unit/plan/test_reality.py):
 
 - attention saves q, k, v, its output and a log-sum-exp: no s×s scores (SDPA/flash).
   Only attention dropout on CPU falls back to the math kernel, which stores the scores;
@@ -18,7 +21,8 @@ checked against the tensors autograd saves (tests/unit/plan/test_reality.py):
   bias (`add_qkv_bias`) makes the QKV output fp32, as every bias does;
 - dropout at 0 stores no masks; above 0 each stores a mask as large as its input;
 - megatron casts the residual stream to the branch's dtype, so under bf16 autocast it is
-  bf16 unless a bias (an fp32 parameter) promotes it back to fp32;
+  bf16 unless a bias (an fp32 parameter) promotes it back to fp32; under megatron's bf16
+  everything (biases, embeddings, what pipeline stages pass) is bf16;
 - torch's RMSNorm keeps an fp32 copy of its input and the normalized input; LayerNorm
   keeps its input and two statistics;
 - the loss keeps fp32 softmax over the (vocab-parallel) logits: the largest single
@@ -39,8 +43,18 @@ from typing import Any
 from llmforge.models import size
 
 FP32 = 4
-WEIGHT_BYTES = FP32  # fp32 master weights, also under bf16 autocast
-GRAD_BYTES = FP32
+BF16 = 2
+GRAD_BYTES = FP32  # fp32 main grads in every precision (megatron DDP's grad_reduce_in_fp32)
+
+
+def weight_bytes(precision: str) -> int:
+    """Bytes of one parameter: bf16 under megatron's bf16, else fp32 (autocast casts per use)."""
+    return BF16 if precision == "bf16" else FP32
+
+
+def master_weight_bytes(precision: str) -> int:
+    """The optimizer's fp32 copy of a bf16 parameter (megatron's main params): optimizer state."""
+    return FP32 if precision == "bf16" else 0
 
 
 @dataclass(frozen=True)
@@ -125,16 +139,21 @@ class RankMemory:
 # --- optimizer states ---------------------------------------------------------------
 
 
-def optimizer_state_bytes_per_param(optimizer: Any) -> tuple[int, str]:
-    """(bytes of fp32 state per parameter, what that assumes) for the chosen optimizer."""
+def optimizer_state_bytes_per_param(optimizer: Any, *, precision: str) -> tuple[int, str]:
+    """(bytes the optimizer keeps per parameter, what that assumes): its fp32 states, plus
+    fp32 master weights of bf16 parameters."""
     name = getattr(optimizer, "name", "adamw")
     if name == "adamw":
-        return 2 * FP32, "AdamW: exp_avg + exp_avg_sq in fp32"
-    if name == "sgd":
-        if getattr(optimizer, "momentum", 0.0) > 0:
-            return FP32, "SGD with momentum: one fp32 buffer"
-        return 0, "SGD without momentum: no state"
-    return 2 * FP32, f"{name}: unknown to the planner, assumed to keep two fp32 states like AdamW"
+        state, note = 2 * FP32, "AdamW: exp_avg + exp_avg_sq in fp32"
+    elif name == "sgd" and getattr(optimizer, "momentum", 0.0) > 0:
+        state, note = FP32, "SGD with momentum: one fp32 buffer"
+    elif name == "sgd":
+        state, note = 0, "SGD without momentum: no state"
+    else:
+        state, note = 2 * FP32, f"{name}: unknown to the planner, assumed to keep two fp32 states like AdamW"
+    if master_weight_bytes(precision):
+        return state + master_weight_bytes(precision), f"{note}, plus fp32 master weights of the bf16 parameters"
+    return state, note
 
 
 def _adam_step_bytes(optimizer: Any, tensors: int) -> int:
@@ -146,12 +165,23 @@ def _adam_step_bytes(optimizer: Any, tensors: int) -> int:
 
 
 def _compute_bytes(precision: str) -> int:
-    return 2 if precision == "bf16" else FP32
+    return FP32 if precision == "fp32" else BF16
+
+
+def stage_input_bytes(precision: str) -> int:
+    """Bytes per element of what a chunk's first layer receives: the embedding's output or the
+    previous stage's hidden states (fp32 under autocast, whose parameters and transfers are fp32)."""
+    return BF16 if precision == "bf16" else FP32
+
+
+def _bias_promotes(precision: str) -> bool:
+    """Under autocast a bias is an fp32 parameter: adding it promotes a bf16 output to fp32."""
+    return precision == "bf16-autocast"
 
 
 def residual_bytes(model: Any, precision: str) -> int:
     """Bytes per element of the residual stream between layers (see the module doc)."""
-    if precision == "fp32" or model.add_bias_linear:
+    if precision == "fp32" or (_bias_promotes(precision) and model.add_bias_linear):
         return FP32
     return _compute_bytes(precision)
 
@@ -166,7 +196,7 @@ def _norm_saved(model: Any, tokens: float, in_bytes: int) -> float:
 
 def qkv_output_bytes(model: Any, precision: str) -> int:
     """Bytes per element of the QKV projection's output: a bias (an fp32 parameter) promotes it."""
-    if precision == "fp32" or model.add_bias_linear or getattr(model, "add_qkv_bias", False):
+    if precision == "fp32" or (_bias_promotes(precision) and (model.add_bias_linear or getattr(model, "add_qkv_bias", False))):
         return FP32
     return _compute_bytes(precision)
 
@@ -212,10 +242,10 @@ def _attention_terms(model: Any, *, tokens: float, tensor: int, micro_batch_size
     if device == "cpu" and model.attention_dropout > 0:
         # CPU SDPA has no dropout kernel: the math path keeps the fp32 softmax, dropout
         # mask and dropped scores, and fp32 copies of a scaled q and of k. v is a copy
-        # too under bf16 or when grouped-query attention expands it, else a view that
-        # keeps the whole QKV projection output.
+        # too under bf16 (an fp32 one) or when grouped-query attention expands it, else a
+        # view that keeps the whole QKV projection output.
         q_elems = tokens * size.query_width(model) / t
-        if precision == "bf16" or model.kv_groups < heads:
+        if precision != "fp32" or model.kv_groups < heads:
             qkv = 3 * q_elems * FP32
         else:
             qkv = 2 * q_elems * FP32 + tokens * size.qkv_width(model) / t * FP32
@@ -233,7 +263,7 @@ def layer_activation_terms(model: Any, *, precision: str, tensor: int, sequence_
 
     Args:
         input_bytes: bytes per element of the layer's input; the first layer of a stage
-            gets fp32 (the embedding output or the pipeline's fp32 transfer).
+            gets `stage_input_bytes` (the embedding output or the pipeline's transfer).
     """
     h, t = model.hidden_size, tensor
     d, heads = size.head_dim(model), model.num_attention_heads
@@ -242,8 +272,8 @@ def layer_activation_terms(model: Any, *, precision: str, tensor: int, sequence_
     first_in = res if input_bytes is None else input_bytes
     tokens = seq_length * micro_batch_size
     split_tokens = tokens / t if sequence_parallel else tokens  # what sequence parallel shards
-    # A linear layer's bias is an fp32 parameter, so adding it promotes bf16 outputs to fp32.
-    linear_out = FP32 if model.add_bias_linear else compute
+    # Under autocast a linear layer's bias is an fp32 parameter, so adding it promotes bf16 outputs to fp32.
+    linear_out = FP32 if model.add_bias_linear and _bias_promotes(precision) else compute
     qkv_out = qkv_output_bytes(model, precision)
     terms: dict[str, float] = {}
 
@@ -287,14 +317,14 @@ def chunk_activation_bytes(model: Any, layers: int, *, precision: str, layout: L
     res = residual_bytes(model, precision)
     shard = layout.tensor if layout.sequence_parallel else 1
     if layout.recompute == "full":
-        # Each layer keeps only its input; the chunk's first layer receives fp32.
-        total = tokens / shard * model.hidden_size * (FP32 + res * (layers - 1))
+        # Each layer keeps only its input; the chunk's first layer receives the stage's input.
+        total = tokens / shard * model.hidden_size * (stage_input_bytes(precision) + res * (layers - 1))
         if model.position_embedding_type == "rope":
             total += seq_length * size.head_dim(model) * FP32  # the rotary table, shared by every layer
     else:
         common = dict(precision=precision, tensor=layout.tensor, sequence_parallel=layout.sequence_parallel,
                       micro_batch_size=layout.micro_batch_size, seq_length=seq_length, device=device)
-        first = layer_activation_terms(model, input_bytes=FP32, **common)
+        first = layer_activation_terms(model, input_bytes=stage_input_bytes(precision), **common)
         rest = layer_activation_terms(model, **common)
         if layout.recompute == "selective":
             first = _selective(first, model, layout, seq_length, precision)
@@ -304,7 +334,7 @@ def chunk_activation_bytes(model: Any, layers: int, *, precision: str, layout: L
         index_bytes = 8  # int64 token ids, and position ids with learned positions
         total += tokens * index_bytes * (2 if model.position_embedding_type == "learned_absolute" else 1)
         if model.hidden_dropout > 0:
-            total += tokens / shard * model.hidden_size * FP32  # the embedding's dropout mask
+            total += tokens / shard * model.hidden_size * stage_input_bytes(precision)  # the embedding's dropout mask
     return total
 
 
@@ -349,7 +379,7 @@ def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optim
     seq = seq_length or model.seq_length
     params = size.param_count_per_rank(model, layout)[stage]
     tensors = size.param_tensors_per_rank(model, layout)[stage]
-    state_bytes, _ = optimizer_state_bytes_per_param(optimizer)
+    state_bytes, _ = optimizer_state_bytes_per_param(optimizer, precision=precision)
     # llmforge shards only AdamW; other optimizers keep their full state on every DP rank.
     sharded = layout.distributed_optimizer and getattr(optimizer, "name", "adamw") == "adamw"
     opt_shards = layout.data if sharded else 1
@@ -374,7 +404,7 @@ def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optim
         layers=layers,
         params=params,
         in_flight_microbatches=flights,
-        weights=params * WEIGHT_BYTES,
+        weights=params * weight_bytes(precision),
         gradients=params * GRAD_BYTES,
         optimizer_states=(params * state_bytes + _adam_step_bytes(optimizer, tensors)) // opt_shards,
         activations=round(flights * chunk),

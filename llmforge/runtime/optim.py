@@ -2,9 +2,11 @@
 
 A registered optimizer (built-in or a plugin's, e.g. Lion) is a plain torch optimizer over
 `param_groups(...)`. `wrap_optimizer` then puts the model chunks in megatron's DDP (a
-contiguous grad buffer, all-reduced over DP) and the optimizer in megatron's FP32Optimizer,
-or, with `use_distributed_optimizer` (AdamW only: validate refuses others), in megatron's
-DistributedOptimizer (ZeRO-1).
+contiguous fp32 grad buffer, all-reduced over DP) and the optimizer in megatron's
+FP32Optimizer, or for bf16 parameters (`precision: bf16`) its Float16OptimizerWithFloat16Params
+(fp32 master weights the torch optimizer steps, copied back to the bf16 parameters), or, with
+`use_distributed_optimizer` (AdamW only: validate refuses others), in megatron's
+DistributedOptimizer (ZeRO-1: fp32 master weights and Adam state sharded over DP).
 """
 
 from __future__ import annotations
@@ -80,7 +82,7 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.optimizer.optimizer import FP32Optimizer
+    from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
 
     from llmforge.models import cpu_compat
 
@@ -90,7 +92,9 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
                         "set parallelism.use_distributed_optimizer: false, or use optimizer adamw")
 
     config = model_chunks[0].config
+    bf16 = config.bf16  # megatron's mixed precision: bf16 parameters (models.gpt)
     ddp_config = DistributedDataParallelConfig(
+        # fp32 main grads: each micro batch's bf16 grads accumulate into them, and DP reduces them.
         grad_reduce_in_fp32=True,
         use_distributed_optimizer=distributed,
         overlap_grad_reduce=False,
@@ -110,9 +114,9 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
         lr=torch_optimizer.defaults["lr"],
         weight_decay=torch_optimizer.defaults.get("weight_decay", 0.0),
         use_distributed_optimizer=distributed,
-        bf16=False,
+        bf16=bf16,
         fp16=False,
-        params_dtype=torch.float32,
+        params_dtype=config.params_dtype,
         clip_grad=0.0,  # TrainStep clips with the norm it already computed
     )
     if distributed:
@@ -120,7 +124,7 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
         optimizer = DistributedOptimizer(
             torch_optimizer,
             optimizer_config,
-            None,  # no loss scaler: fp32 master weights, bf16 only as autocast
+            None,  # no loss scaler: bf16 needs none
             _init_adam_state,
             model_chunks=ddp_chunks,
             per_model_buffers={index: chunk.buffers for index, chunk in enumerate(ddp_chunks)},
@@ -130,6 +134,14 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
             distributed_optimizer_instance_id=0,
         )
         optimizer.grad_stats_parallel_group = parallel_state.get_intra_distributed_optimizer_instance_group()
+    elif bf16:
+        # It maps optimizer state to checkpoint entries through its bf16 parameters alone: an
+        # fp32 one among them would shift every later entry.
+        strays = [tuple(p.shape) for group in torch_optimizer.param_groups for p in group["params"] if p.dtype != torch.bfloat16]
+        if strays:
+            raise TypeError(f"precision bf16 trains bf16 parameters only; {len(strays)} are not (shapes {strays[:3]})")
+        optimizer = Float16OptimizerWithFloat16Params(torch_optimizer, optimizer_config, None, _materialize_state)
+        optimizer.grad_stats_parallel_group = parallel_state.get_model_parallel_group()
     else:
         optimizer = FP32Optimizer(torch_optimizer, optimizer_config, _materialize_state)
         optimizer.grad_stats_parallel_group = parallel_state.get_model_parallel_group()

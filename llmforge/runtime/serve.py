@@ -13,8 +13,12 @@ Layouts:
   of one token cannot be; inference runs with it switched off (the same math: the linears
   all-reduce instead of gather/reduce-scatter), and restores it after.
 - PP (and virtual PP): the stages run one after another, hidden states passed with send/recv
-  (fp32, as the training schedule does); the last stage's results (sampled ids, log-probs) are
-  broadcast over the pipeline group, so every rank of a replica returns the same answer.
+  in fp32 (exact for bf16 ones, cast back to the parameters' dtype on arrival); the last stage's
+  results (sampled ids, log-probs) are broadcast over the pipeline group, so every rank of a
+  replica returns the same answer.
+
+Precision: the chunks compute in their parameters' dtype (bf16 under megatron's `bf16`) or
+under the stage's autocast; logits, log-probabilities and scores come out in fp32 either way.
 - DP: *shared* calls (every DP rank passes the same inputs: evaluators, the preview) split the
   inputs over the DP replicas and all-gather the results, so every rank of the job returns the
   whole answer; *replica-local* calls (`shared=False`: RL rollouts, scoring a replica's own
@@ -111,6 +115,7 @@ class ModelServer:
         self.max_positions = first.max_sequence_length
         self.device = next(first.parameters()).device
         self.hidden_size = first.config.hidden_size
+        self.dtype = first.config.params_dtype  # what a later stage's layers take (fp32 on the wire)
         self._sp_flags = sequence_parallel_flags(self.chunks)
 
     # --- public ---------------------------------------------------------------------
@@ -215,6 +220,7 @@ class ModelServer:
                 if not chunk.pre_process:
                     hidden = torch.empty(new, batch, self.hidden_size, dtype=torch.float32, device=self.device)
                     dist.recv(hidden, src=layout.prev_rank)
+                    hidden = hidden.to(self.dtype)
                 hidden = own.run_chunk(index, tokens if chunk.pre_process else hidden, positions)
                 if chunk.post_process:
                     if read is not None:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 
 from llmforge.models.init import unwrap
+from llmforge.spec.errors import UserError
 
 
 def _metadata() -> dict[str, Any]:
@@ -111,13 +112,33 @@ def model_sharded_state(model_chunks: list[torch.nn.Module], *, select: Callable
     return model
 
 
+# megatron's Float16OptimizerWithFloat16Params (`precision: bf16`) keeps the fp32 master weights as
+# one list per param group. dist_checkpointing splits a list of lists holding an empty one (a
+# frozen-base stage's empty no-decay group) into halves whose indices no longer match, and the
+# load then fails to merge them; so the groups travel as {group index: list}.
+_MASTER_GROUPS = "fp32_from_fp16_params"
+
+
+def _master_groups_by_index(state: Any) -> Any:
+    if isinstance(state, dict) and isinstance(state.get(_MASTER_GROUPS), list):
+        state[_MASTER_GROUPS] = dict(enumerate(state[_MASTER_GROUPS]))
+    return state
+
+
+def _master_groups_as_list(state: Any) -> Any:
+    if isinstance(state, dict) and isinstance(state.get(_MASTER_GROUPS), dict):
+        groups = state[_MASTER_GROUPS]
+        state[_MASTER_GROUPS] = [groups[i] for i in range(len(groups))]
+    return state
+
+
 def _sharded_state_dict(model_chunks: list[torch.nn.Module], optimizer, *, loading: bool,
                         select: Callable[[str], bool] | None = None) -> dict[str, Any]:
     metadata = _metadata()
     model = model_sharded_state(model_chunks, select=select, metadata=metadata)
     state = {"model": model}
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(model, is_loading=loading, metadata=metadata)
+        state["optimizer"] = _master_groups_by_index(optimizer.sharded_state_dict(model, is_loading=loading, metadata=metadata))
     return state
 
 
@@ -143,6 +164,24 @@ def save_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimize
     write_sharded(path, state)
 
 
+def _check_same_precision(path: str | Path, model_state: dict[str, Any]) -> None:
+    """Refuse to resume an optimizer across precisions: its state (fp32 master weights or none) is
+    shaped by the weights' dtype. Weights alone load across precisions (cast on load)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    saved = dist_checkpointing.load_tensors_metadata(str(path))
+    for entry in nested_values(model_state):
+        if isinstance(entry, ShardedTensor) and entry.key in saved and saved[entry.key].dtype != entry.data.dtype:
+            written, wanted = str(saved[entry.key].dtype).removeprefix("torch."), str(entry.data.dtype).removeprefix("torch.")
+            raise UserError(f"{path} holds {written} weights, but this stage trains {wanted} ones: its optimizer state cannot "
+                            "resume in another precision (precision: bf16 keeps bf16 weights and fp32 master weights; fp32 and "
+                            "bf16-autocast keep fp32 weights; before issue 22, bf16 meant bf16-autocast)",
+                            "resume at the precision the checkpoint was written at, or start a new stage from it with init_from "
+                            "(weights load into either precision)")
+
+
 def load_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimizer, *,
                  select: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """Load `path` into this rank's chunks (and optimizer, unless None), in any layout; returns `common`.
@@ -156,6 +195,8 @@ def load_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimize
     if optimizer is not None and _is_distributed_optimizer(optimizer):
         cpu_compat.prepare_distributed_optimizer_for_load(optimizer)
     state = _sharded_state_dict(model_chunks, optimizer, loading=True, select=select)
+    if optimizer is not None:
+        _check_same_precision(path, state["model"])
     loaded = dist_checkpointing.load(state, str(path), sharded_strategy=_load_strategy())
     for i, chunk in enumerate(model_chunks):
         # A rank whose selection is empty (a soft prompt lives on the first pipeline stage only)
@@ -165,5 +206,5 @@ def load_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimize
         if select is not None and (unexpected or any(select(k) for k in missing)):
             raise RuntimeError(f"{path}: selected entries did not load: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        optimizer.load_state_dict(_master_groups_as_list(loaded["optimizer"]))
     return loaded.get("common", {})

@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 
 
 def autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A context factory: bf16 autocast over fp32 master weights, or nothing for fp32. Every forward
-    (training, scoring, sampling) runs under this one, so they compute alike."""
-    if precision == "bf16":
+    """A context factory: bf16 autocast over fp32 parameters for `bf16-autocast`, else nothing (fp32,
+    and megatron's `bf16`, whose parameters are bf16 already). Every forward (training, scoring,
+    sampling) runs under this one, so they compute alike."""
+    if precision == "bf16-autocast":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -53,7 +54,8 @@ class TrainStep:
     Args:
         model_chunks: this rank's chunks, wrapped in megatron DDP by `wrap_optimizer`.
         optimizer: the megatron optimizer from `wrap_optimizer`.
-        precision: "fp32", or "bf16" for bf16 autocast over fp32 master weights.
+        precision: "fp32"; "bf16" (megatron's mixed precision: the chunks' parameters are bf16,
+            the optimizer's master weights fp32); or "bf16-autocast" (autocast over fp32 parameters).
         clip_grad: clip the global grad norm to this value; None or 0 = no clipping.
     """
 
@@ -72,9 +74,10 @@ class TrainStep:
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron.core.utils import get_model_config
+        from llmforge.models.gpt import PRECISIONS
 
-        if precision not in ("fp32", "bf16"):
-            raise UserError(f"precision {precision!r} is not supported", hint="use fp32 or bf16")
+        if precision not in PRECISIONS:
+            raise UserError(f"precision {precision!r} is not supported", hint=f"use one of {', '.join(PRECISIONS)}")
         if not all(hasattr(chunk, "zero_grad_buffer") for chunk in model_chunks):
             raise TypeError("TrainStep needs the DDP-wrapped chunks: call wrap_optimizer(torch_optimizer, model_chunks, parallelism) first")
         self.chunks = model_chunks
@@ -201,12 +204,18 @@ class TrainStep:
         tokens, labels = batch[:, :-1], batch[:, 1:]
         with self._autocast():
             output = model(tokens, self._positions(tokens.shape[0], tokens.shape[1]), None, labels=labels)
-        if output.dtype != torch.float32:
-            # Under autocast megatron's residual add follows the branch dtype: bf16 without
-            # biases, fp32 with them. Stage outputs travel to the next PP stage as fp32
-            # (config.pipeline_dtype) either way.
-            output = output.float()
-        return output, functools.partial(self._sum_loss, mask)
+        return self._stage_output(model, output), functools.partial(self._sum_loss, mask)
+
+    def _stage_output(self, model: torch.nn.Module, output: torch.Tensor) -> torch.Tensor:
+        """The last stage's losses (or scores, log-probs) in fp32; an earlier stage's hidden states
+        in the dtype stages pass each other (`config.pipeline_dtype`: bf16 under megatron's bf16,
+        else fp32). Under autocast megatron's residual add follows the branch dtype (bf16 without
+        biases, fp32 with them), hence the cast."""
+        from llmforge.models.init import unwrap
+
+        if unwrap(model).post_process:
+            return output.float()
+        return output.to(self.config.pipeline_dtype)
 
     def _sum_loss(self, mask: torch.Tensor | None, per_token_loss: torch.Tensor):
         # Summed, not averaged: megatron divides the grads by the global token count

@@ -45,7 +45,13 @@ class TrainConfig(StrictModel):
         default_factory=lambda: {"name": "cosine"}, description="Learning-rate schedule component, e.g. `{name: cosine, warmup_steps: 100}`."
     )
     clip_grad: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this value; None disables clipping.")
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="`bf16`: bf16 autocast with fp32 master weights (a 2-3x lever on CPU too).")
+    precision: Literal["fp32", "bf16", "bf16-autocast"] = Field(
+        "fp32",
+        description="`bf16`: megatron's mixed precision, as Megatron-LM's `--bf16`: bf16 weights and activations, fp32 gradients, "
+        "fp32 master weights and optimizer state (2 + 4 + 12 bytes per parameter; the 12 shard over data-parallel ranks with "
+        "the distributed optimizer). `bf16-autocast`: fp32 weights, bf16 compute under torch autocast (4 + 4 + 8 bytes, "
+        "nothing sharded but the 8): less memory without the distributed optimizer, numerics closer to fp32. docs/architecture.md, \"Precision\", says when to use which.",
+    )
     eval_interval: int | None = Field(None, ge=1, description="Run the stage's evaluators every this many steps (and at the end). None = only at the end.")
     eval_iters: int = Field(10, ge=1, description="Validation global batches per evaluation: val_loss covers the first "
                             "eval_iters × global_batch_size val samples, in order, at any layout (Megatron-LM's meaning).")

@@ -182,3 +182,51 @@ def test_every_stage_and_evaluator_runs_at_two_process_layouts_like_one_process(
         two = llmforge("generate", source, *args, "parallelism.pipeline_model_parallel_size=2")
         assert one.returncode == two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
         assert two.stdout == one.stdout and "PP 2" in two.stderr
+
+
+# --- megatron's bf16 -----------------------------------------------------------------------------
+
+
+def _in_bf16(spec: dict) -> dict:
+    """The same spec with every training stage in megatron's bf16 (bf16 weights, fp32 master weights)."""
+    stages = [{**s, "train": {**s["train"], "precision": "bf16"}} if "train" in s else s for s in spec["stages"]]
+    return {**spec, "stages": stages}
+
+
+def _saved_dtypes(model_dir: Path) -> set[str]:
+    from megatron.core import dist_checkpointing
+
+    return {str(t.dtype) for t in dist_checkpointing.load_tensors_metadata(str(model_dir)).values()}
+
+
+def test_every_stage_trains_a_bf16_model_resumes_bitwise_and_its_checkpoints_serve(tmp_path):
+    """Issue 22: LoRA, prompt tuning, DPO, the reward model and RL on bf16 models, end to end; the
+    same two kills as the fp32 run, and its checkpoints through `generate` and `export`."""
+    spec_path = tmp_path / "bf16.yaml"
+    spec_path.write_text(yaml.safe_dump(_in_bf16(SPEC), sort_keys=False))
+    whole = tmp_path / "run"
+    proc = llmforge("run", str(spec_path), "--run-dir", str(whole))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = whole / "checkpoints"
+    for model_dir in ("sft/step-4/model", "lora/step-4/model", "rm/step-4/model", "rl/step-4/model", "lora/step-3/adapters",
+                      "prompt/step-4/prompt"):
+        assert _saved_dtypes(ckpt / model_dir) <= {"torch.bfloat16", "torch.float32"}, model_dir  # fp32: master weights, Adam
+        assert "torch.bfloat16" in _saved_dtypes(ckpt / model_dir), model_dir
+    evals = rows(whole, "eval")
+    dpo_start = next(r for r in evals if r["stage"] == "dpo" and r["step"] == 0)
+    assert dpo_start["dpo_reward_margin"] == 0.0 and dpo_start["val_loss"] == pytest.approx(0.6931, abs=1e-4)
+    assert {r["stage"] for r in rows(whole, "train")} >= {"lora", "prompt", "dpo", "rm", "rl"}
+
+    killed = tmp_path / "killed"
+    assert llmforge("run", str(spec_path), "--run-dir", str(killed), env={"LLMFORGE_FAULT": KILL_IN_LORA}).returncode == -9
+    again = llmforge("run", str(spec_path), "--run-dir", str(killed), "--resume", env={"LLMFORGE_FAULT": KILL_IN_RL})
+    assert again.returncode == -9 and "[lora] resumed from" in again.stdout
+    done = llmforge("run", str(spec_path), "--run-dir", str(killed), "--resume")
+    assert done.returncode == 0 and "[rl] resumed from" in done.stdout, done.stderr[-3000:]
+    assert _comparable(killed) == _comparable(whole)  # bitwise: fp32 master weights and Adam state resume exactly
+
+    for source in ("lora/step-3", "prompt/step-4"):  # a bf16 base with adapters to merge, a soft prompt
+        proc = llmforge("generate", str(ckpt / source), "--prompt", "12+30=", "--temperature", "0", "--max-new-tokens", "4")
+        assert proc.returncode == 0, (source, proc.stderr[-2000:])
+    exported = llmforge("export", "hf", str(ckpt / "rl/step-4"), str(tmp_path / "hf"))  # bf16 weights into the fp32 export model
+    assert exported.returncode == 0 and "self-check" in exported.stdout + exported.stderr, exported.stderr[-2000:]

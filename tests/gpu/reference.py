@@ -25,7 +25,7 @@ TINY_RUN = CARRY_DIR / "tiny"  # a run dir holding data/ and tokenizer/ only
 FIXTURE = Path(__file__).with_name("cpu_reference.json")
 REFERENCE_VERSION = 1
 STEPS = 4
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16-autocast")
 
 
 def tiny_setup() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The CUDA path: nccl with one rank, none of the CPU shims, bf16 autocast with flash attention."""
+"""The CUDA path: nccl with one rank, none of the CPU shims, bf16 (megatron's, and autocast) with flash attention."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_bf16_autocast_with_flash_attention_learns(parallel_ctx):
     def record_attention_query(module, args) -> None:
         seen.setdefault("attention_query", args[0].dtype)
 
-    chunks, _, step = _trainer(parallel_ctx, "bf16")
+    chunks, _, step = _trainer(parallel_ctx, "bf16-autocast")
     layer = unwrap(chunks[0]).decoder.layers[0]
     layer.mlp.linear_fc1.register_forward_hook(record_fc1_output)
     layer.self_attention.core_attention.register_forward_pre_hook(record_attention_query)
@@ -113,3 +113,15 @@ def test_bf16_autocast_with_flash_attention_learns(parallel_ctx):
     _, _, fp32_step = _trainer(parallel_ctx, "fp32")
     fp32_first = fp32_step(batches, 1e-3).loss
     assert losses[0] == pytest.approx(fp32_first, rel=2e-2), "bf16 and fp32 start from the same weights"
+
+
+def test_megatron_bf16_keeps_fp32_master_weights_and_grads_and_learns(parallel_ctx):
+    chunks, megatron_optimizer, step = _trainer(parallel_ctx, "bf16")
+    assert all(p.is_cuda and p.dtype == torch.bfloat16 for chunk in chunks for p in chunk.parameters())
+    assert type(megatron_optimizer).__name__ == "Float16OptimizerWithFloat16Params"
+    masters = [p for group in megatron_optimizer.optimizer.param_groups for p in group["params"]]
+    assert masters and all(p.is_cuda and p.dtype == torch.float32 for p in masters)
+    assert all(buffer.grad_data.dtype == torch.float32 for chunk in chunks for buffer in chunk.buffers)
+    batches = _batches()
+    losses = [step(batches, 1e-3).loss for _ in range(8)]
+    assert losses[-1] < 0.85 * losses[0], losses

@@ -16,11 +16,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 # (first loss, later losses, grad norms), relative. Before any update only the forward
 # differs; AdamW's first steps are sign-like, so later steps amplify kernel differences.
-# On the CPU, bf16 against fp32 differs by at most 4e-4 in these losses and 4% in the grad
-# norms (step 4): the bf16 bounds are 10× and 2.5× those.
+# On the CPU, bf16 autocast against fp32 differed by at most 4e-4 in these losses and 4% in the
+# grad norms (step 4): the bf16 bounds are 10× and 2.5× those; megatron's bf16 takes the same.
 TOLERANCE = {
     "fp32": (1e-5, 1e-3, 1e-2),
     "bf16": (2e-3, 5e-3, 1e-1),
+    "bf16-autocast": (2e-3, 5e-3, 1e-1),
 }
 
 

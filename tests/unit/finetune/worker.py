@@ -5,7 +5,9 @@ each case at TP=2, TP=2 with sequence parallelism, DP=2 and PP=2; `python worker
 --out DIR` trains them in one process, then loads the 2-process LoRA checkpoints (adapters
 alone, merged, and merged on the fly) into plain one-process models. Every rank writes
 `<job>_rank<r>.json` with losses, grad norms and whether the frozen weights stayed
-bit-identical; the tests compare the files.
+bit-identical; the tests compare the files. Every case also trains in megatron's bf16 (TP=2 with
+sequence parallelism and PP=2 in the pair job, one process in the single job: `<case>_<layout>_bf16`),
+and the single job folds the bf16 LoRA checkpoint of TP=2 + SP into a bf16 and an fp32 model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from pathlib import Path
 SEED = 77
 MICRO, SEQ, VOCAB, MICRO_BATCHES, STEPS = 2, 16, 128, 2, 3
 LR = {"reward_model": 0.05}  # SGD learning rate per case; 0.5 elsewhere
+# bf16 runs take a tenth: at the fp32 rates a step amplifies bf16's rounding (1e-3 in a loss) into
+# 1e-1 of the full finetunes' eval losses after 3 steps, layouts and fp32 alike, and compares nothing.
+BF16_LR_SCALE = 0.1
 SHAPES = {
     "llama": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2, "ffn_hidden_size": 96,
               "vocab_size": VOCAB, "seq_length": SEQ, "position_embedding_type": "rope", "normalization": "RMSNorm",
@@ -37,6 +42,7 @@ PAIR_LAYOUTS = ["tp2", "tp2_sp", "dp2", "pp2"]
 LORA = {"targets": ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"], "rank": 4, "alpha": 8.0}
 VIRTUAL = 3  # soft-prompt tokens
 CASES = ["lora_llama", "lora_gpt2", "prompt", "dpo", "reward_model", "policy_gradient"]
+BF16_PAIR_LAYOUTS = ["tp2_sp", "pp2"]
 
 
 def _rows(step: int, count: int, width: int):
@@ -85,11 +91,11 @@ def _global_batch(case: str, step: int):
     return list(tokens.split(MICRO)), list(masks.split(MICRO))
 
 
-def _model(shape: str, parallelism):
+def _model(shape: str, parallelism, precision: str = "fp32"):
     from llmforge.models.gpt import build_gpt
     from llmforge.spec.components import GPTModel
 
-    return build_gpt(GPTModel(**SHAPES[shape]), parallelism, precision="fp32", seed=SEED)
+    return build_gpt(GPTModel(**SHAPES[shape]), parallelism, precision=precision, seed=SEED)
 
 
 def _snapshot(chunks) -> dict:
@@ -98,12 +104,13 @@ def _snapshot(chunks) -> dict:
     return {n: p.detach().clone() for chunk in chunks for n, p in unwrap(chunk).named_parameters() if not p.requires_grad}
 
 
-def _train(case: str, layout: str, out: Path) -> dict:
+def _train(case: str, layout: str, out: Path, precision: str = "fp32") -> dict:
     import torch
     import torch.distributed as dist
 
     from llmforge.finetune import lora, prompt, reward_model, steps
     from llmforge.finetune.checkpoints import LORA_META, PartialCheckpoints
+    from llmforge.models.init import unwrap
     from llmforge.runtime.distributed import init_distributed
     from llmforge.runtime.optim import build_sgd, wrap_optimizer
     from llmforge.runtime.sharded_io import save_sharded
@@ -114,9 +121,10 @@ def _train(case: str, layout: str, out: Path) -> dict:
     parallelism = ParallelismConfig(**LAYOUTS[layout])
     ctx = init_distributed(parallelism, seed=SEED)
     shape = "gpt2" if case == "lora_gpt2" else "llama"
-    chunks = _model(shape, parallelism)
+    chunks = _model(shape, parallelism, precision)
     step_cls, length = TrainStep, SEQ
-    base_dir = out / f"base_{case}_{layout}"
+    name = f"{case}_{layout}" + ("_bf16" if precision == "bf16" else "")
+    base_dir = out / f"base_{name}"
     if case.startswith("lora"):
         if ctx.rank == 0:
             (base_dir / "model").mkdir(parents=True, exist_ok=True)
@@ -131,16 +139,18 @@ def _train(case: str, layout: str, out: Path) -> dict:
     elif case == "dpo":
         from llmforge.runtime.serve import ModelServer
 
-        reference = ModelServer(_model("llama", parallelism))
+        reference = ModelServer(_model("llama", parallelism, precision))
         step_cls = functools.partial(steps.PreferenceStep, reference=reference, beta=0.5, loss="sigmoid")
     elif case == "policy_gradient":
         step_cls = functools.partial(steps.PolicyGradientStep, clip_epsilon=0.2, kl_coef=0.1, updates=2)
     frozen = _snapshot(chunks)
-    lr = LR.get(case, 0.5)
+    lr = LR.get(case, 0.5) * (BF16_LR_SCALE if precision == "bf16" else 1.0)
     optimizer = wrap_optimizer(build_sgd(SGD(lr=lr), model_chunks=chunks), chunks, parallelism)
-    step = step_cls(chunks, optimizer, parallelism_ctx=ctx, seq_length=length, micro_batch_size=MICRO, precision="fp32", clip_grad=None)
+    # What the optimizer steps: the parameters themselves, or under bf16 their fp32 master weights.
+    stepped = [p.detach().clone() for group in optimizer.optimizer.param_groups for p in group["params"]]
+    step = step_cls(chunks, optimizer, parallelism_ctx=ctx, seq_length=length, micro_batch_size=MICRO, precision=precision, clip_grad=None)
     # Under PP a rank holds one stage: a soft prompt lives on the first, a reward head on the last.
-    trainable = {n: p.detach().clone() for n, p in chunks[0].module.named_parameters() if p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in unwrap(chunks[0]).named_parameters() if p.requires_grad}
     results = []
     for s in range(STEPS):
         tokens, extras = _global_batch(case, s)
@@ -152,12 +162,17 @@ def _train(case: str, layout: str, out: Path) -> dict:
         "losses": [r.loss for r in results], "grad_norms": [r.grad_norm for r in results], "eval": loss_sum / count,
         "frozen_count": len(frozen), "frozen_identical": all(torch.equal(frozen[n], after[n]) for n in frozen),
         "trainable": sorted(trainable), "trainable_moved": all(not torch.equal(trainable[n], p.detach())
-                                                             for n, p in chunks[0].module.named_parameters() if p.requires_grad),
+                                                             for n, p in unwrap(chunks[0]).named_parameters() if p.requires_grad),
+        "dtypes": sorted({str(p.dtype) for p in unwrap(chunks[0]).parameters()}),
+        "optimizer_dtypes": sorted({str(p.dtype) for group in optimizer.optimizer.param_groups for p in group["params"]}),
+        "stepped_moved": all(not torch.equal(before, p.detach()) for before, p in
+                             zip(stepped, [p for group in optimizer.optimizer.param_groups for p in group["params"]], strict=True)),
     }
     if case.startswith("lora"):
         meta = {"base": str(base_dir), "rank": LORA["rank"], "alpha": LORA["alpha"], "target_modules": LORA["targets"], "seed": SEED}
-        for name, final in (("adapters_only", False), ("merged", True)):
-            target = out / f"{case}_{layout}_{name}"
+        saves = (("adapters_only_bf16", False),) if precision == "bf16" else (("adapters_only", False), ("merged", True))
+        for kind, final in saves:
+            target = out / f"{case}_{layout}_{kind}"
             if ctx.rank == 0:
                 target.mkdir(parents=True, exist_ok=True)
             dist.barrier()
@@ -180,6 +195,21 @@ def _plain_eval(model, case: str) -> float:
             total += float((loss * m).sum())
             count += float(m.sum())
     return total / count
+
+
+def _load_bf16_lora(out: Path) -> dict:
+    """The bf16 LoRA checkpoint of TP=2 + SP (its base saved in bf16) folded into one-process models of either precision."""
+    from llmforge.finetune.checkpoints import load_weights
+    from llmforge.spec.schema import ParallelismConfig
+
+    loaded = {}
+    for precision in ("bf16", "fp32"):
+        for case in ("lora_llama", "lora_gpt2"):
+            shape = "gpt2" if case == "lora_gpt2" else "llama"
+            folded = _model(shape, ParallelismConfig(), precision)
+            load_weights(out / f"{case}_tp2_sp_adapters_only_bf16", folded)
+            loaded[f"{case}_into_{precision}"] = _plain_eval(folded[0], case)
+    return loaded
 
 
 def _load_two_process_checkpoints(out: Path) -> dict:
@@ -222,8 +252,11 @@ def main() -> None:
     args = parser.parse_args()
     layouts = PAIR_LAYOUTS if args.job == "pair" else ["single"]
     results = {f"{case}_{layout}": _train(case, layout, args.out) for layout in layouts for case in CASES}
+    for layout in BF16_PAIR_LAYOUTS if args.job == "pair" else ["single"]:
+        results.update({f"{case}_{layout}_bf16": _train(case, layout, args.out, "bf16") for case in CASES})
     if args.job == "single":
         results["loaded"] = _load_two_process_checkpoints(args.out)
+        results["loaded_bf16"] = _load_bf16_lora(args.out)
     rank = dist.get_rank()
     (args.out / f"{args.job}_rank{rank}.json").write_text(json.dumps(results))
     shutdown()

@@ -1,4 +1,4 @@
-"""bf16 autocast over fp32 master weights trains under full recompute as without it.
+"""bf16 (autocast over fp32 parameters, and megatron's bf16 parameters) trains under full recompute as without it.
 
 The runs happen in one child process (`python test_amp.py --out losses.json`), started with no
 launcher, so megatron's global state stays out of the pytest process.
@@ -17,9 +17,10 @@ from tests.child import worker_facts
 SEQ, MICRO_BATCH, VOCAB = 32, 2, 256
 # GPT-2's shape has biases (fp32 residual adds under autocast), Llama's none (bf16 ones).
 SHAPES = {"gpt": ("gpt2-124m", {"num_layers": 2}), "llama": ("llama2-7b", {"num_layers": 2, "num_query_groups": 2})}
+PRECISIONS = ("bf16-autocast", "bf16")
 
 
-def _losses(shape: str, recompute: str, context) -> list[float]:
+def _losses(shape: str, recompute: str, context, precision: str) -> list[float]:
     import torch
 
     from llmforge.models.gpt import build_gpt
@@ -31,9 +32,9 @@ def _losses(shape: str, recompute: str, context) -> list[float]:
 
     preset, overrides = SHAPES[shape]
     parallelism = ParallelismConfig(recompute_granularity=recompute)
-    chunks = build_gpt(GPTModel(**shrink(preset, **overrides)), parallelism, precision="bf16", seed=5)
+    chunks = build_gpt(GPTModel(**shrink(preset, **overrides)), parallelism, precision=precision, seed=5)
     optimizer = wrap_optimizer(build_sgd(SGD(lr=0.5), model_chunks=chunks), chunks, parallelism)
-    step = TrainStep(chunks, optimizer, parallelism_ctx=context, seq_length=SEQ, micro_batch_size=MICRO_BATCH, precision="bf16", clip_grad=1.0)
+    step = TrainStep(chunks, optimizer, parallelism_ctx=context, seq_length=SEQ, micro_batch_size=MICRO_BATCH, precision=precision, clip_grad=1.0)
     generator = torch.Generator().manual_seed(11)
     losses = []
     for _ in range(3):
@@ -53,7 +54,8 @@ def main() -> None:
     from llmforge.spec.schema import ParallelismConfig
 
     context = init_distributed(ParallelismConfig(), seed=5)
-    losses = {f"{shape}_{recompute}": _losses(shape, recompute, context) for shape in SHAPES for recompute in ("none", "full")}
+    losses = {f"{shape}_{precision}_{recompute}": _losses(shape, recompute, context, precision)
+              for shape in SHAPES for precision in PRECISIONS for recompute in ("none", "full")}
     args.out.write_text(json.dumps(losses))
     shutdown()
 
@@ -64,9 +66,10 @@ def losses(tmp_path_factory) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_full_recompute_trains_in_bf16_like_no_recompute(losses, shape):
-    plain, recomputed = losses[f"{shape}_none"], losses[f"{shape}_full"]
+def test_full_recompute_trains_in_bf16_like_no_recompute(losses, shape, precision):
+    plain, recomputed = losses[f"{shape}_{precision}_none"], losses[f"{shape}_{precision}_full"]
     assert plain[-1] < plain[0]  # it learns
     # The replay runs the forward's bf16 ops again, so the gradients are the same.
     assert recomputed == pytest.approx(plain, abs=1e-4)

@@ -5,7 +5,8 @@
 CASES_JSON is a list of {"spec": path, "overrides": [...]}. For each case this rank builds
 the model with `build_gpt`, counts the bytes autograd saves for backward in one micro
 batch (storages counted once, parameters excluded), then wraps the optimizer as training
-does, runs one real TrainStep, and counts parameter, gradient and optimizer-state bytes.
+does, runs one real TrainStep, and counts parameter, gradient and optimizer-state bytes (the
+optimizer's own fp32 master weights of bf16 parameters among its states).
 It writes OUT_PREFIX.<rank>.json. Under a launcher the environment (RANK, WORLD_SIZE,
 MASTER_PORT, ...) says where this rank sits; alone it is one process.
 """
@@ -38,7 +39,7 @@ def saved_activation_bytes(model, tokens, labels, positions, precision: str) -> 
             packed.append(weakref.ref(t))
         return t
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16-autocast" else contextlib.nullcontext()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         loss = model(tokens, positions, None, labels=labels).sum()
     # A tensor saved and then released during forward (a discarded graph) is not held.
@@ -59,6 +60,8 @@ def allocated_state_bytes(ddp_chunks, optimizer) -> dict[str, int]:
                   if k not in params})
     inner = getattr(optimizer, "optimizer", optimizer)
     states = _storages(t for state in inner.state.values() for t in state.values() if hasattr(t, "untyped_storage"))
+    # What the torch optimizer steps, where it is not the model's parameters: fp32 master weights of bf16 ones.
+    states.update(_storages(p for group in inner.param_groups for p in group["params"]))
     states = {k: v for k, v in states.items() if k not in params and k not in grads}
     return {"weights": sum(params.values()), "gradients": sum(grads.values()), "optimizer_states": sum(states.values())}
 

@@ -30,17 +30,34 @@ def peak(lay: Layout, precision: str = "bf16", opt=None, model=LLAMA_1B) -> list
     return memory_per_rank(model, lay, precision=precision, optimizer=opt or optimizer())
 
 
-def test_weights_gradients_and_adam_states_are_4_4_and_8_bytes_per_parameter():
-    rank = peak(layout())[0]
+@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast"])
+def test_fp32_weights_gradients_and_adam_states_are_4_4_and_8_bytes_per_parameter(precision):
+    rank = peak(layout(), precision)[0]
     assert rank.weights == rank.gradients == rank.params * FP32
     tensors_step_bytes = rank.optimizer_states - 8 * rank.params
     assert 0 < tensors_step_bytes < 1000  # one fp32 `step` scalar per parameter tensor
 
 
+def test_megatron_bf16_is_2_weight_4_gradient_and_12_optimizer_bytes_sharded_over_data_parallel():
+    rank = peak(layout(), "bf16")[0]
+    assert rank.weights == 2 * rank.params and rank.gradients == 4 * rank.params
+    assert 0 < rank.optimizer_states - 12 * rank.params < 1000  # fp32 master weights + exp_avg + exp_avg_sq, and the steps
+    sharded = peak(layout(data=8, distributed_optimizer=True), "bf16")[0]
+    assert sharded.weights == rank.weights and sharded.gradients == rank.gradients
+    assert sharded.optimizer_states == pytest.approx(rank.optimizer_states / 8, abs=8)
+
+
 def test_bf16_autocast_keeps_fp32_weights_but_halves_much_of_the_activations():
-    fp32, bf16 = peak(layout(), "fp32")[0], peak(layout(), "bf16")[0]
-    assert fp32.weights == bf16.weights
-    assert 0.45 < bf16.activations / fp32.activations < 0.8  # norms keep fp32 copies
+    fp32, autocast = peak(layout(), "fp32")[0], peak(layout(), "bf16-autocast")[0]
+    assert fp32.weights == autocast.weights
+    assert 0.45 < autocast.activations / fp32.activations < 0.8  # norms keep fp32 copies
+
+
+def test_megatron_bf16_activations_are_bf16_where_autocast_is_promoted_by_biases():
+    gpt = GPTModel(**{**LLAMA_1B.model_dump(), "add_bias_linear": True})
+    autocast, bf16 = peak(layout(), "bf16-autocast", model=gpt)[0], peak(layout(), "bf16", model=gpt)[0]
+    assert bf16.activations < 0.8 * autocast.activations  # residual stream and linear outputs stay bf16
+    assert peak(layout(), "bf16")[0].activations <= peak(layout(), "bf16-autocast")[0].activations
 
 
 def test_distributed_optimizer_shards_only_the_optimizer_states():
@@ -55,10 +72,11 @@ def test_only_adamw_is_sharded_by_the_distributed_optimizer():
     assert sharded.optimizer_states == plain.optimizer_states  # llmforge.runtime keeps SGD's state whole
 
 
+@pytest.mark.parametrize("precision, master", [("fp32", 0), ("bf16", 4)])
 @pytest.mark.parametrize("momentum, state", [(0.9, 4), (0.0, 0)])
-def test_sgd_keeps_a_momentum_buffer_only_with_momentum(momentum, state):
-    rank = peak(layout(), opt=optimizer("sgd", momentum=momentum))[0]
-    assert rank.optimizer_states == state * rank.params
+def test_sgd_keeps_a_momentum_buffer_only_with_momentum(momentum, state, precision, master):
+    rank = peak(layout(), precision, opt=optimizer("sgd", momentum=momentum))[0]
+    assert rank.optimizer_states == (state + master) * rank.params
 
 
 def test_activations_grow_linearly_with_the_micro_batch():

@@ -50,7 +50,7 @@ def stage(stage_type: str, *fields: str, index: int = 1, name: str = "ft", sourc
 RL = stage("rl", "rewards: [{name: exact_match}]")
 TP2 = ("parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=2")
 DIST_OPT_SGD = ("parallelism.use_distributed_optimizer=true", "stages.1.train.optimizer={name: sgd}")
-PRECISION = spec("Input should be 'fp32' or 'bf16'", "stages.1.train.precision=fp16")
+PRECISION = spec("Input should be 'fp32', 'bf16' or 'bf16-autocast'", "stages.1.train.precision=fp16")
 SP_SEQUENCE = spec("trains on 31-token sequences, which sequence_parallel splits", *TP2, "parallelism.sequence_parallel=true",
                    "model.seq_length=31")
 NOT_AN_EARLIER_STAGE = [
@@ -108,6 +108,7 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
     ("runtime/optim.py", "wrap_optimizer", "shards AdamW's state only"):
         spec("use_distributed_optimizer shards AdamW's state only (megatron's DistributedOptimizer), but stage 'pretrain' uses optimizer 'sgd'",
              *DIST_OPT_SGD),
+    ("runtime/sharded_io.py", "_check_same_precision", "but this stage trains"): CHECKPOINT_VERSION + " (the precision it was written at)",
     ("runtime/rng.py", "RngState.load", "the checkpoint was saved by"): DAMAGED + " (a checkpoint's RNG file is missing)",
     ("runtime/rng.py", "_saved_world_size", "every checkpoint holds rank 0's RNG state"): DAMAGED + " (a checkpoint's RNG file is missing)",
     ("runtime/rundir.py", "RunDir.prepare", "--resume and --overwrite"): "command-line flags of `llmforge run`",
