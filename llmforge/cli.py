@@ -308,7 +308,8 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, until an empty line")
     p.add_argument("--stage", help="use this stage's newest checkpoint of RUN_DIR")
     p.add_argument("--template", default="auto",
-                   help="chat template: auto (the stage's, for finetune stages; else raw text), raw, default, plain, or a string with {prompt} and {response}")
+                   help="chat template: auto (the stage's, for finetune stages; else raw text), raw, tokenizer (the tokenizer's own Jinja "
+                        "chat template, with its generation prompt), default, plain, or a string with {prompt} and {response}")
     p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to add (generation also stops at end-of-sequence)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     p.add_argument("--top-k", type=int, help="sample only from the k most likely tokens")

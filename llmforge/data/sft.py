@@ -13,59 +13,117 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from llmforge.data.order import GlobalOrder
 from llmforge.spec.errors import UserError
+from llmforge.spec.stages import TOKENIZER_TEMPLATE  # the tokenizer's own Jinja template (llmforge.data.chat_template)
 
 # Built-in templates: (text before the prompt, between prompt and response, after the response).
 TEMPLATES = {
     "default": ("<|user|>", "<|assistant|>", ""),
     "plain": ("", "", ""),
 }
+# A system turn ahead of the first prompt: the default template's role token, else the text and a blank line.
+SYSTEM_TURNS = {"default": "<|system|>{system}"}
+PLAIN_SYSTEM_TURN = "{system}\n\n"
 SFT_STATE_VERSION = 2  # 2: the input files' identity (`data_files`)
 DataFiles = dict[str, dict[str, str]]  # source name → input file → sha256 of the records it yielded
+
+
+class ChatFormat(Protocol):
+    """How a stage turns records into tokens: every example, evaluator prompt and rollout prompt goes through one."""
+
+    def encode(self, record: dict[str, Any]) -> tuple[list[int], list[int]]:
+        """(token ids, loss mask per id) of a prompt/response or `messages` record."""
+
+    def prompt_ids(self, prompt: str, system: str | None = None) -> list[int]:
+        """A prompt as the template renders it, up to where the response starts: what generation continues."""
+
+
+def chat_format(template: str, tokenizer, *, train_on_turns: str = "all") -> ChatFormat:
+    """The stage's `chat_template` over the run's tokenizer: `tokenizer`, a built-in name, or a {prompt}/{response} string."""
+    if template == TOKENIZER_TEMPLATE:
+        from llmforge.data.chat_template import TokenizerTemplate
+
+        return TokenizerTemplate(tokenizer, train_on_turns=train_on_turns)
+    return PromptResponseTemplate(tokenizer, template, train_on_turns=train_on_turns)
 
 
 def template_parts(template: str) -> tuple[str, str, str]:
     if template in TEMPLATES:
         return TEMPLATES[template]
     if "{prompt}" not in template or "{response}" not in template:
-        raise UserError(f"chat_template {template!r} is neither a built-in ({', '.join(TEMPLATES)}) nor a string with {{prompt}} and {{response}}",
+        raise UserError(f"chat_template {template!r} is neither a built-in ({', '.join(TEMPLATES)}), `{TOKENIZER_TEMPLATE}`, "
+                        "nor a string with {prompt} and {response}",
                         "write e.g. '### Question: {prompt}\\n### Answer: {response}'")
     head, rest = template.split("{prompt}", 1)
     middle, tail = rest.split("{response}", 1)
     return head, middle, tail
 
 
-def _messages_to_turns(record: dict[str, Any]) -> tuple[str, str]:
-    """Chat messages → (prompt text with all turns before the last assistant turn, last reply)."""
-    messages = record["messages"]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    context = "".join(f"<|{m['role']}|>{m['content']}" for m in messages[:last])
-    return context, messages[last]["content"]
+class PromptResponseTemplate:
+    """A `{prompt}/{response}` template (the built-ins too): head + prompt + middle, then response + tail + EOS.
+
+    A `messages` record renders each user/assistant pair so, in order, after its optional first
+    system turn (`SYSTEM_TURNS`); each assistant reply ends with EOS, and trains with it.
+    """
+
+    def __init__(self, tokenizer, template: str, *, train_on_turns: str = "all") -> None:
+        self.tokenizer, self.train_on_turns = tokenizer, train_on_turns
+        self.head, self.middle, self.tail = template_parts(template)
+        self.system_turn = SYSTEM_TURNS.get(template, PLAIN_SYSTEM_TURN)
+
+    def _system(self, system: str | None) -> str:
+        return "" if system is None else self.system_turn.replace("{system}", system)
+
+    def encode(self, record: dict[str, Any]) -> tuple[list[int], list[int]]:
+        """(token ids, loss mask): the loss covers each trained response, its tail and the EOS closing it."""
+        tok = self.tokenizer
+        if "messages" in record:
+            system, pairs = _turn_pairs(record["messages"])
+        else:
+            system, pairs = record.get("system"), [(record["prompt"], record["response"])]
+        ids = tok.start()  # BOS by the one rule (HFTokenizer.add_bos)
+        mask = [0] * len(ids)
+        for k, (prompt, response) in enumerate(pairs):
+            prefix = tok.encode(f"{self._system(system) if k == 0 else ''}{self.head}{prompt}{self.middle}")
+            answer = tok.encode(f"{response}{self.tail}") + [tok.eos_id]
+            trains = int(self.train_on_turns == "all" or k == len(pairs) - 1)
+            ids, mask = ids + prefix + answer, mask + [0] * len(prefix) + [trains] * len(answer)
+        return ids, mask
+
+    def prompt_ids(self, prompt: str, system: str | None = None) -> list[int]:
+        return self.tokenizer.start() + self.tokenizer.encode(f"{self._system(system)}{self.head}{prompt}{self.middle}")
 
 
-def encode_example(tokenizer, parts: tuple[str, str, str], record: dict[str, Any]) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask per id): the loss covers the response and the closing EOS only."""
-    head, middle, tail = parts
-    if "messages" in record:
-        prompt, response = _messages_to_turns(record)
-        prompt_text = f"{prompt}<|assistant|>"
-    else:
-        prompt, response = record["prompt"], record["response"]
-        prompt_text = f"{head}{prompt}{middle}"
-    prefix = tokenizer.start() + tokenizer.encode(prompt_text)  # BOS by the one rule (HFTokenizer.add_bos)
-    answer = tokenizer.encode(f"{response}{tail}") + [tokenizer.eos_id]
-    return prefix + answer, [0] * len(prefix) + [1] * len(answer)
+def _turn_pairs(messages: list[dict[str, Any]]) -> tuple[str | None, list[tuple[str, str]]]:
+    """(system text or None, [(user, assistant), ...]) of a conversation a {prompt}/{response} template can render."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    rest = messages[1:] if system is not None else messages
+    expected = ["user", "assistant"] * (len(rest) // 2)
+    if not rest or [m["role"] for m in rest] != expected:
+        roles = ", ".join(m["role"] for m in messages)
+        raise UserError(f"a `messages` record with turns ({roles}) does not fit a {{prompt}}/{{response}} chat template, which takes "
+                        "an optional first system turn, then user and assistant turns in turn, ending with the assistant's",
+                        "fix the record (its first words: " + repr(messages[0]["content"][:40]) + "), or use chat_template: tokenizer "
+                        "with a tokenizer whose template accepts such conversations")
+    return system, [(rest[k]["content"], rest[k + 1]["content"]) for k in range(0, len(rest), 2)]
 
 
-def prompt_ids(tokenizer, parts: tuple[str, str, str], prompt: str) -> list[int]:
-    """A prompt as the template renders it, up to where the response starts: what generation continues."""
-    ids, mask = encode_example(tokenizer, parts, {"prompt": prompt, "response": ""})
-    return ids[: mask.index(1)]
+def marked_text(tokenizer, ids: list[int], mask: list[int], *, open_: str = "[[", close: str = "]]") -> str:
+    """The text of `ids` with each run of trained tokens between `open_` and `close`: what a preflight log shows."""
+    out, k = [], 0
+    while k < len(ids):
+        j = k
+        while j < len(ids) and mask[j] == mask[k]:
+            j += 1
+        text = tokenizer.decode(ids[k:j])
+        out.append(f"{open_}{text}{close}" if mask[k] else text)
+        k = j
+    return "".join(out)
 
 
 @dataclass

@@ -73,11 +73,12 @@ class HFTokenizer:
         self.eos_id, self.bos_id, self.pad_id = ids["eos"], ids["bos"], ids["pad"]
         self.add_bos = self._adds_bos()
         self.stop_ids = self._stops()
+        self._added: frozenset[int] | None = None
         self.json = hf.to_str() if text is None else text
         self.hash = hashlib.sha256(self.json.encode()).hexdigest()
 
-    def _file(self, name: str) -> dict:
-        """One of `files` as JSON ({} when absent)."""
+    def file_json(self, name: str) -> dict:
+        """One of `files` as JSON ({} when absent): generation_config.json's stop ids, tokenizer_config.json's chat template."""
         if name not in self.files:
             return {}
         try:
@@ -89,7 +90,7 @@ class HFTokenizer:
     def _stops(self) -> tuple[int, ...]:
         """The ids that end a generation: `generation_config.json`'s `eos_token_id` (an id or a list:
         Llama 3 Instruct lists several), as transformers' `generate` stops; else the eos token."""
-        listed = self._file("generation_config.json").get("eos_token_id")
+        listed = self.file_json("generation_config.json").get("eos_token_id")
         if listed is None:
             return () if self.eos_id is None else (self.eos_id,)
         ids = listed if isinstance(listed, list) else [listed]
@@ -126,6 +127,20 @@ class HFTokenizer:
             return self.hf.encode(text, add_special_tokens=False).ids
         except Exception as e:  # HF raises a bare Exception for unknown characters
             raise self._unknown([text], e) from None
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of `text` and each token's (start, end) character offsets in it (what a chat template's mask maps through)."""
+        try:
+            encoding = self.hf.encode(text, add_special_tokens=False)
+        except Exception as e:
+            raise self._unknown([text], e) from None
+        return encoding.ids, encoding.offsets
+
+    def added_ids(self) -> frozenset[int]:
+        """Ids of the tokenizer's added tokens (special tokens such as `<|eot_id|>`, `<|im_end|>`, `</s>`)."""
+        if self._added is None:
+            self._added = frozenset(self.hf.get_added_tokens_decoder())
+        return self._added
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """Token ids of each text as uint32 arrays (the fast path `prepare` uses)."""

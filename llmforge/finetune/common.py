@@ -44,9 +44,9 @@ def preference_packer(tokenizer, stage, length: int, *, score_last: bool = False
     """
     import numpy as np
 
-    from llmforge.data.sft import Packed, encode_example, pack_examples, template_parts
+    from llmforge.data.sft import Packed, chat_format, pack_examples
 
-    parts = template_parts(stage.chat_template)
+    template = chat_format(stage.chat_template, tokenizer)
 
     def pack(records):
         missing = next((r for r in records if not {"prompt", "chosen", "rejected"} <= set(r)), None)
@@ -57,7 +57,8 @@ def preference_packer(tokenizer, stage, length: int, *, score_last: bool = False
         truncated = 0
         inputs = np.zeros(len(records), dtype=np.int64)
         for key in ("chosen", "rejected"):
-            encoded = [encode_example(tokenizer, parts, {"prompt": r["prompt"], "response": r[key]}) for r in records]
+            # The prompt as the user turn and each answer as the assistant turn, masked as SFT masks it.
+            encoded = [template.encode({"prompt": r["prompt"], "response": r[key]}) for r in records]
             tokens, masks, cut, read = pack_examples(encoded, length, tokenizer.pad_id)
             if score_last:
                 masks = np.zeros_like(masks)
@@ -70,3 +71,4 @@ def preference_packer(tokenizer, stage, length: int, *, score_last: bool = False
         return Packed(np.concatenate([tc, tr], axis=1), np.concatenate([mc, mr], axis=1), truncated, inputs)
 
     return pack
+

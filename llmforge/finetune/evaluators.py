@@ -14,9 +14,9 @@ from llmforge.runtime.evaluate import EvalContext, _read_jsonl
 
 
 def _template(context: EvalContext):
-    from llmforge.data.sft import template_parts
+    from llmforge.data.sft import chat_format
 
-    return template_parts(getattr(context.stage, "chat_template", "default"))
+    return chat_format(getattr(context.stage, "chat_template", "default"), context.tokenizer)
 
 
 def _pairs(options) -> list[dict[str, Any]]:
@@ -32,13 +32,11 @@ def _pairs(options) -> list[dict[str, Any]]:
 
 def _encoded_pairs(options, context: EvalContext) -> tuple[list, list]:
     """The held-out pairs in the stage's template: (chosen, rejected) lists of (ids, response mask)."""
-    from llmforge.data.sft import encode_example
-
-    parts = _template(context)
+    template = _template(context)
     chosen, rejected = [], []
     for rec in _pairs(options):
-        chosen.append(encode_example(context.tokenizer, parts, {"prompt": rec["prompt"], "response": rec["chosen"]}))
-        rejected.append(encode_example(context.tokenizer, parts, {"prompt": rec["prompt"], "response": rec["rejected"]}))
+        chosen.append(template.encode({"prompt": rec["prompt"], "response": rec["chosen"]}))
+        rejected.append(template.encode({"prompt": rec["prompt"], "response": rec["rejected"]}))
     return chosen, rejected
 
 
@@ -109,7 +107,7 @@ class MeanReward:
             return {}
         samples = []
         for rec in self._prompts.records:
-            prompt_ids = self._prompts._prompt_ids(rec["prompt"])
+            prompt_ids = self._prompts._prompt_ids(rec)
             out = ctx.generate(prompt_ids, self.options.max_new_tokens)
             if out is None:
                 return {}

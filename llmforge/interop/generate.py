@@ -124,6 +124,24 @@ def _misfits(model_dir: Path, chunks: list) -> list[str]:
     return problems
 
 
+def generation_template(template: str, tokenizer, *, run_root: Path, stage: str):
+    """The `ChatFormat` prompts are rendered with (None for raw text).
+
+    Args:
+        template: "auto" (the stage's own `chat_template` if it is a finetune stage, else raw text),
+            "raw", "tokenizer" (the tokenizer's Jinja template), a built-in name, or a {prompt}/{response} string.
+    """
+    import yaml
+
+    from llmforge.data.sft import chat_format
+
+    if template == "auto":
+        spec = yaml.safe_load((run_root / "spec.resolved.yaml").read_text()) if (run_root / "spec.resolved.yaml").is_file() else {}
+        stage_spec = next((s for s in spec.get("stages") or [] if s.get("name") == stage), {})
+        template = stage_spec.get("chat_template", "default") if stage_spec.get("type") in FINETUNE_TYPES else "raw"
+    return None if template == "raw" else chat_format(template, tokenizer)
+
+
 class TextGenerator:
     """A checkpoint ready to continue prompts (`llmforge generate`): this rank's shard of the model,
     the run's tokenizer, the stage's chat template and, for prompt tuning, its soft prompt.
@@ -134,7 +152,8 @@ class TextGenerator:
     Args:
         source: a run dir (its last stage's newest checkpoint, or `stage`'s) or a step dir.
         template: "auto" (the checkpoint's stage template if it is a finetune stage, else raw
-            text), "raw", a built-in template name, or a template string with {prompt} and {response}.
+            text), "raw", "tokenizer" (the tokenizer's own chat template), a built-in template name,
+            or a template string with {prompt} and {response}.
         parallelism: the layout (`generation_layout`); default one process.
         load: build the model and load the checkpoint; False only checks the source, the
             tokenizer, the template and that the layout divides the model (before a relaunch).
@@ -142,9 +161,6 @@ class TextGenerator:
 
     def __init__(self, source, *, stage: str | None = None, template: str = "auto", parallelism: ParallelismConfig | None = None,
                  load: bool = True):
-        import yaml
-
-        from llmforge.data.sft import template_parts
         from llmforge.data.tokenizers import load_tokenizer
         from llmforge.finetune.checkpoints import PROMPT_META, read_meta
         from llmforge.interop.export import find_source, model_options
@@ -163,11 +179,7 @@ class TextGenerator:
         if (self.step_dir / PROMPT_META).is_file():
             meta = read_meta(self.step_dir / PROMPT_META)
             self.prefix = [meta["placeholder"]] * meta["num_virtual_tokens"]
-        if template == "auto":
-            spec = yaml.safe_load((run_root / "spec.resolved.yaml").read_text()) if (run_root / "spec.resolved.yaml").is_file() else {}
-            stage_spec = next((s for s in spec.get("stages") or [] if s.get("name") == self.step_dir.parent.name), {})
-            template = stage_spec.get("chat_template", "default") if stage_spec.get("type") in FINETUNE_TYPES else "raw"
-        self.template = None if template == "raw" else template_parts(template)
+        self.template = generation_template(template, self.tokenizer, run_root=run_root, stage=self.step_dir.parent.name)
         self.rank, self.world_size = 0, 1
         self.server = None
         if load:
@@ -232,11 +244,9 @@ class TextGenerator:
         self.server = None
 
     def prompt_ids(self, prompt: str) -> list[int]:
-        from llmforge.data.sft import prompt_ids
-
         if self.template is None:
             return self.prefix + self.tokenizer.encode_sequence(prompt)
-        return self.prefix + prompt_ids(self.tokenizer, self.template, prompt)
+        return self.prefix + self.template.prompt_ids(prompt)
 
     def checked_ids(self, prompt: str) -> list[int]:
         """The prompt's ids, refused (the same way on every rank) if they leave no room to generate."""

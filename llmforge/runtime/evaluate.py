@@ -127,7 +127,7 @@ class ExactMatch:
 
     def __init__(self, options, *, context: EvalContext):
         from llmforge.data import tasks
-        from llmforge.data.sft import template_parts
+        from llmforge.data.sft import chat_format
 
         self.options, self.context = options, context
         if options.tasks is not None:
@@ -136,17 +136,16 @@ class ExactMatch:
         else:
             self.records = _read_jsonl(options.paths, ("prompt", "response"))
         self.records = self.records[: options.max_examples]
-        self.parts = template_parts(getattr(context.stage, "chat_template", "default"))
+        self.template = chat_format(getattr(context.stage, "chat_template", "default"), context.tokenizer)
 
-    def _prompt_ids(self, prompt: str) -> list[int]:
-        from llmforge.data.sft import prompt_ids
-
-        return prompt_ids(self.context.tokenizer, self.parts, prompt)
+    def _prompt_ids(self, record: dict) -> list[int]:
+        """The record's prompt as the stage's template renders it for generation (its user turn, and system turn if any)."""
+        return self.template.prompt_ids(record["prompt"], record.get("system"))
 
     def evaluate(self, step: int) -> dict[str, float]:
         tok = self.context.tokenizer
         right, by_task = 0, {}
-        answers = self.context.complete([self._prompt_ids(rec["prompt"]) for rec in self.records], self.options.max_new_tokens)
+        answers = self.context.complete([self._prompt_ids(rec) for rec in self.records], self.options.max_new_tokens)
         for rec, out in zip(self.records, answers):
             ok = tok.decode(out).strip() == rec["response"].strip()
             right += ok

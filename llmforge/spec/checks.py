@@ -374,17 +374,46 @@ def _distributed_optimizer_needs_adamw(s: Sections, loaded: LoadedSpec) -> Itera
 
 @check("stages")
 def _chat_template_is_known(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
-    """A chat template is a built-in's name or a string with both placeholders."""
-    from llmforge.spec.stages import CHAT_TEMPLATES
+    """A chat template is a built-in's name, `tokenizer`, or a string with both placeholders."""
+    from llmforge.spec.stages import CHAT_TEMPLATES, TOKENIZER_TEMPLATE
 
     for i, stage in enumerate(s["stages"]):
         template = getattr(stage, "chat_template", None)
-        if template is None or template in CHAT_TEMPLATES or ("{prompt}" in template and "{response}" in template):
+        if template is None or template in (*CHAT_TEMPLATES, TOKENIZER_TEMPLATE) or ("{prompt}" in template and "{response}" in template):
             continue
         yield _issue(loaded, ("stages", i, "chat_template"),
-                     f"chat_template {template!r} is neither a built-in ({', '.join(CHAT_TEMPLATES)}) "
+                     f"chat_template {template!r} is neither a built-in ({', '.join(CHAT_TEMPLATES)}), `{TOKENIZER_TEMPLATE}`, "
                      "nor a string with {prompt} and {response}",
                      "write e.g. '### Question: {prompt}\\n### Answer: {response}'")
+
+
+@check("tokenizer", "stages")
+def _tokenizer_template_has_a_tokenizer(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """`chat_template: tokenizer` reads the template in an imported tokenizer's files; llmforge's own tokenizers have none."""
+    from llmforge.spec.stages import TOKENIZER_TEMPLATE
+
+    name = getattr(s["tokenizer"], "name", None)
+    if name == "pretrained" or name is None:
+        return  # whether its files hold a template is an input check (run_checks)
+    for i, stage in enumerate(s["stages"]):
+        if getattr(stage, "chat_template", None) == TOKENIZER_TEMPLATE:
+            yield _issue(loaded, ("stages", i, "chat_template"),
+                         f"chat_template: {TOKENIZER_TEMPLATE} renders the tokenizer's own chat template, but the run's {name} "
+                         "tokenizer is llmforge's own and has none",
+                         "use tokenizer: {name: pretrained, path: <HF tokenizer folder with a chat template>}, or a chat_template of "
+                         "llmforge's own (default, plain, or a '{prompt}/{response}' string)")
+
+
+@check("stages")
+def _last_turn_needs_conversations(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """train_on_turns picks turns of `messages` records; a stage that reads none would ignore it."""
+    from llmforge.spec.stages import CHAT
+
+    for i, stage in enumerate(s["stages"]):
+        if getattr(stage, "train_on_turns", "all") != "all" and CHAT not in getattr(stage, "reads_records", ()):
+            yield _issue(loaded, ("stages", i, "train_on_turns"),
+                         f"train_on_turns: {stage.train_on_turns} picks assistant turns of `messages` records, but a {stage.type} stage "
+                         "reads single-turn records", "remove train_on_turns from this stage")
 
 
 @check("data", "model", "stages")
@@ -498,9 +527,32 @@ def run_checks(sections: Sections, loaded: LoadedSpec, *, check_inputs: bool = T
         tok = sections.get("tokenizer")
         if tok is not None and getattr(tok, "name", None) == "pretrained" and not os.path.exists(os.path.expanduser(tok.path)):
             issues.append(_issue(loaded, ("tokenizer", "path"), f"tokenizer file not found: {tok.path}", "point it at a local tokenizer.json or directory"))
+        elif tok is not None and getattr(tok, "name", None) == "pretrained":
+            issues += _tokenizer_template_problems(sections, loaded, tok.path)
         for i, stage in enumerate(sections.get("stages") or []):
             for where, ref, _ in _stage_references(stage) if stage is not None else ():
                 if _is_checkpoint_path(ref) and not os.path.isdir(ref):
                     issues.append(_issue(loaded, ("stages", i, *where), f"checkpoint not found: {ref}",
                                          "point it at a checkpoint directory (<run dir>/checkpoints/<stage>/step-N), or pass --skip-inputs"))
     return issues
+
+
+def _tokenizer_template_problems(sections: Sections, loaded: LoadedSpec, path: str) -> list[SpecIssue]:
+    """Render a probe conversation with the tokenizer's own template for each stage that uses it: a tokenizer
+    without a template, or a template whose assistant turns cannot be found, is refused before any run."""
+    from pathlib import Path
+
+    from llmforge.spec.errors import UserError
+    from llmforge.spec.stages import TOKENIZER_TEMPLATE
+
+    users = [i for i, stage in enumerate(sections.get("stages") or []) if getattr(stage, "chat_template", None) == TOKENIZER_TEMPLATE]
+    if not users:
+        return []
+    from llmforge.data.chat_template import probe
+    from llmforge.data.pretrained import load_pretrained
+
+    try:
+        probe(load_pretrained(Path(path).expanduser()))
+    except UserError as e:
+        return [_issue(loaded, ("stages", i, "chat_template"), f"tokenizer {path}: {e.args[0]}", e.hint) for i in users]
+    return []

@@ -126,6 +126,7 @@ class SFTData(StrictModel):
 
 # The built-in chat templates (their text is in llmforge.data.sft.TEMPLATES; a test keeps the two equal).
 CHAT_TEMPLATES = ("default", "plain")
+TOKENIZER_TEMPLATE = "tokenizer"  # the tokenizer's own Jinja template (llmforge.data.chat_template)
 
 PROMPT_RESPONSE, CHAT, PREFERENCE = frozenset({"prompt", "response"}), frozenset({"messages"}), frozenset({"prompt", "chosen", "rejected"})
 
@@ -137,7 +138,16 @@ class SFTStage(StageBase):
     reads_records: ClassVar[tuple[frozenset[str], ...]] = (PROMPT_RESPONSE, CHAT)
     data: SFTData = Field(..., description="Instruction or chat data.")
     chat_template: str = Field(
-        "default", description="A built-in chat template (`default`, `plain`), or a template string with {prompt} and {response}."
+        "default", description="`tokenizer`: the tokenizer's own Jinja chat template (tokenizer_config.json's `chat_template` or "
+        "chat_template.jinja), rendered as transformers' `apply_chat_template` renders it; a built-in (`default`, `plain`); or a "
+        "string with {prompt} and {response}. Every record, evaluator prompt and rollout prompt of the stage goes through it "
+        "(docs/finetuning.md, \"Chat templates\")."
+    )
+    train_on_turns: Literal["all", "last"] = Field(
+        "all", description="Which assistant turns of a `messages` record train: `all` (each turn's content and the end-of-turn "
+        "token closing it: TRL's `assistant_only_loss=True`, Axolotl's `roles_to_train: [assistant]` with `train_on_eos: turn`) "
+        "or `last` (the last assistant turn and its end-of-turn token only; Axolotl: `training: false` on every earlier "
+        "message). Named after Axolotl's `train_on_eos`. Only stages that read `messages` records may set `last`."
     )
     max_seq_length: int | None = Field(
         None, ge=8, description="Pad or truncate every example to this many tokens (≤ model.seq_length); None = model.seq_length. Short tasks train much faster."

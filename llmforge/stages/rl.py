@@ -49,7 +49,7 @@ from llmforge.spec.errors import UserError
 def run(stage, *, context: RunContext) -> dict[str, Any]:
     from megatron.core import parallel_state
 
-    from llmforge.data.sft import SFTLoader, prompt_ids, template_parts
+    from llmforge.data.sft import SFTLoader, chat_format
     from llmforge.finetune.common import check_layout, frozen_model
     from llmforge.finetune.rewards import build_rewards
     from llmforge.finetune.rollout import RolloutSource
@@ -61,7 +61,7 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     check_layout(context, stage)
     spec, par, tokenizer, train = context.spec, context.parallel(), context.tokenizer(), stage.train
     length = sequence_length(context, stage)
-    parts_ = template_parts(stage.chat_template)
+    template = chat_format(stage.chat_template, tokenizer)
     records, data_files = load_records(context, stage)
     train_recs, val_recs = train_val_split(stage, records, spec.seed)
     if any("prompt" not in r for r in train_recs):
@@ -71,7 +71,7 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     autocast = step_autocast(train.precision, par.device)
     reference = ModelServer(frozen_model(context, stage, stage.reference or stage.init_from), autocast=autocast) if stage.kl_coef > 0 else None
     reward = build_rewards(context.registry, stage.rewards, tokenizer=tokenizer, context=context, stage=stage)
-    source = RolloutSource([(r, prompt_ids(tokenizer, parts_, r["prompt"])) for r in train_recs], tokenizer=tokenizer, reward=reward, group_size=stage.group_size,
+    source = RolloutSource([(r, template.prompt_ids(r["prompt"], r.get("system"))) for r in train_recs], tokenizer=tokenizer, reward=reward, group_size=stage.group_size,
                            global_batch_size=train.global_batch_size, micro_batch_size=train.micro_batch_size, dp_rank=par.dp_rank,
                            dp_size=par.dp_size, seed=spec.seed, length=length, scale_rewards=stage.scale_rewards,
                            sampling={"max_new_tokens": stage.max_new_tokens, "temperature": stage.temperature, "top_k": stage.top_k,

@@ -107,6 +107,7 @@ def finetune_loaders(context: RunContext, stage, pack, *, length: int, kind: str
     train_set = encode(train_recs)
     if train_set.truncated:
         context.log(f"[{stage.name}] warning: {train_set.truncated} example(s) longer than {length} tokens were truncated")
+    preflight(context, stage, train_set, what=what)
     context.log(f"[{stage.name}] {len(train_recs)} train / {len(val_recs)} val examples, {length} tokens each, "
                 f"{int(train_set.masks.sum()):,} {what} tokens")
     # Counted from the examples' true lengths: tokens, tokens/s and max_tokens are real input tokens.
@@ -125,14 +126,48 @@ def finetune_loaders(context: RunContext, stage, pack, *, length: int, kind: str
     return loader, val_loader, train_recs, val_recs
 
 
+PREVIEW_EXAMPLES = 3
+
+
+def preflight(context: RunContext, stage, packed, *, what: str) -> None:
+    """Log the first examples as the model reads them, trained spans in [[ ]], and refuse a set where nothing trains.
+
+    An all-zeros mask trains nothing and an all-ones one trains the prompts too; both are the
+    silent failures of chat-template SFT, so the examples are shown before the first step.
+    """
+    from llmforge.data.sft import marked_text
+
+    tokenizer = context.tokenizer()
+    for n in range(min(PREVIEW_EXAMPLES, len(packed.tokens))):
+        for ids, mask in _sequences(packed.tokens[n], packed.masks[n], tokenizer.pad_id):
+            text = marked_text(tokenizer, ids, mask).replace("\n", "\\n")
+            context.log(f"[{stage.name}] example {n + 1} ({what} tokens in [[ ]]): {text}")
+    if not packed.masks.any():
+        raise UserError(f"stage {stage.name!r}: no example has a token that trains (every loss mask of its {what} tokens is all zeros)",
+                        "see the examples logged above: raise max_seq_length if the prompts fill it, or check the records and the chat_template")
+
+
+def _sequences(tokens, masks, pad_id: int | None):
+    """(ids, mask per id) of each sequence in a packed row (one, or a preference pair side by side), without trailing padding."""
+    per_row = len(tokens) - len(masks)  # each sequence is L + 1 tokens with L target masks
+    length = len(masks) // per_row
+    for k in range(per_row):
+        ids = [int(t) for t in tokens[k * (length + 1):(k + 1) * (length + 1)]]
+        mask = [0] + [int(m) for m in masks[k * length:(k + 1) * length]]  # mask[j] marks token j + 1
+        while ids and ids[-1] == pad_id and not mask[-1]:
+            ids.pop()
+            mask.pop()
+        yield ids, mask
+
+
 def instruction_packer(tokenizer, stage, length: int, *, prefix: list[int] = ()):
     """records → padded SFT examples through the stage's chat template (behind `prefix`, never trained on)."""
-    from llmforge.data.sft import encode_example, pack_examples, template_parts
+    from llmforge.data.sft import chat_format, pack_examples
 
-    parts = template_parts(stage.chat_template)
+    template = chat_format(stage.chat_template, tokenizer, train_on_turns=getattr(stage, "train_on_turns", "all"))
 
     def encode(record):
-        ids, mask = encode_example(tokenizer, parts, record)
+        ids, mask = template.encode(record)
         return [*prefix, *ids], [0] * len(prefix) + mask
 
     return lambda recs: pack_examples([encode(r) for r in recs], length, tokenizer.pad_id)

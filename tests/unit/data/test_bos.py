@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from llmforge.data.sft import encode_example, template_parts
+from llmforge.data.sft import chat_format
 from llmforge.data.tokenizers import build_bpe, build_byte, build_char, build_pretrained
 from llmforge.spec import components as c
 
@@ -60,14 +60,13 @@ def test_llmforge_tokenizers_add_bos_when_they_have_one(tmp_path):
 
 
 def test_sft_examples_follow_the_rule(tmp_path):
-    parts = template_parts("plain")
     record = {"prompt": "the cat", "response": " sat"}
     byte = build_byte(c.ByteTokenizer(), run_dir=tmp_path, texts=iter(()))
-    assert encode_example(byte, parts, record)[0][0] == byte.bos_id
+    assert chat_format("plain", byte).encode(record)[0][0] == byte.bos_id
     # An imported tokenizer that names a bos token but never adds one (Qwen) gets none.
     qwen_like = build_pretrained(c.PretrainedTokenizer(path=str(_hf_folder(tmp_path, adds_bos=False))), run_dir=tmp_path, texts=iter(()))
     assert qwen_like.bos_id is not None
-    ids, _ = encode_example(qwen_like, parts, record)
+    ids, _ = chat_format("plain", qwen_like).encode(record)
     assert ids[0] != qwen_like.bos_id and ids[: len(qwen_like.encode("the cat"))] == qwen_like.encode("the cat")
 
 

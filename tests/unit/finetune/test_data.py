@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from llmforge.data.sft import SFTLoader, encode_example, pack_examples, template_parts
+from llmforge.data.sft import SFTLoader, chat_format, marked_text, pack_examples
 from llmforge.finetune.common import preference_packer
 from llmforge.finetune.prompt import shift_batch, with_virtual_tokens
 from llmforge.finetune.steps import pair_rows
+from llmforge.spec.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -27,21 +28,41 @@ class _Stage:
 
 
 def test_response_mask_covers_the_answer_and_eos_only(tokenizer):
-    parts = template_parts("default")
-    ids, mask = encode_example(tokenizer, parts, {"prompt": "12+30=", "response": "42"})
+    template = chat_format("default", tokenizer)
+    ids, mask = template.encode({"prompt": "12+30=", "response": "42"})
     prompt = [tokenizer.bos_id, *tokenizer.encode("<|user|>12+30=<|assistant|>")]
     assert ids == prompt + tokenizer.encode("42") + [tokenizer.eos_id]
     assert mask == [0] * len(prompt) + [1, 1, 1]
-    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2+2="},
-                         {"role": "assistant", "content": "4"}]}
-    ids, mask = encode_example(tokenizer, parts, chat)
-    assert tokenizer.decode([i for i, m in zip(ids, mask) if m]) == "4<|eos|>"  # only the last reply trains
-    assert sum(mask) == 2
+
+
+CHAT = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                     {"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]}
+
+
+def test_a_conversation_renders_each_turn_pair_and_trains_every_answer(tokenizer):
+    """A {prompt}/{response} template on `messages`: the system turn first, then each user/assistant pair as a
+    prompt/response example, each answer closed by EOS and trained with it (`train_on_turns: last`: the last only)."""
+    ids, mask = chat_format("default", tokenizer).encode(CHAT)
+    eos = tokenizer.decode([tokenizer.eos_id])
+    assert marked_text(tokenizer, ids, mask) == f"<|bos|><|system|>be brief<|user|>hi<|assistant|>[[yo{eos}]]<|user|>2+2=<|assistant|>[[4{eos}]]"
+    _, last = chat_format("default", tokenizer, train_on_turns="last").encode(CHAT)
+    assert marked_text(tokenizer, ids, last) == f"<|bos|><|system|>be brief<|user|>hi<|assistant|>yo{eos}<|user|>2+2=<|assistant|>[[4{eos}]]"
+    ids, mask = chat_format("default", tokenizer).encode({"system": "be brief", "prompt": "hi", "response": "yo"})
+    assert marked_text(tokenizer, ids, mask) == f"<|bos|><|system|>be brief<|user|>hi<|assistant|>[[yo{eos}]]"
+    plain_ids, _ = chat_format("Q: {prompt}\nA: {response}\n", tokenizer).encode(CHAT)
+    assert tokenizer.decode(plain_ids) == f"<|bos|>be brief\n\nQ: hi\nA: yo\n{eos}Q: 2+2=\nA: 4\n{eos}"
+
+
+@pytest.mark.parametrize("roles", [("user", "user", "assistant"), ("assistant", "user", "assistant"), ("user", "assistant", "user"),
+                                   ("user", "system", "assistant")])
+def test_a_conversation_a_prompt_response_template_cannot_render_is_refused(tokenizer, roles):
+    record = {"messages": [{"role": r, "content": "x"} for r in roles]}
+    with pytest.raises(UserError, match="does not fit a {prompt}/{response} chat template"):
+        chat_format("default", tokenizer).encode(record)
 
 
 def test_packed_masks_align_with_targets(tokenizer):
-    parts = template_parts("plain")
-    example = encode_example(tokenizer, parts, {"prompt": "ab", "response": "c"})  # bos a b | c eos
+    example = chat_format("plain", tokenizer).encode({"prompt": "ab", "response": "c"})  # bos a b | c eos
     tokens, masks, truncated, inputs = pack_examples([example], 6, tokenizer.pad_id)
     assert tokens.shape == (1, 7) and masks.shape == (1, 6) and truncated == 0
     assert inputs.tolist() == [len(example[0])]  # every real token is an input: the window holds 6
@@ -72,7 +93,7 @@ def test_reward_model_masks_mark_the_last_token(tokenizer):
         assert int(row[int(mask.argmax()) + 1]) == tokenizer.eos_id  # target coordinates: mask[j] marks token j + 1
     # A sequence of max_seq_length + 1 tokens still has its EOS marked (the whole row is the input).
     long = [{"prompt": "1+1=", "chosen": "2", "rejected": "3"}]
-    length = len(encode_example(tokenizer, template_parts("default"), {"prompt": "1+1=", "response": "2"})[0]) - 1
+    length = len(chat_format("default", tokenizer).encode({"prompt": "1+1=", "response": "2"})[0]) - 1
     tokens, masks, truncated, _ = preference_packer(tokenizer, _Stage(), length, score_last=True)(long)
     assert truncated == 0 and masks[0, length - 1] == 1.0 and masks[0, 2 * length - 1] == 1.0
 

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from llmforge.data.sft import encode_example, template_parts
+from llmforge.data.sft import chat_format
 from llmforge.finetune.common import preference_packer
 from llmforge.registry.manager import get_registry, reset_registry
 from llmforge.runtime.train import Loop, total_steps
@@ -67,8 +67,8 @@ def _stage(tmp_path: Path, tokenizer, stage_type: str):
 
 def _real_input_tokens(tokenizer, *, reads: int) -> int:
     """Both sequences of every pair: each sequence's tokens, at most the `reads` the step takes in."""
-    parts = template_parts("default")
-    lengths = [len(encode_example(tokenizer, parts, {"prompt": r["prompt"], "response": r[key]})[0])
+    template = chat_format("default", tokenizer)
+    lengths = [len(template.encode({"prompt": r["prompt"], "response": r[key]})[0])
                for r in PAIRS for key in ("chosen", "rejected")]
     assert max(lengths) > LENGTH + 1 > min(lengths)  # one sequence is truncated, the others padded
     return sum(min(n, reads) for n in lengths)

@@ -69,6 +69,8 @@ DATA_CONTENTS = "depends on the contents of the input files, which validate does
 DAMAGED = "a damaged or changed file; validate does not read the files"
 RESUME = "compares the spec or data with what a checkpoint recorded when resuming"
 LAUNCH = "depends on how the job is launched (command line, launcher environment, machine)"
+TEMPLATE_FILE = ("depends on the chat template in the tokenizer's files; validate renders a probe conversation with it "
+                 "(spec/checks.py _tokenizer_template_problems) and refuses the same way")
 
 # (module under llmforge/, enclosing function, fragment of the raise's source) → Spec(s) or a reason.
 REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
@@ -194,8 +196,20 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
         spec("tokenizer file not found: nowhere/tokenizer.json", "tokenizer={name: pretrained, path: nowhere/tokenizer.json}"),
     ("data/pretrained.py", "load_pretrained", "neither a tokenizer.json nor a tiktoken"): DATA_CONTENTS,
     ("data/sft.py", "template_parts", "is neither a built-in"):
-        spec("chat_template 'Q: {question}' is neither a built-in (default, plain)", stage("sft", "chat_template: 'Q: {question}'")),
+        spec("chat_template 'Q: {question}' is neither a built-in (default, plain), `tokenizer`", stage("sft", "chat_template: 'Q: {question}'")),
     ("data/sft.py", "check_data_files", "the stage's data changed since its checkpoint"): RESUME,
+    ("data/sft.py", "_turn_pairs", "does not fit a"): DATA_CONTENTS + " (the turns of a `messages` record)",
+    ("stages/sft.py", "preflight", "no example has a token that trains"): DATA_CONTENTS + " (every example, cut to max_seq_length)",
+    ("data/chat_template.py", "template_source", "but none named 'default'"): TEMPLATE_FILE,
+    ("data/chat_template.py", "compile_template", "not valid Jinja"): TEMPLATE_FILE,
+    ("data/chat_template.py", "render", "refused a conversation"): DATA_CONTENTS + " (the template's own checks of each record)",
+    ("data/chat_template.py", "locate_contents", "cannot find where the assistant turns lie"): TEMPLATE_FILE,
+    ("data/chat_template.py", "locate_contents", "changes assistant turn"): TEMPLATE_FILE + " (or on a record's contents)",
+    ("data/chat_template.py", "TokenizerTemplate.__init__", "this tokenizer has none"):
+        spec("has none", stage("sft", "chat_template: tokenizer")),
+    ("data/chat_template.py", "TokenizerTemplate.encode", "none rendered for this conversation"): TEMPLATE_FILE,
+    ("data/chat_template.py", "TokenizerTemplate._closed", "never learn to stop"): TEMPLATE_FILE,
+    ("data/chat_template.py", "probe", "marks nothing to train"): "validate's own probe of the tokenizer's template (spec/checks.py), not a runtime refusal",
     ("data/sft.py", "SFTLoader.__init__", "the finetune set is empty"): DATA_AMOUNT,
     ("data/sft.py", "SFTLoader.__init__", "is not divisible by micro"):
         spec("global_batch_size 5 is not divisible by micro_batch_size 2 × data-parallel size 1",
@@ -207,7 +221,7 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
     ("data/tokenizers.py", "load_tokenizer", "does not match the sha256"): DAMAGED,
     ("data/tokenizers.py", "load_tokenizer", "is missing, but"): DAMAGED + " (a tokenizer directory missing a file its meta.json lists)",
     ("data/tokenizers.py", "load_tokenizer", "sha256 differs"): DAMAGED + " (an imported tokenizer's HF files)",
-    ("data/tokenizers.py", "HFTokenizer._file", "is not valid JSON"): DATA_CONTENTS + " (an imported tokenizer's HF files)",
+    ("data/tokenizers.py", "HFTokenizer.file_json", "is not valid JSON"): DATA_CONTENTS + " (an imported tokenizer's HF files)",
     ("data/tokenizers.py", "HFTokenizer._stops", "names ids outside"): DATA_CONTENTS
     + " (an imported tokenizer's generation_config.json; import refuses it first)",
     ("data/tokenizers.py", "build_bpe", "found no text to train on"): DATA_AMOUNT + " (empty data.sources are refused)",
