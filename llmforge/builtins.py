@@ -75,7 +75,8 @@ def register_stage_types() -> list[Component]:
 @hookimpl
 def register_evaluators() -> list[Component]:
     return [
-        Component("val_loss", c.ValLoss, "llmforge.runtime.evaluate:ValLoss", "validation loss and perplexity"),
+        Component("val_loss", c.ValLoss, "llmforge.runtime.evaluate:ValLoss", "validation loss and perplexity",
+                  needs=frozenset({"val_split"}), metrics=("val_loss", "val_ppl")),
         Component("exact_match", c.ExactMatch, "llmforge.runtime.evaluate:ExactMatch", "exact match of greedy answers"),
         Component("multiple_choice", c.MultipleChoice, "llmforge.runtime.evaluate:MultipleChoice", "log-likelihood multiple choice"),
         Component("sample_preview", c.SamplePreview, "llmforge.runtime.evaluate:SamplePreview", "greedy samples to TensorBoard"),

@@ -33,14 +33,46 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     from llmforge.registry.manager import get_registry
 
     registry = get_registry()
+    if args.check:
+        return _check_factories(registry)
     rows = registry.listing()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     width = max(len(r["kind"]) for r in rows)
     name_width = max(len(r["name"]) for r in rows)
+    provider_width = max(len(f"{r['provider']} {r['version']}") for r in rows)
     for r in rows:
-        print(f"{r['kind']:<{width}}  {r['name']:<{name_width}}  {r['provider']} {r['version']}")
+        provider = f"{r['provider']} {r['version']}"
+        print(f"{r['kind']:<{width}}  {r['name']:<{name_width}}  {provider:<{provider_width}}  {r['description']}".rstrip())
+    return 0
+
+
+def _check_factories(registry) -> int:
+    """Import every component's factory, as a run would: exit 2 naming each that fails."""
+    from llmforge.registry.components import KINDS, RegistryError
+
+    failed, count = [], 0
+    for kind in KINDS:
+        for name, reg in sorted(registry.entries[kind].items()):
+            if reg.component.factory is None:
+                continue  # declared, not built yet: `run` refuses it by name
+            count += 1
+            try:
+                registry.factory(kind, name)
+            except RegistryError as e:
+                failed.append(str(e))
+            except Exception as e:  # importing a plugin's module ran its code
+                failed.append(f"{kind} {name!r} from {reg.provider}: importing its factory {reg.component.factory!r} raised "
+                              f"{type(e).__name__}: {e}")
+    for line in failed:
+        print(f"error: {line}", file=sys.stderr)
+    broken = registry.unloaded
+    for line in broken:
+        print(f"error: plugin {line}", file=sys.stderr)
+    if failed or broken:
+        return EXIT_BAD_INPUT
+    print(f"{count} factories import")
     return 0
 
 
@@ -121,6 +153,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(str(e), file=sys.stderr)
         return EXIT_PREEMPTED
     except Exception as e:
+        from llmforge.registry.errors import plugin_failure, report
+
+        failure = plugin_failure(e, registry)
+        if failure is not None:  # a plugin's code raised: one line naming it, the traceback in run.log
+            return report(failure, run_dir / "run.log")
         message = collective_failure(e, timeout_s=spec.parallelism.collective_timeout_s)
         if message is None:
             raise
@@ -403,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_parser(sub)
 
     p = sub.add_parser("plugins", help="list registered components and who provides them")
-    p.add_argument("--json", action="store_true", help='a list of {"kind", "name", "provider", "version"}')
+    p.add_argument("--json", action="store_true", help='a list of {"kind", "name", "provider", "version", "description"}')
+    p.add_argument("--check", action="store_true",
+                   help="import every component's factory, as a run would, and report each that fails (exit 2)")
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("schema", help="print the JSON Schema of the spec, plugin components included")
@@ -427,7 +466,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*args.overrides, *extra]
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # inside the try: a closed pipe must not raise at exit
+        return code
     except SpecError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -436,6 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `llmforge plugins --json | head`: the reader has gone; nothing more to say, and no traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -23,8 +23,7 @@ def frozen_model(context, stage, reference: str) -> list[torch.nn.Module]:
     from llmforge.finetune.checkpoints import load_weights
 
     spec = context.spec
-    chunks = context.registry.factory("model", spec.model.name)(spec.model, spec.parallelism, precision=stage.train.precision,
-                                                                  seed=spec.seed)
+    chunks = context.registry.build("model", spec.model, parallelism=spec.parallelism, precision=stage.train.precision, seed=spec.seed)
     source = context.final_checkpoint(reference)
     load_weights(source, chunks)
     for chunk in chunks:

@@ -91,7 +91,7 @@ class RewardModelReward:
 
         # Read as saved, without autocast: bf16 weights (megatron's bf16) in bf16, others in fp32.
         precision = "bf16" if saved[f"{HEAD}.weight"].dtype == torch.bfloat16 else "fp32"
-        chunks = context.registry.factory("model", spec.model.name)(spec.model, spec.parallelism, precision=precision, seed=spec.seed)
+        chunks = context.registry.build("model", spec.model, parallelism=spec.parallelism, precision=precision, seed=spec.seed)
         attach_reward_head(chunks, seed=spec.seed)
         load_sharded(model_dir, chunks, None)
         for chunk in chunks:

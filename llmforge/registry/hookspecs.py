@@ -1,8 +1,10 @@
 """Every llmforge hook. Each returns a list of `Component`s; the registry flattens them.
 
-A plugin implements any of these with `@llmforge.registry.hookimpl` and exposes the
+A plugin implements any of these with `@llmforge.plugin.hookimpl` and exposes the
 module (or object) under the `llmforge` entry-point group. Built-ins do exactly the same
-(`llmforge.builtins`). `docs/plugins.md` documents each hook; a test keeps them in step.
+(`llmforge.builtins`). A factory is called as `factory(options, **runtime)`; each kind's
+Protocol is in `llmforge.registry.protocols` (exported by `llmforge.plugin`).
+`docs/plugins.md` documents each hook; a test keeps them in step.
 """
 
 from __future__ import annotations
@@ -19,12 +21,12 @@ def register_tokenizers() -> list:
 
 @hookspec
 def register_sources() -> list:
-    """Data sources, chosen by `data.sources.<id>.name`. Factory: `(options) -> iterator of documents`."""
+    """Data sources, chosen by `data.sources.<id>.name`. Factory: `(options, *, context: SourceContext) -> iterable of Document`."""
 
 
 @hookspec
 def register_models() -> list:
-    """Model architectures, chosen by `model.name`. Factory: `(options, *, parallelism, precision) -> model chunks`."""
+    """Model architectures, chosen by `model.name`. Factory: `(options, *, parallelism, precision, seed) -> model chunks`."""
 
 
 @hookspec
@@ -34,21 +36,30 @@ def register_optimizers() -> list:
 
 @hookspec
 def register_lr_schedules() -> list:
-    """Learning-rate schedules, chosen by `train.lr_schedule.name`. Factory: `(options, *, peak_lr, total_steps) -> step -> lr`."""
+    """Learning-rate schedules, chosen by `train.lr_schedule.name`. Factory: `(options, *, peak_lr, total_steps) -> step -> lr` (step from 0)."""
 
 
 @hookspec
 def register_stage_types() -> list:
-    """Stage types, chosen by `stages[i].type`. Factory: `(options, *, context) -> None` runs the stage."""
+    """Stage types, chosen by `stages[i].type`. Factory: `(options, *, context: RunContext) -> summary` runs the stage.
+
+    Private in plugin API v1: `RunContext` is llmforge's internal object.
+    """
 
 
 @hookspec
 def register_evaluators() -> list:
     """Evaluators, listed in a stage's `evaluators`, run every `eval_interval` steps and at the stage's end.
 
-    Factory: `(options, *, context) -> evaluator`, where `evaluator.evaluate(step: int) -> dict[str, float]`
-    returns metrics that go into the eval row of metrics.jsonl and TensorBoard. The model is
-    reached only through `context`, which offers:
+    Factory: `(options, *, context: EvalContext) -> evaluator`, where `evaluator.evaluate(step: int) -> dict[str, float]`
+    returns metrics that go into the eval row of metrics.jsonl and TensorBoard. Every rank
+    evaluates (the model calls are collectives); rank 0's result is written. The Component may
+    declare `needs` (what the stage must offer) and `metrics` (its keys). The model is reached
+    only through `context`, which offers:
+
+    - `context.val_batches(n)`: the val split's first n global batches (`tokens`, `loss_mask`),
+      whole on every rank; `context.token_logprobs(rows)` and `context.predictions(rows)`: the
+      log-prob of each next token and the most likely one, at any layout;
 
     - `context.val_loss(iters: int) -> tuple[float, int]`: mean loss per token (nats) over
       `iters` val batches, and the number of tokens it covers;
@@ -72,11 +83,12 @@ def register_evaluators() -> list:
 def register_callbacks() -> list:
     """Training callbacks and loggers, listed in `logging.callbacks`.
 
-    Factory: `(options, *, run_dir: pathlib.Path) -> callback`, where
-    `callback.on_log(row: dict) -> None` is called for every metrics row, train and eval,
+    Factory: `(options, *, run_dir: pathlib.Path, spec, stage) -> callback`, built per stage
+    (`spec` and `stage`: copies of the resolved spec and the stage's options), where
+    `callback.on_log(row: MetricsRow) -> None` is called for every metrics row, train and eval,
     with the same keys metrics.jsonl gets; and the optional
-    `callback.on_stage_end(stage: str, summary: dict) -> None` once when a stage finishes.
-    Callbacks run in the process that writes metrics.jsonl (rank 0).
+    `callback.on_stage_end(stage: str, summary: dict) -> None` once when any stage finishes,
+    prepare included. Callbacks run in the process that writes metrics.jsonl (rank 0).
     """
 
 

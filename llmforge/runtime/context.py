@@ -24,6 +24,7 @@ class RunContext:
     plan: dict[str, Any]
     _parallel: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
+    _callbacks: dict[str, list[Any]] = field(default_factory=dict, repr=False)
 
     def parallel(self):
         """The ParallelContext (torch.distributed + megatron parallel_state), initialized once."""
@@ -80,13 +81,35 @@ class RunContext:
             self._tokenizer = load_tokenizer(self.run.tokenizer)
         return self._tokenizer
 
+    def callbacks(self, stage_name: str) -> list[Any]:
+        """The `logging.callbacks` of one stage, built once (rank 0; the others have none).
+
+        Each gets copies of the resolved spec and of its stage's options: what a callback
+        changes in them changes nothing in the run.
+        """
+        if self.rank != 0:
+            return []
+        if stage_name not in self._callbacks:
+            stage = next(s for s in self.spec.stages if s.name == stage_name)
+            self._callbacks[stage_name] = [
+                self.registry.build("callback", cb, run_dir=self.run.path, spec=self.spec.model_copy(deep=True),
+                                    stage=stage.model_copy(deep=True))
+                for cb in self.spec.logging.callbacks
+            ]
+        return self._callbacks[stage_name]
+
+    def stage_end(self, stage_name: str, summary: dict[str, Any]) -> None:
+        """Every stage's end, prepare's too: each callback's optional `on_stage_end`."""
+        for cb in self.callbacks(stage_name):
+            if hasattr(cb, "on_stage_end"):
+                cb.on_stage_end(stage_name, summary)
+
     def metrics(self, stage_name: str):
         """This stage's metrics writer (rank 0 writes; others hold a disabled one)."""
         from llmforge.runtime.metrics import Metrics
 
-        callbacks = [self.registry.build("callback", cb, run_dir=self.run.path) for cb in self.spec.logging.callbacks] if self.rank == 0 else []
         return Metrics(self.run.metrics, self.run.tb if self.spec.logging.tensorboard else None,
-                       enabled=self.rank == 0, callbacks=callbacks)
+                       enabled=self.rank == 0, callbacks=self.callbacks(stage_name))
 
     def run_loop(self, stage, parts: dict[str, Any], *, evaluate_start: bool = False) -> dict[str, Any]:
         """Resume the stage from its newest complete checkpoint if there is one, then train.
@@ -127,5 +150,4 @@ class RunContext:
             summary = loop.run()
         finally:
             metrics.close()
-        metrics.stage_end(stage.name, summary)
         return summary

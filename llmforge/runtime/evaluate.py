@@ -11,9 +11,22 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from llmforge.spec.errors import UserError
+
+
+class ValBatch(NamedTuple):
+    """One global batch of the stage's val split, whole on every rank.
+
+    Args:
+        tokens: [global_batch_size, L + 1] token ids (LongTensor): position j predicts j + 1.
+        loss_mask: [global_batch_size, L] float, 1 where token j + 1 is a trained target (0 on
+            padding and, in finetune stages, on prompt tokens).
+    """
+
+    tokens: Any
+    loss_mask: Any
 
 
 @dataclass
@@ -39,6 +52,13 @@ class EvalContext:
     # Many prompts at once (batched decoding); the same answers as `generate` one by one.
     generate_batch: Callable[[list[list[int]], int], list[list[int]]] | None = None
     server: Any = None  # the stage's runtime.serve.ModelServer: log-probs and sampling at the run's layout
+    # The val split as whole global batches (None without a val split); for any [n, L + 1] rows,
+    # the log-prob of each next token and the most likely next token ([n, L]): the same on every
+    # rank and at every layout.
+    val_batches: Callable[[int], list[ValBatch]] | None = None
+    token_logprobs: Callable[[Any], Any] | None = None
+    predictions: Callable[[Any], Any] | None = None
+    rank: int = 0  # this process's rank: every rank evaluates, rank 0's result is written
 
     def generate_many(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
         if self.generate_batch is not None:
@@ -213,3 +233,76 @@ class SamplePreview:
 
 def build_evaluators(registry, options_list, context: EvalContext) -> list[Any]:
     return [registry.build("evaluator", opts, context=context) for opts in options_list]
+
+
+def val_batches_of(val_loader_fn: Callable[[], Any], server) -> Callable[[int], list[ValBatch]]:
+    """EvalContext's `val_batches`: the first `iters` global batches of a fresh val loader, in
+    order, each gathered whole from the DP ranks' slices (so the same rows at any DP size)."""
+
+    def val_batches(iters: int) -> list[ValBatch]:
+        import torch
+
+        loader, out = val_loader_fn(), []
+        for _ in range(iters):
+            batch = loader.next_global_batch()
+            if hasattr(batch, "masks"):
+                tokens, mask = torch.cat(list(batch.tokens)), torch.cat(list(batch.masks)).float()
+            else:
+                tokens = torch.cat(list(batch))
+                mask = torch.ones(tokens.shape[0], tokens.shape[1] - 1)
+            layout = server.layout
+            if layout.dp_size > 1:  # each DP rank holds a contiguous slice of the global batch
+                import torch.distributed as dist
+
+                parts: list = [None] * layout.dp_size
+                dist.all_gather_object(parts, (tokens, mask), group=layout.dp_group)
+                tokens, mask = torch.cat([t for t, _ in parts]), torch.cat([m for _, m in parts])
+            out.append(ValBatch(tokens.long(), mask))
+        return out
+
+    return val_batches
+
+
+class MetricKeys:
+    """Which value an eval row keeps for each key.
+
+    A key the row reserves (`RESERVED_METRIC_KEYS`) is dropped; so is a key another evaluator
+    of the stage declares (`Component.metrics`); of two evaluators returning the same
+    undeclared key, the first one's value is kept. Each case warns once per stage, naming the
+    evaluators: an evaluation never costs training.
+    """
+
+    def __init__(self, stage, registry, log: Callable[[str], None]):
+        from llmforge.registry.components import RESERVED_METRIC_KEYS
+
+        self.reserved = RESERVED_METRIC_KEYS
+        self.stage, self.log = stage.name, log
+        self.labels = [f"{ev.name!r} ({registry.get('evaluator', ev.name).provider} {registry.get('evaluator', ev.name).version})"
+                       for ev in stage.evaluators]
+        self.owner = {key: i for i, ev in enumerate(stage.evaluators) for key in getattr(ev, "metric_keys", ())}
+        self.set_by: dict[str, int] = {}
+        self.warned: set[tuple[str, int, str]] = set()
+
+    def _warn(self, case: str, i: int, key: str, message: str) -> None:
+        if (case, i, key) not in self.warned:
+            self.warned.add((case, i, key))
+            self.log(f"[{self.stage}] warning: {message}")
+
+    def add(self, row: dict[str, Any], i: int, metrics: dict[str, Any]) -> None:
+        if not row:
+            self.set_by = {}
+        for key, value in metrics.items():
+            owner = self.owner.get(key, i)
+            if key in self.reserved:
+                self._warn("reserved", i, key, f"evaluator {self.labels[i]} returned {key!r}, a key every metrics row "
+                           "reserves; dropped (rename it in the plugin)")
+            elif owner != i:
+                self._warn("declared", i, key, f"evaluator {self.labels[i]} returned {key!r}, which evaluator "
+                           f"{self.labels[owner]} declares; {self.labels[i]}'s value dropped")
+            elif key in self.set_by and self.set_by[key] != i:
+                first = self.set_by[key]
+                self._warn("clash", i, key, f"evaluators {self.labels[first]} and {self.labels[i]} both returned {key!r}; "
+                           f"the row keeps {self.labels[first]}'s")
+            else:
+                row[key] = value
+                self.set_by[key] = i

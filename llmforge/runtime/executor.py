@@ -73,6 +73,7 @@ def execute(spec: Spec, resolved: dict, plan: dict, registry: Registry, *, run_d
             log(f"[{stage.name}] {stage.type} stage started")
             summary = registry.build("stage", stage, context=context) or {}
             summaries[stage.name] = summary
+            context.stage_end(stage.name, summary)
             if rank == 0:
                 run.mark_stage(stage.name, "done", summary=_jsonable(summary))
             context.barrier()

@@ -142,11 +142,6 @@ class Metrics:
         if self.tb is not None:
             self.tb.add_text(tag, text, step)
 
-    def stage_end(self, stage: str, summary: dict[str, Any]) -> None:
-        for cb in self.callbacks:
-            if hasattr(cb, "on_stage_end"):
-                cb.on_stage_end(stage, summary)
-
     def close(self) -> None:
         if self._file:
             self._file.close()

@@ -145,6 +145,20 @@ class ModelServer:
         return self._gather(local, mine, rows.shape[0], shared)
 
     @torch.no_grad()
+    def predictions(self, rows: torch.Tensor, *, micro_batch_size: int, shared: bool = True) -> torch.Tensor:
+        """The most likely next token at each position (argmax of the logits): rows [n, L + 1] → [n, L] ids (CPU)."""
+        rows = rows.cpu()
+        mine = self._share(rows.shape[0], shared)
+        pieces: list[torch.Tensor] = []
+        with self._eval_mode():
+            for start in range(0, len(mine), micro_batch_size):
+                tokens = rows[mine[start:start + micro_batch_size]][:, :-1]
+                positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+                pieces.append(self._forward(tokens, positions, None, decoder=None).argmax(dim=-1).cpu())
+        local = torch.cat(pieces) if pieces else torch.zeros(0, rows.shape[1] - 1, dtype=torch.long)
+        return self._gather(local, mine, rows.shape[0], shared).long()
+
+    @torch.no_grad()
     def scores(self, sequences: list[list[int]], *, micro_batch_size: int, pad_id: int, head: str, shared: bool = True) -> list[float]:
         """A scalar head's reading of each sequence at its last token: `head` names a [hidden → 1]
         module on the GPTModel (a reward model's), applied to the final-norm hidden state."""

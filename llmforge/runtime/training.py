@@ -91,7 +91,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     from llmforge.models.size import flops_per_token
     from llmforge.runtime.checkpoint import CheckpointManager
     from llmforge.runtime.device import memory_mb, peak_flops
-    from llmforge.runtime.evaluate import EvalContext, build_evaluators
+    from llmforge.runtime.evaluate import EvalContext, MetricKeys, build_evaluators, val_batches_of
     from llmforge.runtime.faults import install_loss_faults
     from llmforge.runtime.guards import SpikeGuard
     from llmforge.runtime.optim import param_groups, wrap_optimizer
@@ -103,7 +103,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     spec, registry, par = context.spec, context.registry, context.parallel()
     train = stage.train
     model_opts = spec.model
-    chunks = registry.factory("model", model_opts.name)(model_opts, spec.parallelism, precision=train.precision, seed=spec.seed)
+    chunks = registry.build("model", model_opts, parallelism=spec.parallelism, precision=train.precision, seed=spec.seed)
     if stage.init_from:
         source = context.final_checkpoint(stage.init_from)
         hooks.init_weights(source, chunks)
@@ -146,21 +146,29 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     eval_ctx = EvalContext(stage=stage, tokenizer=tokenizer, val_loss=val_loss, **greedy_functions(server, tokenizer), server=server,
                            log=context.log, eval_iters=train.eval_iters, score=step_fn.eval_loss,
                            text=lambda tag, text, step: metrics.text(f"{stage.name}/{tag}", text, step) if par.rank == 0 else None,
-                           micro_batch_size=train.micro_batch_size, seq_length=seq_length, max_positions=model_opts.max_positions)
+                           micro_batch_size=train.micro_batch_size, seq_length=seq_length, max_positions=model_opts.max_positions,
+                           val_batches=None if val_loader_fn is None else val_batches_of(val_loader_fn, server),
+                           token_logprobs=lambda rows: server.logprobs(rows, micro_batch_size=train.micro_batch_size),
+                           predictions=lambda rows: server.predictions(rows, micro_batch_size=train.micro_batch_size),
+                           rank=par.rank)
     eval_ctx = dataclasses.replace(eval_ctx, **hooks.evaluation(chunks, step_fn, server))
     evaluators = build_evaluators(registry, stage.evaluators, eval_ctx)
+    keep = MetricKeys(stage, registry, context.log)
 
     if val_loader_fn is None and spec.logging.sample_prompt is None and spec.logging.sample_tokens > 0:
         context.log(f"[{stage.name}] no val split: the text preview of a val sample is skipped")
 
     def evaluate(step: int) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for options, ev in zip(stage.evaluators, evaluators):
+        for i, (options, ev) in enumerate(zip(stage.evaluators, evaluators)):
             try:
-                out.update(ev.evaluate(step))
-            except Exception:  # an evaluation failure never costs training: logged whole, training goes on
-                context.log(f"[{stage.name}] step {step}: evaluator {options.name!r} failed; training continues "
-                            f"(traceback in run.log)")
+                keep.add(out, i, ev.evaluate(step))
+            except Exception as e:  # an evaluation failure never costs training: logged whole, training goes on
+                from llmforge.registry.errors import one_line
+
+                reg = registry.get("evaluator", options.name)
+                context.log(f"[{stage.name}] step {step}: evaluator {options.name!r} ({reg.provider} {reg.version}) failed: "
+                            f"{one_line(e)}; training continues (traceback in run.log)")
                 context.log.detail(traceback.format_exc())
         sample = eval_ctx.sample(spec.logging.sample_prompt, spec.logging.sample_tokens, val_loader_fn)
         if sample is not None and par.rank == 0:

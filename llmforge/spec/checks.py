@@ -216,16 +216,16 @@ def _mix_names_sources(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
 
 @check("data", "stages")
 def _pretrain_val_split(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
-    """A pretrain stage's val_loss reads the prepared val split, which val_fraction 0 leaves empty."""
+    """A pretrain stage's val_loss (any evaluator that needs `val_split`) reads the prepared val split, which val_fraction 0 leaves empty."""
     if s["data"].split.val_fraction > 0:
         return
     for i, stage in enumerate(s["stages"]):
         if getattr(stage, "type", None) != "pretrain":
             continue
         for j, ev in enumerate(stage.evaluators):
-            if getattr(ev, "name", None) == "val_loss":
+            if "val_split" in getattr(ev, "needs", ()):
                 yield _issue(loaded, ("data", "split", "val_fraction"),
-                             f"data.split.val_fraction is 0, so there is no val split, but stages[{i}] ({stage.name}) lists the val_loss "
+                             f"data.split.val_fraction is 0, so there is no val split, but stages[{i}] ({stage.name}) lists the {ev.name} "
                              f"evaluator (evaluators[{j}]), which reads it",
                              "set data.split.val_fraction > 0 (e.g. 0.01), or give the stage `evaluators: []` or other evaluators")
 
@@ -484,12 +484,29 @@ def _evaluators_fit_their_stage(s: Sections, loaded: LoadedSpec) -> Iterator[Spe
     for i, stage in enumerate(s["stages"]):
         offers = getattr(stage, "offers", frozenset())
         for j, ev in enumerate(getattr(stage, "evaluators", None) or ()):
-            missing = sorted(getattr(ev, "needs", frozenset()) - offers)
+            # A val split is not offered by the stage type but by its data (_val_split_for_val_readers).
+            missing = sorted(getattr(ev, "needs", frozenset()) - offers - {"val_split"})
             if missing:
                 where = "; ".join(f"{m}: {STAGES_OFFERING.get(m, 'none built in')}" for m in missing)
                 yield _issue(loaded, ("stages", i, "evaluators", j, "name"),
                              f"the {ev.name} evaluator needs {', '.join(missing)}, which a {stage.type} stage does not offer",
                              f"list it under a stage that does ({where}), or remove it from stages[{i}].evaluators")
+
+
+@check("stages")
+def _evaluator_metric_keys_are_unique(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """Two evaluators of a stage that declare the same metric key would write one column twice."""
+    for i, stage in enumerate(s["stages"]):
+        declared: dict[str, tuple[int, str]] = {}
+        for j, ev in enumerate(getattr(stage, "evaluators", None) or ()):
+            for key in getattr(ev, "metric_keys", ()):
+                if key in declared:
+                    first, name = declared[key]
+                    yield _issue(loaded, ("stages", i, "evaluators", j, "name"),
+                                 f"the {ev.name} evaluator returns the metric {key!r}, which stages[{i}].evaluators[{first}] "
+                                 f"({name}) returns too", f"keep one of them in stages[{i}].evaluators")
+                    break
+                declared[key] = (j, ev.name)
 
 
 def _input_fields(s: Sections) -> Iterator[tuple[tuple, Any]]:

@@ -107,13 +107,12 @@ class PretrainStage(StageBase):
     )
 
 
-# Evaluators that read the stage's own val split; the others bring their own held-out data.
-VAL_SPLIT_EVALUATORS = ("val_loss",)
-
-
 def val_split_readers(stage) -> list[str]:
-    """Names of the stage's evaluators that read its val split (validate and the stages refuse them without one)."""
-    return [ev.name for ev in getattr(stage, "evaluators", None) or () if getattr(ev, "name", None) in VAL_SPLIT_EVALUATORS]
+    """Names of the stage's evaluators that read its val split (validate and the stages refuse them without one).
+
+    An evaluator says so on its `Component` (`needs={"val_split"}`); the others bring their own held-out data.
+    """
+    return [ev.name for ev in getattr(stage, "evaluators", None) or () if "val_split" in getattr(ev, "needs", ())]
 
 
 class SFTData(StrictModel):

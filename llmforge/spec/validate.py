@@ -122,7 +122,8 @@ def _issue(err: dict, data: Any, loaded: LoadedSpec, model: type[BaseModel], reg
         comp_kind = _kind_for_tags(registry, ctx.get("discriminator", ""), ctx.get("expected_tags", ""))
         key = ctx.get("discriminator", "'name'").strip("'")
         msg = registry.unknown_message(comp_kind, ctx.get("tag")) if comp_kind else err["msg"]
-        return SpecIssue((*path, key), msg, f"pick a registered {comp_kind or key}, or install the plugin that provides it", loaded.locate((*path, key)))
+        fix = "repair the plugin that is installed but not loaded" if registry.unloaded else "install the plugin that provides it"
+        return SpecIssue((*path, key), msg, f"pick a registered {comp_kind or key}, or {fix}", loaded.locate((*path, key)))
     if kind == "union_tag_not_found":
         key = ctx.get("discriminator", "'name'").strip("'")
         return SpecIssue((*path, key), f"missing {key!r}: every component is chosen by {key}", f"add `{key}: <registered name>`; `llmforge plugins` lists them", where)

@@ -120,7 +120,7 @@ def test_an_installed_plugin_is_found_by_its_entry_point(fake_dist, cli):
     fake_dist("plugin-one", "1.0", OPTIMIZER_PLUGIN.format(name="lion2"))
     code, out, _ = cli("plugins", "--json")
     assert code == 0
-    assert {"kind": "optimizer", "name": "lion2", "provider": "plugin-one", "version": "1.0"} in json.loads(out)
+    assert {"kind": "optimizer", "name": "lion2", "provider": "plugin-one", "version": "1.0", "description": "a fake optimizer"} in json.loads(out)
     code, _, err = cli("validate", TINY, "stages.1.train.optimizer={name: lion2, lr: 0.3}")
     assert (code, err) == (0, "")
 
@@ -141,7 +141,7 @@ def test_a_plugin_that_fails_to_import_costs_one_warning_line(fake_dist, cli):
     mine = [line for line in err.splitlines() if "broken-plugin" in line]
     assert mine == [
         f"warning: plugin broken-plugin 0.3 (entry point 'broken-plugin' = {mine[0].split(' = ')[1].split(')')[0]}) failed to import: "
-        "ModuleNotFoundError: No module named 'a_module_that_is_not_installed'"
+        "ModuleNotFoundError: No module named 'a_module_that_is_not_installed'; switch it off with LLMFORGE_DISABLE_PLUGINS=broken-plugin"
     ]
     assert "Traceback" not in err and "valid — tiny: prepare (prepare), pretrain (pretrain)" in out
 
@@ -159,18 +159,20 @@ def test_a_hook_that_raises_is_a_warning_and_the_rest_still_works(fake_dist, cli
     assert "warning: plugin raising-plugin 0.1: register_evaluators() failed: RuntimeError: no GPU here" in err
 
 
-def test_a_misspelt_hook_is_reported_not_silently_ignored(fake_dist, cli):
+def test_a_misspelt_hook_stops_every_command_naming_the_hook_and_the_fix(fake_dist, cli):
     fake_dist("typo-plugin", "0.1", """
-        from llmforge.registry import hookimpl
+        from llmforge.plugin import hookimpl
 
         @hookimpl
         def register_optimisers():
             return []
     """)
-    code, _, err = cli("plugins")
-    assert code == 0
-    [line] = [line for line in err.splitlines() if "typo-plugin" in line]
-    assert line.startswith("warning: plugin typo-plugin 0.1 is invalid:") and "register_optimisers" in line
+    for args in (["plugins"], ["validate", TINY], ["schema"]):
+        code, _, err = cli(*args)
+        assert code == 2 and "Traceback" not in err
+        assert err.strip() == ("error: plugin typo-plugin 0.1 implements 'register_optimisers', which is no llmforge hook; "
+                               "did you mean 'register_optimizers'? Fix the plugin, or switch it off with "
+                               "LLMFORGE_DISABLE_PLUGINS=typo-plugin")
 
 
 def test_a_hook_returning_something_else_is_an_error_naming_the_plugin(no_autoload):
@@ -188,8 +190,9 @@ def test_plugins_json_is_a_list_of_kind_name_provider_version(cli, monkeypatch):
     code, out, _ = cli("plugins", "--json")
     rows = json.loads(out)
     assert code == 0 and isinstance(rows, list) and rows
-    assert all(set(r) == {"kind", "name", "provider", "version"} and all(isinstance(v, str) for v in r.values()) for r in rows)
-    assert {"kind": "optimizer", "name": "adamw", "provider": "llmforge", "version": __version__} in rows
+    assert all(set(r) == {"kind", "name", "provider", "version", "description"} and all(isinstance(v, str) for v in r.values())
+               for r in rows)
+    assert {"kind": "optimizer", "name": "adamw", "provider": "llmforge", "version": __version__, "description": "torch AdamW"} in rows
     assert {r["kind"] for r in rows} <= set(KINDS)
 
 
@@ -197,7 +200,7 @@ def test_plugins_text_lists_kind_name_and_provider(cli, monkeypatch):
     monkeypatch.setenv(AUTOLOAD_ENV, "1")
     code, out, _ = cli("plugins")
     assert code == 0
-    assert any(line.split() == ["optimizer", "adamw", "llmforge", __version__] for line in out.splitlines())
+    assert any(line.split() == ["optimizer", "adamw", "llmforge", __version__, "torch", "AdamW"] for line in out.splitlines())
 
 
 def test_run_refuses_a_declared_but_unbuilt_component_by_name(no_autoload):

@@ -97,6 +97,8 @@ CASES = [
      "the preference evaluator needs logprobs, which a sft stage does not offer"),
     ([finetune("dpo", "evaluators: [{name: pairwise_accuracy, tasks: {tasks: [add2]}}]", source="{name: tasks, format: preferences}")],
      "stages[1].evaluators[0].name", "the pairwise_accuracy evaluator needs reward_scores, which a dpo stage does not offer"),
+    (["stages.1.evaluators=[{name: val_loss}, {name: val_loss}]"], "stages[1].evaluators[1].name",
+     "the val_loss evaluator returns the metric 'val_loss', which stages[1].evaluators[0] (val_loss) returns too"),
     (["stages.1.evaluators=[{name: mean_reward, tasks: {tasks: [add2]}}]"], "stages[1].evaluators[0].name",
      "the mean_reward evaluator needs rewards, which a pretrain stage does not offer"),
     ([RL.replace("max_steps: 1", "max_tokens: 100")], "stages[1].train.max_tokens", "an rl stage cannot run to max_tokens"),

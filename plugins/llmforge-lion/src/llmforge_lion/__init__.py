@@ -7,11 +7,12 @@ strings imported only when a run builds the component.
 
 from __future__ import annotations
 
-from llmforge.registry import Component, hookimpl
+from llmforge.plugin import Component, hookimpl
 
 from llmforge_lion.options import CSVLoggerOptions, LionOptions, SampleDiversityOptions
 
 __version__ = "0.1.0"
+LLMFORGE_API = ">=1,<2"  # the llmforge plugin API this release is written against
 
 
 @hookimpl
@@ -27,6 +28,7 @@ def register_evaluators() -> list[Component]:
             SampleDiversityOptions,
             "llmforge_lion.evaluator:build_sample_diversity",
             "distinct-n of greedy samples (repetition detector)",
+            metrics=("sample_length",),
         )
     ]
 

@@ -89,6 +89,6 @@ class CSVLogger:
             self.summaries.write(flatten({"stage": stage, **summary}))
 
 
-def build_csv_logger(options: CSVLoggerOptions, *, run_dir: Path) -> CSVLogger:
-    """Factory for the `csv_logger` callback: `(options, *, run_dir) -> callback`."""
+def build_csv_logger(options: CSVLoggerOptions, *, run_dir: Path, spec: Any = None, stage: Any = None) -> CSVLogger:
+    """Factory for the `csv_logger` callback (`llmforge.plugin.CallbackFactory`); one file for every stage."""
     return CSVLogger(options, run_dir)

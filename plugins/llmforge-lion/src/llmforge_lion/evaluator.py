@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from llmforge.plugin import EvalContext
+
 from llmforge_lion.options import SampleDiversityOptions
 
 
@@ -18,7 +20,7 @@ def distinct_n(sequences: list[list[Any]], n: int) -> float:
 
 
 class SampleDiversity:
-    def __init__(self, options: SampleDiversityOptions, context: Any):
+    def __init__(self, options: SampleDiversityOptions, context: EvalContext):
         self.options = options
         self.context = context
 
@@ -37,6 +39,6 @@ class SampleDiversity:
         return metrics
 
 
-def build_sample_diversity(options: SampleDiversityOptions, *, context: Any) -> SampleDiversity:
-    """Factory for the `sample_diversity` evaluator: `(options, *, context) -> evaluator`."""
+def build_sample_diversity(options: SampleDiversityOptions, *, context: EvalContext) -> SampleDiversity:
+    """Factory for the `sample_diversity` evaluator (`llmforge.plugin.EvaluatorFactory`)."""
     return SampleDiversity(options, context)

@@ -55,5 +55,5 @@ class Lion(torch.optim.Optimizer):
 
 
 def build_lion(options: LionOptions, *, params: Iterable[Any]) -> Lion:
-    """Factory for the `lion` optimizer: `(options, *, params) -> torch.optim.Optimizer`."""
+    """Factory for the `lion` optimizer (`llmforge.plugin.OptimizerFactory`); honours each group's `weight_decay`."""
     return Lion(params, lr=options.lr, betas=options.betas, weight_decay=options.weight_decay)

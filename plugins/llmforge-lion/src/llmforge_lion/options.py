@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from llmforge.spec.base import StrictModel
+from llmforge.plugin import StrictModel
 
 
 class LionOptions(StrictModel):
