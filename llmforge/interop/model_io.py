@@ -61,7 +61,7 @@ def skeleton_model(options: GPTModel) -> torch.nn.Module:
     with torch.device("meta"):
         return MegatronGPT(
             config=config,
-            transformer_layer_spec=layer_spec(config, options.num_layers),
+            transformer_layer_spec=layer_spec(config, options.num_layers, moe_layer=getattr(options, "is_moe_layer", None)),
             vocab_size=options.vocab_size,
             max_sequence_length=options.max_positions,
             pre_process=True,

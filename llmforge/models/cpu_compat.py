@@ -13,6 +13,12 @@ names the megatron code that needs it (see ../shared/notes/megatron-on-cpu.md):
    activation recompute saves/restores the CUDA RNG state.
 5. The DistributedOptimizer checkpoint fixes. These are megatron bugs with a plain torch Adam
    (no Apex/TE), so `fix_distributed_optimizer_checkpointing()` is also applied on a GPU.
+6. MoE's alltoall token dispatcher copies its split sizes to the host on a side CUDA stream
+   and hands gloo's `all_to_all_single` tensors where the binding wants int sequences: it
+   gets no-op streams and numpy split sizes. With expert TP it gathers and reduce-scatters
+   uneven splits over the expert-TP group, which gloo refuses (its all_gather needs equal
+   sizes): padded gathers and an all-reduce stand in. `fix_moe_without_transformer_engine()` (any
+   device) defines the `te_general_gemm` that megatron's router leaves undefined without TE.
 
 The SDPA core attention and the sequence-parallel torch norms (`llmforge.models.layers`) and
 the autocast fixes (`llmforge.models.amp`) are not CPU-specific and live apart.
@@ -111,6 +117,110 @@ def _schedules_allocate_on_cpu() -> None:
     schedules.torch = _TorchForSchedules("torch")
 
 
+class _HostStream:
+    """A CUDA stream or event stand-in: CPU work is already in order, so there is nothing to wait for."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def wait_event(self, event) -> None:
+        pass
+
+    def record(self, *args, **kwargs) -> None:
+        pass
+
+    def record_event(self, event=None) -> _HostStream:
+        return _HostStream()
+
+    def query(self) -> bool:
+        return True
+
+
+_HOST_STREAM = _HostStream()
+
+
+class _CudaForMoE(types.ModuleType):
+    """`torch.cuda` as the alltoall dispatcher sees it: streams and events that do nothing."""
+
+    Stream = Event = _HostStream
+
+    def __getattr__(self, name: str):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_stream(*args, **kwargs) -> _HostStream:
+        return _HOST_STREAM
+
+    @staticmethod
+    def stream(stream) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class _TorchForMoE(types.ModuleType):
+    cuda = _CudaForMoE("torch.cuda")
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+
+def _host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    # On the GPU megatron copies split sizes to the host as numpy arrays; on the CPU it leaves
+    # them tensors, which gloo's all_to_all_single binding rejects as split sizes.
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+def _moe_dispatch_on_cpu() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.torch = _TorchForMoE("torch")
+    token_dispatcher.maybe_move_tensor_to_cpu = _host_copy
+
+
+def _uneven_collectives_on_gloo() -> None:
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded = input_.new_zeros([max(sizes), *input_.shape[1:]])
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(parts, padded, group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        start = sum(sizes[: group.rank()])
+        return total[start : start + sizes[group.rank()]].clone()
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
+
+
+def fix_moe_without_transformer_engine() -> None:
+    """megatron 0.16's moe_utils imports `te_general_gemm` only when TE imports and never defines
+    it otherwise, so the router's gating linear raises NameError; None selects its torch matmul."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def _wrap_optimizers() -> None:
     from megatron.core.optimizer import distrib_optimizer, optimizer
 
@@ -191,7 +301,7 @@ def _install_cpu_rng_tracker() -> None:
     random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
-def seed_cpu_rng_tracker(seed: int, tp_rank: int) -> None:
+def seed_cpu_rng_tracker(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int | None = None) -> None:
     """CPU twin of megatron's `model_parallel_cuda_manual_seed`, with its seed offsets.
 
     Dropout inside TP regions forks `seed + 2718 + tp_rank` so that TP shards draw
@@ -203,8 +313,8 @@ def seed_cpu_rng_tracker(seed: int, tp_rank: int) -> None:
     tracker.reset()
     tracker.add(random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
     tracker.add(random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
-    # Expert TP defaults to TP, hence megatron's `seed + 1024 + etp_rank`.
-    tracker.add(random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + tp_rank)
+    # megatron's expert stream: `seed + 1024 + 100 * ep_rank + etp_rank` (expert TP defaults to TP).
+    tracker.add(random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + (tp_rank if etp_rank is None else etp_rank))
 
 
 def install() -> bool:
@@ -217,6 +327,8 @@ def install() -> bool:
         _schedules_allocate_on_cpu()
         _wrap_optimizers()
         _install_cpu_rng_tracker()
+        _moe_dispatch_on_cpu()
+        _uneven_collectives_on_gloo()
         _installed = True
     return True
 

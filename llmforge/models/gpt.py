@@ -9,7 +9,7 @@ megatron's local spec with SDPA attention and torch norms (`llmforge.models.laye
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,7 @@ def check_layout(options: GPTModel, parallelism: ParallelismConfig) -> None:
     ):
         if value % tp:
             problems.append(f"model.{key} {value} is not divisible by tensor_model_parallel_size {tp}")
+    problems += _expert_layout_problems(options, parallelism)
     if problems:
         raise UserError(
             "; ".join(problems),
@@ -65,9 +66,26 @@ def check_layout(options: GPTModel, parallelism: ParallelismConfig) -> None:
         )
 
 
+def _expert_layout_problems(options: GPTModel, parallelism: ParallelismConfig) -> list[str]:
+    experts = getattr(options, "num_moe_experts", None)
+    ep, etp = parallelism.expert_model_parallel_size, parallelism.expert_tensor_parallel
+    if experts is None:
+        return [f"parallelism.expert_model_parallel_size {ep} needs model.num_moe_experts"] if ep > 1 else []
+    problems = []
+    if experts % ep:
+        problems.append(f"model.num_moe_experts {experts} is not divisible by expert_model_parallel_size {ep}")
+    if options.moe_ffn % etp:
+        problems.append(f"the experts' MLP width {options.moe_ffn} is not divisible by expert_tensor_parallel_size {etp}")
+    if parallelism.tensor_model_parallel_size > 1 and not parallelism.sequence_parallel:
+        problems.append("MoE layers with tensor_model_parallel_size > 1 need sequence_parallel (as in Megatron-LM)")
+    return problems
+
+
 def transformer_config(options: GPTModel, parallelism: ParallelismConfig, *, precision: str) -> TransformerConfig:
     """megatron's TransformerConfig for the options and layout (fusions off: see below)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from llmforge.models import moe
 
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is not supported", hint=f"use one of {', '.join(PRECISIONS)}")
@@ -136,6 +154,7 @@ def transformer_config(options: GPTModel, parallelism: ParallelismConfig, *, pre
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **moe.config_options(options, parallelism),
     )
 
 
@@ -149,26 +168,42 @@ def _use_transformer_engine() -> bool:
     return True
 
 
-def layer_spec(config: TransformerConfig, num_layers: int):
-    """The decoder block spec: TE layers on a GPU with TE, else local layers with SDPA."""
+def _one_layer_spec(config: TransformerConfig, num_experts: int | None):
     from megatron.core.models.gpt import gpt_layer_specs
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 
     if _use_transformer_engine():
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=num_experts, moe_grouped_gemm=False, qk_layernorm=config.qk_layernorm)
 
     from llmforge.models.layers import SDPACoreAttention, TorchNorm
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization, qk_layernorm=config.qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=num_experts, moe_grouped_gemm=False, normalization=config.normalization, qk_layernorm=config.qk_layernorm)
     attention = spec.submodules.self_attention.submodules
     attention.core_attention = SDPACoreAttention
     if config.qk_layernorm:
         attention.q_layernorm = attention.k_layernorm = TorchNorm
     spec.submodules.input_layernorm = TorchNorm
     spec.submodules.pre_mlp_layernorm = TorchNorm
+    return spec
+
+
+def layer_spec(config: TransformerConfig, num_layers: int, *, first_layer: int = 0, moe_layer: Callable[[int], bool] | None = None):
+    """The decoder block spec of `num_layers` layers from global layer `first_layer`: TE layers on a
+    GPU with TE, else local layers with SDPA; layers where `moe_layer` says so get megatron's MoE MLP."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
+
+    dense = _one_layer_spec(config, None)
+    routed = _one_layer_spec(config, config.num_moe_experts) if config.num_moe_experts else dense
+    specs = [routed if moe_layer is not None and moe_layer(first_layer + i) else dense for i in range(num_layers)]
+    if _use_transformer_engine():
+        return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=specs))
+
+    from llmforge.models.layers import TorchNorm
+
     # A block spec, so that the final norm is ours too (megatron's default refuses SP).
-    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=[spec] * num_layers, layer_norm=TorchNorm))
+    return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=specs, layer_norm=TorchNorm))
 
 
 def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: str, seed: int) -> list[torch.nn.Module]:
@@ -185,20 +220,26 @@ def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: s
     from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    from llmforge.models import amp
+    from llmforge.models import amp, cpu_compat, moe
     from llmforge.models.init import initialize
 
     check_layout(options, parallelism)
     config = transformer_config(options, parallelism, precision=precision)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     amp.install(device.type)
+    if config.num_moe_experts:
+        cpu_compat.fix_moe_without_transformer_engine()
+        moe.fix_router_losses_under_sequence_parallel()
     vpp = parallelism.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp) if vpp else [None]:
         model = GPTModel(
             config=config,
-            transformer_layer_spec=layer_spec(config, get_num_layers_to_build(config, vp_stage=vp_stage)),
+            transformer_layer_spec=layer_spec(config, get_num_layers_to_build(config, vp_stage=vp_stage),
+                                              first_layer=get_transformer_layer_offset(config, vp_stage=vp_stage),
+                                              moe_layer=getattr(options, "is_moe_layer", None)),
             vocab_size=options.vocab_size,
             max_sequence_length=options.max_positions,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -211,6 +252,7 @@ def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: s
             vp_stage=vp_stage,
         )
         model = model.to(device)
+        moe.mark_expert_params(model)
         # Float16Module casts what megatron built in fp32 (torch norms, learned positions) to bf16.
         chunks.append(Float16Module(config, model) if config.bf16 else model)
     # Drawn in fp32 and rounded, so bf16 weights are the fp32 run's, rounded, in every layout.

@@ -6,7 +6,9 @@ depends only on the global shape, chosen so that every tensor-parallel split (an
 up to 64 made of the primes 2, 3, 5, 7) falls on block boundaries. A rank therefore fills
 exactly its own shard, in any layout, without the full tensor ever existing on it: a 7B
 model initializes with only its shard in memory. Global names map local layer `i` to
-`layer_number - 1`; a tied output layer is drawn as the word embedding it mirrors.
+`layer_number - 1` and local expert `i` on expert-parallel rank `r` to global expert
+`r × experts_per_rank + i` (its expert-tensor-parallel shard drawn like a TP shard); a tied
+output layer is drawn as the word embedding it mirrors.
 
 The scheme is megatron's: normal(0, init_method_std) for matrices, the two residual output
 projections scaled by 1/sqrt(2 * num_layers), norms one and biases zero. Values are drawn
@@ -22,7 +24,9 @@ import re
 import torch
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_RESIDUAL_OUTPUTS = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_LOCAL_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(.*)$")
+# megatron's output_layer_init_method: attention's and every MLP's (dense, expert, shared) second projection.
+_RESIDUAL_OUTPUTS = ("self_attention.linear_proj.weight", "linear_fc2.weight")
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads consecutive block indices over the seed space
 _MASK64 = (1 << 64) - 1
 
@@ -39,7 +43,11 @@ def global_name(model: torch.nn.Module, name: str) -> str:
     match = _LAYER.match(name)
     if match:
         layer = model.decoder.layers[int(match.group(1))]
-        return f"decoder.layers.{layer.layer_number - 1}.{match.group(2)}"
+        rest = match.group(2)
+        expert = _LOCAL_EXPERT.match(rest)
+        if expert:
+            rest = f"mlp.experts.local_experts.{layer.mlp.local_expert_indices[int(expert.group(1))]}.{expert.group(2)}"
+        return f"decoder.layers.{layer.layer_number - 1}.{rest}"
     if name == "output_layer.weight" and getattr(model, "share_embeddings_and_output_weights", False):
         return "embedding.word_embeddings.weight"
     return name
@@ -103,6 +111,9 @@ def initialize(model_chunks: list[torch.nn.Module], *, num_layers: int, init_met
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    # Routed experts are split over the expert-tensor-parallel group instead.
+    etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+    etp_size = parallel_state.get_expert_tensor_parallel_world_size()
     output_std = init_method_std / math.sqrt(2.0 * num_layers)
     cache: dict[str, int] = {}
     for chunk in model_chunks:
@@ -115,6 +126,7 @@ def initialize(model_chunks: list[torch.nn.Module], *, num_layers: int, init_met
                 param.fill_(1.0)
             elif param.dim() >= 2:
                 std = output_std if gname.endswith(_RESIDUAL_OUTPUTS) else init_method_std
-                _fill_normal(param, tp_rank, tp_size, std, seed, gname, cache)
+                expert = not getattr(param, "allreduce", True)
+                _fill_normal(param, etp_rank if expert else tp_rank, etp_size if expert else tp_size, std, seed, gname, cache)
             else:
                 raise ValueError(f"no initialization rule for parameter {gname!r} of shape {tuple(param.shape)}")

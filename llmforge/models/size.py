@@ -16,6 +16,13 @@
 
 Tensor parallelism splits the vocabulary and the linear layers' wide dimension; the
 vocabulary share is rounded up, as a padded vocabulary would be.
+
+An MoE layer (`num_moe_experts`, every `moe_layer_freq`-th layer) replaces the MLP with a
+router (experts × hidden, replicated over TP), `num_moe_experts` expert MLPs of width
+`moe_ffn_hidden_size` (split over EP, each over expert TP) and an optional shared expert of
+width `moe_shared_expert_intermediate_size` (split over TP). A token passes through
+`moe_router_topk` experts: the *active* parameters (`active_param_count`) count those, and
+the FLOPs per token come from them.
 """
 
 from __future__ import annotations
@@ -85,22 +92,72 @@ def norm_params(model: GPTShape) -> int:
     return model.hidden_size * (2 if model.normalization == "LayerNorm" else 1)
 
 
-def layer_params(model: GPTShape, tensor_parallel: int = 1) -> int:
-    """Parameters of one transformer layer on one tensor-parallel rank."""
+def _mlp_params(model: GPTShape, width: int, tensor_parallel: int) -> int:
+    """A (dense, expert or shared) MLP of `width` on one tensor-parallel rank."""
     h, t, bias = model.hidden_size, tensor_parallel, model.add_bias_linear
+    fc1 = width * (2 if model.activation == "swiglu" else 1)
+    return h * fc1 // t + (fc1 // t if bias else 0) + width * h // t + (h if bias else 0)
+
+
+def num_experts(model: GPTShape) -> int | None:
+    return getattr(model, "num_moe_experts", None)
+
+
+def is_moe_layer(model: GPTShape, layer: int) -> bool:
+    """Whether global layer `layer` (from 0) has experts: every `moe_layer_freq`-th one."""
+    return num_experts(model) is not None and layer % getattr(model, "moe_layer_freq", 1) == 0
+
+
+def moe_layers(model: GPTShape) -> int:
+    return sum(is_moe_layer(model, layer) for layer in range(model.num_layers))
+
+
+def _expert_ffn(model: GPTShape) -> int:
+    return getattr(model, "moe_ffn_hidden_size", None) or model.ffn
+
+
+def expert_params(model: GPTShape, expert_tensor_parallel: int = 1) -> int:
+    """One routed expert's parameters on one expert-tensor-parallel rank."""
+    return _mlp_params(model, _expert_ffn(model), expert_tensor_parallel)
+
+
+def _attention_params(model: GPTShape, tensor_parallel: int) -> int:
+    h, t = model.hidden_size, tensor_parallel
     qkv = h * qkv_width(model) // t + (qkv_width(model) // t if _qkv_bias(model) else 0)
-    proj = query_width(model) * h // t + (h if bias else 0)
-    fc1 = h * fc1_width(model) // t + (fc1_width(model) // t if bias else 0)
-    fc2 = model.ffn * h // t + (h if bias else 0)
+    proj = query_width(model) * h // t + (h if model.add_bias_linear else 0)
     qk_norms = _qk_norms(model) * head_dim(model) * (2 if model.normalization == "LayerNorm" else 1)
-    return 2 * norm_params(model) + qk_norms + qkv + proj + fc1 + fc2
+    return 2 * norm_params(model) + qk_norms + qkv + proj
 
 
-def layer_tensors(model: GPTShape) -> int:
+def _router_and_shared(model: GPTShape, tensor_parallel: int) -> int:
+    shared = getattr(model, "moe_shared_expert_intermediate_size", None)
+    return num_experts(model) * model.hidden_size + (_mlp_params(model, shared, tensor_parallel) if shared else 0)
+
+
+def layer_params(model: GPTShape, tensor_parallel: int = 1, *, layer: int = 0, expert_parallel: int = 1,
+                 expert_tensor_parallel: int | None = None, active: bool = False) -> int:
+    """Parameters of transformer layer `layer` on one tensor-parallel rank.
+
+    An MoE layer holds its experts split over `expert_parallel` ranks, each over
+    `expert_tensor_parallel` (default: TP); `active` counts only the top-k experts a token uses.
+    """
+    attention = _attention_params(model, tensor_parallel)
+    if not is_moe_layer(model, layer):
+        return attention + _mlp_params(model, model.ffn, tensor_parallel)
+    etp = expert_tensor_parallel or tensor_parallel
+    experts = model.moe_router_topk if active else num_experts(model) // expert_parallel
+    return attention + _router_and_shared(model, tensor_parallel) + experts * expert_params(model, etp)
+
+
+def layer_tensors(model: GPTShape, layer: int = 0, expert_parallel: int = 1) -> int:
     """Parameter tensors of one layer (Adam keeps a `step` scalar for each)."""
     norm = 2 if model.normalization == "LayerNorm" else 1
     biases = 4 if model.add_bias_linear else int(_qkv_bias(model))
-    return (2 + _qk_norms(model)) * norm + 4 + biases
+    dense = (2 + _qk_norms(model)) * norm + 4 + biases
+    if not is_moe_layer(model, layer):
+        return dense
+    shared = 2 if getattr(model, "moe_shared_expert_intermediate_size", None) else 0
+    return dense - 2 + 1 + shared + 2 * num_experts(model) // expert_parallel  # router, shared expert, experts
 
 
 def embedding_params(model: GPTShape, tensor_parallel: int = 1) -> int:
@@ -119,7 +176,14 @@ def output_params(model: GPTShape, tensor_parallel: int = 1) -> int:
 
 def param_count(model: GPTShape) -> int:
     """Total parameters of the model, each counted once (a tied output layer adds none)."""
-    return model.num_layers * layer_params(model) + embedding_params(model) + norm_params(model) + output_params(model)
+    layers = sum(layer_params(model, layer=i) for i in range(model.num_layers))
+    return layers + embedding_params(model) + norm_params(model) + output_params(model)
+
+
+def active_param_count(model: GPTShape) -> int:
+    """Parameters one token passes through: an MoE layer's router, top-k experts and shared expert (all of a dense model)."""
+    layers = sum(layer_params(model, layer=i, active=True) for i in range(model.num_layers))
+    return layers + embedding_params(model) + norm_params(model) + output_params(model)
 
 
 def layers_per_stage(model: GPTShape, parallelism: Any) -> int:
@@ -135,7 +199,8 @@ def param_count_per_rank(model: GPTShape, parallelism: Any) -> list[int]:
     counted there too.
     """
     t, pp = parallelism.tensor_model_parallel_size, parallelism.pipeline_model_parallel_size
-    per_stage = [layers_per_stage(model, parallelism) * layer_params(model, t) for _ in range(pp)]
+    per_stage = [sum(layer_params(model, t, layer=i, **_experts_of(parallelism)) for i in _stage_layers(model, parallelism, stage))
+                 for stage in range(pp)]
     per_stage[0] += embedding_params(model, t)
     out = output_params(model, t)
     if pp > 1 and not model.untie_embeddings_and_output_weights:
@@ -144,10 +209,33 @@ def param_count_per_rank(model: GPTShape, parallelism: Any) -> list[int]:
     return per_stage
 
 
+def _stage_layers(model: GPTShape, parallelism: Any, stage: int) -> range:
+    per = layers_per_stage(model, parallelism)
+    return range(stage * per, (stage + 1) * per)
+
+
+def _experts_of(parallelism: Any) -> dict[str, int | None]:
+    return {"expert_parallel": getattr(parallelism, "expert_model_parallel_size", 1),
+            "expert_tensor_parallel": getattr(parallelism, "expert_tensor_parallel_size", None)}
+
+
+def expert_param_count_per_rank(model: GPTShape, parallelism: Any) -> list[int]:
+    """Of `param_count_per_rank`, the routed experts' parameters: the distributed optimizer
+    shards these over the expert-data-parallel ranks, the rest over the data-parallel ones."""
+    if num_experts(model) is None:
+        return [0] * parallelism.pipeline_model_parallel_size
+    experts = _experts_of(parallelism)
+    etp = experts["expert_tensor_parallel"] or parallelism.tensor_model_parallel_size
+    per_layer = num_experts(model) // experts["expert_parallel"] * expert_params(model, etp)
+    return [per_layer * sum(is_moe_layer(model, i) for i in _stage_layers(model, parallelism, stage))
+            for stage in range(parallelism.pipeline_model_parallel_size)]
+
+
 def param_tensors_per_rank(model: GPTShape, parallelism: Any) -> list[int]:
     """Parameter tensors held by one rank of each pipeline stage (same split as the counts)."""
     pp = parallelism.pipeline_model_parallel_size
-    per_stage = [layers_per_stage(model, parallelism) * layer_tensors(model) for _ in range(pp)]
+    ep = _experts_of(parallelism)["expert_parallel"]
+    per_stage = [sum(layer_tensors(model, i, ep) for i in _stage_layers(model, parallelism, stage)) for stage in range(pp)]
     per_stage[0] += 1 + (model.position_embedding_type == "learned_absolute")
     has_output = model.untie_embeddings_and_output_weights or pp > 1
     per_stage[-1] += (2 if model.normalization == "LayerNorm" else 1) + has_output
@@ -155,14 +243,14 @@ def param_tensors_per_rank(model: GPTShape, parallelism: Any) -> list[int]:
 
 
 def matmul_params(model: GPTShape) -> int:
-    """N in 6·N: every parameter except the input embedding lookups, plus the output projection.
+    """N in 6·N: every active parameter except the input embedding lookups, plus the output projection.
 
     A lookup does no multiply-adds, while the output projection does vocab × hidden of
     them per token whether or not its weight is tied to the embedding (the usual
     convention of Kaplan et al. and Megatron). Norm weights and biases are included;
-    they are a rounding error.
+    they are a rounding error. An MoE layer counts the top-k experts a token goes through.
     """
-    return param_count(model) - embedding_params(model) + model.vocab_size * model.hidden_size - output_params(model)
+    return active_param_count(model) - embedding_params(model) + model.vocab_size * model.hidden_size - output_params(model)
 
 
 def attention_flops_per_token(model: GPTShape, seq_length: int | None = None) -> float:

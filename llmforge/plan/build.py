@@ -31,6 +31,8 @@ def _layout_dict(layout: Layout) -> dict[str, Any]:
         "tensor_model_parallel_size": layout.tensor,
         "pipeline_model_parallel_size": layout.pipeline,
         "virtual_pipeline_model_parallel_size": layout.virtual if layout.virtual > 1 else None,
+        "expert_model_parallel_size": layout.expert,
+        "expert_tensor_parallel_size": layout.expert_tensor_parallel_size,
         "data_parallel_size": layout.data,
         "world_size": layout.world_size,
         "nnodes": layout.nnodes,
@@ -108,7 +110,8 @@ def _assumptions(device: Device, mfu: float) -> list[str]:
         + ("; a rank's device is its share of the machine" if device.shared_by_node else "")
         + "); the pipeline bubble, recompute and "
         f"+{cost.TP_SLOWDOWN_PER_DOUBLING:.0%} per tensor-parallel doubling come on top",
-        "FLOPs per token: 6·N + 6·L·h·s (N without the input embedding, with the output projection; causal attention)",
+        "FLOPs per token: 6·N + 6·L·h·s (N: the active parameters, an MoE layer's top-k experts, without the input "
+        "embedding, with the output projection; causal attention)",
     ]
 
 
@@ -148,6 +151,8 @@ def build_plan(spec: Any, *, registry: Any, device: Device, run_dir: Path, spec_
     plan.update({
         "layout": _layout_dict(layout),
         "params_total": size.param_count(model),
+        # What one token passes through: an MoE model's top-k experts; all of a dense model.
+        "params_active": size.active_param_count(model),
         "params_per_rank": size.param_count_per_rank(model, layout),
         "matmul_params": size.matmul_params(model),
         "flops_per_token": size.flops_per_token(model),

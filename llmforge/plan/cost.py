@@ -45,7 +45,7 @@ def recompute_factor(model: Any, recompute: str, seq_length: int) -> float:
     if recompute == "selective":
         return (model_flops + attention_forward) / model_flops
     if recompute == "full":
-        layers_forward = 2.0 * model.num_layers * size.layer_params(model) + attention_forward
+        layers_forward = 2.0 * sum(size.layer_params(model, layer=i, active=True) for i in range(model.num_layers)) + attention_forward
         return (model_flops + layers_forward) / model_flops
     return 1.0
 

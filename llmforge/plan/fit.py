@@ -96,6 +96,8 @@ def candidates(model: Any, layout: Layout, *, shardable_optimizer: bool) -> Iter
     for tensor in _tensor_sizes(model, layout):
         for pipeline in (p for p in _divisors(model.num_layers) if p >= layout.pipeline and world % (tensor * p) == 0):
             data = world // (tensor * pipeline)
+            if world % ((layout.expert_tensor or tensor) * layout.expert * pipeline):
+                continue  # the experts' layout must tile the world too
             virtual = layout.virtual if pipeline > 1 and model.num_layers % (pipeline * layout.virtual) == 0 else 1
             # Sequence parallelism splits the sequence over the TP ranks, so it must divide evenly.
             sequence_parallel = (layout.sequence_parallel, True) if tensor > 1 and model.seq_length % tensor == 0 else (False,)

@@ -72,6 +72,8 @@ class Layout:
     global_batch_size: int
     nnodes: int
     nproc_per_node: int
+    expert: int = 1  # expert-parallel ranks (EP)
+    expert_tensor: int | None = None  # expert-tensor-parallel ranks (ETP); None = tensor
 
     @classmethod
     def from_spec(cls, parallelism: Any, train: Any = None) -> Layout:
@@ -88,6 +90,8 @@ class Layout:
             global_batch_size=train.global_batch_size if train else 1,
             nnodes=parallelism.nnodes,
             nproc_per_node=parallelism.nproc_per_node,
+            expert=getattr(parallelism, "expert_model_parallel_size", 1),
+            expert_tensor=getattr(parallelism, "expert_tensor_parallel_size", None),
         )
 
     @property
@@ -109,6 +113,19 @@ class Layout:
     @property
     def pipeline_model_parallel_size(self) -> int:
         return self.pipeline
+
+    @property
+    def expert_model_parallel_size(self) -> int:
+        return self.expert
+
+    @property
+    def expert_tensor_parallel_size(self) -> int:
+        return self.expert_tensor or self.tensor
+
+    @property
+    def expert_data(self) -> int:
+        """Replicas of each expert: world / (ETP × EP × PP)."""
+        return max(1, self.world_size // (self.expert_tensor_parallel_size * self.expert * self.pipeline))
 
 
 @dataclass
@@ -257,13 +274,44 @@ def _attention_terms(model: Any, *, tokens: float, tensor: int, micro_batch_size
     return {"attention_qkv": qkv, "attention_logsumexp": per_head_rows * FP32}
 
 
+def _mlp_activations(model: Any, elements: float, linear_out: int) -> float:
+    """What an MLP keeps over `elements` (tokens × its width on this rank)."""
+    if model.activation == "swiglu":
+        # gate|up output, silu(gate), up + glu_linear_offset (megatron's copy), their product
+        return elements * 5 * linear_out
+    return elements * 2 * linear_out  # gelu input, gelu output
+
+
+def _moe_terms(model: Any, *, tokens: float, split_tokens: float, tensor: int, expert_tensor: int, compute: int,
+               linear_out: int) -> dict[str, float]:
+    """What megatron's MoE layer keeps: the router's per-expert scores, each routed token's copy
+    at its expert and the expert MLPs' activations, one more product for the routing
+    probabilities; the shared expert as a dense MLP. A rank routes its sequence-parallel share
+    of the tokens; the dispatcher gathers them over expert TP, so an expert rank receives, on
+    average, top-k × its expert-TP group's tokens (balanced routing)."""
+    experts, k = model.num_moe_experts, model.moe_router_topk
+    routed = split_tokens * (expert_tensor if split_tokens < tokens else 1) * k
+    terms = {
+        "moe_router": split_tokens * experts * 4 * FP32,  # logits, probabilities, aux-loss scores, routing map
+        "moe_expert_inputs": routed * model.hidden_size * compute,
+        "moe_expert_activations": _mlp_activations(model, routed * model.moe_ffn / expert_tensor, linear_out)
+        + routed * model.moe_ffn / expert_tensor * linear_out,
+    }
+    shared = getattr(model, "moe_shared_expert_intermediate_size", None)
+    if shared:
+        terms["shared_expert_activations"] = _mlp_activations(model, tokens * shared / tensor, linear_out)
+    return terms
+
+
 def layer_activation_terms(model: Any, *, precision: str, tensor: int, sequence_parallel: bool, micro_batch_size: int,
-                           seq_length: int, device: str = "cuda", input_bytes: int | None = None) -> dict[str, float]:
+                           seq_length: int, device: str = "cuda", input_bytes: int | None = None, moe: bool = False,
+                           expert_tensor: int | None = None) -> dict[str, float]:
     """Bytes one transformer layer keeps for backward for one micro batch, by term, without recompute.
 
     Args:
         input_bytes: bytes per element of the layer's input; the first layer of a stage
             gets `stage_input_bytes` (the embedding output or the pipeline's transfer).
+        moe: the layer's MLP is megatron's MoE layer (experts split over `expert_tensor` ranks).
     """
     h, t = model.hidden_size, tensor
     d, heads = size.head_dim(model), model.num_attention_heads
@@ -289,12 +337,11 @@ def layer_activation_terms(model: Any, *, precision: str, tensor: int, sequence_
 
     terms["mlp_norm"] = _norm_saved(model, split_tokens, res)
     terms["fc1_input"] = split_tokens * h * res
-    ffn = tokens * model.ffn / t
-    if model.activation == "swiglu":
-        # gate|up output, silu(gate), up + glu_linear_offset (megatron's copy), their product
-        terms["mlp_activations"] = ffn * 5 * linear_out
+    if moe:
+        terms.update(_moe_terms(model, tokens=tokens, split_tokens=split_tokens, tensor=t, expert_tensor=expert_tensor or t,
+                                compute=compute, linear_out=linear_out))
     else:
-        terms["mlp_activations"] = ffn * 2 * linear_out  # gelu input, gelu output
+        terms["mlp_activations"] = _mlp_activations(model, tokens * model.ffn / t, linear_out)
     if model.hidden_dropout > 0:
         terms["dropout_masks"] = 2 * split_tokens * h * linear_out
     return terms
@@ -324,12 +371,17 @@ def chunk_activation_bytes(model: Any, layers: int, *, precision: str, layout: L
     else:
         common = dict(precision=precision, tensor=layout.tensor, sequence_parallel=layout.sequence_parallel,
                       micro_batch_size=layout.micro_batch_size, seq_length=seq_length, device=device)
-        first = layer_activation_terms(model, input_bytes=stage_input_bytes(precision), **common)
-        rest = layer_activation_terms(model, **common)
-        if layout.recompute == "selective":
-            first = _selective(first, model, layout, seq_length, precision)
-            rest = _selective(rest, model, layout, seq_length, precision)
-        total = sum(first.values()) + sum(rest.values()) * (layers - 1)
+        # An MoE model's chunks start with an MoE layer (layer 0 % moe_layer_freq) and hold
+        # their share of MoE layers; a dense model's, none.
+        routed = round(layers * size.moe_layers(model) / model.num_layers)
+        kinds = [routed > 0] + [True] * max(routed - 1, 0) + [False] * (layers - max(routed, 1))
+
+        def kept(moe: bool, **first: Any) -> float:
+            terms = layer_activation_terms(model, moe=moe, expert_tensor=layout.expert_tensor_parallel_size, **common, **first)
+            return sum((_selective(terms, model, layout, seq_length, precision) if layout.recompute == "selective" else terms).values())
+
+        each = {moe: kept(moe) for moe in set(kinds[1:])}
+        total = kept(kinds[0], input_bytes=stage_input_bytes(precision)) + sum(each[moe] for moe in kinds[1:])
     if first_stage:
         index_bytes = 8  # int64 token ids, and position ids with learned positions
         total += tokens * index_bytes * (2 if model.position_embedding_type == "learned_absolute" else 1)
@@ -378,11 +430,14 @@ def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optim
     """What one tensor-parallel rank of pipeline stage `stage` holds at its peak."""
     seq = seq_length or model.seq_length
     params = size.param_count_per_rank(model, layout)[stage]
+    experts = size.expert_param_count_per_rank(model, layout)[stage]
     tensors = size.param_tensors_per_rank(model, layout)[stage]
     state_bytes, _ = optimizer_state_bytes_per_param(optimizer, precision=precision)
     # llmforge shards only AdamW; other optimizers keep their full state on every DP rank.
     sharded = layout.distributed_optimizer and getattr(optimizer, "name", "adamw") == "adamw"
     opt_shards = layout.data if sharded else 1
+    # Routed experts' state shards over their own replicas (the expert-data-parallel ranks).
+    expert_shards = layout.expert_data if sharded else 1
     layers = model.num_layers // layout.pipeline
     last = stage == layout.pipeline - 1
     # Interleaved chunks are in flight together; they differ only by the first one's token ids.
@@ -398,7 +453,8 @@ def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optim
         recompute_buffer = sum(layer_activation_terms(model, precision=precision, tensor=layout.tensor,
                                                       sequence_parallel=layout.sequence_parallel,
                                                       micro_batch_size=layout.micro_batch_size, seq_length=seq,
-                                                      device=device).values())
+                                                      device=device, moe=size.moe_layers(model) > 0,
+                                                      expert_tensor=layout.expert_tensor_parallel_size).values())
     return RankMemory(
         pipeline_stage=stage,
         layers=layers,
@@ -406,7 +462,8 @@ def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optim
         in_flight_microbatches=flights,
         weights=params * weight_bytes(precision),
         gradients=params * GRAD_BYTES,
-        optimizer_states=(params * state_bytes + _adam_step_bytes(optimizer, tensors)) // opt_shards,
+        optimizer_states=((params - experts) * state_bytes + _adam_step_bytes(optimizer, tensors)) // opt_shards
+        + experts * state_bytes // expert_shards,
         activations=round(flights * chunk),
         logits=round(logits),
         loss_workspace=round(workspace),

@@ -75,6 +75,8 @@ def _model_table(plan: dict[str, Any]):
     table.add_column(style="bold")
     table.add_column(justify="right")
     table.add_row("parameters", f"{plan['params_total']:,} ({count(plan['params_total'])})")
+    if plan.get("params_active", plan["params_total"]) != plan["params_total"]:
+        table.add_row("active per token (top-k experts)", f"{plan['params_active']:,} ({count(plan['params_active'])})")
     for i, n in enumerate(plan["params_per_rank"]):
         table.add_row(f"per rank, pipeline stage {i}", f"{n:,} ({count(n)})")
     table.add_row("FLOPs per token (fwd + bwd)", f"{plan['flops_per_token']:.4g}")

@@ -154,6 +154,12 @@ def resolve_layout(parallelism: ParallelismConfig, world_size: int) -> int:
         raise UserError("parallelism.virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1", hint="remove it, or raise the pipeline size")
     if parallelism.sequence_parallel and tp == 1:
         raise UserError("parallelism.sequence_parallel needs tensor_model_parallel_size > 1", hint="turn it off, or raise the tensor-parallel size")
+    experts = parallelism.expert_tensor_parallel * parallelism.expert_model_parallel_size * pp
+    if world_size % experts:
+        raise UserError(
+            f"world size {world_size} is not divisible by expert tensor × expert × pipeline parallel = {experts}",
+            hint="the experts are laid out over ETP × EP × expert-DP × PP: launch a multiple of that, or lower expert_model_parallel_size",
+        )
     return dp
 
 
@@ -162,6 +168,8 @@ def _layout_key(parallelism: ParallelismConfig) -> tuple:
         parallelism.tensor_model_parallel_size,
         parallelism.pipeline_model_parallel_size,
         parallelism.virtual_pipeline_model_parallel_size,
+        parallelism.expert_model_parallel_size,
+        parallelism.expert_tensor_parallel,
     )
 
 
@@ -242,6 +250,8 @@ def init_distributed(parallelism: ParallelismConfig, *, seed: int, timeout_s: fl
             tensor_model_parallel_size=parallelism.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallelism.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=parallelism.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=parallelism.expert_model_parallel_size,
+            expert_tensor_parallel_size=parallelism.expert_tensor_parallel,
             # megatron takes minutes but builds a timedelta from them, so seconds survive as a fraction.
             distributed_timeout_minutes=timeout.total_seconds() / 60,
         )
@@ -281,9 +291,12 @@ def seed_everything(seed: int, *, tp_rank: int, pp_rank: int) -> None:
 
         tensor_parallel.model_parallel_cuda_manual_seed(seed + 100 * pp_rank)
     else:
+        from megatron.core import parallel_state
+
         from llmforge.models import cpu_compat
 
-        cpu_compat.seed_cpu_rng_tracker(seed + 100 * pp_rank, tp_rank)
+        cpu_compat.seed_cpu_rng_tracker(seed + 100 * pp_rank, tp_rank, parallel_state.get_expert_model_parallel_rank(),
+                                        parallel_state.get_expert_tensor_parallel_rank())
 
 
 _LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Timed out", "timed out", "Connection refused")

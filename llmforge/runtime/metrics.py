@@ -130,6 +130,8 @@ class Metrics:
                     continue
                 if key in TB_TAGS:
                     self.tb.add_scalar(f"{stage}/{TB_TAGS[key]}", value, step)
+                elif key.startswith("moe/"):  # an MoE model's router losses and expert load (models.moe)
+                    self.tb.add_scalar(f"{stage}/{key}", value, step)
                 elif row.get("kind") != "train" and key not in ("step", "tokens"):
                     # eval rows, and a stage's own kinds (the RL stage's `rollout` rows)
                     self.tb.add_scalar(f"{stage}/{row['kind']}/{key}", value, step)

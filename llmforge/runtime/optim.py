@@ -11,6 +11,8 @@ DistributedOptimizer (ZeRO-1: fp32 master weights and Adam state sharded over DP
 
 from __future__ import annotations
 
+import collections
+import copy
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,22 +31,26 @@ def _no_decay(name: str, param: torch.nn.Parameter, decay_embeddings: bool) -> b
 
 
 def param_groups(model_chunks: list[torch.nn.Module], weight_decay: float, decay_embeddings: bool = True) -> list[dict[str, Any]]:
-    """Two groups, decay then no-decay (norms, biases, and embeddings unless `decay_embeddings`).
+    """Two groups, decay then no-decay (norms, biases, and embeddings unless `decay_embeddings`);
+    an MoE model's routed experts get two more of their own (`is_expert_parallel`).
 
-    Both are always present, even if empty on some pipeline stage, because distributed
+    All are always present, even if empty on some pipeline stage, because distributed
     checkpoints need every rank to have the same groups. The `*_mult` and `is_*` keys are the
     ones megatron matches groups by when it loads optimizer state.
     """
-    decay: list[torch.nn.Parameter] = []
-    no_decay: list[torch.nn.Parameter] = []
+    groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {(e, d): [] for e in (False, True) for d in (True, False)}
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
             if param.requires_grad:
-                (no_decay if _no_decay(name, param, decay_embeddings) else decay).append(param)
-    common = {"lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False}
+                # Routed experts (models.moe) go to groups of their own, which wrap_optimizer
+                # hands to a second megatron optimizer over the expert-data-parallel group.
+                groups[(not getattr(param, "allreduce", True), not _no_decay(name, param, decay_embeddings))].append(param)
+    # Decided by the config, not by what this rank holds, so every pipeline stage has the same groups.
+    moe = any(getattr(getattr(chunk, "config", None), "num_moe_experts", None) for chunk in model_chunks)
     return [
-        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0, **common},
-        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, **common},
+        {"params": params, "weight_decay": weight_decay if decay else 0.0, "wd_mult": 1.0 if decay else 0.0, "lr_mult": 1.0,
+         "is_expert_parallel": expert, "is_decoupled_lr": False}
+        for (expert, decay), params in groups.items() if moe or not expert
     ]
 
 
@@ -78,11 +84,9 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
     holds the DDP modules, which TrainStep and the checkpoint functions take.
     `use_distributed_optimizer` needs AdamW, the one optimizer megatron shards.
     """
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-    from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
+    from megatron.core.optimizer.optimizer import ChainedOptimizer
 
     from llmforge.models import cpu_compat
 
@@ -92,7 +96,6 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
                         "set parallelism.use_distributed_optimizer: false, or use optimizer adamw")
 
     config = model_chunks[0].config
-    bf16 = config.bf16  # megatron's mixed precision: bf16 parameters (models.gpt)
     ddp_config = DistributedDataParallelConfig(
         # fp32 main grads: each micro batch's bf16 grads accumulate into them, and DP reduces them.
         grad_reduce_in_fp32=True,
@@ -114,27 +117,60 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
         lr=torch_optimizer.defaults["lr"],
         weight_decay=torch_optimizer.defaults.get("weight_decay", 0.0),
         use_distributed_optimizer=distributed,
-        bf16=bf16,
+        bf16=config.bf16,
         fp16=False,
         params_dtype=config.params_dtype,
         clip_grad=0.0,  # TrainStep clips with the norm it already computed
     )
     if distributed:
         cpu_compat.fix_distributed_optimizer_checkpointing()
+    expert_groups = [group for group in torch_optimizer.param_groups if group.get("is_expert_parallel")]
+    if not any(group["params"] for group in expert_groups):  # a dense model, or frozen experts (LoRA)
+        torch_optimizer.param_groups = [group for group in torch_optimizer.param_groups if not group.get("is_expert_parallel")]
+        return _megatron_optimizer(torch_optimizer, ddp_chunks, optimizer_config, expert=False)
+    # As megatron's get_megatron_optimizer: the routed experts' parameters live in their own DDP
+    # buffers, reduced (and, distributed, sharded) over the expert-data-parallel group, so they
+    # get an optimizer of their own; the two are chained. Both exist at every EP size (models.moe
+    # tags experts at EP=1 too), so checkpoints have one layout.
+    expert_optimizer = copy.copy(torch_optimizer)  # same class and hyperparameters, its own groups and state
+    expert_optimizer.param_groups = expert_groups
+    expert_optimizer.state = collections.defaultdict(dict)
+    torch_optimizer.param_groups = [group for group in torch_optimizer.param_groups if not group.get("is_expert_parallel")]
+    return ChainedOptimizer([
+        _megatron_optimizer(torch_optimizer, ddp_chunks, optimizer_config, expert=False),
+        _megatron_optimizer(expert_optimizer, ddp_chunks, optimizer_config, expert=True),
+    ])
+
+
+def _megatron_optimizer(torch_optimizer: torch.optim.Optimizer, ddp_chunks: list, optimizer_config: Any, *, expert: bool):
+    """megatron's FP32Optimizer, Float16OptimizerWithFloat16Params or DistributedOptimizer over one set of buffers."""
+    from megatron.core import parallel_state
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    from megatron.core.optimizer.optimizer import FP32Optimizer, Float16OptimizerWithFloat16Params
+
+    if optimizer_config.use_distributed_optimizer:
+        if expert:
+            group = parallel_state.get_expert_data_parallel_group(partial_expert_data_parallel=True)
+            group_gloo = parallel_state.get_expert_data_parallel_group_gloo(partial_expert_data_parallel=True)
+            index = parallel_state.get_expert_tensor_model_pipeline_parallel_group().rank()
+        else:
+            group = parallel_state.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=True)
+            group_gloo = parallel_state.get_data_parallel_group_gloo(with_context_parallel=True, partial_data_parallel=True)
+            index = parallel_state.get_model_parallel_group().rank()
         optimizer = DistributedOptimizer(
             torch_optimizer,
             optimizer_config,
             None,  # no loss scaler: bf16 needs none
             _init_adam_state,
             model_chunks=ddp_chunks,
-            per_model_buffers={index: chunk.buffers for index, chunk in enumerate(ddp_chunks)},
-            data_parallel_group=parallel_state.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=True),
-            data_parallel_group_gloo=parallel_state.get_data_parallel_group_gloo(with_context_parallel=True, partial_data_parallel=True),
-            data_parallel_group_idx=parallel_state.get_model_parallel_group().rank(),
+            per_model_buffers={i: chunk.expert_parallel_buffers if expert else chunk.buffers for i, chunk in enumerate(ddp_chunks)},
+            data_parallel_group=group,
+            data_parallel_group_gloo=group_gloo,
+            data_parallel_group_idx=index,
             distributed_optimizer_instance_id=0,
         )
         optimizer.grad_stats_parallel_group = parallel_state.get_intra_distributed_optimizer_instance_group()
-    elif bf16:
+    elif optimizer_config.bf16:
         # It maps optimizer state to checkpoint entries through its bf16 parameters alone: an
         # fp32 one among them would shift every later entry.
         strays = [tuple(p.shape) for group in torch_optimizer.param_groups for p in group["params"] if p.dtype != torch.bfloat16]
@@ -145,8 +181,15 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
     else:
         optimizer = FP32Optimizer(torch_optimizer, optimizer_config, _materialize_state)
         optimizer.grad_stats_parallel_group = parallel_state.get_model_parallel_group()
-    optimizer.tp_group = parallel_state.get_tensor_model_parallel_group()
+    # Which ranks hold duplicates of a parameter that is not split: TrainStep counts each once.
+    optimizer.tp_group = parallel_state.get_expert_tensor_parallel_group() if expert else parallel_state.get_tensor_model_parallel_group()
+    optimizer.holds_experts = expert
     return optimizer
+
+
+def sub_optimizers(optimizer) -> list:
+    """The megatron optimizers inside `optimizer`: the dense one and, for an MoE model, the experts' one."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _init_adam_state(optimizer: torch.optim.Optimizer, config: Any = None) -> None:

@@ -94,7 +94,14 @@ def _load_strategy():
 def _is_distributed_optimizer(optimizer) -> bool:
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    return isinstance(optimizer, DistributedOptimizer)
+    return any(isinstance(inner, DistributedOptimizer) for inner in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _per_optimizer(convert: Callable[[Any], Any], state: Any, optimizer) -> Any:
+    """`convert` applied to each chained optimizer's state (an MoE model's dense and expert ones: {0: ..., 1: ...})."""
+    if len(getattr(optimizer, "chained_optimizers", ())) > 1:
+        return {index: convert(inner) for index, inner in state.items()}
+    return convert(state)
 
 
 def model_sharded_state(model_chunks: list[torch.nn.Module], *, select: Callable[[str], bool] | None = None,
@@ -138,7 +145,8 @@ def _sharded_state_dict(model_chunks: list[torch.nn.Module], optimizer, *, loadi
     model = model_sharded_state(model_chunks, select=select, metadata=metadata)
     state = {"model": model}
     if optimizer is not None:
-        state["optimizer"] = _master_groups_by_index(optimizer.sharded_state_dict(model, is_loading=loading, metadata=metadata))
+        state["optimizer"] = _per_optimizer(_master_groups_by_index, optimizer.sharded_state_dict(model, is_loading=loading, metadata=metadata),
+                                            optimizer)
     return state
 
 
@@ -206,5 +214,5 @@ def load_sharded(path: str | Path, model_chunks: list[torch.nn.Module], optimize
         if select is not None and (unexpected or any(select(k) for k in missing)):
             raise RuntimeError(f"{path}: selected entries did not load: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if optimizer is not None:
-        optimizer.load_state_dict(_master_groups_as_list(loaded["optimizer"]))
+        optimizer.load_state_dict(_per_optimizer(_master_groups_as_list, loaded["optimizer"], optimizer))
     return loaded.get("common", {})

@@ -95,9 +95,20 @@ class TrainStep:
         self.config.finalize_model_grads_func = finalize_model_grads
         self._forward_backward = get_forward_backward_func()
         self._autocast = autocast(precision, parallelism_ctx.device)
-        # The grad norm sums each shard once: the DistributedOptimizer's shards are
-        # disjoint over DP, otherwise DP replicas hold equal grads and one replica counts.
-        self._counts_grad_norm = isinstance(optimizer, DistributedOptimizer) or parallelism_ctx.dp_rank == 0
+        # The grad norm sums each shard once: the DistributedOptimizer's shards are disjoint
+        # over DP, otherwise DP replicas hold equal grads and one replica counts. Routed experts
+        # (their own optimizer) are replicated over the expert-data-parallel group instead.
+        from megatron.core import parallel_state
+
+        from llmforge.runtime.optim import sub_optimizers
+
+        expert_dp_rank = parallel_state.get_expert_data_parallel_rank(partial_expert_data_parallel=True)
+        self._optimizers = sub_optimizers(optimizer)
+        self._norm_optimizers = [
+            inner for inner in self._optimizers
+            if isinstance(inner, DistributedOptimizer) or (expert_dp_rank if getattr(inner, "holds_experts", False) else parallelism_ctx.dp_rank) == 0
+        ]
+        self._counts_grad_norm = bool(self._norm_optimizers)
         self._holds_loss = parallelism_ctx.is_last_stage and parallelism_ctx.tp_rank == 0
         self._positions_cache: dict[tuple[int, int], torch.Tensor] = {}
         # (loss, grad_norm) -> bool, asked before every finite update; False drops it (on_spike).
@@ -135,7 +146,7 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         if self.clip_grad > 0 and grad_norm > self.clip_grad:
-            grads = [p.grad for p in self.optimizer.get_parameters() if p.grad is not None]
+            grads = [p.grad for inner in self._optimizers for p in inner.get_parameters() if p.grad is not None]
             torch._foreach_mul_(grads, self.clip_grad / (grad_norm + 1.0e-6))
         self.optimizer.step_with_ready_grads()
         return StepResult(loss, grad_norm, False, int(num_tokens))
@@ -229,7 +240,7 @@ class TrainStep:
         return total, count, (total.detach(), count)
 
     def _grad_sq(self) -> torch.Tensor:
-        grads = self.optimizer.get_main_grads_for_grad_norm()
+        grads = [grad for inner in self._norm_optimizers for grad in inner.get_main_grads_for_grad_norm()]
         if not grads:
             return torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         return torch.stack(torch._foreach_norm(grads)).double().square().sum()

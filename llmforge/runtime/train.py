@@ -104,6 +104,10 @@ class SigtermFlag:
             self._watchdog.cancel()
 
 
+# What the console shows of an MoE model's train metrics: a collapsing router shows as load_max_min growing.
+SHOWN_MOE = ("moe/aux_loss", "moe/z_loss", "moe/load_max_min")
+
+
 class Loop:
     """One training stage's loop.
 
@@ -119,13 +123,15 @@ class Loop:
         guard: the SpikeGuard the step function consults before each update, or None.
         any_rank: callable(flag) -> whether any rank's flag is set (a collective; identity on one process).
         preempt_timeout: seconds after SIGTERM for the final checkpoint.
+        train_metrics: callable() -> extra metrics for each train row (an MoE model's router
+            losses and expert load); called on every rank at each log step (it may be a collective).
     """
 
     def __init__(self, *, stage: str, train, total: int, step_fn, loader, schedule, evaluate, metrics, log,
                  ckpt: CheckpointManager, checkpoint_interval: int | None, save_model, load_model, rng,
                  tokens_per_step: int, flops_per_token: float, peak_flops: float, rank: int, memory_fn,
                  log_interval: int, guard=None, any_rank: Callable[[bool], bool] = bool, preempt_timeout: float = 120.0,
-                 world_size: int = 1):
+                 world_size: int = 1, train_metrics: Callable[[], dict[str, float]] | None = None):
         self.stage, self.train, self.total = stage, train, total
         self.step_fn, self.loader, self.schedule, self.evaluate = step_fn, loader, schedule, evaluate
         self.metrics, self.log, self.ckpt, self.interval = metrics, log, ckpt, checkpoint_interval
@@ -133,6 +139,7 @@ class Loop:
         self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
         self.rank, self.world_size, self.memory_fn, self.log_interval = rank, world_size, memory_fn, log_interval
         self.guard, self.any_rank, self.preempt_timeout = guard, any_rank, preempt_timeout
+        self.train_metrics = train_metrics
         self.counters = Counters()
         self.last_eval: dict[str, Any] = {}  # the latest evaluation (an owed one made up on resume), for the summary
 
@@ -229,9 +236,12 @@ class Loop:
                     row = {"kind": "train", "stage": self.stage, "step": c.step, "tokens": c.tokens, "loss": loss, "lr": lr,
                            "grad_norm": result.grad_norm, "tokens_per_s": tps, "mfu": mfu, "skipped_steps": c.skipped,
                            "spikes": c.spikes, "skipped_samples": getattr(self.loader, "skipped", 0), "memory_mb": self.memory_fn()}
+                    extra = self.train_metrics() if self.train_metrics is not None else {}
+                    row.update(extra)
                     self.metrics.write(row)
                     self.log(f"[{self.stage}] step {c.step}/{self.total} loss {loss:.4f} lr {lr:.3e} "
-                             f"grad_norm {result.grad_norm:.3f} {tps:,.0f} tok/s" + (f" mfu {mfu:.1%}" if mfu else ""))
+                             f"grad_norm {result.grad_norm:.3f} {tps:,.0f} tok/s" + (f" mfu {mfu:.1%}" if mfu else "")
+                             + "".join(f" {key.removeprefix('moe/')} {extra[key]:.4g}" for key in SHOWN_MOE if key in extra))
                 # Ranks may see SIGTERM at different steps; the final save is a collective, so they agree first.
                 preempted = not last and self.any_rank(sigterm.set)
                 # The checkpoint comes before the evaluation: an evaluation that fails (or is

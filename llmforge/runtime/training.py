@@ -201,11 +201,24 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         dist.all_reduce(vote, op=dist.ReduceOp.MAX)
         return bool(vote.item())
 
+    router_metrics = None
+    if getattr(model_opts, "num_moe_experts", None):
+        from llmforge.models.moe import RouterMetrics
+
+        router_metrics = RouterMetrics(chunks, model_opts, micro_batches_per_step=train.global_batch_size // (train.micro_batch_size * par.dp_size),
+                                       device=par.device)
+        counted_step = train_step
+
+        def train_step(batch, lr: float):
+            router_metrics.steps += 1
+            return counted_step(batch, lr)
+
     tokens_per_step = train.global_batch_size * seq_length
     loop = Loop(stage=stage.name, train=train, total=total, step_fn=train_step, loader=loader, schedule=schedule,
                 evaluate=evaluate, metrics=metrics, log=context.log, ckpt=ckpt, checkpoint_interval=spec.checkpoint.interval,
                 save_model=save_model, load_model=load_model, rng=RngState(spec.seed, world_size=par.world_size), tokens_per_step=tokens_per_step,
                 flops_per_token=flops_per_token(model_opts, seq_length), peak_flops=peak_flops(train.precision, par.device),
                 rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval, guard=guard, any_rank=any_rank,
-                preempt_timeout=spec.checkpoint.preempt_timeout, world_size=par.world_size)
+                preempt_timeout=spec.checkpoint.preempt_timeout, world_size=par.world_size,
+                train_metrics=None if router_metrics is None else router_metrics.read)
     return {"loop": loop, "ckpt": ckpt, "metrics": metrics, "chunks": chunks, "step": step_fn, "eval": eval_ctx, "server": server}

@@ -93,6 +93,44 @@ def _world_size(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
                      f"set data_parallel_size: {world // model_parallel} or `auto`")
 
 
+@check("model", "parallelism")
+def _experts_fit_the_layout(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """Experts shard over EP and each expert over ETP; the expert layout ETP × EP × PP must tile the world too."""
+    model, par = s["model"], s["parallelism"]
+    experts, ep = getattr(model, "num_moe_experts", None), par.expert_model_parallel_size
+    etp, tp, pp = par.expert_tensor_parallel, par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    if experts is None:
+        for key, value, default in (("expert_model_parallel_size", ep, 1), ("expert_tensor_parallel_size", par.expert_tensor_parallel_size, None)):
+            if value != default:
+                yield _issue(loaded, ("parallelism", key), f"parallelism.{key} {value} splits experts, but model.num_moe_experts is "
+                             "null (a dense model)", f"drop parallelism.{key}, or give the model experts (model.num_moe_experts)")
+        return
+    if experts % ep:
+        divisors = [d for d in range(1, experts + 1) if experts % d == 0]
+        yield _issue(loaded, ("parallelism", "expert_model_parallel_size"),
+                     f"num_moe_experts {experts} is not divisible by expert_model_parallel_size {ep}",
+                     f"each expert-parallel rank holds whole experts: use one of {', '.join(map(str, divisors))}")
+    if par.world_size % (etp * ep * pp):
+        yield _issue(loaded, ("parallelism", "expert_model_parallel_size"),
+                     f"world size nnodes × nproc_per_node = {par.world_size} is not divisible by expert tensor × expert × pipeline "
+                     f"parallel = {etp} × {ep} × {pp} = {etp * ep * pp}",
+                     "the experts are laid out over ETP × EP × expert-DP × PP on the same processes as the dense layers: "
+                     "launch a multiple of that, or lower expert_model_parallel_size")
+    if tp > 1 and not par.sequence_parallel:
+        yield _issue(loaded, ("parallelism", "sequence_parallel"), "MoE layers with tensor_model_parallel_size > 1 need sequence_parallel "
+                     "(as in Megatron-LM: the router and dispatchers take each tensor-parallel rank's own tokens)",
+                     "set parallelism.sequence_parallel: true")
+    moe_ffn = getattr(model, "moe_ffn", None)
+    if moe_ffn is not None and moe_ffn % etp:
+        yield _issue(loaded, ("model", "moe_ffn_hidden_size"), f"the experts' MLP width {moe_ffn} is not divisible by "
+                     f"expert_tensor_parallel_size {etp}", "use a multiple of the expert tensor-parallel size")
+    shared = getattr(model, "moe_shared_expert_intermediate_size", None)
+    if shared is not None and shared % tp:
+        yield _issue(loaded, ("model", "moe_shared_expert_intermediate_size"), f"moe_shared_expert_intermediate_size {shared} is not "
+                     f"divisible by tensor_model_parallel_size {tp} (the shared expert is split like the dense MLPs)",
+                     "use a multiple of the tensor-parallel size")
+
+
 @check("stages", "parallelism")
 def _batch_divides(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
     par = s["parallelism"]

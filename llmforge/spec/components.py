@@ -84,30 +84,69 @@ class FileSource(StrictModel):
 
 
 class TextSource(FileSource):
-    """Plain text files."""
+    """Plain text files; `.gz` and `.zst` ones are decompressed as they are read."""
 
     document: Literal["file", "paragraph", "line"] = Field("file", description="What one document is: a whole file, a blank-line paragraph, or a line.")
 
 
 class JsonlSource(FileSource):
-    """JSON Lines: one document per line, from one or more fields."""
+    """JSON Lines (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`): one document per line, from one or more fields."""
 
     fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1, description="Fields joined to form the document.")
     template: str | None = Field(None, description="Python format string over the fields, e.g. '{title}\\n\\n{body}'; default joins them with newlines.")
 
 
 class WebDatasetSource(StrictModel):
-    """Existing llmforge token shards (tar files with tokens.npy samples)."""
+    """WebDataset tar shards, read through the webdataset library: text samples, or llmforge's own token shards."""
 
-    paths: list[str] = Field(..., min_length=1, description="Shard files or globs.")
+    paths: list[str] = Field(..., min_length=1, description="Shards: local files or globs, brace patterns (`shard-{000000..000099}.tar`), "
+                             "`pipe:` commands (`pipe:aws s3 cp s3://bucket/shard-000001.tar -`) or http(s) URLs (opened with curl).")
+    member: str = Field("txt", pattern=r"^[^.].*", description="Extension of the member holding a sample's text (`txt`, `md`...), or `json` "
+                        "to read `field` of its .json member. Samples holding `tokens.npy` are read as tokens.")
+    field: str | None = Field(None, description="With member `json` (or `*.json`): the field holding the text; default `text`.")
+    filters: SourceFilters = Field(default_factory=dict, description="Document filters (text samples).")
+
+    @model_validator(mode="after")
+    def _field_needs_json(self) -> WebDatasetSource:
+        if self.member.endswith("json"):
+            if self.field is None:
+                self.field = "text"
+        elif self.field is not None:
+            raise field_error(type(self), "field", self.field, f"field applies to a .json member, but member is {self.member!r}")
+        return self
 
     @property
     def record_fields(self) -> frozenset[str]:
-        return frozenset()  # token documents
+        return frozenset()  # text or token documents
+
+
+class ParquetSource(FileSource):
+    """Parquet files (pyarrow; `llmforge[parquet]`), read one row group at a time."""
+
+    fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1, description="Columns joined by newlines to form the document.")
+    template: str | None = Field(None, description="Python format string over the columns, e.g. '{title}\\n\\n{body}'; default joins them with newlines.")
+
+
+class HFDatasetSource(StrictModel):
+    """A local Hugging Face dataset (`datasets`; `llmforge[hf]`), streamed offline: nothing is fetched or copied into a cache."""
+
+    path: str = Field(..., description="A folder written by `save_to_disk`, or a folder of Parquet or JSONL files.")
+    split: str = Field("train", description="The split to read.")
+    format: Literal["text", "prompt_response", "messages", "preferences"] = Field(
+        "text", description="`text`: documents from `fields`; the others: finetune records, as the instructions (prompt_response, "
+        "messages) and preferences sources read them.")
+    fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1, description="With format text: columns joined by newlines.")
+    template: str | None = Field(None, description="With format text: Python format string over the columns.")
+    filters: SourceFilters = Field(default_factory=dict, description="Document filters.")
+
+    @property
+    def record_fields(self) -> frozenset[str]:
+        return {"text": frozenset(), "messages": frozenset({"messages"}), "prompt_response": frozenset({"prompt", "response", "system"}),
+                "preferences": frozenset({"prompt", "chosen", "rejected"})}[self.format]
 
 
 class InstructionSource(FileSource):
-    """Instruction JSONL: `prompt`/`response` fields, or chat `messages` with roles."""
+    """Instruction records, by file extension: JSONL (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`) or Parquet: `prompt`/`response`, or chat `messages`."""
 
     format: Literal["prompt_response", "messages"] = Field("prompt_response", description="Record layout.")
 
@@ -117,7 +156,7 @@ class InstructionSource(FileSource):
 
 
 class PreferenceSource(FileSource):
-    """Preference JSONL: `prompt`, `chosen` and `rejected` fields."""
+    """Preference records, by file extension: JSONL (`.jsonl`, `.jsonl.gz`, `.jsonl.zst`) or Parquet: `prompt`, `chosen`, `rejected`."""
 
     @property
     def record_fields(self) -> frozenset[str]:
@@ -161,6 +200,28 @@ class GPTModel(StrictModel):
     hidden_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout after attention and MLP.")
     attention_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on attention probabilities.")
     init_method_std: float = Field(0.02, gt=0, description="Std of the normal weight init.")
+    # Mixture of experts: megatron-core's MoE layer, router and token dispatchers (llmforge.models.moe).
+    num_moe_experts: int | None = Field(None, ge=2, description="Experts per MoE layer; null = a dense model.")
+    moe_router_topk: int = Field(2, ge=1, description="Experts each token is routed to.")
+    moe_ffn_hidden_size: int | None = Field(None, ge=1, description="Each expert's MLP width; null = ffn_hidden_size.")
+    moe_shared_expert_intermediate_size: int | None = Field(
+        None, ge=1, description="Width of the shared expert every token also goes through (all shared experts together, "
+        "Qwen2-MoE / DeepSeek); null = none.")
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "none"] = Field(
+        "aux_loss", description="Load-balancing loss: `aux_loss` (Switch/GShard, per micro batch), `seq_aux_loss` (per "
+        "sequence, DeepSeek-V3), or `none`.")
+    moe_aux_loss_coeff: float = Field(1e-2, ge=0, description="Weight of the load-balancing loss (Mixtral 0.02, Qwen3-MoE 0.001).")
+    moe_z_loss_coeff: float | None = Field(None, ge=0, description="Weight of the router z-loss (ST-MoE; 1e-3 is a start); null = none.")
+    moe_router_pre_softmax: bool = Field(
+        False, description="Softmax over all experts before the top-k (HF `norm_topk_prob: false`, Qwen2-MoE): the chosen "
+        "probabilities are kept unrenormalised. false = softmax over the chosen k (renormalised; Mixtral, Qwen3-MoE). "
+        "Top-1 routing needs true.")
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = Field(
+        "alltoall", description="How tokens reach experts on other expert-parallel ranks: `alltoall` sends each token "
+        "only where it is routed; `allgather` gathers every token on every rank.")
+    moe_expert_capacity_factor: float | None = Field(
+        None, gt=0, description="Tokens an expert takes, as a multiple of an even share; the rest are dropped. null = dropless.")
+    moe_layer_freq: int = Field(1, ge=1, description="Every this many layers is an MoE layer (layer i when i % freq == 0); 1 = all.")
 
     @property
     def kv_groups(self) -> int:
@@ -213,7 +274,37 @@ class GPTModel(StrictModel):
             raise field_error(GPTModel, "add_qkv_bias", self.add_qkv_bias,
                               "add_bias_linear already puts a bias on the QKV projection; drop add_qkv_bias, "
                               "or set add_bias_linear false for a bias on QKV only")
+        self._moe_shape()
         return self
+
+    def _moe_shape(self) -> None:
+        """What megatron's MoE layer and router refuse, said at the key to change."""
+        if self.num_moe_experts is None:
+            for key, default in (("moe_ffn_hidden_size", None), ("moe_shared_expert_intermediate_size", None), ("moe_layer_freq", 1)):
+                if getattr(self, key) != default:
+                    raise field_error(GPTModel, key, getattr(self, key),
+                                      f"{key} describes MoE layers, but num_moe_experts is null (a dense model); set num_moe_experts or drop {key}")
+            return
+        if self.moe_router_topk > self.num_moe_experts:
+            raise field_error(GPTModel, "moe_router_topk", self.moe_router_topk,
+                              f"moe_router_topk {self.moe_router_topk} routes each token to more experts than num_moe_experts "
+                              f"{self.num_moe_experts}; use at most {self.num_moe_experts}")
+        if self.moe_router_topk == 1 and not self.moe_router_pre_softmax:
+            raise field_error(GPTModel, "moe_router_topk", self.moe_router_topk,
+                              "top-1 routing with moe_router_pre_softmax false takes a softmax over one expert, whose gradient is zero "
+                              "(megatron refuses it); set moe_router_pre_softmax: true, or moe_router_topk ≥ 2")
+        if self.add_bias_linear:
+            raise field_error(GPTModel, "add_bias_linear", self.add_bias_linear,
+                              "MoE experts and shared experts take no biases here (megatron supports expert biases only partly); "
+                              "set add_bias_linear: false (Mixtral, Qwen-MoE and DeepSeek have none)")
+
+    @property
+    def moe_ffn(self) -> int:
+        return self.moe_ffn_hidden_size or self.ffn
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global layer `layer` (from 0) has experts (megatron's `moe_layer_freq` as an int)."""
+        return self.num_moe_experts is not None and layer % self.moe_layer_freq == 0
 
 
 # --- optimizers and schedules -----------------------------------------------------------

@@ -74,6 +74,11 @@ class ParallelismConfig(StrictModel):
     data_parallel_size: int | Literal["auto"] = Field(
         "auto", description="Data-parallel replicas; `auto` = world size / (tensor × pipeline)."
     )
+    expert_model_parallel_size: int = Field(
+        1, ge=1, description="Expert-parallel ranks each MoE layer's experts are split across (EP); needs model.num_moe_experts. "
+        "Experts are laid out over ETP × EP × expert-DP × PP, the other layers over TP × DP × PP, on the same processes.")
+    expert_tensor_parallel_size: int | None = Field(
+        None, ge=1, description="Tensor-parallel ranks each expert's matrices are split across (ETP); null = tensor_model_parallel_size.")
     sequence_parallel: bool = Field(False, description="Split norms and dropout along the sequence over the TP group (needs TP > 1).")
     recompute_granularity: Literal["none", "selective", "full"] = Field(
         "none", description="Activation recompute: `selective` recomputes attention internals, `full` whole layers."
@@ -91,6 +96,15 @@ class ParallelismConfig(StrictModel):
     @property
     def world_size(self) -> int:
         return self.nnodes * self.nproc_per_node
+
+    @property
+    def expert_tensor_parallel(self) -> int:
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
+
+    def resolved_expert_data_parallel_size(self) -> int:
+        """Replicas of each expert: world / (ETP × EP × PP)."""
+        experts = self.expert_tensor_parallel * self.expert_model_parallel_size * self.pipeline_model_parallel_size
+        return max(1, self.world_size // experts)
 
     def resolved_data_parallel_size(self) -> int:
         if self.data_parallel_size == "auto":

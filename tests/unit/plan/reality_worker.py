@@ -58,10 +58,11 @@ def allocated_state_bytes(ddp_chunks, optimizer) -> dict[str, int]:
             grads.update(_storages([buffer.grad_data]))
     grads.update({k: v for k, v in _storages(p.grad for c in ddp_chunks for p in c.parameters() if p.grad is not None).items()
                   if k not in params})
-    inner = getattr(optimizer, "optimizer", optimizer)
-    states = _storages(t for state in inner.state.values() for t in state.values() if hasattr(t, "untyped_storage"))
+    # An MoE model's optimizer chains a dense and an expert one (runtime.optim).
+    inners = [getattr(o, "optimizer", o) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    states = _storages(t for inner in inners for state in inner.state.values() for t in state.values() if hasattr(t, "untyped_storage"))
     # What the torch optimizer steps, where it is not the model's parameters: fp32 master weights of bf16 ones.
-    states.update(_storages(p for group in inner.param_groups for p in group["params"]))
+    states.update(_storages(p for inner in inners for group in inner.param_groups for p in group["params"]))
     states = {k: v for k, v in states.items() if k not in params and k not in grads}
     return {"weights": sum(params.values()), "gradients": sum(grads.values()), "optimizer_states": sum(states.values())}
 

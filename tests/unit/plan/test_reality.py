@@ -107,6 +107,12 @@ def test_two_ranks_tensor_sequence_pipeline_and_data_parallel(tmp_path):
         one_micro_batch("specs/tiny.yaml", two, "parallelism.tensor_model_parallel_size=2"),
         one_micro_batch("specs/tiny.yaml", two, "parallelism.pipeline_model_parallel_size=2"),
         one_micro_batch("specs/tiny.yaml", two, "parallelism.use_distributed_optimizer=true", data_parallel=2),
+        # Experts sharded over EP, their optimizer state over the expert-data-parallel ranks; and whole
+        # experts (expert TP 1) beside TP 2 attention.
+        one_micro_batch("specs/moe-tiny.yaml", two, "parallelism.expert_model_parallel_size=2", "parallelism.use_distributed_optimizer=true",
+                        data_parallel=2),
+        one_micro_batch("specs/moe-tiny.yaml", two, "parallelism.expert_model_parallel_size=2", "parallelism.tensor_model_parallel_size=2",
+                        "parallelism.sequence_parallel=true", "parallelism.expert_tensor_parallel_size=1"),
     ]
     results = measure(cases, 2, tmp_path)
     for case, ranks in zip(cases, results):

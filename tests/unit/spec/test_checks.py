@@ -69,6 +69,10 @@ CASES = [
     (["model.num_query_groups=2", "parallelism.tensor_model_parallel_size=4", "parallelism.nproc_per_node=4"],
      "parallelism.tensor_model_parallel_size", "num_query_groups 2 is not divisible by tensor_model_parallel_size 4"),
     (["parallelism.sequence_parallel=true"], "parallelism.sequence_parallel", "needs tensor_model_parallel_size > 1"),
+    # The MoE layout's own cases are in test_moe_spec.py.
+    (["model.num_moe_experts=4", "model.add_bias_linear=false", "parallelism.expert_model_parallel_size=3", "parallelism.nproc_per_node=3",
+      "stages.1.train.global_batch_size=6"], "parallelism.expert_model_parallel_size",
+     "num_moe_experts 4 is not divisible by expert_model_parallel_size 3"),
     # kv_channels frees hidden_size from the heads, so the default MLP width (4 × 65) need not divide by TP 8.
     (["model.num_attention_heads=8", "model.hidden_size=65", "model.kv_channels=8", "parallelism.tensor_model_parallel_size=8",
       "parallelism.nproc_per_node=8"], "model.ffn_hidden_size", "ffn_hidden_size 260 is not divisible by tensor_model_parallel_size 8"),

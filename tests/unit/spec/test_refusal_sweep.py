@@ -49,6 +49,7 @@ def stage(stage_type: str, *fields: str, index: int = 1, name: str = "ft", sourc
 
 RL = stage("rl", "rewards: [{name: exact_match}]")
 TP2 = ("parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=2")
+MOE = ("model.num_moe_experts=4", "model.add_bias_linear=false")
 DIST_OPT_SGD = ("parallelism.use_distributed_optimizer=true", "stages.1.train.optimizer={name: sgd}")
 PRECISION = spec("Input should be 'fp32', 'bf16' or 'bf16-autocast'", "stages.1.train.precision=fp16")
 SP_SEQUENCE = spec("trains on 31-token sequences, which sequence_parallel splits", *TP2, "parallelism.sequence_parallel=true",
@@ -80,6 +81,13 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
         spec("num_query_groups 1 is not divisible by tensor_model_parallel_size 2", *TP2, "model.num_query_groups=1"),
         spec("num_layers 4 is not divisible by pipeline_model_parallel_size 3", "parallelism.pipeline_model_parallel_size=3",
              "parallelism.nproc_per_node=3"),
+        spec("num_moe_experts 4 is not divisible by expert_model_parallel_size 3", *MOE, "parallelism.expert_model_parallel_size=3",
+             "parallelism.nproc_per_node=3"),
+        spec("parallelism.expert_model_parallel_size 2 splits experts, but model.num_moe_experts is null",
+             "parallelism.expert_model_parallel_size=2", "parallelism.nproc_per_node=2"),
+        spec("the experts' MLP width 255 is not divisible by expert_tensor_parallel_size 2", *MOE, *TP2, "parallelism.sequence_parallel=true",
+             "model.moe_ffn_hidden_size=255"),
+        spec("MoE layers with tensor_model_parallel_size > 1 need sequence_parallel", *MOE, *TP2),
     ],
     ("models/gpt.py", "transformer_config", "is not supported"): PRECISION,
     ("runtime/checkpoint.py", "CheckpointManager._corrupt", "corrupt checkpoint"): DAMAGED,
@@ -94,6 +102,9 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
              "parallelism.nproc_per_node=3"),
     ("runtime/distributed.py", "resolve_layout", "parallelism.data_parallel_size is"):
         spec("data_parallel_size 2 × tensor × pipeline (1) = 2, but nnodes × nproc_per_node = 1", "parallelism.data_parallel_size=2"),
+    ("runtime/distributed.py", "resolve_layout", "expert tensor × expert × pipeline parallel"):
+        spec("is not divisible by expert tensor × expert × pipeline parallel = 1 × 2 × 1 = 2", *MOE,
+             "parallelism.expert_model_parallel_size=2"),
     ("runtime/distributed.py", "resolve_layout", "virtual_pipeline_model_parallel_size needs"):
         spec("virtual_pipeline_model_parallel_size needs pipeline_model_parallel_size > 1", "parallelism.virtual_pipeline_model_parallel_size=2"),
     ("runtime/distributed.py", "resolve_layout", "sequence_parallel needs"):
