@@ -121,6 +121,109 @@ def prepare_throughput(quick: bool) -> dict:
         shutil.rmtree(root, ignore_errors=True)
 
 
+STREAM_GOAL = 0.8  # prepare from shards served over HTTP, against the same shards read from local files
+
+
+def _write_text_shards(root: Path, shards: int, samples: int) -> float:
+    """WebDataset shards of ~2 KB text samples written by webdataset's TarWriter; returns the MB of text."""
+    import random
+
+    import webdataset as wds
+
+    rng = random.Random(0)
+    words = "the quick brown fox jumps over a lazy dog while 12 cats and 345 owls watch from the old oak tree".split()
+    total = 0
+    root.mkdir(parents=True)
+    for s in range(shards):
+        with wds.TarWriter(str(root / f"shard-{s:06d}.tar")) as sink:
+            for i in range(samples):
+                text = " ".join(rng.choice(words) for _ in range(400))
+                total += len(text)
+                sink.write({"__key__": f"{s:06d}-{i:06d}", "txt": text})
+    return total / 1e6
+
+
+def _webdataset_spec(root: Path, name: str, paths: list[str]):
+    from llmforge.spec.validate import load_and_validate
+
+    doc = {
+        "name": "bench", "tokenizer": {"name": "byte"},
+        "data": {"sources": {"web": {"name": "webdataset", "paths": paths}}, "split": {"by": "document", "val_fraction": 0.02},
+                 "shard_size_mb": 4, "num_workers": 2},
+        "model": {"name": "gpt", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "vocab_size": 512, "seq_length": 256},
+        "stages": [{"name": "prepare", "type": "prepare"}],
+    }
+    path = root / f"spec-{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return load_and_validate(str(path))[0]
+
+
+def prepare_stream(quick: bool) -> dict:
+    """MB/s of prepare on WebDataset shards streamed from a local HTTP server, over the same shards read from local files.
+
+    The server is `python -m http.server` in its own process on 127.0.0.1, so it competes with
+    prepare for the cores as a remote store would not; webdataset fetches each URL with curl.
+    The byte tokenizer keeps tokenizing cheap, so the cost of streaming shows rather than hides.
+    """
+    import socket
+
+    from llmforge.data.prepare import run_prepare
+
+    root = Path(tempfile.mkdtemp(prefix="llmforge-stream-bench-"))
+    shards = 8 if quick else 16
+    server = None
+    try:
+        megabytes = _write_text_shards(root / "shards", shards, 500 if quick else 1000)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", str(root / "shards")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        braces = f"shard-{{000000..{shards - 1:06d}}}.tar"
+        for _ in range(100):  # until the server listens
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        specs = {"local": _webdataset_spec(root, "local", [str(root / "shards" / braces)]),
+                 "http": _webdataset_spec(root, "http", [f"http://127.0.0.1:{port}/{braces}"])}
+
+        def measure(kind: str) -> float:
+            shutil.rmtree(root / kind, ignore_errors=True)
+            start = time.perf_counter()
+            run_prepare(specs[kind], root / kind, specs[kind].stages[0], log=lambda m: None)
+            return megabytes / (time.perf_counter() - start)
+
+        measure("http")  # warm-up: page cache, curl and the server's first connections
+        comparison = compare(lambda: measure("local"), lambda: measure("http"), repeats=2 if quick else 5)
+        local = _shard_hashes(root / "local")
+        same = local == _shard_hashes(root / "http")
+        figure = comparison.ratio
+        return result("prepare_stream", round(figure, 3), STREAM_GOAL, figure >= STREAM_GOAL and same, unit="x", details={
+            "text_mb": round(megabytes, 2), "shards": shards,
+            "local_mb_s": round(statistics.median(comparison.baseline), 2),
+            "http_mb_s": round(statistics.median(comparison.subject), 2),
+            "pair_ratios": comparison.details()["ratios"],
+            "same_shards": same,
+            "note": "figure = prepare MB/s from http://127.0.0.1 (python -m http.server in its own process, fetched by webdataset "
+                    "through curl) / from the same shards as local files; byte tokenizer, 2 workers",
+        })
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _shard_hashes(run_dir: Path) -> list[str]:
+    """The sha256 of every shard prepare wrote: equal lists mean both runs produced the same bytes."""
+    from llmforge.data.manifest import read_manifest
+
+    manifest = read_manifest(run_dir / "data")
+    return [s["sha256"] for split in manifest["splits"].values() for s in split["shards"]]
+
+
 LOADER_GOAL = 0.01  # the loader may add at most 1% to a step when nothing overlaps it (0 workers)
 
 
@@ -183,5 +286,5 @@ def loader_throughput(quick: bool) -> dict:
 
 if __name__ == "__main__":
     quick = "--quick" in sys.argv
-    for bench in (prepare_throughput, loader_throughput):
+    for bench in (prepare_throughput, prepare_stream, loader_throughput):
         print(json.dumps(bench(quick), indent=1))

@@ -26,11 +26,13 @@ def register_tokenizers() -> list[Component]:
 @hookimpl
 def register_sources() -> list[Component]:
     return [
-        Component("text", c.TextSource, "llmforge.data.sources:text_source", "plain text files"),
-        Component("jsonl", c.JsonlSource, "llmforge.data.sources:jsonl_source", "JSON Lines fields"),
-        Component("webdataset", c.WebDatasetSource, "llmforge.data.sources:webdataset_source", "existing token shards"),
-        Component("instructions", c.InstructionSource, "llmforge.data.sources:instruction_source", "instruction or chat JSONL"),
-        Component("preferences", c.PreferenceSource, "llmforge.data.sources:preference_source", "preference pairs JSONL"),
+        Component("text", c.TextSource, "llmforge.data.sources:text_source", "plain text files (.gz, .zst too)"),
+        Component("jsonl", c.JsonlSource, "llmforge.data.sources:jsonl_source", "JSON Lines fields (.gz, .zst too)"),
+        Component("parquet", c.ParquetSource, "llmforge.data.sources:parquet_source", "Parquet columns"),
+        Component("hf_dataset", c.HFDatasetSource, "llmforge.data.sources:hf_dataset_source", "a local HF dataset, streamed offline"),
+        Component("webdataset", c.WebDatasetSource, "llmforge.data.wds:webdataset_source", "WebDataset shards: files, URLs, pipe: commands"),
+        Component("instructions", c.InstructionSource, "llmforge.data.sources:instruction_source", "instruction or chat records (JSONL, Parquet)"),
+        Component("preferences", c.PreferenceSource, "llmforge.data.sources:preference_source", "preference pairs (JSONL, Parquet)"),
         Component("tasks", c.TaskSource, "llmforge.data.tasks:task_source", "synthetic addition and reversal tasks"),
     ]
 

@@ -40,13 +40,19 @@ def _digest(obj: object) -> str:
 
 
 def _fingerprint(name: str, options, on_error: str) -> dict:
-    """Files and content hash of a file-based source; just its options for any other."""
-    if not hasattr(options, "paths"):
-        return {"per_file": [], "sha256": None}
+    """What a re-run compares: files by content hash, URLs by what a HEAD request tells; just the options of any other source."""
     # Silent here: the source reports (or raises) the same problems when it is read.
     errors = ErrorPolicy(on_error, log=None)
-    files = resolve_files(options.paths, getattr(options, "exclude", []), errors, f"data.sources.{name}.paths")
-    return fingerprint_files(files)
+    where = f"data.sources.{name}.paths"
+    if options.name == "webdataset":
+        from llmforge.data import wds
+
+        return wds.fingerprint(options, errors, where)
+    if options.name == "hf_dataset":
+        return fingerprint_files(resolve_files([options.path], [], errors, f"data.sources.{name}.path"))
+    if not hasattr(options, "paths"):
+        return {"per_file": [], "sha256": None}
+    return fingerprint_files(resolve_files(options.paths, getattr(options, "exclude", []), errors, where))
 
 
 def _path_digest(path: Path) -> str | None:
@@ -72,8 +78,6 @@ def _documents(spec, registry, tokenizer: Tokenizer | None, policies: dict[str, 
                *, text_only: bool = False) -> Iterator[tuple[str, Document]]:
     """(source name, document) of every source in spec order, filtered and counted."""
     for name, options in spec.data.sources.items():
-        if text_only and options.name == "webdataset":
-            continue  # token shards hold no text to train a tokenizer on
         context = SourceContext(f"data.sources.{name}", policies[name], tokenizer)
         docs = registry.build("source", options, context=context)
         for doc in filtered(docs, getattr(options, "filters", None), counts[name]):

@@ -15,14 +15,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from llmforge.data import containers
 from llmforge.data.errors import ErrorPolicy
 from llmforge.data.files import resolve_files
+from llmforge.spec.errors import UserError
 
 if TYPE_CHECKING:
     from llmforge.data.tokenizers import Tokenizer
     from llmforge.spec import components as c
 
 ROLES = ("system", "user", "assistant")
+TRUNCATED_HINT = "the file was cut short (an interrupted download or copy): fetch or compress it again"
+UTF8_HINT = "convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,23 +53,29 @@ class SourceContext:
 
 
 def read_text(path: Path, errors: ErrorPolicy) -> str | None:
-    """The file as UTF-8 text, or None after reporting it as bad (unreadable, undecodable).
+    """The file as UTF-8 text (decompressed when it ends in .gz or .zst), or None after reporting it as bad.
 
     An empty file matched by a glob is no error (a package's empty `__init__.py`); its empty
     document is dropped and counted by the filters. A file named on its own must not be empty.
     """
     try:
-        data = path.read_bytes()
+        data = b"".join(containers.chunks(path))
     except OSError as e:
         errors.bad(str(path), f"cannot read: {e.strerror}", "check that the file exists and is readable")
+        return None
+    except containers.Truncated as e:
+        errors.bad(str(path), str(e), TRUNCATED_HINT)
         return None
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        errors.bad(f"{path}:{line}", f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})",
-                   "convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+        errors.bad(f"{path}:{line}", _not_utf8(data, e), UTF8_HINT)
         return None
+
+
+def _not_utf8(data: bytes, e: UnicodeDecodeError, base: int = 0) -> str:
+    return f"not valid UTF-8 (byte 0x{data[e.start]:02x} at offset {base + e.start})"
 
 
 def _files(options: c.FileSource, context: SourceContext) -> list[Path]:
@@ -98,25 +108,58 @@ def text_source(options: c.TextSource, *, context: SourceContext) -> Iterator[Do
                     yield Document(line_text, f"{path}:{i}")
 
 
-def _json_records(options: c.FileSource, context: SourceContext) -> Iterator[tuple[dict, str]]:
-    """(record, 'file:line') for every non-blank line of every file; bad lines go to the policy."""
+def _file_records(options: c.FileSource, context: SourceContext) -> Iterator[tuple[dict, str]]:
+    """(record, place) of every file, by extension: a line of JSONL (plain, .gz, .zst) or a Parquet row."""
     for path in _files(options, context):
-        text = read_text(path, context.errors)
-        if text is None:
-            continue
-        for i, line in enumerate(text.split("\n"), 1):
+        if path.name.endswith(".parquet"):
+            yield from parquet_records(path, None, context)
+        else:
+            yield from _jsonl_records(path, context.errors)
+
+
+def _jsonl_records(path: Path, errors: ErrorPolicy) -> Iterator[tuple[dict, str]]:
+    """(record, 'file:line') for every non-blank line, streamed; bad lines go to the policy."""
+    try:
+        for i, offset, raw in containers.lines(path):
+            where = f"{path}:{i}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.bad(where, _not_utf8(raw, e, offset), UTF8_HINT)
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{i}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                context.errors.bad(where, f"invalid JSON: {e.msg} (column {e.colno})", "each line must be one JSON object")
+                errors.bad(where, f"invalid JSON: {e.msg} (column {e.colno})", "each line must be one JSON object")
                 continue
             if not isinstance(record, dict):
-                context.errors.bad(where, f"expected a JSON object, got {type(record).__name__}", "each line must be one JSON object")
+                errors.bad(where, f"expected a JSON object, got {type(record).__name__}", "each line must be one JSON object")
                 continue
             yield record, where
+    except OSError as e:
+        errors.bad(str(path), f"cannot read: {e.strerror}", "check that the file exists and is readable")
+    except containers.Truncated as e:
+        errors.bad(str(path), str(e), TRUNCATED_HINT)
+
+
+def parquet_records(path: Path, columns: list[str] | None, context: SourceContext) -> Iterator[tuple[dict, str]]:
+    """(row, 'file:row N') of a Parquet file, a row group at a time; an unreadable file or missing column goes to the policy."""
+    needed_by = f"{context.name} ({path.name})"
+    rows = containers.parquet_rows(path, columns, needed_by)
+    while True:
+        try:
+            i, record = next(rows)
+        except StopIteration:
+            return
+        except KeyError as e:
+            context.errors.bad(str(path), e.args[0], "fix the source's column names")
+            return
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            context.errors.bad(str(path), f"not a readable Parquet file: {e}", "write the file again (pyarrow.parquet.write_table)")
+            return
+        yield record, f"{path}:row {i}"
 
 
 def _strings(record: dict, fields: list[str], where: str, errors: ErrorPolicy) -> dict[str, str] | None:
@@ -126,26 +169,44 @@ def _strings(record: dict, fields: list[str], where: str, errors: ErrorPolicy) -
         if f not in record:
             errors.bad(where, f"no field {f!r} (fields: {', '.join(record) or 'none'})", "add the field or fix the source's field names")
             return None
-        if not isinstance(record[f], str):
-            errors.bad(where, f"field {f!r} is {type(record[f]).__name__}, expected a string", "store text fields as JSON strings")
+        value = record[f]
+        if isinstance(value, bytes):  # a Parquet or Arrow binary column
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.bad(f"{where} {f}", _not_utf8(value, e), "store the column as UTF-8 strings")
+                return None
+        if not isinstance(value, str):
+            errors.bad(where, f"field {f!r} is {type(value).__name__}, expected a string", "store text fields as strings")
             return None
-        out[f] = record[f]
+        out[f] = value
     return out
 
 
-def jsonl_source(options: c.JsonlSource, *, context: SourceContext) -> Iterator[Document]:
-    """JSON Lines; a document is the chosen fields joined by newlines, or formatted by `template`."""
-    template_fields = None
-    if options.template is not None:
+def _texts(records: Iterator[tuple[dict, str]], fields: list[str], template: str | None, errors: ErrorPolicy) -> Iterator[Document]:
+    """A document per record: the fields joined by newlines, or formatted by `template`."""
+    names = fields
+    if template is not None:
         import string
 
-        template_fields = [name for _, name, _, _ in string.Formatter().parse(options.template) if name]
-    for record, where in _json_records(options, context):
-        values = _strings(record, template_fields or options.fields, where, context.errors)
+        names = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    for record, where in records:
+        values = _strings(record, names, where, errors)
         if values is None:
             continue
-        text = options.template.format_map(values) if options.template is not None else "\n".join(values.values())
-        yield Document(text, where)
+        yield Document(template.format_map(values) if template is not None else "\n".join(values.values()), where)
+
+
+def jsonl_source(options: c.JsonlSource, *, context: SourceContext) -> Iterator[Document]:
+    """JSON Lines (plain, .gz or .zst); a document is the chosen fields joined by newlines, or formatted by `template`."""
+    yield from _texts(_file_records(options, context), options.fields, options.template, context.errors)
+
+
+def parquet_source(options: c.ParquetSource, *, context: SourceContext) -> Iterator[Document]:
+    """Parquet files, a row group at a time; a document is the chosen columns joined by newlines, or formatted by `template`."""
+    columns = options.fields if options.template is None else None
+    for path in _files(options, context):
+        yield from _texts(parquet_records(path, columns, context), options.fields, options.template, context.errors)
 
 
 def _message_list(record: dict, where: str, errors: ErrorPolicy) -> list[dict[str, str]] | None:
@@ -166,56 +227,66 @@ def _message_list(record: dict, where: str, errors: ErrorPolicy) -> list[dict[st
     return out
 
 
+def _instruction(record: dict, where: str, fmt: str, errors: ErrorPolicy) -> dict | None:
+    if fmt == "messages":
+        messages = _message_list(record, where, errors)
+        return None if messages is None else {"messages": messages}
+    values = _strings(record, ["prompt", "response"], where, errors)
+    if values is not None and record.get("system") is not None:
+        system = _strings(record, ["system"], where, errors)
+        if system is None:
+            return None
+        values.update(system)
+    return values
+
+
+def _preference(record: dict, where: str, errors: ErrorPolicy) -> dict | None:
+    return _strings(record, ["prompt", "chosen", "rejected"], where, errors)
+
+
 def instruction_source(options: c.InstructionSource, *, context: SourceContext) -> Iterator[Document]:
-    """Instruction records: {prompt, response[, system]} or {messages: [{role, content}, ...]}."""
-    for record, where in _json_records(options, context):
-        if options.format == "messages":
-            messages = _message_list(record, where, context.errors)
-            if messages is not None:
-                yield Document({"messages": messages}, where)
-            continue
-        values = _strings(record, ["prompt", "response"], where, context.errors)
-        if values is None:
-            continue
-        if "system" in record:
-            system = _strings(record, ["system"], where, context.errors)
-            if system is None:
-                continue
-            values.update(system)
-        yield Document(values, where)
-
-
-def preference_source(options: c.PreferenceSource, *, context: SourceContext) -> Iterator[Document]:
-    """Preference records: {prompt, chosen, rejected}."""
-    for record, where in _json_records(options, context):
-        values = _strings(record, ["prompt", "chosen", "rejected"], where, context.errors)
-        if values is not None:
+    """Instruction records: {prompt, response[, system]} or {messages: [{role, content}, ...]}, from JSONL or Parquet."""
+    for record, where in _file_records(options, context):
+        if (values := _instruction(record, where, options.format, context.errors)) is not None:
             yield Document(values, where)
 
 
-def webdataset_source(options: c.WebDatasetSource, *, context: SourceContext) -> Iterator[Document]:
-    """Samples of existing llmforge token shards, checked against their manifest and our tokenizer."""
-    from llmforge.data import shards
+def preference_source(options: c.PreferenceSource, *, context: SourceContext) -> Iterator[Document]:
+    """Preference records: {prompt, chosen, rejected}, from JSONL or Parquet."""
+    for record, where in _file_records(options, context):
+        if (values := _preference(record, where, context.errors)) is not None:
+            yield Document(values, where)
 
-    tok = context.tokenizer
-    for path in resolve_files(options.paths, [], context.errors, f"{context.name}.paths"):
-        found = shards.find_manifest(path)
-        trim = 0
-        if found is not None:
-            manifest, record = found
-            if tok is not None and manifest["tokenizer"]["sha256"] != tok.hash:
-                context.errors.bad(str(path), "was made with a different tokenizer than this run's",
-                                   "use the tokenizer of those shards (tokenizer: {name: pretrained, path: <their run>/tokenizer}) or the raw text")
-                continue
-            problem = shards.file_problem(path, record)
-            if problem is not None:
-                context.errors.bad(str(path), problem, "prepare those shards again")
-                continue
-            # Consecutive windows share one token; drop it so the token stream is not duplicated.
-            trim = 1 if manifest.get("packing") == "windows" else 0
-        for key, tokens in shards.iter_tar(path, context.errors):
-            if tok is not None and tokens.size and int(tokens.max()) >= tok.vocab_size:
-                context.errors.bad(f"{path}:{key}", f"token id {int(tokens.max())} ≥ the tokenizer's vocabulary of {tok.vocab_size}",
-                                   "these shards were made with a bigger vocabulary; prepare them with this run's tokenizer")
-                continue
-            yield Document(tokens[: tokens.size - trim] if trim else tokens, f"{path}:{key}")
+
+def _hf_records(options: c.HFDatasetSource, context: SourceContext) -> Iterator[tuple[dict, str]]:
+    """(record, 'path[split]:row N') of a local HF dataset; a dataset that cannot be read goes to the policy."""
+    rows = containers.hf_rows(options.path, options.split, f"{context.name} (hf_dataset)")
+    where = f"{options.path}[{options.split}]"
+    i = -1
+    while True:
+        try:
+            i, record = next(rows)
+        except StopIteration:
+            return
+        except UserError:
+            raise
+        except Exception as e:  # datasets raises many kinds (DatasetGenerationError, ArrowInvalid, FileNotFoundError...)
+            context.errors.bad(f"{where}:row {i + 1}", f"cannot read the dataset: {type(e).__name__}: {e}",
+                               "check the folder: save it again with save_to_disk, or fix the file the message names")
+            return
+        yield record, f"{where}:row {i}"
+
+
+def hf_dataset_source(options: c.HFDatasetSource, *, context: SourceContext) -> Iterator[Document]:
+    """A local HF dataset (save_to_disk, or a folder of Parquet/JSONL), streamed offline: text documents or finetune records."""
+    records = _hf_records(options, context)
+    if options.format == "text":
+        yield from _texts(records, options.fields, options.template, context.errors)
+        return
+    for record, where in records:
+        if options.format == "preferences":
+            values = _preference(record, where, context.errors)
+        else:
+            values = _instruction(record, where, options.format, context.errors)
+        if values is not None:
+            yield Document(values, where)

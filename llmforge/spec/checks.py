@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -561,7 +562,14 @@ def _input_fields(s: Sections) -> Iterator[tuple[tuple, Any]]:
 
 
 def _matches(pattern: str) -> bool:
-    pattern = os.path.expanduser(pattern)
+    """Whether a local pattern names a file; `pipe:` commands and URLs are never run or opened here (always true)."""
+    if pattern.startswith("pipe:") or re.match(r"^[a-z][a-z0-9+.-]*://", pattern, re.I) and not pattern.startswith("file://"):
+        return True
+    pattern = os.path.expanduser(pattern.removeprefix("file://"))
+    if not os.path.exists(pattern) and re.search(r"\{[^{}]*(,|\.\.)[^{}]*\}", pattern):  # a WebDataset brace pattern: every shard it names must exist
+        import braceexpand
+
+        return all(_matches(p) for p in braceexpand.braceexpand(pattern))
     if glob.has_magic(pattern):
         return next(glob.iglob(pattern, recursive=True), None) is not None
     return os.path.exists(pattern)
@@ -579,6 +587,9 @@ def run_checks(sections: Sections, loaded: LoadedSpec, *, check_inputs: bool = T
                     yield_path = (*path, "paths", j)
                     issues.append(_issue(loaded, yield_path, f"0 files match {pattern!r}",
                                          "fix the path (relative paths resolve against the current directory), or pass --skip-inputs"))
+            if getattr(src, "name", None) == "hf_dataset" and not os.path.isdir(os.path.expanduser(src.path)):
+                issues.append(_issue(loaded, (*path, "path"), f"dataset folder not found: {src.path!r}",
+                                     "point it at a folder written by save_to_disk or holding Parquet/JSONL files, or pass --skip-inputs"))
         tok = sections.get("tokenizer")
         if tok is not None and getattr(tok, "name", None) == "pretrained" and not os.path.exists(os.path.expanduser(tok.path)):
             issues.append(_issue(loaded, ("tokenizer", "path"), f"tokenizer file not found: {tok.path}", "point it at a local tokenizer.json or directory"))

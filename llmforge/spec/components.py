@@ -101,13 +101,23 @@ class WebDatasetSource(StrictModel):
 
     paths: list[str] = Field(..., min_length=1, description="Shards: local files or globs, brace patterns (`shard-{000000..000099}.tar`), "
                              "`pipe:` commands (`pipe:aws s3 cp s3://bucket/shard-000001.tar -`) or http(s) URLs (opened with curl).")
-    member: str = Field("txt", pattern=r"^[^.].*", description="Extension of the member holding a sample's text (`txt`, `md`...), or `json` "
+    member: str = Field("txt", min_length=1, description="Extension of the member holding a sample's text (`txt`, `md`...), or `json` "
                         "to read `field` of its .json member. Samples holding `tokens.npy` are read as tokens.")
     field: str | None = Field(None, description="With member `json` (or `*.json`): the field holding the text; default `text`.")
     filters: SourceFilters = Field(default_factory=dict, description="Document filters (text samples).")
 
+    # The URL schemes webdataset's gopen opens (its `gopen_schemes`); `s3://` is not one: a `pipe:` command reads it.
+    URL_SCHEMES: ClassVar[frozenset[str]] = frozenset({"file", "http", "https", "sftp", "ftps", "scp", "gs", "ais", "hf", "htgs"})
+
     @model_validator(mode="after")
     def _field_needs_json(self) -> WebDatasetSource:
+        self.member = self.member.lstrip(".").lower()  # webdataset groups members by lower-case extension, without its dot
+        for j, path in enumerate(self.paths):
+            scheme = path.split("://", 1)[0].lower() if "://" in path and not path.startswith("pipe:") else None
+            if scheme is not None and scheme not in self.URL_SCHEMES:
+                raise field_error(type(self), ("paths", j), path, f"webdataset cannot open {scheme}:// URLs (it opens "
+                                  f"{', '.join(sorted(self.URL_SCHEMES))} and pipe: commands); e.g. for S3 write "
+                                  f"'pipe:aws s3 cp {path} -'")
         if self.member.endswith("json"):
             if self.field is None:
                 self.field = "text"
@@ -138,6 +148,13 @@ class HFDatasetSource(StrictModel):
     fields: list[str] = Field(default_factory=lambda: ["text"], min_length=1, description="With format text: columns joined by newlines.")
     template: str | None = Field(None, description="With format text: Python format string over the columns.")
     filters: SourceFilters = Field(default_factory=dict, description="Document filters.")
+
+    @model_validator(mode="after")
+    def _text_options_need_text(self) -> HFDatasetSource:
+        for name in ("fields", "template"):
+            if self.format != "text" and name in self.model_fields_set:
+                raise field_error(type(self), name, getattr(self, name), f"{name} applies to format text, but format is {self.format!r}")
+        return self
 
     @property
     def record_fields(self) -> frozenset[str]:

@@ -70,6 +70,7 @@ DATA_CONTENTS = "depends on the contents of the input files, which validate does
 DAMAGED = "a damaged or changed file; validate does not read the files"
 RESUME = "compares the spec or data with what a checkpoint recorded when resuming"
 LAUNCH = "depends on how the job is launched (command line, launcher environment, machine)"
+INSTALLED = "depends on the packages and programs installed on the machine, not on the spec"
 TEMPLATE_FILE = ("depends on the chat template in the tokenizer's files; validate renders a probe conversation with it "
                  "(spec/checks.py _tokenizer_template_problems) and refuses the same way")
 
@@ -175,6 +176,12 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
         spec("max_new_tokens 32 leaves no room for a prompt", RL, "stages.1.max_new_tokens=32"),
     ("finetune/rollout.py", "RolloutSource.load_state_dict", "rollout state version"): CHECKPOINT_VERSION,
     ("data/errors.py", "ErrorPolicy.bad", "SKIP_HINT"): DATA_CONTENTS + " (data.on_error: raise)",
+    ("data/containers.py", "optional", "which is not installed"): INSTALLED + " (pyarrow, datasets, zstandard: the data extras)",
+    ("data/containers.py", "hf_rows", "dataset folder not found"):
+        spec("dataset folder not found: 'nowhere'", "data.sources.add={name: hf_dataset, path: nowhere}"),
+    ("data/containers.py", "hf_rows", "has no split"): DATA_CONTENTS + " (the splits a saved dataset holds)",
+    ("data/containers.py", "hf_rows", "holds no dataset"): DATA_CONTENTS + " (the files in the dataset folder)",
+    ("data/wds.py", "_check_curl", "which is not on PATH"): INSTALLED + " (curl, which webdataset opens URLs with)",
     ("data/loader.py", "TokenLoader.__init__", "split holds no samples"): DATA_AMOUNT + " (val_fraction 0 under val_loss is refused)",
     ("data/loader.py", "TokenLoader.__init__", "is not divisible by micro_batch_size"):
         spec("not divisible by micro_batch_size 2 × data-parallel size 1", "stages.1.train.global_batch_size=5"),
