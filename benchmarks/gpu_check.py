@@ -6,6 +6,8 @@ script. On a CPU machine:
     python benchmarks/gpu_check.py --prepare    # the tiny spec's shards + tokenizer to carry, and the CPU reference
     python benchmarks/gpu_check.py --dry-run    # the same path with a tiny model, no CUDA
 
+The `gpu` tests include packed documents through SDPA's block-causal mask on CUDA (tests/gpu/test_documents.py).
+
 Figures, all written to `<out>/gpu_check.json` (`$OUT` on the device):
 - tokens/s of specs/gpu-1b.yaml at the largest micro batch `llmforge plan --gpu h200-141gb`
   says fits (a divisor of the global batch, so the step is the spec's);

@@ -132,6 +132,7 @@ class MaskedBatch:
 
     tokens: list[Any]  # LongTensor [micro, length + 1]
     masks: list[Any]  # FloatTensor [micro, length]
+    segments: list[Any] | None = None  # LongTensor [micro, length]: example index per input token of packed rows
 
 
 class Packed(NamedTuple):
@@ -161,6 +162,50 @@ def pack_examples(encoded: list[tuple[list[int], list[int]]], length: int, pad_i
         masks[i, : len(ids) - 1] = mask[1:]
         inputs[i] = min(len(ids), length)
     return Packed(tokens, masks, truncated, inputs)
+
+
+class PackedDocuments(NamedTuple):
+    """Several examples per row (`packing: true`), with each input token's example index in its row."""
+
+    tokens: np.ndarray  # [rows, width] token ids, padded at the end
+    masks: np.ndarray  # [rows, width - 1] each example's own loss mask on the targets; 0 across a boundary and on padding
+    truncated: int  # examples cut to fit one row
+    input_tokens: np.ndarray  # [rows] real input tokens the model reads of each row
+    segments: np.ndarray  # [rows, width - 1] example index of each input token (padding: one past the row's last example)
+
+
+def pack_documents(encoded: list[tuple[list[int], list[int]]], length: int, pad_id: int) -> PackedDocuments:
+    """Examples laid end to end in rows of length+1 tokens, in order: one starts a new row when it does not fit.
+
+    Greedy and order-keeping (TRL's `packing_strategy: wrapped` without cutting examples): the
+    rows are the loader's samples, so their order is the seed's as without packing.
+    """
+    rows: list[list[tuple[list[int], list[int]]]] = [[]]
+    used, truncated = 0, 0
+    for ids, mask in encoded:
+        if len(ids) > length + 1:
+            truncated += 1
+            ids, mask = ids[: length + 1], mask[: length + 1]
+        if used + len(ids) > length + 1:
+            rows.append([])
+            used = 0
+        rows[-1].append((ids, mask))
+        used += len(ids)
+    tokens = np.full((len(rows), length + 1), pad_id, dtype=np.int64)
+    masks = np.zeros((len(rows), length), dtype=np.float32)
+    segments = np.zeros((len(rows), length), dtype=np.int64)
+    inputs = np.zeros(len(rows), dtype=np.int64)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, (ids, mask) in enumerate(row):
+            tokens[r, at:at + len(ids)] = ids
+            # Target j is token j + 1: an example's first token is never a target of the one before.
+            masks[r, at:at + len(ids) - 1] = mask[1:]
+            segments[r, at:min(at + len(ids), length)] = k
+            at += len(ids)
+        segments[r, min(at, length):] = len(row)
+        inputs[r] = min(at, length)
+    return PackedDocuments(tokens, masks, truncated, inputs, segments)
 
 
 class RecordDigests:
@@ -210,12 +255,12 @@ class SFTLoader:
 
     def __init__(self, tokens: np.ndarray, masks: np.ndarray, *, global_batch_size: int, micro_batch_size: int,
                  dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, data_files: DataFiles | None = None,
-                 input_tokens: np.ndarray | None = None):
+                 input_tokens: np.ndarray | None = None, segments: np.ndarray | None = None):
         if len(tokens) == 0:
             raise UserError("the finetune set is empty", "check the stage's data sources and filters")
         if global_batch_size % (micro_batch_size * dp_size):
             raise UserError(f"global_batch_size {global_batch_size} is not divisible by micro {micro_batch_size} × dp {dp_size}")
-        self.tokens, self.masks = tokens, masks
+        self.tokens, self.masks, self.segments = tokens, masks, segments
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.seed, self.shuffle = dp_rank, dp_size, seed, shuffle
         self.data_files = data_files or {}
@@ -243,7 +288,8 @@ class SFTLoader:
         tok = torch.from_numpy(self.tokens[rows])
         mask = torch.from_numpy(self.masks[rows])
         n = per_rank // self.micro_batch_size
-        return MaskedBatch(list(tok.chunk(n)), list(mask.chunk(n)))
+        segments = None if self.segments is None else list(torch.from_numpy(self.segments[rows]).chunk(n))
+        return MaskedBatch(list(tok.chunk(n)), list(mask.chunk(n)), segments)
 
     def steps_for_tokens(self, max_tokens: int) -> int:
         """Optimizer steps until `max_tokens` real input tokens have been read, along the loader's own order."""

@@ -11,7 +11,7 @@ def check_layout(context, stage) -> None:
     """Refuse, at run time too, a layout the stage's step cannot run (validate says the same)."""
     from llmforge.spec.stages import layout_problems
 
-    problems = layout_problems(stage, context.spec.parallelism)
+    problems = layout_problems(stage, context.spec.parallelism, model=context.spec.model)
     if problems:
         raise UserError(f"stage {stage.name!r}: " + "; ".join(problems), "change parallelism, or run this stage from a spec of its own")
 

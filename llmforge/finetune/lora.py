@@ -42,16 +42,17 @@ class LoRAAdapter(torch.nn.Module):
     """The low-rank update of one megatron linear; called by a hook with the linear's input."""
 
     def __init__(self, linear: torch.nn.Module, *, kind: str, rank: int, alpha: float, dropout: float, gated: bool,
-                 seed: int, name: str):
+                 seed: int, name: str, expert: bool = False):
         from megatron.core import parallel_state
         from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
         super().__init__()
         self.kind, self.rank, self.scale, self.gated = kind, rank, alpha / rank, gated
-        self.dropout = dropout
-        self.sequence_parallel = bool(getattr(linear, "sequence_parallel", False))
-        self.tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        self.dropout, self.expert = dropout, expert
+        self.sequence_parallel = bool(getattr(linear, "sequence_parallel", False)) and not expert
+        # A routed expert's linear is whole on its rank (expert_tensor_parallel_size 1: layout_problems), whatever TP is.
+        self.tp_size = 1 if expert else parallel_state.get_tensor_model_parallel_world_size()
+        tp_rank = 0 if expert else parallel_state.get_tensor_model_parallel_rank()
         out_local, in_local = linear.weight.shape
         in_full = in_local * (self.tp_size if kind == "row" else 1)
         weight = linear.weight
@@ -61,7 +62,9 @@ class LoRAAdapter(torch.nn.Module):
         self.A = torch.nn.Parameter(full_a.to(device=weight.device, dtype=weight.dtype).contiguous())
         self.B = torch.nn.Parameter(torch.zeros(out_local, rank, device=weight.device, dtype=weight.dtype))
         split, replicated = (self.B, self.A) if kind == "column" else (self.A, self.B)
-        set_tensor_model_parallel_attributes(split, True, 0 if kind == "column" else 1, 1)
+        set_tensor_model_parallel_attributes(split, not expert, 0 if kind == "column" else 1, 1)
+        if expert:  # reduced over the expert-data-parallel group, as the expert's own weights (models.moe)
+            self.A.allreduce = self.B.allreduce = False
         # Under SP the replicated factor sees a different slice of the work on each TP rank.
         replicated.sequence_parallel = self.sequence_parallel
 
@@ -77,11 +80,14 @@ class LoRAAdapter(torch.nn.Module):
             if self.sequence_parallel:
                 x = tp.gather_from_sequence_parallel_region(x)
             h = F.linear(x, self.A)
-            if not self.sequence_parallel:
+            if not self.sequence_parallel and not self.expert:
                 h = tp.copy_to_tensor_model_parallel_region(h)
         else:
             h = F.linear(x, self.A)
-            h = tp.reduce_scatter_to_sequence_parallel_region(h) if self.sequence_parallel else tp.reduce_from_tensor_model_parallel_region(h)
+            if self.sequence_parallel:
+                h = tp.reduce_scatter_to_sequence_parallel_region(h)
+            elif not self.expert:
+                h = tp.reduce_from_tensor_model_parallel_region(h)
         return F.linear(h, self.B) * self.scale
 
     def delta_weight(self) -> torch.Tensor:
@@ -92,7 +98,7 @@ class LoRAAdapter(torch.nn.Module):
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-        axis = {"B": 0} if self.kind == "column" else {"A": 1}
+        axis = {} if self.expert else {"B": 0} if self.kind == "column" else {"A": 1}
         entries = make_sharded_tensors_for_checkpoint({"A": self.A, "B": self.B}, prefix, axis, sharded_offsets)
         if self.gated:
             # fc1's local rows are [gate shard; up shard]: saved as two halves, as megatron saves fc1.
@@ -136,14 +142,28 @@ def attach_lora(model_chunks: list[torch.nn.Module], *, targets: list[str], rank
         for index, layer in enumerate(model.decoder.layers):
             for target in targets:
                 holder_name, kind = TARGETS[target]
-                holder = getattr(layer, holder_name)
-                linear = getattr(holder, target)
-                name = global_name(model, f"decoder.layers.{index}.{holder_name}.{target}")
-                gated = target == "linear_fc1" and model.config.gated_linear_unit
-                adapter = LoRAAdapter(linear, kind=kind, rank=rank, alpha=alpha, dropout=dropout, gated=gated, seed=seed, name=name)
-                holder.add_module(f"{PREFIX}{target}", adapter)
-                attached.append(Attached(linear, adapter, linear.register_forward_hook(_add_delta(adapter))))
+                for path, holder, expert in _holders(layer, holder_name):
+                    linear = getattr(holder, target)
+                    name = global_name(model, f"decoder.layers.{index}.{path}.{target}")
+                    gated = target == "linear_fc1" and model.config.gated_linear_unit
+                    adapter = LoRAAdapter(linear, kind=kind, rank=rank, alpha=alpha, dropout=dropout, gated=gated, seed=seed, name=name,
+                                          expert=expert)
+                    holder.add_module(f"{PREFIX}{target}", adapter)
+                    attached.append(Attached(linear, adapter, linear.register_forward_hook(_add_delta(adapter))))
     return attached
+
+
+def _holders(layer: torch.nn.Module, holder_name: str) -> list[tuple[str, torch.nn.Module, bool]]:
+    """(path in the layer, module, is a routed expert) of each module holding a target linear: the attention or
+    dense MLP itself; in an MoE layer, every local routed expert (megatron's SequentialMLP: one MLP each) and the shared expert."""
+    holder = getattr(layer, holder_name)
+    experts = getattr(holder, "experts", None)
+    if experts is None:
+        return [(holder_name, holder, False)]
+    out = [(f"{holder_name}.experts.local_experts.{j}", expert, True) for j, expert in enumerate(experts.local_experts)]
+    if getattr(holder, "shared_experts", None) is not None:
+        out.append((f"{holder_name}.shared_experts", holder.shared_experts, False))
+    return out
 
 
 def adapters(model_chunks: list[torch.nn.Module]) -> Iterator[tuple[torch.nn.Module, LoRAAdapter]]:

@@ -72,11 +72,11 @@ class PreferenceStep(_PairStep):
         super().__init__(*args, **kwargs)
         self.reference, self.beta, self.loss_kind = reference, beta, loss
 
-    def _run_schedule(self, micro_batches, loss_masks, *, forward_only: bool) -> list:
+    def _run_schedule(self, micro_batches, loss_masks, *, forward_only: bool, segments=None) -> list:
         # Replica-local: each DP replica scores its own micro batches.
         scored = [_Scored(m, self.reference.logprobs(t, micro_batch_size=t.shape[0], shared=False))
                   for t, m in zip(micro_batches, loss_masks)]
-        return super()._run_schedule(micro_batches, scored, forward_only=forward_only)
+        return super()._run_schedule(micro_batches, scored, forward_only=forward_only, segments=segments)
 
     def _forward_step(self, data_iterator, model):
         batch, scored = next(data_iterator)

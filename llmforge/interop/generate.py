@@ -79,8 +79,12 @@ def generation_layout(overrides: list[str] | tuple[str, ...] = (), *, nproc_per_
         raise UserError(f"{shown} {error.get('input')!r}: {error['msg']}", f"give {field} a valid value, or drop the override") from None
     tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
     if "nproc_per_node" not in values:
+        import math
+
         dp = layout.data_parallel_size if isinstance(layout.data_parallel_size, int) else 1
-        layout = layout.model_copy(update={"nproc_per_node": tp * pp * dp})
+        # Experts split over EP ranks come from the data-parallel replicas: enough processes for both.
+        experts = layout.expert_tensor_parallel * layout.expert_model_parallel_size * pp
+        layout = layout.model_copy(update={"nproc_per_node": math.lcm(tp * pp * dp, experts)})
     if layout.nnodes != 1:
         raise UserError(f"`llmforge generate` runs on one machine, but parallelism.nnodes is {layout.nnodes}",
                         "drop the parallelism.nnodes override; --nproc-per-node sets the processes")
@@ -221,7 +225,8 @@ class TextGenerator:
         tp = ps.get_tensor_model_parallel_world_size() if layout.distributed else 1
         vpp = self.parallelism.virtual_pipeline_model_parallel_size
         stages = f"PP {layout.pp_size}" + (f" (× {vpp} virtual)" if vpp else "")
-        return f"TP {tp} × {stages} × DP {layout.dp_size} over {self.world_size} process{'es' if self.world_size != 1 else ''}"
+        experts = f" (experts: EP {layout.ep_size})" if layout.ep_size > 1 else ""
+        return f"TP {tp} × {stages} × DP {layout.dp_size}{experts} over {self.world_size} process{'es' if self.world_size != 1 else ''}"
 
     def share(self, value):
         """Rank 0's `value` on every rank (the next interactive prompt)."""

@@ -58,6 +58,10 @@ def skeleton_model(options: GPTModel) -> torch.nn.Module:
     from llmforge.models.gpt import layer_spec, transformer_config
 
     config = dataclasses.replace(transformer_config(options, _one_process_layout(), precision="fp32"), use_cpu_initialization=True)
+    if config.num_moe_experts:  # as build_gpt does: the export's self-check runs this skeleton's MoE layers
+        from llmforge.models import cpu_compat
+
+        cpu_compat.fix_moe_without_transformer_engine()
     with torch.device("meta"):
         return MegatronGPT(
             config=config,

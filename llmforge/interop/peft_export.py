@@ -164,6 +164,11 @@ def export_peft(src: Source, target: Target, tokenizer, out_dir: Path, *, dtype:
 
     model = target.model
     meta = lora_meta(src.step_dir)
+    on_experts = sorted({"linear_fc1", "linear_fc2"} & set(meta["target_modules"]))
+    if model.num_moe_experts is not None and on_experts:
+        raise UserError(f"{src.step_dir}: --peft cannot write adapters on the experts' {' and '.join(on_experts)} (lora.target_modules): "
+                        "transformers 5 keeps each layer's experts as one fused tensor, which PEFT's LoRA does not adapt",
+                        "drop --peft to export the merged model, or train adapters on linear_qkv and linear_proj only")
     base = base_of(src.step_dir, meta)
     if not base.is_dir():
         raise UserError(f"{src.step_dir / 'lora.json'} names the base checkpoint {base}, which does not exist",

@@ -171,21 +171,35 @@ def _regions(entries: dict[str, Any]) -> dict[str, _Region]:
     return out
 
 
-def _region_planner(regions: dict[str, _Region]):
+def _boxes(regions: list[_Region]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Checkpoint key → (offsets, sizes) of the smallest block holding every region of it: one layer of a
+    stacked tensor, or all of a layer's experts (which share one key, one block per expert)."""
+    out: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+    for r in regions:
+        ends = tuple(o + n for o, n in zip(r.offsets, r.sizes, strict=True))
+        if r.key in out:
+            start, size = out[r.key]
+            ends = tuple(max(e, a + n) for e, a, n in zip(ends, start, size, strict=True))
+            start = tuple(min(o, a) for o, a in zip(r.offsets, start, strict=True))
+        else:
+            start = r.offsets
+        out[r.key] = (start, tuple(e - a for e, a in zip(ends, start, strict=True)))
+    return out
+
+
+def _region_planner(boxes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]]):
     """torch's load planner, asked for one block of each key (a layer of a stacked tensor) rather than the whole of it;
-    torch's resharding reads it from whatever chunks any TP/PP layout saved."""
+    torch's resharding reads it from whatever chunks any TP/PP/EP layout saved."""
     from torch.distributed.checkpoint import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan
     from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-    by_key = {region.key: region for region in regions.values()}
-
     class Blocks(DefaultLoadPlanner):
         def create_local_plan(self) -> LoadPlan:
             items = []
             for key, tensor in self.state_dict.items():
-                chunk = ChunkStorageMetadata(offsets=torch.Size(by_key[key].offsets), sizes=tensor.size())
+                chunk = ChunkStorageMetadata(offsets=torch.Size(boxes[key][0]), sizes=tensor.size())
                 items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
             return LoadPlan(items)
 
@@ -229,9 +243,15 @@ class CheckpointReader:
         from torch.distributed.checkpoint import load as dcp_load
 
         regions = {name: self._regions[name] for name in names}
-        blocks = {r.key: torch.empty(r.sizes, dtype=self._dtypes.get(r.key, torch.float32)) for r in regions.values()}
-        dcp_load(blocks, storage_reader=FileSystemReader(str(self.model_dir)), planner=_region_planner(regions), no_dist=True)
-        return {name: blocks[r.key].reshape(r.shape).to(torch.float32) for name, r in regions.items()}
+        boxes = _boxes(list(regions.values()))
+        blocks = {key: torch.empty(sizes, dtype=self._dtypes.get(key, torch.float32)) for key, (_, sizes) in boxes.items()}
+        dcp_load(blocks, storage_reader=FileSystemReader(str(self.model_dir)), planner=_region_planner(boxes), no_dist=True)
+        out = {}
+        for name, r in regions.items():
+            start = boxes[r.key][0]
+            index = tuple(slice(o - a, o - a + n) for o, a, n in zip(r.offsets, start, r.sizes, strict=True))
+            out[name] = blocks[r.key][index].reshape(r.shape).to(torch.float32)
+        return out
 
 
 # --- llmforge's forward pass, a layer at a time -----------------------------------------------

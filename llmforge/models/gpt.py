@@ -217,13 +217,13 @@ def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: s
             "bf16-autocast" (fp32 parameters, bf16 compute under TrainStep's autocast).
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt.gpt_model import GPTModel
     from megatron.core.transformer.module import Float16Module
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
     from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
     from llmforge.models import amp, cpu_compat, moe
     from llmforge.models.init import initialize
+    from llmforge.models.layers import GPTModel  # megatron's, with RoPE that can follow restarted positions
 
     check_layout(options, parallelism)
     config = transformer_config(options, parallelism, precision=precision)

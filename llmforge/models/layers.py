@@ -9,10 +9,12 @@ parallelism, although a torch norm works under it once its grads are summed over
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.models.gpt.gpt_model import GPTModel as MegatronGPTModel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -56,11 +58,11 @@ class SDPACoreAttention(MegatronModule):
         mask_type = attn_mask_type or self.attn_mask_type
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         keep = None
-        if attention_mask is not None:
-            keep = ~attention_mask
-            if mask_type == AttnMaskType.padding_causal:
-                sq, skv = query.shape[0], key.shape[0]
-                keep = keep & torch.ones(sq, skv, dtype=torch.bool, device=query.device).tril(skv - sq)
+        if attention_mask is not None and mask_type != AttnMaskType.padding_causal:
+            keep = _shared_bias(attention_mask, query.dtype)
+        elif attention_mask is not None:
+            sq, skv = query.shape[0], key.shape[0]
+            keep = ~attention_mask & torch.ones(sq, skv, dtype=torch.bool, device=query.device).tril(skv - sq)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, dim]
         dropout_p = self.dropout_p if self.training else 0.0
         fork = tensor_parallel.get_cuda_rng_tracker().fork() if dropout_p > 0 and not self.config.sequence_parallel else contextlib.nullcontext()
@@ -77,6 +79,50 @@ class SDPACoreAttention(MegatronModule):
             )
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+_BIAS: dict[str, object] = {}
+
+
+def _shared_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """megatron's bool mask (True = masked out) as SDPA's additive mask, built once per mask and dtype.
+
+    SDPA saves for backward its own float copy of a bool mask, [b, 1, s, s] per layer; one
+    shared additive mask is saved once for every layer of the micro batch (the same values:
+    SDPA's copy is this one).
+    """
+    ref = _BIAS.get("mask")
+    if ref is not None and ref() is mask and _BIAS["dtype"] == dtype:
+        return _BIAS["bias"]
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    _BIAS.update(mask=weakref.ref(mask), dtype=dtype, bias=bias)
+    return bias
+
+
+class GPTModel(MegatronGPTModel):
+    """megatron's GPTModel whose rotary embedding can follow the position ids.
+
+    megatron's RoPE reads only the sequence length (positions 0..s-1, whatever `position_ids`
+    say); packed documents whose positions restart (`data.reset_position_ids`) call it with
+    `document_positions=True`, and each token's rotation is then its own position's.
+    """
+
+    _document_positions = False
+
+    def forward(self, *args, document_positions: bool = False, **kwargs):
+        self._document_positions = document_positions
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self._document_positions = False
+
+    def _preprocess(self, *args, **kwargs):
+        out = super()._preprocess(*args, **kwargs)
+        positions = kwargs.get("position_ids")
+        if self._document_positions and out[1] is not None and positions is not None:
+            # The table [s, 1, 1, dim] holds positions 0..s-1 and every restarted position is below s.
+            out = (out[0], out[1][:, 0][positions.t()], *out[2:])  # [s, b, 1, dim]
+        return out
 
 
 class FP32RMSNorm(torch.nn.RMSNorm):

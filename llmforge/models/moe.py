@@ -34,6 +34,7 @@ def config_options(options: GPTModel, parallelism: ParallelismConfig) -> dict[st
         "moe_router_topk": options.moe_router_topk,
         "moe_ffn_hidden_size": options.moe_ffn,
         "moe_shared_expert_intermediate_size": options.moe_shared_expert_intermediate_size,
+        "moe_shared_expert_gate": options.moe_shared_expert_gate,
         "moe_router_load_balancing_type": balancing,
         # megatron adds the loss whenever the coefficient is positive, whatever the type says.
         "moe_aux_loss_coeff": 0.0 if balancing == "none" else options.moe_aux_loss_coeff,

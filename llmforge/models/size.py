@@ -20,7 +20,8 @@ vocabulary share is rounded up, as a padded vocabulary would be.
 An MoE layer (`num_moe_experts`, every `moe_layer_freq`-th layer) replaces the MLP with a
 router (experts × hidden, replicated over TP), `num_moe_experts` expert MLPs of width
 `moe_ffn_hidden_size` (split over EP, each over expert TP) and an optional shared expert of
-width `moe_shared_expert_intermediate_size` (split over TP). A token passes through
+width `moe_shared_expert_intermediate_size` (split over TP), with `moe_shared_expert_gate` a
+[1, hidden] sigmoid gate on it (replicated). A token passes through
 `moe_router_topk` experts: the *active* parameters (`active_param_count`) count those, and
 the FLOPs per token come from them.
 """
@@ -131,7 +132,8 @@ def _attention_params(model: GPTShape, tensor_parallel: int) -> int:
 
 def _router_and_shared(model: GPTShape, tensor_parallel: int) -> int:
     shared = getattr(model, "moe_shared_expert_intermediate_size", None)
-    return num_experts(model) * model.hidden_size + (_mlp_params(model, shared, tensor_parallel) if shared else 0)
+    gate = model.hidden_size if getattr(model, "moe_shared_expert_gate", False) else 0  # [1, hidden], replicated over TP
+    return num_experts(model) * model.hidden_size + (_mlp_params(model, shared, tensor_parallel) + gate if shared else 0)
 
 
 def layer_params(model: GPTShape, tensor_parallel: int = 1, *, layer: int = 0, expert_parallel: int = 1,
@@ -157,6 +159,7 @@ def layer_tensors(model: GPTShape, layer: int = 0, expert_parallel: int = 1) -> 
     if not is_moe_layer(model, layer):
         return dense
     shared = 2 if getattr(model, "moe_shared_expert_intermediate_size", None) else 0
+    shared += 1 if shared and getattr(model, "moe_shared_expert_gate", False) else 0
     return dense - 2 + 1 + shared + 2 * num_experts(model) // expert_parallel  # router, shared expert, experts
 
 

@@ -137,7 +137,7 @@ def _sft_data(stage: Any) -> tuple[int | None, str, str]:
     if not files:
         return None, "spec", "its instruction files are not here"
     examples = round(_count_lines(paths) * (1 - stage.data.val_fraction))
-    return examples, "estimate", f"{examples:,} train examples counted in {files} files; each padded or packed to seq_length"
+    return examples, "estimate", f"{examples:,} train examples counted in {files} files; each padded to the stage's length"
 
 
 def stage_budgets(spec: Any, run_dir: Path) -> list[StageBudget]:
@@ -162,12 +162,16 @@ def stage_budgets(spec: Any, run_dir: Path) -> list[StageBudget]:
             else:
                 out.append(StageBudget(name=stage.name, type=stage.type, source="spec", note="does not train"))
         elif hasattr(getattr(stage, "data", None), "sources"):
-            # A finetune stage reads its own files; counting them is only needed for max_epochs.
+            # A finetune stage reads its own files; counting them is only needed for max_epochs. Its
+            # rows are its own length, two per preference pair (what the runtime counts).
+            from llmforge.plan.finetune import PAIRS, sequence_length
+
+            per_example = sequence_length(spec.model, stage) * (2 if stage.type in PAIRS else 1)
             if train.max_epochs:
                 samples, source, note = _sft_data(stage)
-                out.append(_training(stage, seq, (samples, None, source, note)))
+                out.append(_training(stage, per_example, (samples, None, source, note)))
             else:
-                out.append(_training(stage, seq, (None, None, "spec", "")))
+                out.append(_training(stage, per_example, (None, None, "spec", "")))
         else:
             out.append(_training(stage, seq, pretrain_data()))
     return out

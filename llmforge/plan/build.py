@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from llmforge.models import size
-from llmforge.plan import cost, fit
+from llmforge.plan import cost, finetune, fit
 from llmforge.plan.budget import StageBudget, stage_budgets
 from llmforge.plan.catalog import Device
-from llmforge.plan.memory import Layout, memory_per_rank, optimizer_state_bytes_per_param
+from llmforge.plan.memory import Layout, optimizer_state_bytes_per_param
 from llmforge.spec.errors import UserError
 
 PLAN_VERSION = 1
@@ -60,16 +60,20 @@ def _fix(spec: Any, index: int, layout: Layout, found: fit.Evaluation | None) ->
 def _training_stage(spec: Any, index: int, stage: Any, budget: StageBudget, device: Device, mfu: float) -> dict[str, Any]:
     model, train = spec.model, stage.train
     layout = Layout.from_spec(spec.parallelism, train)
-    seq = model.seq_length
-    kw = dict(precision=train.precision, optimizer=train.optimizer, seq_length=seq, device=device)
-    ranks = memory_per_rank(model, layout, precision=train.precision, optimizer=train.optimizer, seq_length=seq, device=device.kind)
+    # A finetune stage is costed as it runs: its own row length, frozen weights, references (plan/finetune.py).
+    seq = finetune.sequence_length(model, stage) if hasattr(stage, "max_seq_length") else model.seq_length
+    # Pretraining's packed documents (data.reset_*); a finetune stage's `packing` is read from the stage.
+    documents = (spec.data.reset_attention_mask, spec.data.reset_position_ids) if stage.type == "pretrain" else (False, False)
+    kw = dict(precision=train.precision, optimizer=train.optimizer, seq_length=seq, device=device, stage=stage, documents=documents)
+    ranks = [finetune.rank_memory(model, layout, s, stage=stage, precision=train.precision, optimizer=train.optimizer, seq_length=seq,
+                                  device=device.kind, documents=documents) for s in range(layout.pipeline)]
     largest = max(ranks, key=lambda r: r.total)
     usable = fit.usable_bytes_per_rank(device, layout)
     fits = largest.total <= usable
-    step = cost.step_time(model, layout, device, precision=train.precision, seq_length=seq, mfu=mfu)
+    step = cost.step_time(model, finetune.rows_layout(layout, stage), device, precision=train.precision, seq_length=seq, mfu=mfu)
     found = None if fits else fit.cheapest_fit(model, layout, shardable_optimizer=train.optimizer.name == "adamw", mfu=mfu, **kw)
     state_bytes, state_note = optimizer_state_bytes_per_param(train.optimizer, precision=train.precision)
-    each = cost.checkpoint_bytes(model, train.optimizer, precision=train.precision)
+    each = finetune.checkpoint_bytes(model, stage, train.optimizer, precision=train.precision)
     return {
         **budget.as_dict(),
         "precision": train.precision,

@@ -17,7 +17,7 @@ from typing import Any
 
 from llmforge.plan.catalog import Device
 from llmforge.plan.cost import StepTime, step_time
-from llmforge.plan.memory import Layout, RankMemory, rank_memory
+from llmforge.plan.memory import Layout, RankMemory
 
 # Kept free of the device's memory for the CUDA context, NCCL buffers, allocator
 # fragmentation and transient tensors the model does not count.
@@ -61,18 +61,23 @@ class Evaluation:
         return self.largest.total <= self.usable
 
 
-def largest_rank(model: Any, layout: Layout, *, precision: str, optimizer: Any, seq_length: int, device: Device) -> RankMemory:
+def largest_rank(model: Any, layout: Layout, *, precision: str, optimizer: Any, seq_length: int, device: Device,
+                 stage: Any = None, documents: tuple[bool, bool] = (False, False)) -> RankMemory:
     """The pipeline stage holding the most: the first (most micro batches in flight) or the last (logits)."""
+    from llmforge.plan import finetune
+
     stages = {0, layout.pipeline - 1}
-    ranks = [rank_memory(model, layout, s, precision=precision, optimizer=optimizer, seq_length=seq_length, device=device.kind)
-             for s in sorted(stages)]
+    ranks = [finetune.rank_memory(model, layout, s, stage=stage, precision=precision, optimizer=optimizer, seq_length=seq_length,
+                                  device=device.kind, documents=documents) for s in sorted(stages)]
     return max(ranks, key=lambda r: r.total)
 
 
-def evaluate(model: Any, layout: Layout, *, precision: str, optimizer: Any, seq_length: int, device: Device, mfu: float) -> Evaluation:
+def evaluate(model: Any, layout: Layout, *, precision: str, optimizer: Any, seq_length: int, device: Device, mfu: float,
+             stage: Any = None, documents: tuple[bool, bool] = (False, False)) -> Evaluation:
     return Evaluation(
         layout=layout,
-        largest=largest_rank(model, layout, precision=precision, optimizer=optimizer, seq_length=seq_length, device=device),
+        largest=largest_rank(model, layout, precision=precision, optimizer=optimizer, seq_length=seq_length, device=device,
+                             stage=stage, documents=documents),
         step=step_time(model, layout, device, precision=precision, seq_length=seq_length, mfu=mfu),
         usable=usable_bytes_per_rank(device, layout),
     )

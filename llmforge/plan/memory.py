@@ -143,11 +143,13 @@ class RankMemory:
     logits: int
     loss_workspace: int
     recompute_buffer: int
+    frozen_models: int = 0  # finetune stages: a frozen reference or reward model (plan/finetune.py)
+    kv_cache: int = 0  # RL: the rollouts' KV cache
 
     @property
     def total(self) -> int:
         return (self.weights + self.gradients + self.optimizer_states + self.activations + self.logits
-                + self.loss_workspace + self.recompute_buffer)
+                + self.loss_workspace + self.recompute_buffer + self.frozen_models + self.kv_cache)
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -390,6 +392,23 @@ def chunk_activation_bytes(model: Any, layers: int, *, precision: str, layout: L
     return total
 
 
+def document_bytes(model: Any, layout: Layout, seq_length: int, precision: str, layers: int, documents: tuple[bool, bool]) -> float:
+    """What packed documents (`documents` = (block-causal mask, position resets)) add per chunk forward in flight.
+
+    The mask: megatron's bool [b, 1, s, s] and its additive copy in the attention dtype, which
+    every layer's SDPA shares (models/layers.py). Restarted RoPE positions: per layer, two
+    rotary tensors per token (else per position) that RoPE saves, in the attention dtype.
+    Measured on CPU (saved-for-backward bytes with and without, Llama and GPT-2 shapes, fp32
+    and bf16-autocast, 2 and 4 layers): within 3%.
+    """
+    mask, positions = documents
+    b, tokens = layout.micro_batch_size, layout.micro_batch_size * seq_length
+    total = b * seq_length**2 * (1 + _compute_bytes(precision)) if mask else 0.0
+    if positions and model.position_embedding_type == "rope":
+        total += layers * 2 * tokens * size.head_dim(model) * _compute_bytes(precision)
+    return total
+
+
 def logits_bytes(model: Any, layout: Layout, seq_length: int, precision: str) -> tuple[float, float]:
     """(kept for backward, transient around the loss) for one micro batch.
 
@@ -426,8 +445,12 @@ def in_flight(layout: Layout, stage: int) -> int:
 
 
 def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optimizer: Any, seq_length: int | None = None,
-                device: str = "cuda") -> RankMemory:
-    """What one tensor-parallel rank of pipeline stage `stage` holds at its peak."""
+                device: str = "cuda", documents: tuple[bool, bool] = (False, False)) -> RankMemory:
+    """What one tensor-parallel rank of pipeline stage `stage` holds at its peak.
+
+    Args:
+        documents: (block-causal mask, position resets) of packed documents (`data.reset_*`, finetune `packing`).
+    """
     seq = seq_length or model.seq_length
     params = size.param_count_per_rank(model, layout)[stage]
     experts = size.expert_param_count_per_rank(model, layout)[stage]
@@ -443,6 +466,7 @@ def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optim
     # Interleaved chunks are in flight together; they differ only by the first one's token ids.
     chunk = chunk_activation_bytes(model, layers // layout.virtual, precision=precision, layout=layout, seq_length=seq,
                                    device=device, first_stage=stage == 0)
+    chunk += document_bytes(model, layout, seq, precision, layers // layout.virtual, documents)
     flights = in_flight(layout, stage)
     logits, workspace = logits_bytes(model, layout, seq, precision) if last else (0.0, 0.0)
     if last:
@@ -472,7 +496,8 @@ def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optim
 
 
 def memory_per_rank(model: Any, layout: Layout, *, precision: str, optimizer: Any, seq_length: int | None = None,
-                    device: str = "cuda") -> list[RankMemory]:
+                    device: str = "cuda", documents: tuple[bool, bool] = (False, False)) -> list[RankMemory]:
     """One RankMemory per pipeline stage, first to last, for one tensor-parallel rank of each."""
-    return [rank_memory(model, layout, stage, precision=precision, optimizer=optimizer, seq_length=seq_length, device=device)
+    return [rank_memory(model, layout, stage, precision=precision, optimizer=optimizer, seq_length=seq_length, device=device,
+                        documents=documents)
             for stage in range(layout.pipeline)]

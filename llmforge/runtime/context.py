@@ -76,7 +76,15 @@ class RunContext:
         if self._tokenizer is None:
             from llmforge.data.tokenizers import load_tokenizer
 
-            if not (self.run.tokenizer / "tokenizer.json").exists() and not any(self.run.tokenizer.glob("*")):
+            missing = not (self.run.tokenizer / "tokenizer.json").exists() and not any(self.run.tokenizer.glob("*"))
+            if missing and self.spec.tokenizer.name == "pretrained":
+                # Finetuning a published model needs no prepare stage: a local tokenizer needs no
+                # texts, so every rank reads it from the spec's path and rank 0 keeps a copy in the run.
+                self._tokenizer = self.registry.build("tokenizer", self.spec.tokenizer, run_dir=self.run.path, texts=())
+                if self.rank == 0:
+                    self._tokenizer.save(self.run.tokenizer)
+                return self._tokenizer
+            if missing:
                 raise UserError_(f"no tokenizer in {self.run.tokenizer}", "put a `prepare` stage first in `stages`")
             self._tokenizer = load_tokenizer(self.run.tokenizer)
         return self._tokenizer

@@ -58,14 +58,17 @@ class StageDecoder:
             self._cos, self._sin = self.rotary.cos(), self.rotary.sin()
         self._mask = None
 
-    def begin(self, new: int, valid: torch.Tensor | None) -> None:
-        """A step of `new` tokens after the cached ones; `valid` [batch, new] is False for pads."""
+    def begin(self, new: int, valid: torch.Tensor | None, segments: torch.Tensor | None = None) -> None:
+        """A step of `new` tokens after the cached ones; `valid` [batch, new] is False for pads; `segments`
+        [batch, new] (uncached rows only) each token's document, which alone it may attend to (runtime.documents)."""
         start, end = self.length, self.length + new
         if end > self.max_length:
             raise ValueError(f"the cache holds {self.max_length} positions; {end} requested")
         self.key_valid[:, start:end] = True if valid is None else valid
         # [batch, 1, new, end]: bottom-right causal (see the module docstring) and no pads.
         self._mask = causal_mask(new, end, device=self.device)[None, None] & self.key_valid[:, None, None, :end]
+        if segments is not None:
+            self._mask = self._mask & (segments[:, None, :, None] == segments[:, None, None, :])
 
     def end(self, new: int) -> None:
         self.length = self.length + new if self.cache else 0

@@ -23,6 +23,10 @@ under the stage's autocast; logits, log-probabilities and scores come out in fp3
   inputs over the DP replicas and all-gather the results, so every rank of the job returns the
   whole answer; *replica-local* calls (`shared=False`: RL rollouts, scoring a replica's own
   batch) keep each replica's inputs to itself.
+- EP: experts split over the DP replicas exchange tokens in every MoE layer, so each forward
+  needs every rank of the expert group: shared calls run all their rows on every replica, and
+  decoding stops when every rank of the group is done (replica-local calls must give each
+  replica the same number of batches).
 
 Sampling draws each row from its own generator, seeded by (seed, the row's index in the call),
 so the same call samples the same tokens at any DP size and however the rows are batched.
@@ -79,9 +83,12 @@ class _Layout:
 
         self.distributed = dist.is_available() and dist.is_initialized() and ps.model_parallel_is_initialized()
         if not self.distributed:
-            self.pp_size = self.dp_size = 1
+            self.pp_size = self.dp_size = self.ep_size = 1
             self.pp_rank = self.dp_rank = 0
             return
+        # Experts split over data-parallel ranks: every rank of the expert group must run each forward.
+        self.ep_size = ps.get_expert_model_parallel_world_size()
+        self.ep_group = ps.get_expert_model_parallel_group()
         self.pp_size = ps.get_pipeline_model_parallel_world_size()
         self.pp_rank = ps.get_pipeline_model_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
@@ -102,10 +109,16 @@ class ModelServer:
         autocast: the stage's autocast factory (`runtime.step.autocast`), so inference computes
             as training does.
 
+        documents: the stage's packed pretraining documents (`runtime.documents.Documents`): rows
+            scored by `logprobs` and `predictions` split at EOD as training splits them, so a
+            score of a val window means what its training loss means. Generation is unchanged
+            (a prompt is one document).
+
     `max_positions` is the model's position limit: a prompt plus its new tokens must fit.
     """
 
-    def __init__(self, chunks: Sequence[torch.nn.Module], *, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+    def __init__(self, chunks: Sequence[torch.nn.Module], *, autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 documents=None):
         from llmforge.models.init import unwrap
 
         self.chunks = [unwrap(c) for c in chunks]
@@ -117,6 +130,7 @@ class ModelServer:
         self.hidden_size = first.config.hidden_size
         self.dtype = first.config.params_dtype  # what a later stage's layers take (fp32 on the wire)
         self._sp_flags = sequence_parallel_flags(self.chunks)
+        self.documents = documents if documents is not None and documents.eod_id is not None else None
 
     # --- public ---------------------------------------------------------------------
 
@@ -139,8 +153,8 @@ class ModelServer:
                 batch = rows[index]
                 tokens, labels = batch[:, :-1], batch[:, 1:]
                 ok = None if valid is None else valid[index][:, :-1]
-                positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-                pieces.append(self._forward(tokens, positions, ok, labels=labels, temperature=temperature, decoder=None))
+                positions, segments = self._positions(tokens)
+                pieces.append(self._forward(tokens, positions, ok, labels=labels, temperature=temperature, decoder=None, segments=segments))
         local = torch.cat(pieces) if pieces else torch.zeros(0, rows.shape[1] - 1)
         return self._gather(local, mine, rows.shape[0], shared)
 
@@ -153,8 +167,8 @@ class ModelServer:
         with self._eval_mode():
             for start in range(0, len(mine), micro_batch_size):
                 tokens = rows[mine[start:start + micro_batch_size]][:, :-1]
-                positions = torch.arange(tokens.shape[1]).expand_as(tokens)
-                pieces.append(self._forward(tokens, positions, None, decoder=None).argmax(dim=-1).cpu())
+                positions, segments = self._positions(tokens)
+                pieces.append(self._forward(tokens, positions, None, decoder=None, segments=segments).argmax(dim=-1).cpu())
         local = torch.cat(pieces) if pieces else torch.zeros(0, rows.shape[1] - 1, dtype=torch.long)
         return self._gather(local, mine, rows.shape[0], shared).long()
 
@@ -214,9 +228,20 @@ class ModelServer:
 
     # --- one forward over the pipeline ---------------------------------------------------
 
+    def _positions(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(position ids, segments or None) of scored rows: with the stage's documents, as TrainStep reads them."""
+        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        if self.documents is None:
+            return positions, None
+        from llmforge.runtime.documents import positions_of, segments_of
+
+        segments = segments_of(tokens, self.documents.eod_id)
+        return (positions_of(segments) if self.documents.reset_position_ids else positions,
+                segments if self.documents.reset_attention_mask else None)
+
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None, *, decoder: StageDecoder | None,
                  labels: torch.Tensor | None = None, temperature: float = 1.0, read: Callable | None = None,
-                 last_only: bool = False) -> torch.Tensor:
+                 last_only: bool = False, segments: torch.Tensor | None = None) -> torch.Tensor:
         """Through every stage: gathered logits [b, new, vocab] (fp32), with `labels` the tempered
         log-probs [b, new], or with `read(model, hidden)` what it reads of the last stage's final
         hidden states [new, b, h] ([b]); on every rank of the pipeline. `last_only`: logits of the
@@ -225,7 +250,7 @@ class ModelServer:
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         valid = valid.to(self.device) if valid is not None else None
         own = decoder or StageDecoder(self.chunks, batch_size=batch, max_length=new, cache=False)
-        own.begin(new, valid)
+        own.begin(new, valid, None if segments is None else segments.to(self.device))
         hidden = None
         result = None
         layout = self.layout
@@ -274,11 +299,20 @@ class ModelServer:
                 if not done[row]:
                     out[row].append(token)
                     done[row] = token in stop_ids
-            if all(done) or step == max_new_tokens - 1:
+            if self._all_done(done) or step == max_new_tokens - 1:
                 break
             logits = self._forward(chosen[:, None], next_position[:, None], None, decoder=decoder, last_only=True)[:, -1]
             next_position = next_position + 1
         return out
+
+    def _all_done(self, done: list[bool]) -> bool:
+        """Whether decoding stops: every row ended, on every rank of the expert group when experts are split (EP > 1),
+        so that replica-local calls keep the group's forwards in step."""
+        if self.layout.ep_size == 1:
+            return all(done)
+        flag = torch.tensor([float(all(done))], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.layout.ep_group)
+        return bool(flag.item())
 
     @contextlib.contextmanager
     def _eval_mode(self):
@@ -293,14 +327,19 @@ class ModelServer:
 
     # --- data parallelism ----------------------------------------------------------------
 
+    def _splits(self, shared: bool) -> bool:
+        """Whether a call's rows are split over the DP replicas: shared calls are, unless experts are
+        split over those replicas (EP > 1), whose token exchange needs every one of them in each forward."""
+        return shared and self.layout.dp_size > 1 and self.layout.ep_size == 1
+
     def _share(self, n: int, shared: bool) -> list[int]:
         """The indices this replica works on: all of them, or every dp_size-th from its DP rank."""
-        if not shared or self.layout.dp_size == 1:
+        if not self._splits(shared):
             return list(range(n))
         return list(range(self.layout.dp_rank, n, self.layout.dp_size))
 
     def _gather(self, local, mine: list[int], n: int, shared: bool):
-        if not shared or self.layout.dp_size == 1:
+        if not self._splits(shared):
             return local
         parts: list = [None] * self.layout.dp_size
         dist.all_gather_object(parts, (mine, local.tolist() if isinstance(local, torch.Tensor) else local), group=self.layout.dp_group)

@@ -23,6 +23,7 @@ from llmforge.spec.errors import UserError
 
 if TYPE_CHECKING:
     from llmforge.runtime.distributed import ParallelContext
+    from llmforge.runtime.documents import Documents
 
 
 def autocast(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
@@ -48,6 +49,14 @@ class StepResult:
 MicroBatch = torch.Tensor  # LongTensor [micro_batch_size, seq_length + 1]
 
 
+@dataclass
+class _Packed:
+    """A micro batch's loss mask and, for packed finetune rows, its segments: moved to the device with the tokens."""
+
+    mask: torch.Tensor | None
+    segments: torch.Tensor | None
+
+
 class TrainStep:
     """Runs forward, backward and the optimizer update for a list of micro batches.
 
@@ -57,6 +66,8 @@ class TrainStep:
         precision: "fp32"; "bf16" (megatron's mixed precision: the chunks' parameters are bf16,
             the optimizer's master weights fp32); or "bf16-autocast" (autocast over fp32 parameters).
         clip_grad: clip the global grad norm to this value; None or 0 = no clipping.
+        documents: packed documents that do not see each other (block-causal attention,
+            position resets, no loss across a boundary); None = one causal sequence per row.
     """
 
     def __init__(
@@ -69,6 +80,7 @@ class TrainStep:
         micro_batch_size: int,
         precision: str,
         clip_grad: float | None,
+        documents: Documents | None = None,
     ):
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -86,6 +98,14 @@ class TrainStep:
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
         self.clip_grad = clip_grad or 0.0
+        self.documents = documents
+        if documents is not None and documents.reset_attention_mask:
+            from llmforge.models.gpt import _use_transformer_engine
+
+            if _use_transformer_engine():
+                raise UserError("data.reset_attention_mask (and finetune packing) is built on SDPA attention; TransformerEngine's "
+                                "packed-sequence path is not wired in yet, and TE is installed here",
+                                "uninstall transformer_engine for this run, or turn reset_attention_mask / packing off")
         self.config = get_model_config(model_chunks[0])
         if self.config.sequence_parallel and seq_length % parallelism_ctx.tp_size:
             raise UserError(
@@ -117,17 +137,20 @@ class TrainStep:
 
     # --- the step --------------------------------------------------------------------
 
-    def __call__(self, micro_batches: list[MicroBatch], lr: float, loss_masks: list[torch.Tensor] | None = None) -> StepResult:
+    def __call__(self, micro_batches: list[MicroBatch], lr: float, loss_masks: list[torch.Tensor] | None = None,
+                 segments: list[torch.Tensor] | None = None) -> StepResult:
         """One optimizer step over `micro_batches` (this DP rank's share of the global batch).
 
         Args:
             loss_masks: optional float masks [micro_batch_size, seq_length], one per micro
                 batch, weighting each target token (0 = not trained on, e.g. a prompt).
+            segments: with `documents`, each input token's example index [micro_batch_size,
+                seq_length] in a packed finetune row (pretraining windows split at EOD instead).
         """
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(micro_batches, loss_masks, forward_only=False)
+        outputs = self._run_schedule(micro_batches, loss_masks, forward_only=False, segments=segments)
 
         self.optimizer.prepare_grads()
         grad_sq = self._grad_sq() if self._counts_grad_norm else None
@@ -152,12 +175,15 @@ class TrainStep:
         return StepResult(loss, grad_norm, False, int(num_tokens))
 
     @torch.no_grad()
-    def eval_loss(self, micro_batches: list[MicroBatch], loss_masks: list[torch.Tensor] | None = None) -> tuple[float, int]:
-        """(summed loss, target-token count) over the micro batches and all DP ranks; same on every rank."""
+    def eval_loss(self, micro_batches: list[MicroBatch], loss_masks: list[torch.Tensor] | None = None,
+                  segments: list[torch.Tensor] | None = None) -> tuple[float, int]:
+        """(summed loss, target-token count) over the micro batches and all DP ranks; same on every rank.
+
+        Scored as training reads them: with `documents`, val_loss means the same as the train loss."""
         for chunk in self.chunks:
             chunk.eval()
         try:
-            outputs = self._run_schedule(micro_batches, loss_masks, forward_only=True)
+            outputs = self._run_schedule(micro_batches, loss_masks, forward_only=True, segments=segments)
         finally:
             for chunk in self.chunks:
                 chunk.train()
@@ -191,13 +217,18 @@ class TrainStep:
             if tuple(batch.shape) != expected:
                 raise ValueError(f"micro batch {index} has shape {tuple(batch.shape)}; TrainStep expects {expected} (tokens plus the next one)")
 
-    def _run_schedule(self, micro_batches: list[MicroBatch], loss_masks: list[torch.Tensor] | None, *, forward_only: bool) -> list:
+    def _run_schedule(self, micro_batches: list[MicroBatch], loss_masks: list[torch.Tensor] | None, *, forward_only: bool,
+                      segments: list[torch.Tensor] | None = None) -> list:
         self._check(micro_batches)
         device = self.ctx.device
         items = [
             (batch.to(device, non_blocking=True), None if loss_masks is None else loss_masks[i].to(device, non_blocking=True))
             for i, batch in enumerate(micro_batches)
         ]
+        # Pretraining windows split at EOD; finetune rows only when packed (an evaluator's own rows are one example each).
+        if self.documents is not None and (segments is not None or self.documents.eod_id is not None):
+            items = [(batch, _Packed(mask, None if segments is None else segments[i].to(device, non_blocking=True)))
+                     for i, (batch, mask) in enumerate(items)]
         # Each VPP chunk walks the micro batches once, so each gets its own iterator.
         iterators = [iter(items) for _ in self.chunks]
         return self._forward_backward(
@@ -213,6 +244,14 @@ class TrainStep:
     def _forward_step(self, data_iterator: Iterator, model: torch.nn.Module):
         batch, mask = next(data_iterator)
         tokens, labels = batch[:, :-1], batch[:, 1:]
+        if isinstance(mask, _Packed):
+            from llmforge.runtime.documents import prepare
+
+            positions, attention_mask, mask = prepare(self.documents, tokens, mask.mask, mask.segments)
+            with self._autocast():
+                output = model(tokens, self._positions(*tokens.shape) if positions is None else positions, attention_mask,
+                               labels=labels, **({"document_positions": True} if positions is not None else {}))
+            return self._stage_output(model, output), functools.partial(self._sum_loss, mask)
         with self._autocast():
             output = model(tokens, self._positions(tokens.shape[0], tokens.shape[1]), None, labels=labels)
         return self._stage_output(model, output), functools.partial(self._sum_loss, mask)

@@ -125,9 +125,11 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         install_loss_faults(step_fn.chunks[-1], lambda: loop.counters.step + 1)
     tokenizer = context.tokenizer()
     # Scoring and generation for evaluators, the preview and the stage's hooks: every layout.
-    server = ModelServer(chunks, autocast=autocast(train.precision, par.device))
+    server = ModelServer(chunks, autocast=autocast(train.precision, par.device), documents=getattr(step_fn, "documents", None))
 
     def train_step(batch, lr: float):
+        if getattr(batch, "segments", None) is not None:  # packed finetune rows
+            return step_fn(batch.tokens, lr, batch.masks, segments=batch.segments)
         if hasattr(batch, "masks"):
             return step_fn(batch.tokens, lr, batch.masks)
         return step_fn(batch, lr)
@@ -137,7 +139,10 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         total_loss, total_tokens = 0.0, 0
         for _ in range(iters):
             batch = val.next_global_batch()
-            s, n = step_fn.eval_loss(batch.tokens, batch.masks) if hasattr(batch, "masks") else step_fn.eval_loss(batch)
+            if getattr(batch, "segments", None) is not None:  # packed finetune rows, scored as they train
+                s, n = step_fn.eval_loss(batch.tokens, batch.masks, segments=batch.segments)
+            else:
+                s, n = step_fn.eval_loss(batch.tokens, batch.masks) if hasattr(batch, "masks") else step_fn.eval_loss(batch)
             total_loss += s
             total_tokens += n
         return total_loss / max(total_tokens, 1), total_tokens

@@ -236,7 +236,7 @@ def _stage_supports_layout(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssu
     from llmforge.spec.stages import layout_problems
 
     for i, stage in enumerate(s["stages"]):
-        for message in layout_problems(stage, s["parallelism"]) if stage is not None else ():
+        for message in layout_problems(stage, s["parallelism"], model=s.get("model")) if stage is not None else ():
             yield _issue(loaded, ("stages", i, "type"), message, "change parallelism for this spec, or run the stage from a spec of its own (init_from takes a checkpoint path)")
 
 
@@ -281,6 +281,33 @@ def _documents_need_padding(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIss
                          "packing: documents pads each document to seq_length+1, and the char tokenizer without add_eos has no token "
                          "to pad with (id 0 is a real character)",
                          "set tokenizer.add_eos: true (padding then uses EOS and carries no loss), or use packing: windows")
+
+
+DOCUMENT_OPTIONS = ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+PACKING_STAGES = ("sft", "lora")
+
+
+@check("tokenizer", "data")
+def _documents_need_an_eod_token(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """data.reset_* and eod_mask_loss find document boundaries by the end-of-document token, which only a char tokenizer may lack."""
+    tok = s["tokenizer"]
+    if getattr(tok, "name", None) != "char" or getattr(tok, "add_eos", True):
+        return
+    for key in DOCUMENT_OPTIONS:
+        if getattr(s["data"], key, False):
+            yield _issue(loaded, ("data", key),
+                         f"data.{key} splits packed windows at the end-of-document token, and the char tokenizer without add_eos adds none",
+                         f"set tokenizer.add_eos: true, or turn data.{key} off")
+
+
+@check("stages")
+def _packing_stages(s: Sections, loaded: LoadedSpec) -> Iterator[SpecIssue]:
+    """Finetune `packing` runs through the SFT step; the other finetune stages read pairs, soft prompts or rollouts."""
+    for i, stage in enumerate(s["stages"]):
+        if getattr(stage, "packing", None) is True and getattr(stage, "type", None) not in PACKING_STAGES:
+            yield _issue(loaded, ("stages", i, "packing"),
+                         f"packing: true is built for stage types {', '.join(PACKING_STAGES)}, not {stage.type!r}",
+                         "remove packing from this stage")
 
 
 @check("stages")

@@ -224,6 +224,9 @@ class GPTModel(StrictModel):
     moe_shared_expert_intermediate_size: int | None = Field(
         None, ge=1, description="Width of the shared expert every token also goes through (all shared experts together, "
         "Qwen2-MoE / DeepSeek); null = none.")
+    moe_shared_expert_gate: bool = Field(
+        False, description="Scale the shared expert's output by a learned sigmoid gate of the token (one [1, hidden] weight "
+        "per layer; Qwen2-MoE's `shared_expert_gate`). Needs moe_shared_expert_intermediate_size.")
     moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "none"] = Field(
         "aux_loss", description="Load-balancing loss: `aux_loss` (Switch/GShard, per micro batch), `seq_aux_loss` (per "
         "sequence, DeepSeek-V3), or `none`.")
@@ -297,7 +300,8 @@ class GPTModel(StrictModel):
     def _moe_shape(self) -> None:
         """What megatron's MoE layer and router refuse, said at the key to change."""
         if self.num_moe_experts is None:
-            for key, default in (("moe_ffn_hidden_size", None), ("moe_shared_expert_intermediate_size", None), ("moe_layer_freq", 1)):
+            for key, default in (("moe_ffn_hidden_size", None), ("moe_shared_expert_intermediate_size", None), ("moe_layer_freq", 1),
+                                 ("moe_shared_expert_gate", False)):
                 if getattr(self, key) != default:
                     raise field_error(GPTModel, key, getattr(self, key),
                                       f"{key} describes MoE layers, but num_moe_experts is null (a dense model); set num_moe_experts or drop {key}")
@@ -310,6 +314,10 @@ class GPTModel(StrictModel):
             raise field_error(GPTModel, "moe_router_topk", self.moe_router_topk,
                               "top-1 routing with moe_router_pre_softmax false takes a softmax over one expert, whose gradient is zero "
                               "(megatron refuses it); set moe_router_pre_softmax: true, or moe_router_topk ≥ 2")
+        if self.moe_shared_expert_gate and self.moe_shared_expert_intermediate_size is None:
+            raise field_error(GPTModel, "moe_shared_expert_gate", self.moe_shared_expert_gate,
+                              "moe_shared_expert_gate scales the shared expert, but moe_shared_expert_intermediate_size is null "
+                              "(no shared expert); set its width or drop moe_shared_expert_gate")
         if self.add_bias_linear:
             raise field_error(GPTModel, "add_bias_linear", self.add_bias_linear,
                               "MoE experts and shared experts take no biases here (megatron supports expert biases only partly); "

@@ -50,6 +50,14 @@ class DataConfig(StrictModel):
     on_change: Literal["rebuild", "refuse"] = Field(
         "rebuild", description="When the inputs of existing shards changed: `rebuild` them, or `refuse` and stop. They are never mixed."
     )
+    # Megatron-LM's GPTDatasetConfig names; documents end with the tokenizer's end-of-document token.
+    reset_position_ids: bool = Field(
+        False, description="Positions restart at 0 after each end-of-document token of a packed window (RoPE and learned positions alike).")
+    reset_attention_mask: bool = Field(
+        False, description="Block-causal attention: each token of a packed window attends only to earlier tokens of its own document "
+        "(torchtitan's document masking). Costs a [micro_batch, seq, seq] mask per micro batch (the plan counts it).")
+    eod_mask_loss: bool = Field(
+        False, description="The target read at an end-of-document token (the next document's first token) carries no loss.")
 
     @model_validator(mode="after")
     def _mix_weights(self) -> DataConfig:

@@ -151,6 +151,10 @@ class SFTStage(StageBase):
     max_seq_length: int | None = Field(
         None, ge=8, description="Pad or truncate every example to this many tokens (≤ model.seq_length); None = model.seq_length. Short tasks train much faster."
     )
+    packing: bool = Field(
+        False, description="Several examples per sequence (TRL's `packing`, Axolotl's `sample_packing`), each attending only to "
+        "itself (block-causal mask), with positions restarting per example and its own loss mask. `sft` and `lora` stages only."
+    )
     train: TrainConfig = Field(..., description="Batch, budget, optimizer and schedule.")
     evaluators: list[EvaluatorRef] = Field(
         default_factory=lambda: [{"name": "val_loss"}], description="Evaluators run every eval_interval steps and at the end of the stage."
@@ -164,8 +168,8 @@ class SFTStage(StageBase):
 PIPELINE, SEQUENCE_PARALLEL = "pipeline_model_parallel_size", "sequence_parallel"
 
 
-def layout_problems(stage, parallelism) -> list[str]:
-    """Why `stage` cannot run with `parallelism`, one message per unsupported setting."""
+def layout_problems(stage, parallelism, *, model=None) -> list[str]:
+    """Why `stage` cannot run with `parallelism` (and `model`, when it parsed), one message per unsupported setting."""
     limits = getattr(stage, "parallelism_limits", ())
     problems = []
     if PIPELINE in limits and parallelism.pipeline_model_parallel_size > 1:
@@ -173,6 +177,12 @@ def layout_problems(stage, parallelism) -> list[str]:
                         f"(got {parallelism.pipeline_model_parallel_size}); it runs at any tensor- and data-parallel size")
     if SEQUENCE_PARALLEL in limits and parallelism.sequence_parallel:
         problems.append(f"stage type {stage.type!r} does not support sequence_parallel yet (its sampler decodes one token at a time)")
+    lora = getattr(stage, "lora", None)
+    mlp_targets = lora is not None and {"linear_fc1", "linear_fc2"} & set(lora.target_modules)
+    if mlp_targets and getattr(model, "num_moe_experts", None) and parallelism.expert_tensor_parallel > 1:
+        # Each routed expert's adapter is whole on its rank, as the expert is at expert_tensor_parallel_size 1.
+        problems.append(f"LoRA on the experts' linear_fc1/linear_fc2 needs parallelism.expert_tensor_parallel_size 1 (got "
+                        f"{parallelism.expert_tensor_parallel}); set it to 1, or adapt only linear_qkv and linear_proj")
     return problems
 
 

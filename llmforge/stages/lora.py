@@ -36,6 +36,7 @@ class LoRAHooks(PartialCheckpoints):
 def run(stage, *, context: RunContext) -> dict[str, Any]:
     from llmforge.finetune.checkpoints import base_reference
     from llmforge.finetune.common import check_layout
+    from llmforge.runtime.documents import PACKED_EXAMPLES, with_documents
     from llmforge.runtime.training import build_training
     from llmforge.stages.sft import finetune_loaders, instruction_packer, sequence_length
 
@@ -48,6 +49,7 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     meta = {"base": base_reference(base, context.run.path), "rank": opts.rank, "alpha": opts.alpha,
             "target_modules": list(opts.target_modules), "seed": spec.seed}
     hooks = LoRAHooks(stage, context, meta)
-    parts = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length, hooks=hooks)
+    parts = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length,
+                           hooks=with_documents(hooks, PACKED_EXAMPLES if stage.packing else None))
     summary = context.run_loop(stage, parts, evaluate_start=True)
     return {**summary, "train_examples": len(train_recs), "val_examples": len(val_recs), "trainable_parameters": hooks.counts["trainable"]}

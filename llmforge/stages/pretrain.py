@@ -13,6 +13,7 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     from llmforge.data.loader import TokenLoader
     from llmforge.data.manifest import read_manifest
     from llmforge.finetune.checkpoints import AnyCheckpointInit
+    from llmforge.runtime.documents import pretraining_documents, with_documents
     from llmforge.runtime.training import build_training
 
     spec, par = context.spec, context.parallel()
@@ -39,5 +40,11 @@ def run(stage, *, context: RunContext) -> dict[str, Any]:
     has_val = read_manifest(data_dir)["splits"].get("val", {}).get("samples", 0) > 0
     val_loader = (lambda: loader("val", False, train.global_batch_size)) if has_val else None
     # init_from may name any checkpoint that stands for model weights (a LoRA one is merged on load).
-    parts = build_training(context, stage, loader=train_loader, val_loader_fn=val_loader, hooks=AnyCheckpointInit())
+    # Packed documents that do not see each other (data.reset_*): the step splits each window at EOD.
+    documents = pretraining_documents(spec.data, context.tokenizer())
+    if documents is not None:
+        on = [key for key in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss") if getattr(documents, key)]
+        context.log(f"[{stage.name}] packed windows split at EOD (token {documents.eod_id}): {', '.join(on)}")
+    hooks = with_documents(AnyCheckpointInit(), documents)
+    parts = build_training(context, stage, loader=train_loader, val_loader_fn=val_loader, hooks=hooks)
     return context.run_loop(stage, parts)

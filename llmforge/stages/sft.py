@@ -108,12 +108,13 @@ def finetune_loaders(context: RunContext, stage, pack, *, length: int, kind: str
     if train_set.truncated:
         context.log(f"[{stage.name}] warning: {train_set.truncated} example(s) longer than {length} tokens were truncated")
     preflight(context, stage, train_set, what=what)
-    context.log(f"[{stage.name}] {len(train_recs)} train / {len(val_recs)} val examples, {length} tokens each, "
+    rows = f" packed into {len(train_set.tokens)} rows of" if getattr(train_set, "segments", None) is not None else ""
+    context.log(f"[{stage.name}] {len(train_recs)} train / {len(val_recs)} val examples,{rows} {length} tokens each, "
                 f"{int(train_set.masks.sum()):,} {what} tokens")
     # Counted from the examples' true lengths: tokens, tokens/s and max_tokens are real input tokens.
     loader = SFTLoader(train_set.tokens, train_set.masks, global_batch_size=train_cfg.global_batch_size,
                        micro_batch_size=train_cfg.micro_batch_size, dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed,
-                       data_files=data_files, input_tokens=train_set.input_tokens)
+                       data_files=data_files, input_tokens=train_set.input_tokens, segments=getattr(train_set, "segments", None))
     if not val_recs:
         return loader, None, train_recs, val_recs
     val_set = encode(val_recs)
@@ -121,7 +122,7 @@ def finetune_loaders(context: RunContext, stage, pack, *, length: int, kind: str
 
     def val_loader():
         return SFTLoader(val_set.tokens, val_set.masks, global_batch_size=val_batch, micro_batch_size=train_cfg.micro_batch_size,
-                         dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed, shuffle=False)
+                         dp_rank=par.dp_rank, dp_size=par.dp_size, seed=spec.seed, shuffle=False, segments=getattr(val_set, "segments", None))
 
     return loader, val_loader, train_recs, val_recs
 
@@ -161,8 +162,9 @@ def _sequences(tokens, masks, pad_id: int | None):
 
 
 def instruction_packer(tokenizer, stage, length: int, *, prefix: list[int] = ()):
-    """records → padded SFT examples through the stage's chat template (behind `prefix`, never trained on)."""
-    from llmforge.data.sft import chat_format, pack_examples
+    """records → padded SFT examples through the stage's chat template (behind `prefix`, never trained on);
+    several to a row with `packing: true`."""
+    from llmforge.data.sft import chat_format, pack_documents, pack_examples
 
     template = chat_format(stage.chat_template, tokenizer, train_on_turns=getattr(stage, "train_on_turns", "all"))
 
@@ -170,16 +172,19 @@ def instruction_packer(tokenizer, stage, length: int, *, prefix: list[int] = ())
         ids, mask = template.encode(record)
         return [*prefix, *ids], [0] * len(prefix) + mask
 
-    return lambda recs: pack_examples([encode(r) for r in recs], length, tokenizer.pad_id)
+    pack = pack_documents if getattr(stage, "packing", False) else pack_examples
+    return lambda recs: pack([encode(r) for r in recs], length, tokenizer.pad_id)
 
 
 def run(stage, *, context: RunContext) -> dict[str, Any]:
     from llmforge.finetune.checkpoints import AnyCheckpointInit
+    from llmforge.runtime.documents import PACKED_EXAMPLES, with_documents
     from llmforge.runtime.training import build_training
 
     length = sequence_length(context, stage)
     loader, val_loader, train_recs, val_recs = finetune_loaders(context, stage, instruction_packer(context.tokenizer(), stage, length),
                                                                 length=length)
-    parts_ = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length, hooks=AnyCheckpointInit())
+    parts_ = build_training(context, stage, loader=loader, val_loader_fn=val_loader, seq_length=length,
+                            hooks=with_documents(AnyCheckpointInit(), PACKED_EXAMPLES if stage.packing else None))
     summary = context.run_loop(stage, parts_)
     return {**summary, "train_examples": len(train_recs), "val_examples": len(val_recs)}

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from llmforge.interop.families import gpt2, llama, mistral, qwen2, qwen3
+from llmforge.interop.families import gpt2, llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe
 from llmforge.interop.families.base import Family
 from llmforge.spec.errors import UserError
 
 if TYPE_CHECKING:
     from llmforge.spec.components import GPTModel
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gpt2.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY, gpt2.FAMILY, mixtral.FAMILY,
+                                                   qwen2_moe.FAMILY, qwen3_moe.FAMILY)}
 
 
 def _supported() -> str:
@@ -42,5 +43,6 @@ def family_of_model(model: GPTModel) -> Family:
     why = "; ".join(f"{f.hf_class}: {', '.join(p)}" for f, p in misfits.items())
     raise UserError(f"model matches no Hugging Face architecture llmforge exports — {why}",
                     "export supports the Llama shape (rope, RMSNorm, swiglu; Qwen2 with add_qkv_bias, Qwen3 with qk_layernorm) "
-                    "and the GPT-2 shape (learned_absolute, LayerNorm, gelu_tanh, add_bias_linear: true)")
+                    "the GPT-2 shape (learned_absolute, LayerNorm, gelu_tanh, add_bias_linear: true), and the Llama shape with "
+                    "experts on every layer (Mixtral; Qwen3-MoE with qk_layernorm; Qwen2-MoE with add_qkv_bias and a gated shared expert)")
 

@@ -118,7 +118,7 @@ class Llama(Family):
 
     def needs(self) -> dict[str, Any]:
         """Model option → the value (or values) this family can represent."""
-        return {**LAYOUT, "add_qkv_bias": False, "qk_layernorm": False}
+        return {**LAYOUT, "add_qkv_bias": False, "qk_layernorm": False, "num_moe_experts": None}
 
     def misfits(self, model: GPTModel) -> list[str]:
         return mismatches(model, self.needs())
@@ -164,9 +164,7 @@ class Llama(Family):
                      ((q_rows, d.hidden), (kv_rows, d.hidden), (kv_rows, d.hidden))),
                 matrix(m + "self_attention.linear_proj.weight", h + "self_attn.o_proj.weight", d.hidden, q_rows),
                 vector(m + "pre_mlp_layernorm.weight", h + "post_attention_layernorm.weight", d.hidden),
-                Link(m + "mlp.linear_fc1.weight", tuple(n + ".weight" for n in mlp), "glu", (2 * d.ffn, d.hidden),
-                     ((d.ffn, d.hidden), (d.ffn, d.hidden))),
-                matrix(m + "mlp.linear_fc2.weight", h + "mlp.down_proj.weight", d.hidden, d.ffn),
+                *self.mlp_links(model, i),
             ]
             if qkv_bias:
                 out.append(Link(m + "self_attention.linear_qkv.bias", tuple(n + ".bias" for n in attn), "qkv", (d.qkv_rows,),
@@ -184,6 +182,18 @@ class Llama(Family):
         if model.untie_embeddings_and_output_weights:
             out.append(matrix("output_layer.weight", "lm_head.weight", d.vocab, d.hidden))
         return out
+
+    def mlp_links(self, model: GPTModel, layer: int) -> list[Link]:
+        """The weights of layer `layer`'s MLP (the MoE families route some layers' MLPs to experts)."""
+        return gated_mlp(f"decoder.layers.{layer}.mlp.", f"model.layers.{layer}.mlp.", ("gate_proj", "up_proj", "down_proj"),
+                         model.hidden_size, model.ffn)
+
+
+def gated_mlp(megatron: str, hf: str, names: tuple[str, str, str], hidden: int, width: int) -> list[Link]:
+    """A SwiGLU MLP's two weights: megatron's fused `[gate; up]` `linear_fc1` and `linear_fc2`, as HF's (gate, up, down) `names`."""
+    gate, up, down = (hf + n + ".weight" for n in names)
+    return [Link(megatron + "linear_fc1.weight", (gate, up), "glu", (2 * width, hidden), ((width, hidden), (width, hidden))),
+            matrix(megatron + "linear_fc2.weight", down, hidden, width)]
 
 
 FAMILY = Llama()

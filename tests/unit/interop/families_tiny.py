@@ -138,3 +138,27 @@ def save_family(family: str, path: Path) -> Path:
         config = json.loads((path / "tokenizer_config.json").read_text())
         (path / "tokenizer_config.json").write_text(json.dumps({**config, **extra}, indent=2))
     return path
+
+
+# family → its chat template fixture (tests/unit/data/chat_fixtures.py)
+CHAT_TEMPLATES = {"llama": "llama3", "mistral": "mistral", "qwen2": "qwen2.5", "qwen3": "qwen3"}
+
+
+def save_chat_family(family: str, root: Path) -> Path:
+    """An Instruct-style model folder: the family's tiny model (as `hf_family_model` makes it) with the
+    chat fixture's tokenizer, which carries the family's published chat template; returns the folder."""
+    import torch
+    import transformers
+
+    from tests.unit.data.chat_fixtures import tokenizer_folder
+
+    folder = tokenizer_folder(root, CHAT_TEMPLATES[family])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    class_name, options = SPECS[family]["config"]
+    torch.manual_seed(7)
+    config = getattr(transformers, class_name)(**{**options, "vocab_size": len(tokenizer)}, bos_token_id=tokenizer.bos_token_id,
+                                               eos_token_id=tokenizer.eos_token_id)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    perturb_hf(model)
+    model.save_pretrained(folder)
+    return folder

@@ -44,7 +44,7 @@ def one_micro_batch(spec_path: str, *more: str, data_parallel: int = 1) -> dict:
     return {"spec": spec_path, "overrides": [f"stages.{index}.train.global_batch_size={mbs * data_parallel}", *more]}
 
 
-def measure(cases: list[dict], nprocs: int, tmp_path: Path) -> list[list[dict]]:
+def measure(cases: list[dict], nprocs: int, tmp_path: Path, *, worker: Path = WORKER) -> list[list[dict]]:
     """Run the worker on `nprocs` local ranks; results[case][rank]."""
     cases_file = tmp_path / "cases.json"
     cases_file.write_text(json.dumps(cases))
@@ -55,7 +55,7 @@ def measure(cases: list[dict], nprocs: int, tmp_path: Path) -> list[list[dict]]:
     for rank in range(nprocs):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs),
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(cases_file), str(tmp_path / "out")], cwd=ROOT, env=env,
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(cases_file), str(tmp_path / "out")], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
     for p, log in zip(procs, logs):

@@ -50,6 +50,8 @@ def test_the_base_spec_is_valid(write_spec):
 
 def test_the_finetune_cases_start_valid(write_spec):
     assert problems(write_spec(), finetune("sft")) == {}
+    assert problems(write_spec(), finetune("sft", "packing: true"), "data.reset_attention_mask=true", "data.reset_position_ids=true",
+                    "data.eod_mask_loss=true") == {}
     # Each finetune evaluator in a stage that offers what it needs.
     assert problems(write_spec(), finetune("dpo", "evaluators: [{name: preference, tasks: {tasks: [add2]}}]",
                                           source="{name: tasks, format: preferences}")) == {}
@@ -107,6 +109,10 @@ CASES = [
      "the mean_reward evaluator needs rewards, which a pretrain stage does not offer"),
     ([RL.replace("max_steps: 1", "max_tokens: 100")], "stages[1].train.max_tokens", "an rl stage cannot run to max_tokens"),
     (["tokenizer={name: char}", "stages.0.packing=documents"], "stages[0].packing", "char tokenizer without add_eos has no token to pad"),
+    (["tokenizer={name: char}", "data.reset_attention_mask=true"], "data.reset_attention_mask",
+     "splits packed windows at the end-of-document token, and the char tokenizer without add_eos adds none"),
+    ([finetune("dpo", "packing: true", source="{name: tasks, format: preferences}")], "stages[1].packing",
+     "packing: true is built for stage types sft, lora, not 'dpo'"),
     (["model.ffn_hidden_size=255", "parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=2"],
      "model.ffn_hidden_size", "ffn_hidden_size 255 is not divisible by tensor_model_parallel_size 2"),
     (["model.vocab_size=513", "parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=2"],

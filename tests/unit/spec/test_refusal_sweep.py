@@ -134,6 +134,12 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
     ("runtime/rundir.py", "RunDir.read_state", "has state version"): RUN_DIR + " (which llmforge wrote it)",
     ("runtime/step.py", "TrainStep.__init__", "is not supported"): PRECISION,
     ("runtime/step.py", "TrainStep.__init__", "which sequence parallelism needs"): SP_SEQUENCE,
+    ("runtime/step.py", "TrainStep.__init__", "packed-sequence path is not wired in yet"): INSTALLED + " (TransformerEngine on a GPU)",
+    ("runtime/documents.py", "pretraining_documents", "adds none"): [
+        spec(f"data.{key} splits packed windows at the end-of-document token, and the char tokenizer without add_eos adds none",
+             "tokenizer={name: char}", f"data.{key}=true")
+        for key in ("reset_position_ids", "reset_attention_mask", "eod_mask_loss")
+    ],
     ("runtime/train.py", "Loop.restore", "was trained with seed"): RESUME,
     ("runtime/training.py", "StageHooks.init_weights", "holds no full model checkpoint"): "depends on what the checkpoint directory holds",
     ("runtime/training.py", "build_training", "has no val split"):
@@ -159,8 +165,10 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
              stage("prompt_tuning", "max_seq_length: 16", index=0, name="tuned"), "stages.1.init_from=tuned"),
     ("finetune/checkpoints.py", "load_weights", "holds no model weights"): "depends on what the checkpoint directory holds",
     ("finetune/common.py", "check_layout", "stage {stage.name!r}: "):
-        "no built-in stage declares parallelism_limits; a plugin stage that does is refused by validate first "
-        "(tests/unit/spec/test_checks.py, the pipeline_free stage)",
+        # No built-in stage declares parallelism_limits (a plugin stage that does: tests/unit/spec/test_checks.py, the
+        # pipeline_free stage); LoRA on an MoE model's expert linears needs whole experts.
+        spec("LoRA on the experts' linear_fc1/linear_fc2 needs parallelism.expert_tensor_parallel_size 1 (got 2)", *MOE, *TP2,
+             "parallelism.sequence_parallel=true", stage("lora")),
     ("finetune/common.py", "preference_packer.pack", "trains on preference pairs"):
         spec("source 'add' (tasks) yields records with {prompt, response}, but a dpo stage reads records with {chosen, prompt, rejected}",
              stage("dpo")),
