@@ -1,6 +1,6 @@
 """Data pipeline benchmarks: prepare and loader throughput, as ratios against baselines measured in the same run.
 
-    python benchmarks/data_bench.py [--quick]
+    python benchmarks/data_bench.py [--quick] [--only prepare_processes] [--gb 1.0]
 
 Each function returns harness.result(...): {"name", "figure", "goal", "met", "unit", "details"}; benchmarks/run.py collects them.
 """
@@ -117,6 +117,158 @@ def prepare_throughput(quick: bool) -> dict:
             "note": "figure = the lower of the two ratios; prepare runs encode_batch_fast (no offsets) in 1 or 2 "
                     "single-threaded worker processes while the main process reads, packs and writes shards",
         })
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+PROCESSES_GOAL = 0.8  # prepare on 2 processes × 1 worker, against HF encode_batch_fast with 2 threads
+RSS_LIMIT_GB = 1.5  # peak resident memory of any one process of prepare (its workers included)
+
+
+def _generate_lines(path: Path, total_bytes: int, seed: int = 0) -> int:
+    """One text file of about `total_bytes`: lines of 5-120 pseudo-words of 1-4 syllables, drawn by a Zipf law from 30000
+    (text-like for BPE: common words, learnable pieces, a long tail). Written a few MB at a time; returns the bytes."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    syllables = np.array([c + v for c in "bdfghklmnprstvwz" for v in ("a", "e", "i", "o", "u", "ai", "ou", "er")])
+    vocab = np.array(["".join(rng.choice(syllables, size=n)) for n in rng.integers(1, 5, 30000)], dtype=object)
+    written = 0
+    with open(path, "w") as f:
+        while written < total_bytes:
+            words = vocab[np.minimum(rng.zipf(1.3, 1_000_000), 30000) - 1]
+            cuts = np.cumsum(rng.integers(5, 120, 20000))
+            cuts = np.concatenate([[0], cuts[cuts < words.size]])
+            block = "\n".join(" ".join(words[a:b]) for a, b in zip(cuts[:-1], cuts[1:])) + "\n"
+            f.write(block)
+            written += len(block)
+    return written
+
+
+_HF_LINES = """
+import json, resource, sys, time
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file(sys.argv[1])
+seconds, batch, size = 0.0, [], 0
+def run(batch):
+    start = time.perf_counter()
+    tok.encode_batch_fast(batch, add_special_tokens=False)
+    return time.perf_counter() - start
+with open(sys.argv[2], encoding="utf-8") as f:
+    for line in f:
+        if line.strip():
+            batch.append(line.rstrip("\\n"))
+            size += len(line)
+        if size >= 64 << 20:
+            seconds += run(batch)
+            batch, size = [], 0
+if batch:
+    seconds += run(batch)
+print(json.dumps({"seconds": seconds, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def _prepare_process(rank: int, n: int, spec, run_dir: Path, barrier, out) -> None:
+    import resource
+
+    from llmforge.data.prepare import Processes, run_prepare
+
+    try:
+        run_prepare(spec, run_dir, spec.stages[0], log=lambda m: None, processes=Processes(rank, n, n, barrier.wait))
+        out.put((rank, None, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+    except BaseException as e:  # reported by the parent, which fails the benchmark
+        out.put((rank, repr(e), 0, 0))
+
+
+def _prepare_on(processes: int, spec, run_dir: Path) -> tuple[float, list[dict]]:
+    """Seconds of prepare on `processes` forked processes (meeting at a barrier, as the stage runner's do), and each one's
+    peak RSS in GB: its own and its largest worker's."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    barrier, out = ctx.Barrier(processes), ctx.Queue()
+    start = time.perf_counter()
+    procs = [ctx.Process(target=_prepare_process, args=(r, processes, spec, run_dir, barrier, out)) for r in range(processes)]
+    for p in procs:
+        p.start()
+    reports = sorted(out.get() for _ in procs)
+    for p in procs:
+        p.join()
+    seconds = time.perf_counter() - start
+    for rank, error, _, _ in reports:
+        if error:
+            raise RuntimeError(f"prepare failed on process {rank}: {error}")
+    return seconds, [{"rank": r, "main_gb": round(own / 2**20, 3), "worker_gb": round(child / 2**20, 3)} for r, _, own, child in reports]
+
+
+def prepare_processes(quick: bool, gigabytes: float | None = None) -> dict:
+    """prepare on 2 processes × 1 worker, MB/s over HF `encode_batch_fast` with 2 threads on the same text; and peak RSS.
+
+    The corpus is one generated file of `gigabytes` (default 0.1; quick 0.02) of lines, a document
+    each: the huge-single-file case, which prepare cuts into byte ranges for the processes. Both
+    sides use the same BPE (vocab 8192, trained beforehand on the first MBs). The baseline gets
+    the lines already read, 64 MiB per call; prepare's time is the whole stage (fingerprint, read,
+    tokenize, merge, pack, write shards and manifest), from fork to the last process's exit.
+    """
+    size = gigabytes or (0.02 if quick else 0.1)
+    root = Path(tempfile.mkdtemp(prefix="llmforge-procs-bench-"))
+    try:
+        from llmforge.data.prepare import run_prepare
+        from llmforge.spec.validate import load_and_validate
+
+        corpus = root / "corpus.txt"
+        text_bytes = _generate_lines(corpus, int(size * 1e9))
+        sample = root / "sample.txt"
+        with open(corpus, "rb") as f:
+            sample.write_bytes(f.read(16 << 20).rsplit(b"\n", 1)[0] + b"\n")
+
+        def spec(name: str, path: Path, tokenizer: dict):
+            doc = {"name": "bench", "tokenizer": tokenizer,
+                   "data": {"sources": {"lines": {"name": "text", "document": "line", "paths": [str(path)]}},
+                            "split": {"by": "document", "val_fraction": 0.01}, "shard_size_mb": 64, "num_workers": 1},
+                   "model": {"name": "gpt", "num_layers": 2, "hidden_size": 64, "num_attention_heads": 2, "vocab_size": 8192,
+                             "seq_length": 1024},
+                   "stages": [{"name": "prepare", "type": "prepare"}]}
+            (root / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+            return load_and_validate(str(root / f"{name}.yaml"))[0]
+
+        trained = spec("train", sample, {"name": "bpe", "vocab_size": 8192})
+        run_prepare(trained, root / "tok", trained.stages[0], log=lambda m: None)
+        tokenizer_json = root / "tok" / "tokenizer" / "tokenizer.json"
+        bench = spec("bench", corpus, {"name": "pretrained", "path": str(tokenizer_json)})
+        megabytes = text_bytes / 1e6
+        rss: list[dict] = []
+
+        def ours() -> float:
+            shutil.rmtree(root / "run", ignore_errors=True)
+            seconds, reports = _prepare_on(2, bench, root / "run")
+            rss.extend(reports)
+            return megabytes / seconds
+
+        hf_rss: list[float] = []
+
+        def theirs() -> float:
+            env = {**os.environ, "RAYON_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "true"}
+            out = json.loads(subprocess.run([sys.executable, "-c", _HF_LINES, str(tokenizer_json), str(corpus)], env=env,
+                                            capture_output=True, text=True, check=True).stdout)
+            hf_rss.append(out["maxrss_kb"] / 2**20)
+            return megabytes / out["seconds"]
+
+        comparison = compare(theirs, ours, repeats=1 if quick or size >= 0.5 else 2)
+        peak = max(max(r["main_gb"], r["worker_gb"]) for r in rss)
+        figure = comparison.ratio
+        return result("prepare_processes", round(figure, 3), PROCESSES_GOAL, figure >= PROCESSES_GOAL and peak < RSS_LIMIT_GB, unit="x",
+                      details={
+                          "text_gb": round(text_bytes / 1e9, 3),
+                          "prepare_2x1_mb_s": round(statistics.median(comparison.subject), 2),
+                          "hf_encode_batch_fast_2_threads_mb_s": round(statistics.median(comparison.baseline), 2),
+                          "pair_ratios": comparison.details()["ratios"],
+                          "peak_rss_gb_per_process": peak, "rss_limit_gb": RSS_LIMIT_GB, "rss": rss[-2:],
+                          "hf_baseline_peak_rss_gb": round(max(hf_rss), 3),
+                          "note": "figure = prepare MB/s on 2 processes × 1 worker (forked, meeting at a barrier; one generated "
+                                  "file of lines, cut into byte ranges) / HF encode_batch_fast MB/s with RAYON_NUM_THREADS=2 on the "
+                                  "same lines in memory; met also needs every process's (and worker's) peak RSS under the limit",
+                      })
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -285,6 +437,15 @@ def loader_throughput(quick: bool) -> dict:
 
 
 if __name__ == "__main__":
-    quick = "--quick" in sys.argv
-    for bench in (prepare_throughput, prepare_stream, loader_throughput):
-        print(json.dumps(bench(quick), indent=1))
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--gb", type=float, help="the size of prepare_processes' generated corpus in GB (default 0.1)")
+    parser.add_argument("--only", help="run just this benchmark (e.g. prepare_processes)")
+    args = parser.parse_args()
+    benches = {"prepare_throughput": prepare_throughput, "prepare_processes": lambda quick: prepare_processes(quick, args.gb),
+               "prepare_stream": prepare_stream, "loader_throughput": loader_throughput}
+    for name, bench in benches.items():
+        if args.only in (None, name):
+            print(json.dumps(bench(args.quick), indent=1))

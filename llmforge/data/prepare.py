@@ -14,20 +14,20 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from llmforge.atomic import sha256_file, write_json
 from llmforge.data import manifest as mf
-from llmforge.data import packing
-from llmforge.atomic import write_json
+from llmforge.data import packing, units
 from llmforge.data.errors import ErrorPolicy
-from llmforge.atomic import sha256_file
 from llmforge.data.files import fingerprint_files, resolve_files
 from llmforge.data.filters import FilterCounts, filtered
 from llmforge.data.shards import ShardWriter
 from llmforge.data.sources import Document, SourceContext
-from llmforge.data.tokenize import tokenize_documents
+from llmforge.data.tokenize import Merged, first_error, merge, tokenize_pieces
 from llmforge.data.tokenizers import Tokenizer, load_tokenizer
 from llmforge.spec.errors import UserError
 
@@ -76,14 +76,10 @@ def _tokenizer_key(spec, sources: dict) -> str:
 
 def _documents(spec, registry, tokenizer: Tokenizer | None, policies: dict[str, ErrorPolicy], counts: dict[str, FilterCounts],
                *, text_only: bool = False) -> Iterator[tuple[str, Document]]:
-    """(source name, document) of every source in spec order, filtered and counted."""
+    """(source name, document) of every source in spec order, filtered and counted (what the tokenizer trains on)."""
     for name, options in spec.data.sources.items():
         context = SourceContext(f"data.sources.{name}", policies[name], tokenizer)
-        docs = registry.build("source", options, context=context)
-        for doc in filtered(docs, getattr(options, "filters", None), counts[name]):
-            if isinstance(doc.content, dict):
-                raise UserError(f"data.sources.{name} ({options.name}) yields finetune records, which prepare cannot pack into pretraining shards",
-                                "use this source under an sft stage's data.sources")
+        for doc in filtered(units.stream(name, options, context, registry), getattr(options, "filters", None), counts[name]):
             if text_only and not isinstance(doc.content, str):
                 continue
             yield name, doc
@@ -113,13 +109,13 @@ def _tokenizer(spec, run_dir: Path, key: str, registry, log: Log) -> Tokenizer:
 
 
 @contextlib.contextmanager
-def _progress(total_bytes: int) -> Iterator[Callable[[int], None]]:
+def _progress(total_bytes: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
     console = Console(stderr=True)
     columns = (TextColumn("tokenizing"), BarColumn(), DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+    with Progress(*columns, console=console, disable=not (enabled and console.is_terminal)) as bar:
         task = bar.add_task("tokenize", total=total_bytes)
         yield lambda n: bar.advance(task, n)
         bar.update(task, completed=total_bytes)
@@ -130,19 +126,106 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
 
 
-def _workers(requested: int) -> int:
-    return requested or len(os.sched_getaffinity(0))
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes that prepare together (default: this one alone) and a barrier they all meet at.
+
+    Every process tokenizes a share of the pieces; rank 0 alone decides, trains the tokenizer
+    and writes the shards. They talk through files in the run dir (multi-node: a filesystem
+    all nodes share), so a long phase on one of them never runs into a collective's timeout.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1  # processes on this machine, which share its cores
+    barrier: Callable[[], None] = field(default=lambda: None, compare=False)
 
 
-def run_prepare(spec, run_dir: Path, stage, log: Log = print) -> dict:
+def _workers(requested: int, local_world_size: int) -> int:
+    return requested or max(1, len(os.sched_getaffinity(0)) // local_world_size)
+
+
+def _piece_bytes(total_bytes: int, slots: int) -> int:
+    """About four pieces per worker of the job, for balance; at least 1 MiB (overhead) and at most 64 MiB (memory)."""
+    return int(min(max(total_bytes / (4 * slots), 1 << 20), 64 << 20))
+
+
+class _Sync:
+    """Small JSON files that the processes leave for each other in the work dir."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def publish(self, name: str, obj: dict) -> None:
+        write_json(self.folder / f"{name}.json", obj)
+
+    def wait(self, name: str) -> dict:
+        path, pause = self.folder / f"{name}.json", 0.01
+        while not path.exists():
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+        return json.loads(path.read_text())
+
+
+def _error(e: BaseException) -> dict:
+    if isinstance(e, UserError):
+        return {"message": e.args[0], "hint": e.hint}
+    return {"message": f"{type(e).__name__}: {e}", "hint": None, "bug": True}
+
+
+def _raise(error: dict, who: str) -> None:
+    if error.get("bug"):
+        raise RuntimeError(f"prepare failed in {who}: {error['message']}" + (f"\n{error['traceback']}" if error.get("traceback") else ""))
+    raise UserError(error["message"], error["hint"])
+
+
+def run_prepare(spec, run_dir: Path, stage, log: Log = print, processes: Processes = Processes()) -> dict:
     """Train/load the tokenizer into run_dir/tokenizer, write run_dir/data shards + manifest.json.
 
-    Reuses existing shards when the inputs are unchanged and the shards intact. Returns the manifest.
+    Reuses existing shards when the inputs are unchanged and the shards intact. Returns the
+    manifest. Called on every process of a job with its `processes`: the shards and manifest
+    are byte-identical to those of one process.
     """
     from llmforge.registry.manager import get_registry
 
     registry = get_registry()
-    run_dir, data = Path(run_dir), spec.data
+    data_dir = Path(run_dir) / "data"
+    work_dir = data_dir / ".work"
+    sync = _Sync(work_dir / "sync")
+    rank = processes.rank
+    if rank == 0:
+        shutil.rmtree(work_dir, ignore_errors=True)  # left by a killed run
+        sync.folder.mkdir(parents=True)
+    processes.barrier()  # nobody reads the work dir before it is fresh
+    try:
+        if rank == 0:
+            try:
+                plan = _plan(spec, Path(run_dir), stage, registry, processes, log)
+            except BaseException as e:
+                sync.publish("plan", {"error": _error(e)})
+                raise
+            sync.publish("plan", plan["public"])
+        else:
+            public = sync.wait("plan")
+            if "error" in public:
+                _raise(public["error"], "rank 0")
+            plan = {"public": public}
+        if plan["public"]["reuse"]:
+            return plan.get("manifest") or mf.read_manifest(data_dir)
+        return _tokenize_and_build(spec, stage, registry, data_dir, work_dir, sync, processes, plan, log)
+    finally:
+        # Every failure was published, so all processes end here together; then the work dir
+        # (token files are only scaffolding) can go.
+        with contextlib.suppress(Exception):
+            processes.barrier()
+        if rank == 0:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _plan(spec, run_dir: Path, stage, registry, processes: Processes, log: Log) -> dict:
+    """Rank 0's part before tokenizing: compare the inputs, build the tokenizer, decide reuse, and cut the work into pieces."""
+    data = spec.data
     data_dir = run_dir / "data"
     if not data.sources:
         raise UserError("data.sources is empty: the prepare stage has nothing to tokenize", "add a source, e.g. data.sources.web: {name: text, paths: [corpus/*.txt]}")
@@ -177,40 +260,87 @@ def run_prepare(spec, run_dir: Path, stage, log: Log = print) -> dict:
         if not problems:
             n = sum(len(s["shards"]) for s in old["splits"].values())
             log(f"prepare: inputs unchanged; reusing {n} shards in {data_dir}")
-            return old
+            return {"public": {"reuse": True}, "manifest": old}
         log(f"prepare: rebuilding the shards: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    work_dir = data_dir / ".work"
-    shutil.rmtree(work_dir, ignore_errors=True)  # left by a killed run
+
+    total_bytes = sum(fp.get("bytes", 0) for fp in fingerprints.values())
+    target = _piece_bytes(total_bytes, processes.world_size * _workers(data.num_workers, processes.local_world_size))
+    policies = {n: ErrorPolicy(data.on_error, log) for n in data.sources}  # missing files and empty globs, found while planning
+    found = [u for name, options in data.sources.items()
+             for u in units.plan(name, options, SourceContext(f"data.sources.{name}", policies[name], tokenizer), target)]
+    pieces: list[list[units.Unit]] = []
+    size = 0
+    for unit in found:
+        if not pieces or size + unit.size > target:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(unit)
+        size += unit.size
+    return {"public": {"reuse": False, "pieces": [[asdict(u) for u in piece] for piece in pieces]},
+            "tokenizer": tokenizer, "inputs": inputs, "inputs_hash": inputs_hash, "fingerprints": fingerprints,
+            "seq_length": seq_length, "planning_skips": {n: p.skipped for n, p in policies.items()}, "total_bytes": total_bytes}
+
+
+def _tokenize_and_build(spec, stage, registry, data_dir: Path, work_dir: Path, sync: _Sync, processes: Processes, plan: dict, log: Log) -> dict:
+    """Every process tokenizes its share of the pieces; rank 0 merges them and writes the shards; the others wait for its word."""
+    from llmforge.data.tokenizers import load_tokenizer
+
+    data, rank, world = spec.data, processes.rank, processes.world_size
+    pieces = [[units.Unit(**u) for u in piece] for piece in plan["public"]["pieces"]]
+    mine = {i: piece for i, piece in enumerate(pieces) if i % world == rank}
+    workers = _workers(data.num_workers, processes.local_world_size)
+    tokenizer_dir = data_dir.parent / "tokenizer"
+    dtype = token_dtype((plan.get("tokenizer") or load_tokenizer(tokenizer_dir)).vocab_size)
+    start = time.perf_counter()
+    failure = None
     try:
-        return _build(spec, stage, registry, tokenizer, data_dir, work_dir, inputs, inputs_hash, fingerprints, seq_length, log)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)  # the token streams are only scaffolding
+        with _progress(sum(u.size for piece in mine.values() for u in piece), enabled=rank == 0) as advance:
+            results = tokenize_pieces(mine, tokenizer_dir=tokenizer_dir, work_dir=work_dir, dtype=dtype, workers=workers,
+                                      sources=dict(data.sources), on_error=data.on_error, progress=advance)
+    except BaseException as e:
+        failure = e
+        results = [{"index": min(mine, default=-1), "error": _error(e)}]
+    sync.publish(f"done-{rank}", {"results": results})
+    everyone = [r for other in range(world) for r in (results if other == rank else sync.wait(f"done-{other}")["results"])]
+    if failure is not None:
+        raise failure
+    if (error := first_error(everyone)) is not None:
+        _raise(error, "a tokenizer worker")
+    elapsed = time.perf_counter() - start
+    if rank != 0:
+        built = sync.wait("built")
+        if "error" in built:
+            _raise(built["error"], "rank 0")
+        return mf.read_manifest(data_dir)
+    try:
+        merged = merge(pieces, everyone, list(data.sources), work_dir, dtype)
+        manifest = _build(spec, stage, plan, merged, data_dir, elapsed, f"{world} process{'es' * (world != 1)} × {workers} worker{'s' * (workers != 1)}", log)
+    except BaseException as e:
+        sync.publish("built", {"error": _error(e)})
+        raise
+    sync.publish("built", {"ok": True})
+    return manifest
 
 
-def _build(spec, stage, registry, tokenizer: Tokenizer, data_dir: Path, work_dir: Path, inputs: dict, inputs_hash: str,
-           fingerprints: dict, seq_length: int, log: Log) -> dict:
+def _build(spec, stage, plan: dict, merged: Merged, data_dir: Path, elapsed: float, who: str, log: Log) -> dict:
     data = spec.data
     names = list(data.sources)
+    tokenizer, fingerprints, seq_length = plan["tokenizer"], plan["fingerprints"], plan["seq_length"]
     dtype = token_dtype(tokenizer.vocab_size)
-    counts = {n: FilterCounts() for n in names}
-    policies = {n: ErrorPolicy(data.on_error, log) for n in names}
-    workers = _workers(data.num_workers)
-    total_bytes = sum(fp.get("bytes", 0) for fp in fingerprints.values())
-    start = time.perf_counter()
-    with _progress(total_bytes) as advance:
-        streams = tokenize_documents(_documents(spec, registry, tokenizer, policies, counts), names, tokenizer_dir=data_dir.parent / "tokenizer",
-                                     work_dir=work_dir, dtype=dtype, workers=workers, progress=advance)
-    elapsed = time.perf_counter() - start
+    streams, counts = merged.streams, merged.counts
     for n in names:
-        counts[n].skipped_errors = policies[n].skipped
+        counts[n].skipped_errors += plan["planning_skips"][n]
+        for line in merged.warnings[n][:10]:
+            log(line)
         if counts[n].kept == 0:
             c = counts[n]
             raise UserError(f"data.sources.{n} is empty after filtering: {c.documents} documents, {c.empty} empty, {c.too_short} too short, "
                             f"{c.too_long} too long, {c.duplicates} duplicates, {c.skipped_errors} skipped as bad input",
                             "loosen the source's filters or check its paths")
     total_tokens = sum(s.tokens for s in streams.values())
+    total_bytes = plan["total_bytes"]
     log(f"prepare: tokenized {total_bytes / 1e6:.1f} MB into {total_tokens:,} tokens in {elapsed:.1f} s "
-        f"({total_bytes / 1e6 / max(elapsed, 1e-9):.1f} MB/s, {workers} worker{'s' * (workers != 1)})")
+        f"({total_bytes / 1e6 / max(elapsed, 1e-9):.1f} MB/s, {who})")
 
     parts = {n: packing.split_source(i, streams[n], data.split.by, data.split.val_fraction, spec.seed) for i, n in enumerate(names)}
     val = packing.Ranges.concat([parts[n]["val"] for n in names])
@@ -232,8 +362,8 @@ def _build(spec, stage, registry, tokenizer: Tokenizer, data_dir: Path, work_dir
 
     manifest = {
         "version": mf.MANIFEST_VERSION,
-        "inputs_hash": inputs_hash,
-        "inputs": inputs,
+        "inputs_hash": plan["inputs_hash"],
+        "inputs": plan["inputs"],
         "tokenizer": {"kind": getattr(tokenizer, "kind", spec.tokenizer.name), "sha256": tokenizer.hash, "vocab_size": tokenizer.vocab_size,
                       "eos_id": tokenizer.eos_id, "bos_id": tokenizer.bos_id, "pad_id": tokenizer.pad_id},
         "seq_length": seq_length,
@@ -260,7 +390,7 @@ def _build(spec, stage, registry, tokenizer: Tokenizer, data_dir: Path, work_dir
     return manifest
 
 
-def _write_split(data_dir: Path, split: str, arrays: list[np.ndarray], ranges: packing.Ranges, mode: str, seq_length: int,
+def _write_split(data_dir: Path, split: str, arrays: list, ranges: packing.Ranges, mode: str, seq_length: int,
                  dtype: np.dtype, shard_size_mb: float) -> dict:
     writer = ShardWriter(data_dir, split, target_bytes=int(shard_size_mb * 2**20), dtype=dtype)
     stats = packing.PackStats()

@@ -93,19 +93,25 @@ def text_source(options: c.TextSource, *, context: SourceContext) -> Iterator[Do
             continue
         if options.document == "file":
             yield Document(text, str(path))
-        elif options.document == "paragraph":
-            start, line = 0, 1
-            for m in [*_PARAGRAPH_BREAK.finditer(text), None]:
-                end = m.start() if m else len(text)
-                if para := text[start:end].strip():
-                    yield Document(para, f"{path}:{line}")
-                if m:
-                    line += text.count("\n", start, m.end())
-                    start = m.end()
         else:
-            for i, line_text in enumerate(text.split("\n"), 1):
-                if line_text.strip():
-                    yield Document(line_text, f"{path}:{i}")
+            yield from text_documents(text, options.document, lambda line, path=path: f"{path}:{line}")
+
+
+def text_documents(text: str, document: str, place, first_line: int = 1) -> Iterator[Document]:
+    """The paragraphs or lines of `text` (which starts on line `first_line`); `place(line)` names where one starts."""
+    if document == "paragraph":
+        start, line = 0, first_line
+        for m in [*_PARAGRAPH_BREAK.finditer(text), None]:
+            end = m.start() if m else len(text)
+            if para := text[start:end].strip():
+                yield Document(para, place(line))
+            if m:
+                line += text.count("\n", start, m.end())
+                start = m.end()
+    else:
+        for i, line_text in enumerate(text.split("\n"), first_line):
+            if line_text.strip():
+                yield Document(line_text, place(i))
 
 
 def _file_records(options: c.FileSource, context: SourceContext) -> Iterator[tuple[dict, str]]:
@@ -117,11 +123,15 @@ def _file_records(options: c.FileSource, context: SourceContext) -> Iterator[tup
             yield from _jsonl_records(path, context.errors)
 
 
-def _jsonl_records(path: Path, errors: ErrorPolicy) -> Iterator[tuple[dict, str]]:
-    """(record, 'file:line') for every non-blank line, streamed; bad lines go to the policy."""
+def _jsonl_records(path: Path, errors: ErrorPolicy, lines: Iterator[tuple[int, int, bytes]] | None = None,
+                   place=None) -> Iterator[tuple[dict, str]]:
+    """(record, 'file:line') for every non-blank line, streamed; bad lines go to the policy.
+
+    `lines` (default: the whole file) and `place(line)` let prepare read a byte range of the file.
+    """
     try:
-        for i, offset, raw in containers.lines(path):
-            where = f"{path}:{i}"
+        for i, offset, raw in lines if lines is not None else containers.lines(path):
+            where = place(i) if place is not None else f"{path}:{i}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

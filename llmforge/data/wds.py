@@ -196,9 +196,13 @@ def _own_shard(path: Path, context: SourceContext) -> Iterator[Document] | None:
     return documents()
 
 
-def webdataset_source(options: c.WebDatasetSource, *, context: SourceContext) -> Iterator[Document]:
-    """Documents of WebDataset shards: the text of a member (or a .json field), or the tokens of llmforge's own shards."""
-    urls = shard_urls(options, context.errors, f"{context.name}.paths")
+def webdataset_source(options: c.WebDatasetSource, *, context: SourceContext, urls: list[str] | None = None) -> Iterator[Document]:
+    """Documents of WebDataset shards: the text of a member (or a .json field), or the tokens of llmforge's own shards.
+
+    `urls`: just these shards (prepare divides a source's shards among its processes).
+    """
+    if urls is None:
+        urls = shard_urls(options, context.errors, f"{context.name}.paths")
     _check_curl(urls, f"{context.name}.paths")
     for url in urls:
         own = None if is_remote(url) else _own_shard(Path(url), context)

@@ -43,7 +43,7 @@ class DataConfig(StrictModel):
     )
     split: SplitConfig = Field(default_factory=dict, description="The train/val split.")
     shard_size_mb: float = Field(64.0, gt=0, description="Target size of one WebDataset tar shard, in MiB.")
-    num_workers: int = Field(0, ge=0, description="Tokenizer processes for `prepare`; 0 = one per CPU core.")
+    num_workers: int = Field(0, ge=0, description="Tokenizer worker processes of each process of `prepare`; 0 = this machine's cores divided among the job's processes on it.")
     on_error: Literal["raise", "skip"] = Field(
         "raise", description="Bad input (undecodable file, corrupt shard): `raise` stops with the file or shard named; `skip` logs, counts and goes on."
     )

@@ -1,4 +1,4 @@
-"""The `prepare` stage: tokenizer and WebDataset shards, on global rank 0 only."""
+"""The `prepare` stage: tokenizer and WebDataset shards, prepared by every process of the job together."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ from llmforge.runtime.context import RunContext
 
 
 def run(stage, *, context: RunContext) -> dict[str, Any]:
-    from llmforge.data.prepare import run_prepare
+    from llmforge.data.prepare import Processes, run_prepare
+    from llmforge.runtime.distributed import read_launch_env
 
-    manifest: dict[str, Any] = {}
-    if context.rank == 0:
-        manifest = run_prepare(context.spec, context.run.path, stage, log=context.log)
-    # Other ranks wait; the shards are read by everyone afterwards.
-    context.barrier()
+    # Each process tokenizes a share of the corpus; rank 0 writes the shards, byte-identical to one process's.
+    world = context.world_size
+    processes = Processes(rank=context.rank, world_size=world, local_world_size=read_launch_env().local_world_size,
+                          barrier=context.barrier)
+    manifest = run_prepare(context.spec, context.run.path, stage, log=context.log, processes=processes)
+    context.barrier()  # the shards are read by everyone afterwards
     return {"manifest": str(context.run.data / "manifest.json"), **_token_summary(manifest)}
 
 

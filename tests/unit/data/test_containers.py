@@ -138,7 +138,7 @@ def test_missing_optional_package_names_the_extra(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def offline(monkeypatch, tmp_path):
+def offline_env(monkeypatch, tmp_path):
     """An empty HF cache, and the offline switches a user would set: loading must neither fetch nor write there."""
     cache = tmp_path / "hf-home"
     monkeypatch.setenv("HF_HOME", str(cache))
@@ -148,7 +148,13 @@ def offline(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache / "datasets")
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", datasets.config.HF_DATASETS_OFFLINE)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
-    yield cache
+    return cache
+
+
+@pytest.fixture
+def offline(offline_env):
+    """offline_env, for sources read in this process: the source must switch `datasets` offline."""
+    yield offline_env
     assert datasets.config.HF_DATASETS_OFFLINE and datasets.config.HF_HUB_OFFLINE  # the source switched them on
 
 
@@ -238,7 +244,8 @@ def test_hf_dataset_finetune_records(tmp_path, offline):
         c.HFDatasetSource(path="x", format="messages", fields=["messages"])
 
 
-def test_prepare_reads_parquet_and_hf_dataset_and_reuses_them(tmp_path, offline):
+def test_prepare_reads_parquet_and_hf_dataset_and_reuses_them(tmp_path, offline_env):
+    # prepare reads the sources in its worker processes: the parent's `datasets` config is not the one to check.
     write_parquet(tmp_path / "d.parquet", RECORDS)
     datasets.Dataset.from_list(RECORDS).save_to_disk(str(tmp_path / "saved"))
     compress(tmp_path / "d.jsonl.zst", jsonl(RECORDS))
@@ -248,6 +255,7 @@ def test_prepare_reads_parquet_and_hf_dataset_and_reuses_them(tmp_path, offline)
     spec = make_spec(tmp_path, sources=sources)
     m = prepare(spec, tmp_path / "run")
     assert m["sources"]["pq"]["tokens"] == m["sources"]["hf"]["tokens"] == m["sources"]["zst"]["tokens"] > 0
+    assert _cached_files(offline_env) == []  # the workers streamed the dataset, copying nothing into the cache
     logs: list[str] = []
     prepare(spec, tmp_path / "run", logs)
     assert any("reusing" in line for line in logs)

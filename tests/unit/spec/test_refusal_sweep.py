@@ -201,13 +201,14 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
     ("data/manifest.py", "read_manifest", "holds no complete prepared data"): RUN_DIR,
     ("data/manifest.py", "read_manifest", "unreadable"): DAMAGED,
     ("data/manifest.py", "read_manifest", "unknown manifest version"): RUN_DIR + " (which llmforge prepared it)",
-    ("data/prepare.py", "_documents", "yields finetune records"):
+    ("data/units.py", "document_check", "yields finetune records"):
         spec("data.sources.add (tasks) yields finetune records (prompt, response)", "data.sources.add.format=instructions"),
-    ("data/prepare.py", "run_prepare", "data.sources is empty"):
+    ("data/prepare.py", "_raise", 'raise UserError(error["message"]'): "re-raises, on every process of a multi-process prepare, a refusal one of them met (each has its own row)",
+    ("data/prepare.py", "_plan", "data.sources is empty"):
         spec("data.sources is empty, so stages[0] (prepare) has nothing to tokenize", without_data=True),
-    ("data/prepare.py", "run_prepare", "has no seq_length"): spec("model.seq_length: Input should be a valid integer", "model.seq_length=null"),
-    ("data/prepare.py", "run_prepare", "changed: {changes}"): RESUME + " (the sources of shards prepared before, data.on_change: refuse)",
-    ("data/prepare.py", "run_prepare", "tokens but model.vocab_size is"): VOCAB,
+    ("data/prepare.py", "_plan", "has no seq_length"): spec("model.seq_length: Input should be a valid integer", "model.seq_length=null"),
+    ("data/prepare.py", "_plan", "changed: {changes}"): RESUME + " (the sources of shards prepared before, data.on_change: refuse)",
+    ("data/prepare.py", "_plan", "tokens but model.vocab_size is"): VOCAB,
     ("data/prepare.py", "_build", "is empty after filtering"): DATA_AMOUNT + " (and the filters keep)",
     ("data/prepare.py", "_build", "has no train tokens to mix"): DATA_AMOUNT,
     ("data/prepare.py", "_check_splits", "fewer than one sample"): DATA_AMOUNT,
