@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -60,7 +61,9 @@ def test_a_failing_evaluator_costs_neither_training_nor_a_checkpoint(llmforge, r
     run = tmp_path / "run"
     done = llmforge("--run-dir", str(run), f"stages.1.evaluators=[{{name: val_loss}}, {{name: multiple_choice, paths: [{broken}]}}]")
     assert done.returncode == 0, done.output[-4000:]
-    assert done.stdout.count("evaluator 'multiple_choice' failed; training continues") == 2  # steps 20 and 40
+    # One line per evaluation (steps 20 and 40) naming the evaluator, its provider and the exception.
+    failed = re.findall(r"evaluator 'multiple_choice' \(llmforge [^)]+\) failed: ValueError: [^\n]*; training continues", done.stdout)
+    assert len(failed) == 2, done.stdout[-4000:]
     log = (run / "run.log").read_text()
     assert "Traceback" in log and "ValueError" in log
     assert steps_saved(run) == [30, 40]
