@@ -1,7 +1,8 @@
 """One rank of the launch that finetunes every imported family at one layout (test helper).
 
-Started by test_finetune_families.py with torchrun's environment variables (1 or 2 ranks); argv[1]
-is a JSON object {runs: {family: {spec, run_dir}}, ids, layout: [tp, pp], out}. The process group
+Started by test_finetune_families.py and test_moe_finetune.py with torchrun's environment variables;
+argv[1] is a JSON object {runs: {family: {spec, run_dir, stages}}, ids, layout: [tp, pp] or
+overrides: ["parallelism.KEY=VALUE", ...], out}. The process group
 is made here once, so each family's `llmforge run` (the CLI's own code, in this process) only
 makes megatron's groups again. Then each finished stage's checkpoint is loaded the way `llmforge
 generate` loads it, at the same layout, and rank 0 saves the full logits on `ids` as
@@ -25,12 +26,16 @@ def main() -> None:
     from llmforge.runtime.distributed import shutdown
 
     args = json.loads(sys.argv[1])
+    world = int(os.environ["WORLD_SIZE"])
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}", rank=int(os.environ["RANK"]),
-                            world_size=int(os.environ["WORLD_SIZE"]))
+                            world_size=world)
     ids = torch.tensor(args["ids"])
     positions = torch.arange(ids.shape[1]).expand_as(ids)
-    tp, pp = args["layout"]
-    layout = generation_layout([f"parallelism.tensor_model_parallel_size={tp}", f"parallelism.pipeline_model_parallel_size={pp}"])
+    if "overrides" in args:  # any layout (test_moe_finetune.py: expert parallelism)
+        layout = generation_layout(args["overrides"], nproc_per_node=world)
+    else:
+        tp, pp = args["layout"]
+        layout = generation_layout([f"parallelism.tensor_model_parallel_size={tp}", f"parallelism.pipeline_model_parallel_size={pp}"])
     out = Path(args["out"])
     for family, case in args["runs"].items():
         code = cli(["run", case["spec"], "--run-dir", case["run_dir"]])

@@ -9,7 +9,7 @@ and linear_proj, which `export hf --peft` writes for PEFT (PEFT cannot adapt tra
 experts, so `--peft` refuses adapters on them, naming the targets).
 
 The three families are made and imported once; one 2-process launch runs all three specs through
-the CLI's own `run` (moe_finetune_worker.py).
+the CLI's own `run` (finetune_worker.py).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 ATOL = 1e-4
-WORKER = Path(__file__).with_name("moe_finetune_worker.py")
+WORKER = Path(__file__).with_name("finetune_worker.py")
 IDS = random_ids(batch=2, seq=32, vocab=400, seed=4)
 STAGES = ("sft", "lora", "lora_attention")
 EP = ["parallelism.expert_model_parallel_size=2"]
