@@ -84,6 +84,18 @@ def launch(args: dict, ranks: int, port: int) -> list[subprocess.Popen]:
             for rank in range(ranks)]
 
 
+def finish(procs: list[subprocess.Popen]) -> None:
+    """Wait for launched ranks (all launches at once); each must exit 0, else its output's tail is the failure."""
+    try:
+        outputs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, out in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, out[-6000:]
+
+
 @dataclass(frozen=True)
 class Finetuned:
     root: Path
@@ -117,14 +129,7 @@ def finetuned(tmp_path_factory) -> Finetuned:
             spec.write_text(yaml.safe_dump(finetune_spec(root / "imported" / family, data, tp), sort_keys=False))
             runs[family] = {"spec": str(spec), "run_dir": str(root / f"tp{tp}" / family), "stages": STAGES}
         procs += launch({"runs": runs, "ids": IDS.tolist(), "layout": [tp, 1], "out": str(root / f"tp{tp}")}, tp, port)
-    try:
-        outputs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-6000:]
+    finish(procs)
     return Finetuned(root)
 
 

@@ -15,9 +15,6 @@ the CLI's own `run` (finetune_worker.py).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +27,13 @@ from llmforge.interop.export import export_hf
 from llmforge.interop.import_ import import_hf
 
 from .moe_tiny import FAMILIES, SPECS, save_chat_moe_family
-from .test_finetune_families import CHATS, free_ports
+from .test_finetune_families import CHATS, finish, free_ports, launch
 from .tiny import random_ids
 
 pytestmark = pytest.mark.slow
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 ATOL = 1e-4
-WORKER = Path(__file__).with_name("finetune_worker.py")
 IDS = random_ids(batch=2, seq=32, vocab=400, seed=4)
 STAGES = ("sft", "lora", "lora_attention")
 EP = ["parallelism.expert_model_parallel_size=2"]
@@ -59,14 +55,6 @@ def finetune_spec(imported: Path, data: Path) -> dict:
                        {"name": "lora", "type": "lora", **common, "lora": {"rank": 4, "alpha": 8.0}, "train": train(1e-2)},
                        {"name": "lora_attention", "type": "lora", **common, "train": train(3e-2),
                         "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["linear_qkv", "linear_proj"]}}]}
-
-
-def launch(args: dict, ranks: int, port: int) -> list[subprocess.Popen]:
-    return [subprocess.Popen([sys.executable, str(WORKER), json.dumps(args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             env={**os.environ, "RANK": str(rank), "WORLD_SIZE": str(ranks), "LOCAL_RANK": str(rank),
-                                  "LOCAL_WORLD_SIZE": str(ranks), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                  "OMP_NUM_THREADS": "1"})
-            for rank in range(ranks)]
 
 
 @dataclass(frozen=True)
@@ -97,14 +85,7 @@ def finetuned(tmp_path_factory) -> Finetuned:
         spec.write_text(yaml.safe_dump(finetune_spec(root / "imported" / family, data), sort_keys=False))
         runs[family] = {"spec": str(spec), "run_dir": str(root / "runs" / family), "stages": STAGES}
     procs = launch({"runs": runs, "ids": IDS.tolist(), "overrides": EP, "out": str(root)}, 2, free_ports(1)[0])
-    try:
-        outputs = [p.communicate(timeout=600)[0].decode(errors="replace") for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-6000:]
+    finish(procs)
     return Finetuned(root)
 
 
