@@ -85,6 +85,7 @@ def register_evaluators() -> list[Component]:
         Component("preference", c.Preference, "llmforge.finetune.evaluators:Preference", "chosen-over-rejected margin and win rate"),
         Component("pairwise_accuracy", c.PairwiseAccuracy, "llmforge.finetune.evaluators:PairwiseAccuracy", "reward-model pairwise accuracy"),
         Component("mean_reward", c.MeanReward, "llmforge.finetune.evaluators:MeanReward", "mean reward of greedy completions"),
+        Component("lm_eval", c.LMEval, "llmforge.evaluation.evaluator:LMEvalEvaluator", "lm-evaluation-harness tasks at the run's layout"),
     ]
 
 

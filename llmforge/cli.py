@@ -331,6 +331,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
+    warnings.filterwarnings("ignore", message="full scope is deprecated", module="megatron")
+    # torch's checkpoint notices on load (ShardedTensor deprecation, single-process loading).
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.checkpoint")
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed.checkpoint")
+    from llmforge.evaluation.command import evaluate
+
+    return evaluate(args)
+
+
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="continue prompts with a trained checkpoint (KV-cache sampling, at any TP/PP layout)",
                        description="Continue prompts with a checkpoint of any layout. One process by default; layout overrides "
@@ -438,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     _interop_parsers(sub)
     _generate_parser(sub)
+    from llmforge.evaluation.command import add_parser as add_eval_parser
+
+    add_eval_parser(sub, cmd_eval)
 
     p = sub.add_parser("plugins", help="list registered components and who provides them")
     p.add_argument("--json", action="store_true", help='a list of {"kind", "name", "provider", "version", "description"}')

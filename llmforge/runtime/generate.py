@@ -9,6 +9,8 @@ is ours. Tests check it against the model's full forward and against transformer
 SDPA's `is_causal=True` aligns its mask to the top-left corner, which is wrong when
 fewer queries than keys attend (a decode step, or a chunk after a cached prefix); the
 mask here is aligned bottom-right, and pads (left padding of a batch) are masked out.
+Where both alignments agree and nothing is padded (a step from position 0, or one new
+token), SDPA gets no mask tensor and uses its own causal kernels.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class StageDecoder:
             self._own_rope = not (self.config.rotary_interleaved or self.config.multi_latent_attention or self.config.apply_rope_fusion)
             self._cos, self._sin = self.rotary.cos(), self.rotary.sin()
         self._mask = None
+        self._causal = False  # no mask, SDPA's own causal one: a step from position 0 without pads
+        self._padded = False  # whether any cached key is a pad
 
     def begin(self, new: int, valid: torch.Tensor | None, segments: torch.Tensor | None = None) -> None:
         """A step of `new` tokens after the cached ones; `valid` [batch, new] is False for pads; `segments`
@@ -65,6 +69,13 @@ class StageDecoder:
         if end > self.max_length:
             raise ValueError(f"the cache holds {self.max_length} positions; {end} requested")
         self.key_valid[:, start:end] = True if valid is None else valid
+        self._padded = (self._padded and start > 0) or (valid is not None and not bool(valid.all()))
+        self._mask, self._causal = None, False
+        if not self._padded and segments is None and (start == 0 or new == 1):
+            # Without pads or documents the mask is plain causal (top-left and bottom-right agree from position 0;
+            # one new token sees every key): SDPA's own, whose kernels need no mask tensor.
+            self._causal = new > 1
+            return
         # [batch, 1, new, end]: bottom-right causal (see the module docstring) and no pads.
         self._mask = causal_mask(new, end, device=self.device)[None, None] & self.key_valid[:, None, None, :end]
         if segments is not None:
@@ -108,7 +119,8 @@ class StageDecoder:
                 key, value = cache.key[:end], cache.value[:end]
             q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [batch, heads, s, dim]
             scale = getattr(attention.core_attention, "softmax_scale", None)
-            context = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask, is_causal=self._causal, scale=scale,
+                                                     enable_gqa=k.shape[1] != q.shape[1])
             context = context.permute(2, 0, 1, 3).reshape(new, self.batch_size, -1)
             residual = hidden
             hidden = layer.self_attn_bda(False, config.bias_dropout_fusion)(attention.linear_proj(context), residual, 0.0)
@@ -131,6 +143,59 @@ class StageDecoder:
         logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=False)  # [new, b, vocab / TP]
         logp = -tensor_parallel.vocab_parallel_cross_entropy(logits.float() / temperature, labels.to(self.device).transpose(0, 1).contiguous())
         return logp.transpose(0, 1).float()
+
+
+def score_logits(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """What a log-likelihood request reads of the last stage's final hidden states [new, b, h], in one
+    [b, 2 new + vocab] fp32 tensor (one piece to broadcast over the pipeline): the log-prob of each label
+    [b, new], the most likely id at each position [b, new] (the first on ties, over the whole vocabulary, as
+    argmax over gathered logits), and the log-softmax at position `ends[i] - 1` of row i [b, vocab].
+
+    Under TP each rank holds a slice of the vocabulary: maxima, sums and picked logits are reduced over the
+    TP group, so the full logits of every position are never gathered."""
+    import torch.distributed as dist
+
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=False)
+    logits = logits.float().transpose(0, 1)  # [b, new, vocab / TP]
+    group, size, rank = _tensor_parallel()
+    width = logits.shape[-1]
+    first = rank * width
+    top, arg = logits.max(dim=-1)
+    arg = arg + first
+    if size > 1:
+        best = top.clone()
+        dist.all_reduce(best, op=dist.ReduceOp.MAX, group=group)
+        # The lowest global id holding the maximum: what argmax over the gathered row returns.
+        arg = torch.where(top == best, arg, torch.full_like(arg, torch.iinfo(arg.dtype).max))
+        dist.all_reduce(arg, op=dist.ReduceOp.MIN, group=group)
+        top = best
+    total = (logits - top.unsqueeze(-1)).exp().sum(dim=-1)
+    local = (labels.to(logits.device) - first)
+    inside = (local >= 0) & (local < width)
+    picked = logits.gather(-1, local.clamp(0, width - 1).unsqueeze(-1)).squeeze(-1) * inside
+    if size > 1:
+        dist.all_reduce(total, group=group)
+        dist.all_reduce(picked, group=group)
+    norm = top + total.log()  # log of the softmax's denominator
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    last = ends.to(logits.device) - 1
+    final = logits[rows, last] - norm[rows, last].unsqueeze(-1)
+    if size > 1:
+        parts = [torch.empty_like(final) for _ in range(size)]
+        dist.all_gather(parts, final.contiguous(), group=group)
+        final = torch.cat(parts, dim=-1)
+    return torch.cat([picked - norm, arg.float(), final], dim=1)
+
+
+def _tensor_parallel() -> tuple[object, int, int]:
+    """(group, size, rank) of this rank's tensor-parallel group; (None, 1, 0) without one."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if not (dist.is_available() and dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return None, 1, 0
+    return ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,8 @@ and generation with a KV cache (`ModelServer`).
 
 Every user of scoring or sampling goes through it: the evaluators and the text preview, RL
 rollouts and their old/reference log-probs, DPO's reference and evaluation log-probs,
-`llmforge generate`. It runs this rank's model chunks with their own modules (so TP-sharded
+`llmforge generate`, lm-evaluation-harness's requests (`llmforge eval`, the `lm_eval`
+evaluator). It runs this rank's model chunks with their own modules (so TP-sharded
 linears, LoRA adapters and soft prompts apply as in training); only the attention over the
 cache is ours (`runtime/generate.py`).
 
@@ -41,7 +42,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from llmforge.runtime.generate import StageDecoder, sample_next
+from llmforge.runtime.generate import StageDecoder, sample_next, score_logits
 from llmforge.spec.errors import UserError
 
 
@@ -173,6 +174,43 @@ class ModelServer:
         return self._gather(local, mine, rows.shape[0], shared).long()
 
     @torch.no_grad()
+    def continuation_scores(self, rows: list[list[int]], scored: list[int], *, micro_batch_size: int,
+                            shared: bool = True) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What lm-evaluation-harness's log-likelihood requests read of each row (token ids; position j
+        predicts j + 1): for each of its last `scored[i]` tokens, its log-prob and whether it is the most
+        likely next token ([2, scored[i]]: log-probs, then 1.0 where greedy), and the log-softmax over the
+        vocabulary at the row's last position ([vocab]: what any other last token would score). fp32, CPU.
+        Rows are scored whole, as one document each (no packed-document split); only the positions
+        some row scores go through the output layer."""
+        if any(len(r) < 2 or not 1 <= k < len(r) for r, k in zip(rows, scored, strict=True)):
+            raise ValueError("every row needs at least two tokens, and scores between one and all but its first")
+        mine = self._share(len(rows), shared)
+        out: list = []
+        with self._eval_mode():
+            for start in range(0, len(mine), micro_batch_size):
+                index = mine[start:start + micro_batch_size]
+                batch = [rows[i] for i in index]
+                width = max(len(r) for r in batch) - 1
+                tokens = torch.zeros(len(batch), width, dtype=torch.long)
+                labels = torch.zeros(len(batch), width, dtype=torch.long)
+                for i, row in enumerate(batch):  # right padding: causally unseen by every real position
+                    tokens[i, : len(row) - 1] = torch.tensor(row[:-1])
+                    labels[i, : len(row) - 1] = torch.tensor(row[1:])
+                ends = torch.tensor([len(r) - 1 for r in batch])
+                first = min(len(r) - 1 - scored[i] for r, i in zip(batch, index))  # the earliest position any row scores
+                kept = width - first
+                vocab = self.chunks[-1].vocab_size
+                packed = self._forward(tokens, torch.arange(width).expand(len(batch), -1), None, decoder=None,
+                                       read=lambda model, hidden: score_logits(model, hidden[first:], labels[:, first:], ends - first),
+                                       read_shape=(len(batch), 2 * kept + vocab))
+                for row, i in enumerate(index):
+                    stop = int(ends[row]) - first
+                    span = slice(stop - scored[i], stop)
+                    greedy = (packed[row, kept:][span] == labels[row, first:][span]).float()
+                    out.append((torch.stack([packed[row, span], greedy]), packed[row, 2 * kept:].clone()))
+        return self._gather(out, mine, len(rows), shared)
+
+    @torch.no_grad()
     def scores(self, sequences: list[list[int]], *, micro_batch_size: int, pad_id: int, head: str, shared: bool = True) -> list[float]:
         """A scalar head's reading of each sequence at its last token: `head` names a [hidden → 1]
         module on the GPTModel (a reward model's), applied to the final-norm hidden state."""
@@ -198,7 +236,8 @@ class ModelServer:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], *, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
                  top_p: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0, vocab_size: int | None = None,
-                 seed: int = 0, shared: bool = True, batch_size: int | None = None, first_row: int = 0) -> list[list[int]]:
+                 seed: int = 0, shared: bool = True, batch_size: int | None = None, first_row: int = 0,
+                 stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
         """Continue each prompt by up to `max_new_tokens` ids; a row ends after any of `stop_ids` (kept).
 
         Args:
@@ -207,6 +246,8 @@ class ModelServer:
             first_row: where a replica-local call's rows sit in a larger batch (RL: the DP rank's
                 offset), so each row draws alike at any DP size.
             batch_size: decode at most this many rows together (default: all of this replica's).
+            stop: `stop(i, new ids of prompt i)` true ends row i too (lm-eval's stop strings); it must
+                answer alike on every rank, as it does from the ids alone.
         """
         if not prompts or any(not p for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -221,9 +262,10 @@ class ModelServer:
         with self._eval_mode():
             for start in range(0, len(mine), step):
                 index = mine[start:start + step]
+                ends = None if stop is None else (lambda row, ids, index=index: stop(index[row], ids))
                 out += self._generate([prompts[i] for i in index], rows[start:start + step], max_new_tokens=max_new_tokens,
                                       temperature=temperature, top_k=top_k, top_p=top_p, stop_ids=set(stop_ids), pad_id=pad_id,
-                                      vocab_size=vocab_size, seed=seed)
+                                      vocab_size=vocab_size, seed=seed, stop=ends)
         return self._gather(out, mine, len(prompts), shared)
 
     # --- one forward over the pipeline ---------------------------------------------------
@@ -241,11 +283,11 @@ class ModelServer:
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor | None, *, decoder: StageDecoder | None,
                  labels: torch.Tensor | None = None, temperature: float = 1.0, read: Callable | None = None,
-                 last_only: bool = False, segments: torch.Tensor | None = None) -> torch.Tensor:
+                 last_only: bool = False, segments: torch.Tensor | None = None, read_shape: tuple[int, ...] | None = None) -> torch.Tensor:
         """Through every stage: gathered logits [b, new, vocab] (fp32), with `labels` the tempered
         log-probs [b, new], or with `read(model, hidden)` what it reads of the last stage's final
-        hidden states [new, b, h] ([b]); on every rank of the pipeline. `last_only`: logits of the
-        last position alone ([b, 1, vocab]: what sampling reads)."""
+        hidden states [new, b, h] (fp32 of `read_shape`, default [b]); on every rank of the pipeline.
+        `last_only`: logits of the last position alone ([b, 1, vocab]: what sampling reads)."""
         batch, new = tokens.shape
         tokens, positions = tokens.to(self.device), positions.to(self.device)
         valid = valid.to(self.device) if valid is not None else None
@@ -270,14 +312,16 @@ class ModelServer:
                     dist.send(hidden.float().contiguous(), dst=layout.next_rank)
         own.end(new)
         if layout.pp_size > 1:
-            shape = (batch,) if read is not None else (batch, new) if labels is not None else (batch, 1 if last_only else new, own.vocab_size)
+            shape = ((read_shape or (batch,)) if read is not None else (batch, new) if labels is not None
+                     else (batch, 1 if last_only else new, own.vocab_size))
             # Contiguous: gloo sends a tensor's storage as it lies in memory.
             result = torch.empty(shape, dtype=torch.float32, device=self.device) if result is None else result.contiguous()
             dist.broadcast(result, src=layout.last_rank, group=layout.pp_group)
         return result.cpu() if labels is not None or read is not None else result
 
     def _generate(self, prompts: list[list[int]], rows: list[int], *, max_new_tokens: int, temperature: float, top_k, top_p,
-                  stop_ids: set[int], pad_id: int, vocab_size: int | None, seed: int) -> list[list[int]]:
+                  stop_ids: set[int], pad_id: int, vocab_size: int | None, seed: int,
+                  stop: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
         width = max(len(p) for p in prompts)
         decoder = StageDecoder(self.chunks, batch_size=len(prompts), max_length=width + max_new_tokens)
         tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -298,7 +342,7 @@ class ModelServer:
             for row, token in enumerate(chosen.tolist()):
                 if not done[row]:
                     out[row].append(token)
-                    done[row] = token in stop_ids
+                    done[row] = token in stop_ids or (stop is not None and stop(row, out[row]))
             if self._all_done(done) or step == max_new_tokens - 1:
                 break
             logits = self._forward(chosen[:, None], next_position[:, None], None, decoder=decoder, last_only=True)[:, -1]
@@ -316,14 +360,15 @@ class ModelServer:
 
     @contextlib.contextmanager
     def _eval_mode(self):
-        was_training = [c.training for c in self.chunks]
-        for c in self.chunks:
+        # Only chunks in training mode are switched: `eval()` walks every module, ~1 ms a call on a small model.
+        training = [c for c in self.chunks if c.training]
+        for c in training:
             c.eval()
         try:
             yield
         finally:
-            for c, mode in zip(self.chunks, was_training):
-                c.train(mode)
+            for c in training:
+                c.train(True)
 
     # --- data parallelism ----------------------------------------------------------------
 

@@ -428,6 +428,30 @@ class SamplePreview(StrictModel):
     max_new_tokens: int = Field(32, ge=1, description="Tokens generated per prompt.")
 
 
+LM_EVAL_EXTRA = 'pip install -e ".[eval]" (lm-eval >= 0.4.13, < 0.5)'
+
+
+class LMEval(StrictModel):
+    """Tasks of EleutherAI's lm-evaluation-harness, run on the stage's model at its layout (docs/evaluation.md).
+
+    Each task's metrics go to the eval row as `<task>/<metric>` (`<task>/<metric>/<filter>` for
+    filters other than `none`); groups' aggregates too. Not in a prompt_tuning stage (its soft prompt
+    is not applied here: evaluate its checkpoints with `llmforge eval`).
+    """
+
+    tasks: list[str] = Field(..., min_length=1, description="Harness task, group or tag names (or task YAML paths), as `lm_eval --tasks` takes them.")
+    include_path: list[str] = Field(
+        default_factory=list, description="Folders of task YAMLs; given, tasks are looked up only there (local data, no "
+        "network, and the harness's 10-second index of its own tasks is skipped); empty, the harness's own tasks. "
+        "Relative `data_files` in a task YAML resolve against the YAML's folder.")
+    num_fewshot: int | None = Field(None, ge=0, description="Few-shot examples per prompt; null = each task's own default.")
+    limit: float | None = Field(None, gt=0, description="At most this many documents per task (a fraction of each task when below 1).")
+    batch_size: int | None = Field(None, ge=1, description="Requests per forward; null = the stage's micro_batch_size.")
+    apply_chat_template: bool = Field(False, description="Render prompts with the tokenizer's own chat template "
+                                                          "(few-shot examples as turns), as `lm_eval --apply_chat_template`.")
+    system_instruction: str | None = Field(None, description="A system message before every prompt (with apply_chat_template: a system turn).")
+
+
 class TaskSource(TaskSet):
     """Synthetic task data as a data source: instruction records, preference pairs, or plain text lines."""
 

@@ -93,7 +93,7 @@ def test_unknown_benchmark_name_exits_2():
 
 
 # The benchmarks that build llmforge's model (train_bench, time_to_loss_bench, memory_bench,
-# checkpoint_bench, generate_bench): each starts, prints its one line and records the
+# checkpoint_bench, generate_bench, lm_eval_bench): each starts, prints its one line and records the
 # details docs/performance.md reads.
 MODEL_BENCHMARKS = {
     "train_step": (">= 1.0", {"ratios", "shapes"}),
@@ -101,6 +101,7 @@ MODEL_BENCHMARKS = {
     "memory": ("<= 1.1", {"llmforge_peak_above_baseline_mb", "reference_peak_above_baseline_mb"}),
     "checkpoint": ("<= 1.5", {"ratios", "sizes"}),
     "generate_speed": (">= 3.0", {"cases", "workload"}),
+    "lm_eval_requests": (">= 1.0", {"requests", "max_loglikelihood_difference", "workload"}),
 }
 
 

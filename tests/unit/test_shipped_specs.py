@@ -11,7 +11,9 @@ from llmforge.spec.errors import SpecError
 from llmforge.spec.validate import load_and_validate
 
 ROOT = Path(__file__).resolve().parents[2]
-SPECS = sorted([*ROOT.glob("specs/*.yaml"), *ROOT.glob("examples/**/*.yaml")])
+# examples/eval_tasks/ holds lm-evaluation-harness task YAMLs, not specs: the harness loads them in
+# tests/unit/evaluation/test_harness.py.
+SPECS = sorted([*ROOT.glob("specs/*.yaml"), *(p for p in ROOT.glob("examples/**/*.yaml") if "eval_tasks" not in p.parts)])
 
 # Specs whose corpus is not in the repository: the 7B and Mixtral ones live on a cluster (Mixtral's
 # tokenizer too), and shakespeare-char reads $TINYSHAKESPEARE. Their input files are checked where

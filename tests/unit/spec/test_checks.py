@@ -143,6 +143,11 @@ CASES = [
      "the exact_match reward reads field 'answer', but source 'add' (tasks) yields records with {prompt, response}"),
     ([RL, "stages.1.reference=nothing"], "stages[1].reference", "reference 'nothing' must name an earlier stage, but no stage has that name"),
     (["stages.1.init_from=prepare"], "stages[1].init_from", "init_from 'prepare' is a prepare stage, which writes no checkpoint"),
+    # the lm_eval evaluator (spec/checks_lm_eval.py); its input checks are tests/unit/evaluation/test_validate.py's.
+    ([finetune("prompt_tuning", "max_seq_length: 24", "evaluators: [{name: lm_eval, tasks: [hellaswag]}]")], "stages[1].evaluators[0].name",
+     "does not apply a prompt_tuning stage's soft prompt"),
+    (["model.num_moe_experts=4", "model.add_bias_linear=false", "parallelism.expert_model_parallel_size=2", "parallelism.nproc_per_node=2",
+      "stages.1.evaluators=[{name: lm_eval, tasks: [hellaswag]}]"], "stages[1].evaluators[0].name", "experts split over 2 ranks"),
 ]
 
 
