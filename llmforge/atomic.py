@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import mmap
 import os
 import zlib
 from collections.abc import Iterator
@@ -91,6 +92,36 @@ def crc32_file(path: Path, chunk: int = 1 << 24) -> str:
         while block := f.read(chunk):
             crc = zlib.crc32(block, crc)
     return f"{crc:08x}"
+
+
+def xxh3_file(path: Path, *, mapped: bool = True) -> str:
+    """XXH3-64 of a file as 16 hex digits: a checksum at memory speed (~20 GB/s here, CRC-32 1-3).
+
+    A checkpoint's files are hashed when it is saved and again, beside the load, when it is
+    resumed; at CRC-32's speed that pass was the larger part of a small checkpoint's load.
+
+    Args:
+        mapped: hash the file mapped into memory, in 32 MiB slices (fastest: a copy out of the
+            page cache took 5x the hashing); the pages fault in while the hash holds the GIL.
+            False reads 1 MiB blocks instead: ~2x slower, but another thread keeps the GIL
+            (a save written in the background while training goes on).
+    """
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    with open(path, "rb", buffering=0) as f:
+        if not mapped:
+            block = bytearray(1 << 20)
+            view = memoryview(block)
+            while n := f.readinto(block):
+                h.update(view[:n])
+        elif os.fstat(f.fileno()).st_size:
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as pages:
+                view = memoryview(pages)
+                for start in range(0, len(view), 1 << 25):
+                    h.update(view[start:start + (1 << 25)])
+                view.release()
+    return h.hexdigest()
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -142,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         execute(spec, loaded.data, plan, registry, run_dir=run_dir, resume=resume, overwrite=args.overwrite,
-                allow_spec_change=args.allow_spec_change)
+                allow_spec_change=args.allow_spec_change, command=["run", os.path.abspath(args.spec), *overrides])
     except (TrainingStopped, CheckpointWriteError) as e:
         # Every rank stops alike on a policy; a failed write may be one rank's own disk.
         if isinstance(e, CheckpointWriteError) or os.environ.get("RANK", "0") == "0":
@@ -176,14 +176,33 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_launch_slurm(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from llmforge.runtime.launch import write_slurm_script
+    from llmforge.plan.build import build_plan
+    from llmforge.plan.catalog import get_device
+    from llmforge.registry.manager import get_registry
+    from llmforge.runtime.slurm import write_slurm_script
     from llmforge.spec.validate import load_and_validate
 
-    spec, _ = load_and_validate(args.spec, args.overrides, check_inputs=False)
+    registry = get_registry()
+    spec, _ = load_and_validate(args.spec, args.overrides, registry=registry, check_inputs=False)
     out = Path(args.output or f"{spec.name}.sbatch")
+    plan = build_plan(spec, registry=registry, device=get_device(args.gpu), run_dir=Path(spec.resolved_run_dir), spec_path=args.spec)
     write_slurm_script(spec, args.spec, args.overrides, out, time=args.time, partition=args.partition, account=args.account,
-                       cpus_per_task=args.cpus_per_task, port=args.port)
+                       cpus_per_task=args.cpus_per_task, port=args.port, plan=plan, signal_margin=args.signal_margin)
     print(f"wrote {out}: {spec.parallelism.nnodes} node(s) × {spec.parallelism.nproc_per_node} GPU(s); submit with `sbatch {out}`")
+    print("\n".join(line.removeprefix("# ") for line in out.read_text().splitlines() if line.startswith(("# Planned", "# At --time"))))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from llmforge.runtime.status import field_text, render, run_status
+
+    status = run_status(args.run_dir)
+    if args.field:
+        print(field_text(status, args.field))
+    elif args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print("\n".join(render(status)))
     return 0
 
 
@@ -447,7 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--account", help="SBATCH --account")
     q.add_argument("--cpus-per-task", type=int, default=32, help="CPU cores per node for data loading")
     q.add_argument("--port", type=int, default=29500, help="rendezvous port on the head node")
+    q.add_argument("--signal-margin", type=int, metavar="SECONDS",
+                   help="seconds before the time limit at which Slurm sends SIGTERM to every rank (they checkpoint, exit 75 and the "
+                        "job requeues itself); default checkpoint.preempt_timeout + 90")
+    q.add_argument("--gpu", default="h100-80gb", metavar="NAME", help="the cluster's device, for the planned time in the header (as `llmforge plan --gpu`)")
     q.set_defaults(func=cmd_launch_slurm)
+
+    p = sub.add_parser("status", help="where a run stands: each stage's state, step, metrics, newest checkpoint, the last exit, how to continue")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run dir of a `llmforge run`")
+    p.add_argument("--json", action="store_true", help="everything as JSON")
+    p.add_argument("--field", metavar="NAME", help="print one top-level field (e.g. next: done|running|resume|fix; progress), for scripts")
+    p.set_defaults(func=cmd_status)
 
     _interop_parsers(sub)
     _generate_parser(sub)

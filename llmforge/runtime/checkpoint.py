@@ -1,34 +1,41 @@
 """Checkpoints that survive a kill at any moment.
 
 A save goes to `.tmp-step-N/`, is fsynced, renamed to `step-N/`, and only then gets its
-`COMPLETE` marker, which holds the size and CRC-32 of every file. A reader trusts a
+`COMPLETE` marker, which holds the size and XXH3-64 checksum of every file. A reader trusts a
 directory only when its marker is there and the checksums match; `load_latest` checks them
 in a second thread while the load itself reads the same files, so integrity costs little
 wall time. Retention never deletes the newest complete checkpoint, and leftover temp dirs
 are removed on the next start.
+
+`save_async` takes the step's snapshot on the calling (training) thread and writes in a
+background thread (see `save_async` for why a thread); the marker still comes last, so a
+kill during the write leaves the previous checkpoint the newest complete one.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import pickle
 import re
 import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from llmforge.atomic import atomic_write_text, crc32_file, fsync_dir, fsync_tree, sha256_file
+from llmforge.atomic import atomic_write_bytes, atomic_write_text, crc32_file, fsync_dir, fsync_tree, sha256_file, xxh3_file
 from llmforge.runtime.faults import fault_point
 from llmforge.spec.errors import UserError
 
 MARKER = "COMPLETE"
-# 2: CRC-32 per file (1: sha256, still read). sha256 ran at ~0.7 GB/s here and was most of a
-# tiny checkpoint's load time; a checksum guards against truncation and bit rot, not attackers.
-MARKER_VERSION = 2
-_CHECKSUMS = {1: ("sha256", sha256_file), 2: ("crc32", crc32_file)}
+# 3: XXH3-64 per file (2: CRC-32, 1: sha256, both still read). sha256 ran at ~0.7 GB/s here,
+# CRC-32 at 1-3 GB/s, and each in turn was the larger part of a tiny checkpoint's load; XXH3
+# runs at ~20 GB/s. A checksum guards against truncation and bit rot, not attackers.
+MARKER_VERSION = 3
+_CHECKSUMS = {1: ("sha256", sha256_file), 2: ("crc32", crc32_file), 3: ("xxh3_64", xxh3_file)}
 _HASH_THREADS = 4
 T = TypeVar("T")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -40,6 +47,31 @@ class CorruptCheckpoint(Exception):
 
 class CheckpointWriteError(Exception):
     """A save failed on an OS error (disk full, quota, permissions); the previous checkpoint stands: exit 1."""
+
+
+class StagedCheckpoint(Protocol):
+    """What `save_async`'s `stage(tmp)` returns: the step's state, fixed, with the files still to write."""
+
+    def write(self) -> Any:
+        """Write this rank's files (any thread, no collective); return what rank 0's `finish` needs (picklable)."""
+
+    def finish(self, parts: list[Any]) -> None:
+        """Rank 0, once every rank's `write` is done: what completes the files (e.g. metadata); `parts` by rank."""
+
+
+class _Pending:
+    """A save in the background: its thread, and what it left for the next save to check."""
+
+    def __init__(self, step: int, tmp: Path, final: Path) -> None:
+        self.step, self.tmp, self.final = step, tmp, final
+        self.written = threading.Event()  # this rank's files are written (or failed)
+        self.cancel = threading.Event()  # rank 0 stops waiting for the other ranks' parts
+        self.error: BaseException | None = None
+        self.thread: threading.Thread | None = None
+
+
+class _Cancelled(Exception):
+    """Rank 0 gave up waiting for another rank's part (that rank's write failed)."""
 
 
 def _os_error(error: BaseException) -> OSError | None:
@@ -65,7 +97,7 @@ def _files(root: Path) -> list[Path]:
 
 
 def _checksums(paths: list[Path], checksum: Callable[[Path], str]) -> list[str]:
-    # zlib and hashlib release the GIL on large blocks: files hash in parallel.
+    # Files are read in parallel (reads release the GIL; XXH3 holds it ~0.4 ms per 8 MB block).
     if len(paths) <= 1:
         return [checksum(p) for p in paths]
     with ThreadPoolExecutor(min(_HASH_THREADS, len(paths))) as pool:
@@ -107,14 +139,18 @@ class CheckpointManager:
     """
 
     def __init__(self, root: Path, *, keep_last: int, on_corrupt: str = "fallback", rank: int = 0,
-                 barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = print):
+                 barrier: Callable[[], None] = lambda: None, log: Callable[[str], None] = print,
+                 world_size: int = 1, any_rank: Callable[[bool], bool] = bool):
         self.root = Path(root)
         self.keep_last = keep_last
         self.on_corrupt = on_corrupt
         self.rank = rank
         self.barrier = barrier
         self.log = log
+        self.world_size = world_size
+        self.any_rank = any_rank  # a collective: whether any rank's flag is set
         self._deleting: threading.Thread | None = None
+        self._pending: _Pending | None = None
 
     def step_dirs(self) -> list[tuple[int, Path]]:
         if not self.root.exists():
@@ -184,7 +220,116 @@ class CheckpointManager:
         return None
 
     def save(self, step: int, write: Callable[[Path], None], trainer_state: dict[str, Any]) -> Path:
-        """Write a checkpoint for `step`: `write(tmp_dir)` is called on every rank (collective)."""
+        """Write a checkpoint for `step`: `write(tmp_dir)` is called on every rank (collective).
+
+        A save still in the background is finished first, and its failure raised.
+        """
+        self.settle()
+        final, tmp = self._start(step)
+        try:
+            write(tmp)
+            fault_point("ckpt_after_shard")
+            self.barrier()
+            if self.rank == 0:
+                self._publish(step, tmp, final, json.dumps(trainer_state, indent=2) + "\n")
+        except BaseException as e:
+            self._raise_write_error(step, tmp, final, e)
+        self.barrier()
+        return final
+
+    def save_async(self, step: int, stage: Callable[[Path], StagedCheckpoint], trainer_state: dict[str, Any],
+                   saved: Callable[[Path], None] | None = None) -> Path:
+        """Snapshot `step` now and write it in a background thread; returns the path it will have.
+
+        `stage(tmp_dir)` runs on every rank (a collective): it copies the state (`sharded_io.deferred_writes`)
+        and may write small files itself. The write then needs no collective, so it runs in a
+        thread of this process: a process would have to be forked from one holding gloo/NCCL
+        threads or be handed the snapshot through shared memory, and the write is mostly the
+        kernel's copy into the page cache, which runs without the GIL (docs/performance.md has the
+        slowdown of steps during a write). Each rank then leaves its part in a file; rank 0 waits
+        for all of them, finishes, fsyncs, renames and writes the marker (`saved(path)` is called
+        then). The next `save`/`save_async`, or `settle()`, waits for it and raises its failure,
+        as `save` would have; until the marker, the previous complete checkpoint is the newest.
+        """
+        self.settle()
+        final, tmp = self._start(step)
+        try:
+            staged = stage(tmp)
+        except BaseException as e:
+            self._raise_write_error(step, tmp, final, e)
+        pending = _Pending(step, tmp, final)
+        text = json.dumps(trainer_state, indent=2) + "\n"  # now: the dict may change while the thread runs
+        pending.thread = threading.Thread(target=self._write_in_background, args=(pending, staged, text, saved),
+                                          name="llmforge-checkpoint-writer", daemon=True)
+        self._pending = pending
+        pending.thread.start()
+        return final
+
+    def _write_in_background(self, pending: _Pending, staged: StagedCheckpoint, text: str, saved) -> None:
+        try:
+            try:
+                part = staged.write()
+                fault_point("ckpt_after_shard")
+                if self.rank > 0:  # for rank 0, which finishes: a file, so that no collective runs in this thread
+                    atomic_write_bytes(pending.tmp / _part_name(self.rank), pickle.dumps(part))
+            finally:
+                pending.written.set()
+            if self.rank == 0:
+                staged.finish([part] + [self._part(pending, rank) for rank in range(1, self.world_size)])
+                self._publish(pending.step, pending.tmp, pending.final, text, background=True)
+                if saved is not None:
+                    saved(pending.final)
+        except BaseException as e:  # raised on the training thread by settle()
+            pending.error = e
+
+    def _part(self, pending: _Pending, rank: int) -> Any:
+        """Another rank's part, once it is there; removed, so that it is not part of the checkpoint."""
+        path = pending.tmp / _part_name(rank)
+        while not path.exists():
+            if pending.cancel.wait(0.005):
+                raise _Cancelled(f"rank {rank} wrote no part")
+        part = pickle.loads(path.read_bytes())
+        path.unlink()
+        return part
+
+    @property
+    def writing(self) -> bool:
+        """Whether a save's files are still being written in the background."""
+        return self._pending is not None and self._pending.thread.is_alive()
+
+    def settle(self, *, timeout: float | None = None) -> None:
+        """Wait for the save in the background, if any; raise its failure as `save` would (a collective).
+
+        With `timeout` (the way out of a failed run): no collective and no error, only a bounded
+        wait, so that a save that can finish does. Rank 0 of several waits for no part that is
+        not there yet: the other ranks may be gone (a lost rank), and an unmarked save is never trusted.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if timeout is not None:
+            pending.written.wait(timeout)
+            if self.rank == 0 and not all((pending.tmp / _part_name(rank)).exists() for rank in range(1, self.world_size)):
+                pending.cancel.set()
+            pending.thread.join(timeout)
+            if pending.thread.is_alive() or pending.error is not None:
+                why = ("still writing" if pending.thread.is_alive() else "a part of another rank was missing"
+                       if isinstance(pending.error, _Cancelled) else f"{type(pending.error).__name__}: {pending.error}")
+                self.log(f"warning: checkpoint {pending.final.name} was not completed in the background ({why}); "
+                         "the previous complete checkpoint stands")
+            return
+        pending.written.wait()
+        failed = pending.error is not None
+        if self.world_size > 1 and self.any_rank(failed) and not failed:
+            pending.cancel.set()  # rank 0 would wait for the failed rank's part forever
+        pending.thread.join()
+        failed = pending.error is not None
+        if self.world_size > 1:
+            failed = self.any_rank(failed)  # rank 0's finish and marker count for every rank
+        if failed:
+            self._raise_write_error(pending.step, pending.tmp, pending.final, pending.error)
+
+    def _start(self, step: int) -> tuple[Path, Path]:
         final = self.root / f"step-{step}"
         tmp = self.root / f".tmp-step-{step}"
         if self.rank == 0:
@@ -192,44 +337,49 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         self.barrier()
-        try:
-            write(tmp)
-            fault_point("ckpt_after_shard")
-            self.barrier()
-            if self.rank == 0:
-                # A plain write: nothing in tmp is visible until the rename, after fsync_tree.
-                (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
-                paths = _files(tmp)
-                key, checksum = _CHECKSUMS[MARKER_VERSION]
-                with ThreadPoolExecutor(1) as pool:  # hash the page-cached files while fsync waits on the disk
-                    hashed = pool.submit(_checksums, paths, checksum)
-                    fsync_tree(tmp)
-                    digests = hashed.result()
-                files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, key: digest} for p, digest in zip(paths, digests, strict=True)}
-                fault_point("ckpt_before_rename")
-                if final.exists():  # an incomplete dir of the same step from a killed run
-                    shutil.rmtree(final)
-                os.rename(tmp, final)
-                fsync_dir(self.root)
-                fault_point("ckpt_before_marker")
-                atomic_write_text(final / MARKER, json.dumps({"version": MARKER_VERSION, "step": step, "files": files}, indent=1) + "\n")
-                self._prune()
-        except BaseException as e:
-            cause = _os_error(e)
-            if cause is None:
-                raise
-            if self.rank == 0:  # free what the failed save took; an unmarked dir is never trusted anyway
-                shutil.rmtree(tmp, ignore_errors=True)
-                if not (final / MARKER).exists():
-                    shutil.rmtree(final, ignore_errors=True)
-            previous = self.complete()
-            kept = f"the previous complete checkpoint {previous[-1][1]} is intact" if previous else "there is no earlier complete checkpoint"
-            raise CheckpointWriteError(
-                f"checkpoint step-{step} could not be written to {self.root}: {cause.strerror or cause} "
-                f"({type(cause).__name__}, errno {cause.errno}); {kept}. Free space (or fix the directory), then continue with --resume"
-            ) from e
-        self.barrier()
-        return final
+        return final, tmp
+
+    def _publish(self, step: int, tmp: Path, final: Path, trainer_state: str, *, background: bool = False) -> None:
+        """Rank 0, every rank's files written: trainer state, fsync and checksums, rename, marker, retention."""
+        # A plain write: nothing in tmp is visible until the rename, after fsync_tree.
+        (tmp / "trainer_state.json").write_text(trainer_state)
+        paths = _files(tmp)
+        key, checksum = _CHECKSUMS[MARKER_VERSION]
+        if background:  # read, not mapped: the training thread keeps the GIL (atomic.xxh3_file)
+            checksum = functools.partial(checksum, mapped=False)
+        with ThreadPoolExecutor(1) as pool:  # hash the page-cached files while fsync waits on the disk
+            hashed = pool.submit(_checksums, paths, checksum)
+            fsync_tree(tmp)
+            digests = hashed.result()
+        files = {str(p.relative_to(tmp)): {"size": p.stat().st_size, key: digest} for p, digest in zip(paths, digests, strict=True)}
+        fault_point("ckpt_before_rename")
+        if final.exists():  # an incomplete dir of the same step from a killed run
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        fsync_dir(self.root)
+        fault_point("ckpt_before_marker")
+        atomic_write_text(final / MARKER, json.dumps({"version": MARKER_VERSION, "step": step, "files": files}, indent=1) + "\n")
+        self._prune()
+
+    def _raise_write_error(self, step: int, tmp: Path, final: Path, error: BaseException | None) -> None:
+        """Raise what a failed save raises: CheckpointWriteError for an OS error (its space freed), else the error itself.
+
+        `error` is None (or `_Cancelled`) on a rank whose own part was written when another rank's failed.
+        """
+        mine = error is not None and not isinstance(error, _Cancelled)
+        cause = _os_error(error) if mine else None
+        if mine and cause is None:
+            raise error
+        if self.rank == 0:  # free what the failed save took; an unmarked dir is never trusted anyway
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (final / MARKER).exists():
+                shutil.rmtree(final, ignore_errors=True)
+        previous = self.complete()
+        kept = f"the previous complete checkpoint {previous[-1][1]} is intact" if previous else "there is no earlier complete checkpoint"
+        why = (f"{cause.strerror or cause} ({type(cause).__name__}, errno {cause.errno})" if cause is not None
+               else "it failed on another rank (that rank's output says why)")
+        raise CheckpointWriteError(f"checkpoint step-{step} could not be written to {self.root}: {why}; {kept}. "
+                                   "Free space (or fix the directory), then continue with --resume") from error
 
     def _prune(self) -> None:
         """Retire checkpoints beyond `keep_last`: renamed away now, deleted in the background.
@@ -261,6 +411,10 @@ class CheckpointManager:
         if self._deleting is not None:
             self._deleting.join()
             self._deleting = None
+
+
+def _part_name(rank: int) -> str:
+    return f".part-rank-{rank:05d}.pkl"
 
 
 def read_trainer_state(step_dir: Path) -> dict:

@@ -134,6 +134,17 @@ class RunContext:
         found = ckpt.load_latest(loop.restore, overlap=self.world_size == 1)
         latest = None if found is None else found[0]
         resumed_step = 0 if found is None else loop.counters.step
+        if resumed_step > loop.total:
+            from llmforge.runtime.lifecycle import budget, describe_budget
+
+            index = self.spec.stages.index(stage)
+            raise UserError_(f"stage {stage.name!r}: {describe_budget(budget(stage))} gives {loop.total} steps, but the stage "
+                             f"has already trained {resumed_step} ({latest})",
+                             f"a budget can grow, not shrink below where the stage is: give at least {resumed_step} steps "
+                             f"(e.g. stages.{index}.train.max_steps={resumed_step}), or train the stage afresh in a new run dir")
+        if latest is not None:
+            # Only now, with its checksums verified (a corrupt newer one was discarded), is it the checkpoint resumed from.
+            loop.announce_resume(latest)
         baseline = evaluate_start and latest is None and loop.evaluate is not None
         if self.rank == 0:
             # A fresh start that evaluates step 0 drops the step-0 row of an attempt that died early.

@@ -1,9 +1,13 @@
 """Named fault-injection points for the reliability suite (tests/fault/).
 
 `LLMFORGE_FAULT=<point>[@<n>][:<action>]` acts the n-th time (default first) this process
-reaches `<point>`: `kill` (SIGKILL, the default) or `hang` (SIGSTOP: alive, silent, as a
-wedged rank is). `LLMFORGE_FAULT_RANK=<r>` limits it to one rank of a job. The points:
-`ckpt_after_shard`, `ckpt_before_rename`, `ckpt_before_marker` (checkpoint.py),
+reaches `<point>`: `kill` (SIGKILL, the default), `hang` (SIGSTOP: alive, silent, as a
+wedged rank is) or `stall[=<s>]` (the calling thread alone sleeps, for good or for s seconds,
+as a write stuck on a dead or slow disk does, while a save in the background lets the training
+thread go on).
+`LLMFORGE_FAULT_RANK=<r>` limits it to one rank of a job. The points:
+`ckpt_after_shard`, `ckpt_before_rename`, `ckpt_before_marker` (checkpoint.py; in the writer
+thread for a save in the background),
 `train_step` (after each step's update, train.py), `evaluate` (after an eval step's checkpoint, before
 its evaluation, train.py), `step_before_reduce` (inside a step,
 before the ranks agree on its loss, step.py).
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -39,8 +44,13 @@ def fault_point(name: str) -> None:
     if point != name or not _this_rank():
         return
     _COUNTS[name] = _COUNTS.get(name, 0) + 1
-    if _COUNTS[name] == int(nth or 1):
-        os.kill(os.getpid(), _ACTIONS[action or "kill"])
+    if _COUNTS[name] != int(nth or 1):
+        return
+    action, _, seconds = action.partition("=")
+    if action == "stall":
+        threading.Event().wait(float(seconds) if seconds else None)
+        return
+    os.kill(os.getpid(), _ACTIONS[action or "kill"])
 
 
 def loss_faults() -> dict[int, float]:

@@ -1,4 +1,4 @@
-"""Process launch: relaunch under torchrun, detect an outside launcher, write sbatch scripts.
+"""Process launch: relaunch under torchrun, detect an outside launcher (sbatch scripts: runtime/slurm.py).
 
 `llmforge run` with more than one process per node relaunches itself under torchrun (the
 real elastic launcher); started by the user's own torchrun or srun, it reads the
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import math
 import os
-import shlex
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from llmforge.spec.errors import UserError
 
@@ -104,43 +102,3 @@ def relaunch(argv: list[str], *, nproc: int, nnodes: int, node_rank: int | None,
         signal.signal(signal.SIGTERM, previous)
     # torchrun reports a signal as its own failure; the ranks' checkpoints make it a resumable stop.
     return EXIT_PREEMPTED if terminated and code != 0 else code
-
-
-SBATCH_TEMPLATE = """#!/bin/bash
-# Written by `llmforge launch slurm` for {spec}: {nnodes} node(s) × {nproc} GPU(s),
-# TP {tp} × PP {pp} × DP {dp}. Submit with: sbatch {out}
-#SBATCH --job-name={name}
-#SBATCH --nodes={nnodes}
-#SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node={nproc}
-#SBATCH --cpus-per-task={cpus}
-#SBATCH --time={time}
-#SBATCH --output={name}-%j.out
-{extra}
-set -euo pipefail
-head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_ADDR=$head_node MASTER_PORT={port}
-# One torchrun agent per node; agents meet at the c10d rendezvous on the head node.
-srun --kill-on-bad-exit=1 python -m torch.distributed.run \\
-  --nnodes={nnodes} --nproc-per-node={nproc} \\
-  --rdzv-backend=c10d --rdzv-id=$SLURM_JOB_ID --rdzv-endpoint=$head_node:{port} \\
-  -m llmforge.cli run {spec_q}{overrides} --resume-or-start
-"""
-
-
-def write_slurm_script(spec, spec_path: str, overrides: list[str], out: Path, *, time: str, partition: str | None,
-                       account: str | None, cpus_per_task: int, port: int) -> Path:
-    par = spec.parallelism
-    extra = "\n".join(line for line in (f"#SBATCH --partition={partition}" if partition else "",
-                                         f"#SBATCH --account={account}" if account else "") if line)
-    text = SBATCH_TEMPLATE.format(
-        spec=spec_path, spec_q=shlex.quote(spec_path), out=out, name=spec.name, nnodes=par.nnodes, nproc=par.nproc_per_node,
-        tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size, dp=par.resolved_data_parallel_size(),
-        cpus=cpus_per_task, time=time, extra=extra, port=port,
-        overrides="".join(" " + shlex.quote(o) for o in overrides),
-    )
-    from llmforge.atomic import atomic_write_text
-
-    atomic_write_text(out, text)
-    os.chmod(out, 0o755)
-    return out

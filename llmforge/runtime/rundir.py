@@ -164,6 +164,16 @@ class RunDir:
     def stage_done(self, stage: str) -> bool:
         return self.read_state()["stages"].get(stage, {}).get("status") == "done"
 
+    def update_state(self, **records: Any) -> None:
+        """Set (or, with None, drop) top-level records of state.json beside the stages: `attempt`, `exit`."""
+        state = self.read_state()
+        for key, value in records.items():
+            if value is None:
+                state.pop(key, None)
+            else:
+                state[key] = value
+        atomic_write_text(self.path / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
 
 def environment_record(layout: dict) -> dict:
     """What produced the run: versions, git SHA, host, layout and command line."""

@@ -125,35 +125,53 @@ class Loop:
         preempt_timeout: seconds after SIGTERM for the final checkpoint.
         train_metrics: callable() -> extra metrics for each train row (an MoE model's router
             losses and expert load); called on every rank at each log step (it may be a collective).
+        stage_model: callable(tmp_dir) -> the model and optimizer shards staged for a write in the
+            background (`CheckpointManager.save_async`); with it, interval checkpoints are written
+            in the background (`checkpoint.async_save`).
     """
 
     def __init__(self, *, stage: str, train, total: int, step_fn, loader, schedule, evaluate, metrics, log,
                  ckpt: CheckpointManager, checkpoint_interval: int | None, save_model, load_model, rng,
                  tokens_per_step: int, flops_per_token: float, peak_flops: float, rank: int, memory_fn,
                  log_interval: int, guard=None, any_rank: Callable[[bool], bool] = bool, preempt_timeout: float = 120.0,
-                 world_size: int = 1, train_metrics: Callable[[], dict[str, float]] | None = None):
+                 world_size: int = 1, train_metrics: Callable[[], dict[str, float]] | None = None,
+                 stage_model: Callable[[Path], Any] | None = None):
         self.stage, self.train, self.total = stage, train, total
         self.step_fn, self.loader, self.schedule, self.evaluate = step_fn, loader, schedule, evaluate
         self.metrics, self.log, self.ckpt, self.interval = metrics, log, ckpt, checkpoint_interval
         self.save_model, self.load_model, self.rng = save_model, load_model, rng
+        self.stage_model = stage_model
         self.tokens_per_step, self.flops_per_token, self.peak_flops = tokens_per_step, flops_per_token, peak_flops
         self.rank, self.world_size, self.memory_fn, self.log_interval = rank, world_size, memory_fn, log_interval
         self.guard, self.any_rank, self.preempt_timeout = guard, any_rank, preempt_timeout
         self.train_metrics = train_metrics
         self.counters = Counters()
         self.last_eval: dict[str, Any] = {}  # the latest evaluation (an owed one made up on resume), for the summary
+        self.resume_notes: list[str] = []  # what the checkpoint restored says, logged by announce_resume
 
     # --- persistence -------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
         c = self.counters
         state = {"version": TRAINER_STATE_VERSION, "stage": self.stage, "seed": self.rng.seed, "step": c.step, "tokens": c.tokens,
                  "skipped": c.skipped, "spikes": c.spikes, "skipped_samples": getattr(self.loader, "skipped", 0), "extra": c.extra,
-                 "loader": self.loader.state_dict()}
+                 "loader": self.loader.state_dict(),
+                 # What the schedule was: a resume under another budget says what its change does to the lr.
+                 "total": self.total, "next_lr": self.schedule(c.step)}
         if self.guard is not None:
             state["spike_guard"] = self.guard.state_dict()
         return state
 
-    def save(self) -> Path:
+    def save(self, *, background: bool = False) -> Path:
+        """Checkpoint this step; with `background`, snapshot it now and write it while training goes on."""
+        if background:
+            def stage(tmp: Path):
+                staged = self.stage_model(tmp)
+                self.rng.save(tmp, self.rank)  # small: written now, it is the step's own state
+                return staged
+
+            return self.ckpt.save_async(self.counters.step, stage, self.trainer_state(),
+                                        saved=lambda path: self.log(f"[{self.stage}] checkpoint saved: {path} (written in the background)"))
+
         def write(tmp: Path) -> None:
             self.save_model(tmp)
             self.rng.save(tmp, self.rank)
@@ -163,20 +181,39 @@ class Loop:
         return path
 
     def restore(self, step_dir: Path) -> None:
+        """Load a checkpoint; what it has to say waits for `announce_resume` (a corrupt one's load is discarded)."""
+        self.resume_notes = []
         state = read_trainer_state(step_dir)
         if state.get("seed", self.rng.seed) != self.rng.seed:
             raise UserError(f"{step_dir} was trained with seed {state['seed']}, but the spec says seed {self.rng.seed}",
                             f"resume with seed: {state['seed']}, or start the stage afresh in a new run dir")
         self.load_model(step_dir)
         if note := self.rng.load(step_dir, self.rank, step=state["step"]):
-            self.log(f"[{self.stage}] {note}")
+            self.resume_notes.append(f"[{self.stage}] {note}")
         self.loader.load_state_dict(state["loader"])
         if hasattr(self.loader, "skipped"):
             self.loader.skipped = state.get("skipped_samples", 0)
         if self.guard is not None and "spike_guard" in state:
             self.guard.load_state_dict(state["spike_guard"])
         self.counters = Counters(state["step"], state["tokens"], state["skipped"], state.get("spikes", 0), state.get("extra", {}))
+        if (note := self._schedule_change(state)) is not None:
+            self.resume_notes.append(note)
+
+    def _schedule_change(self, state: dict[str, Any]) -> str | None:
+        """What resuming under another budget does to the lr at the resume step (None: the schedule is the saved one)."""
+        step, before = state["step"], state.get("next_lr")
+        if before is None or state.get("total") == self.total and math.isclose(before, self.schedule(step), rel_tol=1e-9):
+            return None  # the checkpoint predates the record, or nothing changed
+        now = self.schedule(step)
+        effect = ("a jump back up" if now > before * (1 + 1e-9) else "lower" if now < before * (1 - 1e-9) else "unchanged")
+        return (f"[{self.stage}] {state['total']} -> {self.total} steps: lr of step {step + 1}, the next: {before:.2e} before, "
+                f"{now:.2e} now ({self.train.lr_schedule.name} over {self.total} steps: {effect})")
+
+    def announce_resume(self, step_dir: Path) -> None:
+        """Say which checkpoint the stage resumed from, once it is the one used (after its checksums passed)."""
         self.log(f"[{self.stage}] resumed from {step_dir} at step {self.counters.step}")
+        for note in self.resume_notes:
+            self.log(note)
 
     def _on_spike(self, spike) -> None:
         c, policy = self.counters, self.train.on_spike
@@ -201,6 +238,15 @@ class Loop:
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        try:
+            return self._steps()
+        except BaseException:
+            # A run that fails still lets a checkpoint being written in the background complete (a
+            # bounded wait, no collective: the other ranks may be gone), but never waits on it for good.
+            self.ckpt.settle(timeout=self.preempt_timeout)
+            raise
+
+    def _steps(self) -> dict[str, Any]:
         c, train = self.counters, self.train
         last_log_time, last_log_tokens = time.perf_counter(), c.tokens
         last_eval: dict[str, Any] = dict(self.last_eval)
@@ -245,13 +291,17 @@ class Loop:
                 # Ranks may see SIGTERM at different steps; the final save is a collective, so they agree first.
                 preempted = not last and self.any_rank(sigterm.set)
                 # The checkpoint comes before the evaluation: an evaluation that fails (or is
-                # killed) never costs the step's checkpoint.
-                if (self.interval and c.step % self.interval == 0) or last or preempted:
-                    path = self.save()
+                # killed) never costs the step's checkpoint. The final one (the stage's last, or
+                # SIGTERM's) is written at once, after any still in the background.
+                saving = (self.interval and c.step % self.interval == 0) or last or preempted
+                if saving:
+                    path = self.save(background=self.stage_model is not None and not (last or preempted))
                 if self.is_eval_step(c.step):
                     if preempted:  # the resumed run makes it up (RunContext.run_loop: an owed evaluation)
                         self.log(f"[{self.stage}] step {c.step}: evaluation skipped, SIGTERM received")
                     else:
+                        if saving:
+                            self.ckpt.settle()  # this step's checkpoint, written in the background, is complete first
                         fault_point("evaluate")
                         last_eval = self.evaluate(c.step)
                         if last_eval:

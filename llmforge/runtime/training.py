@@ -32,7 +32,10 @@ class StageHooks:
       prompt, a reward head, frozen weights.
     - `step_class()`: the TrainStep subclass (or a partial of one) carrying the stage's loss.
     - `save(tmp, chunks, optimizer, final=)` / `load(step_dir, chunks, optimizer)`: what the
-      stage's checkpoints hold (default: the whole model and optimizer under `model/`).
+      stage's checkpoints hold (default: the whole model and optimizer under `model/`). For a
+      checkpoint written in the background (`checkpoint.async_save`), `save` runs inside
+      `sharded_io.deferred_writes`: `save_sharded`/`write_sharded` copy what they save and write
+      it later; any other file it writes is written at once (it is the step's own state).
     - `evaluation(chunks, step, server)`: EvalContext fields to set or replace (log-probabilities,
       rewards, generation behind a soft prompt); `server` is the stage's `runtime.serve.ModelServer`
       over `chunks`, which works at every layout.
@@ -187,11 +190,22 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
             context.log(f"[{stage.name}] step {step}: {', '.join(shown)}")
         return out
 
-    ckpt = CheckpointManager(context.run.checkpoints(stage.name), keep_last=spec.checkpoint.keep_last,
-                             on_corrupt=spec.checkpoint.on_corrupt, rank=par.rank, barrier=context.barrier, log=context.log)
-
     def save_model(tmp: Path) -> None:
         hooks.save(tmp, chunks, optimizer, final=loop.counters.step >= total)
+
+    stage_model = None
+    background = spec.checkpoint.async_save
+    if background is None:  # by device: see the field's description
+        background = par.device.type == "cuda"
+    if background:
+        from llmforge.runtime.sharded_io import SnapshotPool, deferred_writes
+
+        pool = SnapshotPool()  # host copies of the saved state, reused from one save to the next
+
+        def stage_model(tmp: Path):
+            with deferred_writes(pool) as deferred:
+                save_model(tmp)
+            return deferred
 
     def load_model(step_dir: Path) -> None:
         hooks.load(step_dir, chunks, optimizer)
@@ -205,6 +219,10 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         vote = torch.tensor([float(flag)], device=par.device)
         dist.all_reduce(vote, op=dist.ReduceOp.MAX)
         return bool(vote.item())
+
+    ckpt = CheckpointManager(context.run.checkpoints(stage.name), keep_last=spec.checkpoint.keep_last,
+                             on_corrupt=spec.checkpoint.on_corrupt, rank=par.rank, barrier=context.barrier, log=context.log,
+                             world_size=par.world_size, any_rank=any_rank)
 
     router_metrics = None
     if getattr(model_opts, "num_moe_experts", None):
@@ -225,5 +243,5 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
                 flops_per_token=flops_per_token(model_opts, seq_length), peak_flops=peak_flops(train.precision, par.device),
                 rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval, guard=guard, any_rank=any_rank,
                 preempt_timeout=spec.checkpoint.preempt_timeout, world_size=par.world_size,
-                train_metrics=None if router_metrics is None else router_metrics.read)
+                train_metrics=None if router_metrics is None else router_metrics.read, stage_model=stage_model)
     return {"loop": loop, "ckpt": ckpt, "metrics": metrics, "chunks": chunks, "step": step_fn, "eval": eval_ctx, "server": server}

@@ -139,6 +139,14 @@ class CheckpointConfig(StrictModel):
         "fallback", description="A checkpoint failing its checksums on resume: `fallback` to the previous complete one, or `stop`."
     )
     preempt_timeout: float = Field(120.0, gt=0, description="Seconds allowed, after SIGTERM, to write a final checkpoint before exiting.")
+    async_save: bool | None = Field(
+        None,
+        description="Write interval checkpoints in the background: the step's state is copied to host memory (one more copy "
+        "of it held there), training goes on, and the `COMPLETE` marker comes once the files are on disk; the next save, an "
+        "evaluation at that step, the end of the stage and SIGTERM wait for it. The final checkpoint is always written at "
+        "once. None: on with a GPU; off on the CPU, where the write shares the cores with training and measured no faster "
+        "overall than writing at once (docs/performance.md).",
+    )
 
 
 class Spec(StrictModel):

@@ -141,6 +141,45 @@ def test_killed_and_resumed_finetunes_match_the_uninterrupted_run(finetune_run, 
     assert _comparable(run_dir) == _comparable(finetune_run)  # bitwise: same floats, same rows
 
 
+def _tensors(folder: Path) -> dict:
+    """Every tensor of a torch_dist checkpoint folder, by key."""
+    import tempfile
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder, Path(tmp) / "all.pt")
+        state = torch.load(Path(tmp) / "all.pt", weights_only=False)
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(state, "")
+    return flat
+
+
+def test_finetune_checkpoints_written_in_the_background_are_those_written_at_once(finetune_run, spec_path):
+    """The frozen-base stages' saves (adapters, a soft prompt) staged by `deferred_writes`, written by the writer thread."""
+    import torch
+
+    run_dir = spec_path.parent / "background"
+    done = llmforge("run", str(spec_path), "--run-dir", str(run_dir), "checkpoint.async_save=true")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "lora/step-3 (written in the background)" in done.stdout and "prompt/step-3 (written in the background)" in done.stdout
+    assert _comparable(run_dir) == _comparable(finetune_run)  # bitwise: same floats, same rows
+    for stage, folder in (("lora", "adapters"), ("prompt", "prompt")):
+        ours, theirs = (_tensors(run / "checkpoints" / stage / "step-3" / folder) for run in (run_dir, finetune_run))
+        assert ours.keys() == theirs.keys() and len(ours) > 2
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value) if isinstance(value, torch.Tensor) else ours[key] == value, (stage, key)
+
+
 # Metrics that count right answers must match exactly; scores and log-prob based ones to float
 # order (two pipeline stages sum in another order), through 4 AdamW steps of each stage. (The RL
 # stage's rewards include a reward model's score, a float.)

@@ -90,6 +90,9 @@ def test_library_warnings_go_to_run_log_only(tmp_path):
     console = proc.stdout + proc.stderr
     assert not re.search(r"\w+Warning:", console), console
     log = (run_dir / "run.log").read_text()
+    # The two library warnings this run used to raise, torch's ShardedTensor deprecation and its
+    # no_dist load notice, came from the checkpoint load path, which issue 30's reader goes around
+    # (runtime/dcp_read.py); tests/unit/runtime/test_log.py keeps proving where warnings go.
     for library in ("deprecating ShardedTensor", "torch.distributed is disabled"):
-        assert library in log and library not in console
+        assert library not in console
     assert "Mismatch dtype" not in log  # the norm's: fixed where it arose (models/layers.py)

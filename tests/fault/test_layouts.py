@@ -62,3 +62,15 @@ def test_resume_on_one_process_continues_the_same_data_order(layout, llmforge, t
     want, got = losses(reference), losses(run)
     _close(got, want, range(21, 41), 1e-5)
     assert_same_weights(run / "checkpoints/pretrain/step-40", reference / "checkpoints/pretrain/step-40", atol=1e-5)
+
+
+def test_two_processes_writing_in_the_background_save_the_same_checkpoints(layout, llmforge, tmp_path):
+    """Rank 1 leaves its part in a file, rank 0 marks the checkpoint once it is there: the files are the reference's."""
+    name, overrides, reference, _ = layout
+    run = tmp_path / "run"
+    job = llmforge.ranks("--run-dir", str(run), *overrides, "checkpoint.async_save=true")
+    assert job.wait(600) == [0, 0], job.result(0).output[-4000:] + job.result(1).output[-2000:]
+    assert "step-30 (written in the background)" in job.result(0).stdout
+    assert steps_saved(run) == [30, 40] and not list((run / "checkpoints/pretrain/step-30").glob(".part-*"))
+    for step in (30, 40):
+        assert_same_weights(run / f"checkpoints/pretrain/step-{step}", reference / f"checkpoints/pretrain/step-{step}", atol=1e-6)

@@ -57,6 +57,33 @@ def test_sigterm_writes_a_final_checkpoint_exits_75_and_resumes_exactly(llmforge
     assert_same_weights(run / "checkpoints/pretrain/step-40", reference / "checkpoints/pretrain/step-40")
 
 
+def test_sigterm_waits_for_the_checkpoint_being_written_in_the_background(llmforge, reference, tmp_path):
+    run = tmp_path / "run"
+    # Step 10's writer thread takes 4 s more after its shards (a slow disk); SIGTERM comes meanwhile.
+    overrides = ("checkpoint.preempt_timeout=60", "checkpoint.async_save=true")
+    job = llmforge.start("--run-dir", str(run), *overrides, env={"LLMFORGE_FAULT": "ckpt_after_shard@1:stall=4"})
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 12):
+        if time.monotonic() > deadline:
+            job.kill()
+            raise TimeoutError(job.result().output[-4000:])
+        time.sleep(0.05)
+    assert (run / "checkpoints/pretrain/.tmp-step-10").is_dir()  # still being written when the signal comes
+    job.signal(signal.SIGTERM)
+    job.wait(300)
+    stopped = job.result()
+    assert stopped.returncode == EXIT_PREEMPTED, stopped.output[-4000:]
+    final = max(losses(run))
+    assert 12 <= final < 20 and steps_saved(run) == [10, final]  # step 10 completed first, then the final one
+    log = stopped.stdout
+    assert log.index("step-10 (written in the background)") < log.index(f"checkpoint saved: {run / 'checkpoints/pretrain'}/step-{final}")
+
+    resumed = llmforge("--run-dir", str(run), *overrides, "--resume")
+    assert resumed.returncode == 0, resumed.output[-4000:]
+    assert losses(run) == losses(reference)  # bitwise
+    assert_same_weights(run / "checkpoints/pretrain/step-40", reference / "checkpoints/pretrain/step-40")
+
+
 # A save that never finishes: the watchdog must end the process by the deadline, not the scheduler's SIGKILL.
 STUCK_SAVE = """
 import time

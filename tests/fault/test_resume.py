@@ -38,7 +38,10 @@ def test_corrupt_checkpoint_falls_back_to_the_previous_one(llmforge, reference, 
     resumed = llmforge("--run-dir", str(killed_copy), "--resume")
     assert resumed.returncode == 0, resumed.output[-4000:]
     assert "corrupt checkpoint skipped" in resumed.stdout and "__0_0.distcp" in resumed.stdout
-    assert "resumed from" in resumed.stdout and "step-10 at step 10" in resumed.stdout
+    # "resumed from" is said once, after the checksums, of the checkpoint used (issue 33): never of the corrupt step-20.
+    said = [line for line in resumed.stdout.splitlines() if "resumed from" in line]
+    assert len(said) == 1 and said[0].endswith("checkpoints/pretrain/step-10 at step 10"), said
+    assert resumed.stdout.index("corrupt checkpoint skipped") < resumed.stdout.index("resumed from")
     want, got = losses(reference), losses(killed_copy)
     assert [got[s] for s in range(11, 41)] == [want[s] for s in range(11, 41)]
 

@@ -126,7 +126,7 @@ def test_export_refuses_a_damaged_checkpoint(tmp_path, capsys):
     step_dir = write_run(tmp_path / "run", MODELS["gpt2"], build(MODELS["gpt2"]))
     shard = next(p for p in (step_dir / "model").iterdir() if p.suffix == ".distcp")
     shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
-    _fails(capsys, ["export", "hf", str(step_dir), str(tmp_path / "out")], "fails its crc32 checksum")
+    _fails(capsys, ["export", "hf", str(step_dir), str(tmp_path / "out")], "fails its xxh3_64 checksum")
     _nothing_left(tmp_path / "out")
 
 

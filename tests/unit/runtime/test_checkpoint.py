@@ -126,7 +126,7 @@ def test_load_latest_discards_a_corrupt_load_and_loads_the_older_one(tmp_path, o
     assert path == older and value == b"a" * 4096
     # Overlapped, the newer one is read (and its load discarded); verified first, it never is.
     assert loaded == ([newer, older] if overlap else [older])
-    assert any("crc32 checksum" in m and "shard-1.bin" in m for m in logs)
+    assert any("xxh3_64 checksum" in m and "shard-1.bin" in m for m in logs)
     stop = CheckpointManager(tmp_path, keep_last=3, on_corrupt="stop", log=logs.append)
     with pytest.raises(UserError, match="shard-1.bin"):
         stop.load_latest(load, overlap=overlap)
@@ -152,16 +152,19 @@ def test_load_latest_reports_corruption_not_the_load_error_it_caused(tmp_path):
     assert CheckpointManager(tmp_path / "empty", keep_last=1).load_latest(always_fails) is None
 
 
-def test_markers_of_version_1_still_verify(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_markers_of_earlier_versions_still_verify(tmp_path, version):
     import hashlib
+    import zlib
 
     mgr = CheckpointManager(tmp_path, keep_last=1, log=lambda m: None)
     path = mgr.save(1, _write(b"z" * 100), {"version": 1, "step": 1})
     marker = json.loads((path / MARKER).read_text())
-    assert marker["version"] == 2 and all(len(meta["crc32"]) == 8 for meta in marker["files"].values())
-    files = {rel: {"size": meta["size"], "sha256": hashlib.sha256((path / rel).read_bytes()).hexdigest()} for rel, meta in marker["files"].items()}
-    (path / MARKER).write_text(json.dumps({"version": 1, "step": 1, "files": files}))
-    assert verify(path)["version"] == 1 and mgr.latest() == path
-    files["trainer_state.json"]["sha256"] = "0" * 64
-    (path / MARKER).write_text(json.dumps({"version": 1, "step": 1, "files": files}))
+    assert marker["version"] == 3 and all(len(meta["xxh3_64"]) == 16 for meta in marker["files"].values())
+    key, digest = {1: ("sha256", lambda data: hashlib.sha256(data).hexdigest()), 2: ("crc32", lambda data: f"{zlib.crc32(data):08x}")}[version]
+    files = {rel: {"size": meta["size"], key: digest((path / rel).read_bytes())} for rel, meta in marker["files"].items()}
+    (path / MARKER).write_text(json.dumps({"version": version, "step": 1, "files": files}))
+    assert verify(path)["version"] == version and mgr.latest() == path
+    files["trainer_state.json"][key] = "0" * len(files["trainer_state.json"][key])
+    (path / MARKER).write_text(json.dumps({"version": version, "step": 1, "files": files}))
     assert mgr.latest() is None

@@ -69,13 +69,15 @@ def _checkpoint(tmp_path, saved_by: int, step: int = STEP):
 
 
 def _restore(step_dir, *, rank: int, world_size: int) -> list[str]:
-    """Loop.restore on `rank` of a `world_size` job; returns its log lines."""
+    """Loop.restore on `rank` of a `world_size` job, then its announcement; returns its log lines."""
     log: list[str] = []
     loop = Loop(stage="pretrain", train=None, total=100, step_fn=None, loader=SimpleNamespace(load_state_dict=lambda s: None),
                 schedule=None, evaluate=None, metrics=None, log=log.append, ckpt=None, checkpoint_interval=None, save_model=None,
                 load_model=lambda d: None, rng=RngState(SEED, world_size=world_size), tokens_per_step=1, flops_per_token=0.0,
                 peak_flops=0.0, rank=rank, memory_fn=None, log_interval=1)
     loop.restore(step_dir)
+    assert log == []  # nothing is said until the checkpoint is the one used
+    loop.announce_resume(step_dir)
     return log
 
 

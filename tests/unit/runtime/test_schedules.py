@@ -19,22 +19,21 @@ def _trained(lr, total: int = TOTAL) -> list[float]:
     return [lr(step) for step in range(total)]
 
 
-def test_the_loop_asks_for_steps_0_to_total_minus_1():
-    asked: list[int] = []
+def test_the_loop_trains_steps_0_to_total_minus_1():
+    trained: list[float] = []  # the lr of each step trained; a checkpoint also asks for the next step's, to record it
 
-    def schedule(step: int) -> float:
-        asked.append(step)
-        return 0.1
+    def step_fn(batch, lr: float):
+        trained.append(lr)
+        return SimpleNamespace(loss=1.0, grad_norm=0.0, nonfinite=False)
 
-    result = SimpleNamespace(loss=1.0, grad_norm=0.0, nonfinite=False)
-    loop = Loop(stage="pretrain", train=SimpleNamespace(eval_interval=None), total=5, step_fn=lambda batch, lr: result,
-                loader=SimpleNamespace(next_global_batch=lambda: None, state_dict=lambda: {}), schedule=schedule, evaluate=None,
+    loop = Loop(stage="pretrain", train=SimpleNamespace(eval_interval=None), total=5, step_fn=step_fn,
+                loader=SimpleNamespace(next_global_batch=lambda: None, state_dict=lambda: {}), schedule=float, evaluate=None,
                 metrics=SimpleNamespace(write=lambda row: None), log=lambda line: None,
                 ckpt=SimpleNamespace(save=lambda step, write, state: Path("unsaved")), checkpoint_interval=None, save_model=None,
                 load_model=None, rng=SimpleNamespace(seed=1), tokens_per_step=1, flops_per_token=0.0, peak_flops=0.0, rank=0,
                 memory_fn=lambda: 0.0, log_interval=1)
     loop.run()
-    assert asked == [0, 1, 2, 3, 4]
+    assert trained == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("build, options", [

@@ -179,8 +179,11 @@ def _greedy(trainer: Trainer) -> list[int]:
 
 
 def _checkpoint_then_continue(trainer: Trainer, path: Path) -> dict:
-    """Train 2 steps, save into `path` (and the saved weights, gathered, into `path`.pt), then one more step."""
-    from llmforge.runtime.sharded_io import save_sharded
+    """Train 2 steps, snapshot a save into `path` as a save in the background does (the saved weights,
+    gathered, also into `path`.pt), train one more step, and only then write the files, from a thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from llmforge.runtime.sharded_io import SnapshotPool, deferred_writes, save_sharded
 
     import psutil
     import torch
@@ -191,13 +194,21 @@ def _checkpoint_then_continue(trainer: Trainer, path: Path) -> dict:
         path.mkdir(parents=True)
     dist.barrier()
     children = len(psutil.Process().children(recursive=True))
-    save_sharded(path, trainer.chunks, trainer.optimizer, {"step": 2, "note": "saved"})
-    new_processes = len(psutil.Process().children(recursive=True)) - children
+    with deferred_writes(SnapshotPool()) as deferred:
+        save_sharded(path, trainer.chunks, trainer.optimizer, {"step": 2, "note": "saved"})
     weights = gathered_weights(trainer.chunks)
     if trainer.ctx.rank == 0:
         torch.save(weights, path.with_suffix(".pt"))
     saved_eval = trainer.eval()
-    after = trainer.train(range(2, 3))
+    after = trainer.train(range(2, 3))  # moves weights and optimizer state before a byte is written
+    with ThreadPoolExecutor(1) as writer:
+        part = writer.submit(deferred.write).result()
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, part)
+    if trainer.ctx.rank == 0:
+        deferred.finish(parts)
+    dist.barrier()
+    new_processes = len(psutil.Process().children(recursive=True)) - children
     return {"eval": saved_eval, "next_loss": after["losses"][0], "new_processes": new_processes}
 
 
@@ -640,7 +651,7 @@ def test_checkpoint_reshards_and_resumes(runs, saved, loaded, rank):
     # The optimizer state came along: the next step matches the uninterrupted run.
     _close([after["next_loss"]], [before["next_loss"]])
     assert after["common"] == {"step": 2, "note": "saved"}
-    assert before["new_processes"] == 0  # the synchronous writer: no spawn Manager, no forks
+    assert before["new_processes"] == 0  # the writer is a thread: no spawn Manager, no forks
 
 
 if __name__ == "__main__":

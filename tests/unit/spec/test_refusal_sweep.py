@@ -119,6 +119,15 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
     ("runtime/launch.py", "check_devices", "this is one machine"): LAUNCH,
     ("runtime/launch.py", "check_devices", "processes per node"): LAUNCH + " (`llmforge plan` shows what the layout needs)",
     ("runtime/launch.py", "torchrun_argv", "--rdzv-endpoint"): LAUNCH,
+    ("runtime/context.py", "RunContext.run_loop", "has already trained"): RESUME + " (a budget below the step its checkpoint reached)",
+    ("runtime/lifecycle.py", "refuse_shrunk_steps", "it has already trained"): RESUME + " (a max_steps below its stage's newest checkpoint)",
+    ("runtime/slurm.py", "parse_time", "is not a Slurm time limit"): LAUNCH + " (`llmforge launch slurm --time`)",
+    ("runtime/slurm.py", "parse_time", "is no time at all"): LAUNCH + " (`llmforge launch slurm --time`)",
+    ("runtime/slurm.py", "write_slurm_script", "leaves the final checkpoint less than"):
+        LAUNCH + " (`llmforge launch slurm --signal-margin` against checkpoint.preempt_timeout)",
+    ("runtime/slurm.py", "write_slurm_script", "does not fit the time limit"): LAUNCH + " (`--signal-margin` against `--time`)",
+    ("runtime/status.py", "run_status", "holds no llmforge run"): RUN_DIR + " (`llmforge status RUN_DIR`)",
+    ("runtime/status.py", "field_text", "has no field"): "a command-line flag of `llmforge status` (--field)",
     ("runtime/optim.py", "wrap_optimizer", "shards AdamW's state only"):
         spec("use_distributed_optimizer shards AdamW's state only (megatron's DistributedOptimizer), but stage 'pretrain' uses optimizer 'sgd'",
              *DIST_OPT_SGD),
