@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_wheels.sh               # .whl/: what the image lacks (~6 MiB)
 #   python benchmarks/gpu_check.py --prepare    # .gpu_data/: the tiny spec's shards and tokenizer (~21 MiB)
 # Then, from a session that is lent a GPU, the device tool's run with
-#   command "bash benchmarks/gpu_check.sh", carry [".whl", ".gpu_data"], timeout_s 480.
+#   command "bash benchmarks/gpu_check.sh", carry [".whl", ".gpu_data"], timeout_s 540.
 # Arguments go to gpu_check.py (a rerun of the benchmark alone: --skip-tests).
 set -uo pipefail
 cd "$(dirname "$0")/.."

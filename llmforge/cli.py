@@ -428,7 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a spec; exit 0 if valid, 2 if not")
     _spec_args(p)
-    p.add_argument("--skip-inputs", action="store_true", help="do not check that input files exist (their data lives elsewhere)")
+    p.add_argument("--skip-inputs", action="store_true", help="do not check that input files exist, nor what the run needs installed (TransformerEngine for fp8): they live elsewhere")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("plan", help="what a spec costs before it runs: parameters, FLOPs, memory per rank, tokens, time")

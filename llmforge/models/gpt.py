@@ -22,12 +22,13 @@ if TYPE_CHECKING:
     from llmforge.spec.components import GPTModel
     from llmforge.spec.schema import ParallelismConfig
 
-PRECISIONS = ("fp32", "bf16", "bf16-autocast")
+PRECISIONS = ("fp32", "bf16", "bf16-autocast", "fp8")
+MEGATRON_BF16 = ("bf16", "fp8")  # bf16 parameters in megatron's Float16Module; fp8 adds TE's FP8 matmuls
 
 
 def params_dtype(precision: str) -> torch.dtype:
-    """The dtype of the model's parameters: bf16 only under megatron's mixed precision (`bf16`)."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    """The dtype of the model's parameters: bf16 under megatron's mixed precision (`bf16`, and `fp8` on top of it)."""
+    return torch.bfloat16 if precision in MEGATRON_BF16 else torch.float32
 
 
 def _activation(options: GPTModel) -> tuple[object, bool]:
@@ -81,14 +82,32 @@ def _expert_layout_problems(options: GPTModel, parallelism: ParallelismConfig) -
     return problems
 
 
-def transformer_config(options: GPTModel, parallelism: ParallelismConfig, *, precision: str) -> TransformerConfig:
-    """megatron's TransformerConfig for the options and layout (fusions off: see below)."""
+def fp8_refusal(precision: str) -> str | None:
+    """Why this process cannot train in `precision` fp8 (None when it can): FP8 is TE's, on CUDA."""
+    if precision != "fp8":
+        return None
+    if not torch.cuda.is_available():
+        return "precision fp8 runs on CUDA GPUs (TransformerEngine's FP8 matmuls); this process has no CUDA device"
+    if not _use_transformer_engine():
+        return "precision fp8 runs through TransformerEngine, which does not import here"
+    return None
+
+
+def transformer_config(options: GPTModel, parallelism: ParallelismConfig, *, precision: str,
+                       fp8: dict[str, object] | None = None) -> TransformerConfig:
+    """megatron's TransformerConfig for the options and layout (fusions off: see below).
+
+    Args:
+        fp8: megatron's fp8 fields (`TrainConfig.fp8_options()`), with precision "fp8" only.
+    """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from llmforge.models import moe
 
     if precision not in PRECISIONS:
         raise UserError(f"precision {precision!r} is not supported", hint=f"use one of {', '.join(PRECISIONS)}")
+    if reason := fp8_refusal(precision):
+        raise UserError(reason, 'train in precision fp8 on a CUDA machine with pip install -e ".[gpu]", or use precision: bf16 here')
     activation, gated = _activation(options)
     recompute = parallelism.recompute_granularity
     vpp = parallelism.virtual_pipeline_model_parallel_size
@@ -128,7 +147,9 @@ def transformer_config(options: GPTModel, parallelism: ParallelismConfig, *, pre
         # activations, also between pipeline stages; the optimizer keeps fp32 master weights
         # (runtime.optim). `bf16-autocast` keeps fp32 parameters and computes under torch
         # autocast (TrainStep); its stages pass fp32.
-        bf16=precision == "bf16",
+        bf16=precision in MEGATRON_BF16,
+        # FP8 (TE's recipe under megatron's names): TransformerBlock enters the fp8 context per forward.
+        **(fp8 or {}),
         params_dtype=params_dtype(precision),
         pipeline_dtype=params_dtype(precision),
         autocast_dtype=torch.float32 if precision == "fp32" else torch.bfloat16,
@@ -206,7 +227,8 @@ def layer_spec(config: TransformerConfig, num_layers: int, *, first_layer: int =
     return ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules(layer_specs=specs, layer_norm=TorchNorm))
 
 
-def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: str, seed: int) -> list[torch.nn.Module]:
+def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: str, seed: int,
+              fp8: dict[str, object] | None = None) -> list[torch.nn.Module]:
     """This rank's model chunks, initialized layout-invariantly from `seed`.
 
     Args:
@@ -214,7 +236,9 @@ def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: s
             (`init_distributed`).
         precision: "fp32"; "bf16" (bf16 parameters, each chunk inside megatron's
             `Float16Module`, which also hands the last stage's outputs back in fp32); or
-            "bf16-autocast" (fp32 parameters, bf16 compute under TrainStep's autocast).
+            "bf16-autocast" (fp32 parameters, bf16 compute under TrainStep's autocast); or "fp8"
+            ("bf16" with TE layers whose matmuls run in FP8; CUDA with TransformerEngine only).
+        fp8: megatron's fp8 recipe fields, given with precision "fp8" (`TrainConfig.fp8_options()`).
     """
     from megatron.core import parallel_state
     from megatron.core.transformer.module import Float16Module
@@ -226,7 +250,7 @@ def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: s
     from llmforge.models.layers import GPTModel  # megatron's, with RoPE that can follow restarted positions
 
     check_layout(options, parallelism)
-    config = transformer_config(options, parallelism, precision=precision)
+    config = transformer_config(options, parallelism, precision=precision, fp8=fp8)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     amp.install(device.type)
     if config.num_moe_experts:

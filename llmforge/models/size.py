@@ -202,14 +202,20 @@ def param_count_per_rank(model: GPTShape, parallelism: Any) -> list[int]:
     counted there too.
     """
     t, pp = parallelism.tensor_model_parallel_size, parallelism.pipeline_model_parallel_size
-    per_stage = [sum(layer_params(model, t, layer=i, **_experts_of(parallelism)) for i in _stage_layers(model, parallelism, stage))
-                 for stage in range(pp)]
+    per_stage = layer_param_count_per_rank(model, parallelism)
     per_stage[0] += embedding_params(model, t)
     out = output_params(model, t)
     if pp > 1 and not model.untie_embeddings_and_output_weights:
         out = _ceil_div(model.vocab_size, t) * model.hidden_size
     per_stage[-1] += norm_params(model) + out
     return per_stage
+
+
+def layer_param_count_per_rank(model: GPTShape, parallelism: Any) -> list[int]:
+    """Of `param_count_per_rank`, the transformer layers' parameters (no embeddings, final norm or output layer)."""
+    t = parallelism.tensor_model_parallel_size
+    return [sum(layer_params(model, t, layer=i, **_experts_of(parallelism)) for i in _stage_layers(model, parallelism, stage))
+            for stage in range(parallelism.pipeline_model_parallel_size)]
 
 
 def _stage_layers(model: GPTShape, parallelism: Any, stage: int) -> range:

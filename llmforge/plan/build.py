@@ -13,7 +13,7 @@ from typing import Any
 from llmforge.models import size
 from llmforge.plan import cost, finetune, fit
 from llmforge.plan.budget import StageBudget, stage_budgets
-from llmforge.plan.catalog import Device
+from llmforge.plan.catalog import CATALOG, Device
 from llmforge.plan.memory import Layout, optimizer_state_bytes_per_param
 from llmforge.spec.errors import UserError
 
@@ -100,7 +100,7 @@ def _components(spec: Any, registry: Any) -> dict[str, Any]:
     return {"shared": resolved["components"], "stages": {s["name"]: s["components"] for s in resolved["stages"]}}
 
 
-def _assumptions(device: Device, mfu: float) -> list[str]:
+def _assumptions(device: Device, mfu: float, *, fp8: bool = False) -> list[str]:
     return [
         "precision: bf16 is megatron's mixed precision (Megatron-LM's --bf16): 2 B weight + 4 B fp32 gradient per parameter, "
         "plus fp32 master weights and optimizer state (AdamW 4 + 8 B); fp32 and bf16-autocast: 4 B weight + 4 B gradient, "
@@ -116,7 +116,10 @@ def _assumptions(device: Device, mfu: float) -> list[str]:
         f"+{cost.TP_SLOWDOWN_PER_DOUBLING:.0%} per tensor-parallel doubling come on top",
         "FLOPs per token: 6·N + 6·L·h·s (N: the active parameters, an MoE layer's top-k experts, without the input "
         "embedding, with the output projection; causal attention)",
-    ]
+    ] + (["precision: fp8 keeps bf16 weights and fp32 masters as bf16 does, plus TE's FP8 copy and transpose of each layer "
+          "weight (2 B per layer parameter); the layers' linear inputs are saved in FP8 (1 B); its time takes the layers' GEMMs "
+          f"{cost.FP8_GEMM_SPEEDUP}× faster than bf16 (an assumption: ~1.3× end to end, as torchtitan and OLMo-core publish), "
+          "and its MFU is over the bf16 peak"] if fp8 else [])
 
 
 def build_plan(spec: Any, *, registry: Any, device: Device, run_dir: Path, spec_path: str, mfu: float | None = None) -> dict[str, Any]:
@@ -133,6 +136,7 @@ def build_plan(spec: Any, *, registry: Any, device: Device, run_dir: Path, spec_
         "run_dir": str(run_dir),
         "device": {"name": device.name, "description": device.description, "memory_bytes": device.memory_bytes,
                    "peak_flops_bf16": device.peak_flops_bf16, "peak_flops_fp32": device.peak_flops_fp32,
+                   "peak_flops_fp8": device.peak_flops_fp8,
                    "shared_by_node": device.shared_by_node},
         "mfu": mfu,
         "components": _components(spec, registry),
@@ -143,6 +147,11 @@ def build_plan(spec: Any, *, registry: Any, device: Device, run_dir: Path, spec_
         return plan
 
     layout = Layout.from_spec(spec.parallelism)
+    fp8 = [s.name for s in spec.stages if getattr(getattr(s, "train", None), "precision", None) == "fp8"]
+    if fp8 and not device.peak_flops_fp8:
+        with_fp8 = ", ".join(n for n, d in CATALOG.items() if d.peak_flops_fp8)
+        raise UserError(f"stage {fp8[0]!r} trains in precision fp8, and {device.name} ({device.description}) has no FP8 matmuls",
+                        f"plan it for a device that has them (--gpu {with_fp8}), or use precision: bf16")
     stages = []
     for index, (stage, budget) in enumerate(zip(spec.stages, budgets)):
         if getattr(stage, "train", None) is None:
@@ -167,7 +176,7 @@ def build_plan(spec: Any, *, registry: Any, device: Device, run_dir: Path, spec_
         "fits": all(s["fits"] for s in training),
         "total_time_s": None if any(t is None for t in times) else math.fsum(times),
         "stages": stages,
-        "assumptions": _assumptions(device, mfu),
+        "assumptions": _assumptions(device, mfu, fp8=any(s["precision"] == "fp8" for s in training)),
     })
     return plan
 

@@ -28,13 +28,17 @@ class Device:
     peak_flops_fp32: float
     mfu: float  # the model FLOPs utilization the time estimate assumes
     shared_by_node: bool = False  # True: memory and FLOP/s belong to the machine, not to each rank
+    peak_flops_fp8: float = 0.0  # dense FP8 tensor-core peak; 0: the device has no FP8 matmuls
 
     @property
     def kind(self) -> str:
         return "cpu" if self.name == "cpu" else "cuda"
 
     def peak_flops(self, precision: str) -> float:
-        return self.peak_flops_fp32 if precision == "fp32" else self.peak_flops_bf16  # bf16 and bf16-autocast
+        """The peak MFU is reported against: fp32's, else bf16's. FP8 runs too are measured against
+        the bf16 peak (as torchtitan reports them): the attention, norms and output layer stay bf16,
+        and an MFU over the FP8 peak would not compare with the bf16 run's."""
+        return self.peak_flops_fp32 if precision == "fp32" else self.peak_flops_bf16
 
 
 # Dense multi-billion-parameter training with Megatron reaches 35-50% MFU on A100/H100
@@ -54,11 +58,11 @@ def _machine_memory() -> int:
 CATALOG: dict[str, Device] = {
     d.name: d
     for d in (
-        Device("h100-80gb", "NVIDIA H100 SXM 80 GB", 81559 * MiB, 989.4e12, 66.9e12, GPU_MFU),
-        Device("h200-141gb", "NVIDIA H200 SXM 141 GB", 143771 * MiB, 989.4e12, 66.9e12, GPU_MFU),
+        Device("h100-80gb", "NVIDIA H100 SXM 80 GB", 81559 * MiB, 989.4e12, 66.9e12, GPU_MFU, peak_flops_fp8=1978.9e12),
+        Device("h200-141gb", "NVIDIA H200 SXM 141 GB", 143771 * MiB, 989.4e12, 66.9e12, GPU_MFU, peak_flops_fp8=1978.9e12),
         Device("a100-40gb", "NVIDIA A100 SXM 40 GB", 40960 * MiB, 312e12, 19.5e12, GPU_MFU),
         Device("a100-80gb", "NVIDIA A100 SXM 80 GB", 81920 * MiB, 312e12, 19.5e12, GPU_MFU),
-        Device("l40s-48gb", "NVIDIA L40S 48 GB", 46068 * MiB, 362.05e12, 91.6e12, GPU_MFU),
+        Device("l40s-48gb", "NVIDIA L40S 48 GB", 46068 * MiB, 362.05e12, 91.6e12, GPU_MFU, peak_flops_fp8=733e12),
         Device("cpu", "this machine's CPU (2 cores measured)", _machine_memory(), 379e9, 133e9, CPU_MFU, shared_by_node=True),
     )
 }

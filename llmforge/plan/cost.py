@@ -24,6 +24,12 @@ from llmforge.plan.memory import FP32, Layout, optimizer_state_bytes_per_param, 
 # parallelism) on the critical path of every layer; inside an NVLink node Megatron loses
 # a few percent per doubling.
 TP_SLOWDOWN_PER_DOUBLING = 0.05
+# precision fp8: how much faster the transformer layers' GEMMs run than in bf16. Not the 2× of
+# the FP8 peak: quantizing inputs, amax reductions and scale updates add work around each GEMM.
+# 1.5× on the GEMMs gives the ~1.3× end-to-end gain torchtitan and OLMo-core publish for
+# Llama-3 8B-class models on H100 (attention, norms and the output layer stay bf16). An
+# assumption until benchmarks/gpu_check.py measures it on a machine with TransformerEngine.
+FP8_GEMM_SPEEDUP = 1.5
 
 
 @dataclass
@@ -33,6 +39,7 @@ class StepTime:
     bubble_fraction: float
     recompute_factor: float
     tensor_parallel_factor: float
+    fp8_factor: float = 1.0  # precision fp8: step time over bf16's (FP8_GEMM_SPEEDUP on the layers' GEMMs)
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -48,6 +55,13 @@ def recompute_factor(model: Any, recompute: str, seq_length: int) -> float:
         layers_forward = 2.0 * sum(size.layer_params(model, layer=i, active=True) for i in range(model.num_layers)) + attention_forward
         return (model_flops + layers_forward) / model_flops
     return 1.0
+
+
+def fp8_factor(model: Any, seq_length: int) -> float:
+    """Compute time under fp8 over bf16's: the layers' GEMM FLOPs at FP8_GEMM_SPEEDUP, the rest unchanged."""
+    total = size.flops_per_token(model, seq_length)
+    layers = 6.0 * sum(size.layer_params(model, layer=i, active=True) for i in range(model.num_layers))
+    return (total - layers + layers / FP8_GEMM_SPEEDUP) / total
 
 
 def model_flops_utilization(tokens_per_s: float, flops_per_token: float, *, world_size: int, peak_flops: float) -> float:
@@ -74,7 +88,9 @@ def step_time(model: Any, layout: Layout, device: Device, *, precision: str, seq
     factor = recompute_factor(model, layout.recompute, seq_length)
     bubble = (layout.pipeline - 1) / (layout.num_microbatches * layout.virtual)
     tp = 1.0 + TP_SLOWDOWN_PER_DOUBLING * math.log2(layout.tensor)
-    return StepTime(compute * factor * (1 + bubble) * tp, compute, bubble, factor, tp)
+    fp8 = fp8_factor(model, seq_length) if precision == "fp8" else 1.0
+    compute *= fp8
+    return StepTime(compute * factor * (1 + bubble) * tp, compute, bubble, factor, tp, fp8)
 
 
 def checkpoint_bytes(model: Any, optimizer: Any, *, precision: str) -> int:

@@ -47,14 +47,21 @@ BF16 = 2
 GRAD_BYTES = FP32  # fp32 main grads in every precision (megatron DDP's grad_reduce_in_fp32)
 
 
+FP8 = 1
+MEGATRON_BF16 = ("bf16", "fp8")  # bf16 parameters and fp32 masters; fp8 adds TE's FP8 copies and activations
+# TE keeps each FP8 GEMM weight quantized between its forward and backward: the rowwise copy and,
+# on Hopper, the transposed (columnwise) one the backward's data-gradient GEMM reads.
+FP8_WEIGHT_COPIES = 2
+
+
 def weight_bytes(precision: str) -> int:
-    """Bytes of one parameter: bf16 under megatron's bf16, else fp32 (autocast casts per use)."""
-    return BF16 if precision == "bf16" else FP32
+    """Bytes of one parameter: bf16 under megatron's bf16 (and fp8 on top of it), else fp32 (autocast casts per use)."""
+    return BF16 if precision in MEGATRON_BF16 else FP32
 
 
 def master_weight_bytes(precision: str) -> int:
     """The optimizer's fp32 copy of a bf16 parameter (megatron's main params): optimizer state."""
-    return FP32 if precision == "bf16" else 0
+    return FP32 if precision in MEGATRON_BF16 else 0
 
 
 @dataclass(frozen=True)
@@ -145,11 +152,12 @@ class RankMemory:
     recompute_buffer: int
     frozen_models: int = 0  # finetune stages: a frozen reference or reward model (plan/finetune.py)
     kv_cache: int = 0  # RL: the rollouts' KV cache
+    fp8_weights: int = 0  # precision fp8: TE's FP8 copies of the layers' GEMM weights
 
     @property
     def total(self) -> int:
         return (self.weights + self.gradients + self.optimizer_states + self.activations + self.logits
-                + self.loss_workspace + self.recompute_buffer + self.frozen_models + self.kv_cache)
+                + self.loss_workspace + self.recompute_buffer + self.frozen_models + self.kv_cache + self.fp8_weights)
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -190,7 +198,7 @@ def _compute_bytes(precision: str) -> int:
 def stage_input_bytes(precision: str) -> int:
     """Bytes per element of what a chunk's first layer receives: the embedding's output or the
     previous stage's hidden states (fp32 under autocast, whose parameters and transfers are fp32)."""
-    return BF16 if precision == "bf16" else FP32
+    return BF16 if precision in MEGATRON_BF16 else FP32
 
 
 def _bias_promotes(precision: str) -> bool:
@@ -346,7 +354,22 @@ def layer_activation_terms(model: Any, *, precision: str, tensor: int, sequence_
         terms["mlp_activations"] = _mlp_activations(model, tokens * model.ffn / t, linear_out)
     if model.hidden_dropout > 0:
         terms["dropout_masks"] = 2 * split_tokens * h * linear_out
+    if precision == "fp8" and not moe:
+        _fp8_linear_inputs(terms, model, split_tokens=split_tokens, tokens=tokens, tensor=t, first_in=first_in, res=res,
+                           compute=compute, linear_out=linear_out)
     return terms
+
+
+def _fp8_linear_inputs(terms: dict[str, float], model: Any, *, split_tokens: float, tokens: float, tensor: int,
+                       first_in: int, res: int, compute: int, linear_out: int) -> None:
+    """Under fp8 a TE linear keeps its input for the weight gradient as the FP8 tensor it
+    multiplied (1 byte), not in bf16: the QKV, projection, fc1 and fc2 inputs. MoE experts
+    are left at bf16 (their grouped GEMMs' saved inputs are not modelled)."""
+    h = model.hidden_size
+    terms["qkv_input"] -= split_tokens * h * (first_in - FP8)
+    terms["attention_output"] -= tokens * size.query_width(model) / tensor * (compute - FP8)
+    terms["fc1_input"] -= split_tokens * h * (res - FP8)
+    terms["mlp_activations"] -= tokens * model.ffn / tensor * (linear_out - FP8)  # the activation's output, fc2's input
 
 
 def _selective(terms: dict[str, float], model: Any, layout: Layout, seq_length: int, precision: str) -> dict[str, float]:
@@ -492,6 +515,7 @@ def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optim
         logits=round(logits),
         loss_workspace=round(workspace),
         recompute_buffer=round(recompute_buffer),
+        fp8_weights=size.layer_param_count_per_rank(model, layout)[stage] * FP8_WEIGHT_COPIES if precision == "fp8" else 0,
     )
 
 

@@ -85,7 +85,7 @@ def _model_table(plan: dict[str, Any]):
 
 _MEMORY_COLUMNS = (("weights", "weights"), ("gradients", "grads"), ("optimizer_states", "optim"), ("activations", "activ"),
                    ("logits", "logits"), ("loss_workspace", "loss ws"), ("recompute_buffer", "recomp"),
-                   ("frozen_models", "frozen"), ("kv_cache", "kv cache"), ("total", "total"))
+                   ("frozen_models", "frozen"), ("kv_cache", "kv cache"), ("fp8_weights", "fp8 w"), ("total", "total"))
 
 
 def _memory_table(stage: dict[str, Any]):

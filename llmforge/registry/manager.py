@@ -29,7 +29,7 @@ AUTOLOAD_ENV = "LLMFORGE_DISABLE_PLUGIN_AUTOLOAD"
 DISABLE_ENV = "LLMFORGE_DISABLE_PLUGINS"
 # The plugin API this llmforge speaks (`llmforge.plugin`); a plugin may require a range of it
 # with `LLMFORGE_API = ">=1,<2"` in its hooks module.
-API_VERSION = "1.0"
+API_VERSION = "1.1"  # 1.1: model factories may be given `fp8` (FACTORY_OPTIONAL_KEYWORDS)
 
 _CACHE: Registry | None = None
 
@@ -53,7 +53,10 @@ def api_mismatch(requirement: str, have: str = API_VERSION) -> str | None:
             return f"LLMFORGE_API = {requirement!r} is not a version range like '>=1,<2'"
         width = max(len(want), len(_version(have)))
         pad = lambda v: v + (0,) * (width - len(v))  # noqa: E731
-        if not ops[op](pad(_version(have)), pad(want)):
+        mine = _version(have)
+        if op in ("==", "!="):  # "==1" is any 1.x: compare the components the requirement names
+            mine, width = mine[:len(want)], len(want)
+        if not ops[op](pad(mine), pad(want)):
             return f"it needs the llmforge plugin API {requirement}, and this llmforge speaks {have}"
     return None
 

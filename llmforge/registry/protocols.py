@@ -33,6 +33,10 @@ FACTORY_KEYWORDS: dict[str, tuple[str, ...]] = {
     "callback": ("run_dir", "spec", "stage"),
     "reward": ("tokenizer", "context", "stage"),
 }
+# Keywords a factory is given only in some runs (API 1.1): a model factory gets `fp8`, megatron's
+# FP8 recipe fields, only under `precision: fp8`, so a factory written for 1.0 keeps working
+# everywhere else.
+FACTORY_OPTIONAL_KEYWORDS: dict[str, tuple[str, ...]] = {"model": ("fp8",)}
 
 
 class MetricsRow(TypedDict, total=False):
@@ -71,7 +75,10 @@ class SourceFactory(Protocol):
 
 class ModelFactory(Protocol):
     def __call__(self, options: BaseModel, /, *, parallelism: BaseModel, precision: str, seed: int) -> list[Any]:
-        """This rank's model chunks (megatron modules), one per virtual pipeline stage."""
+        """This rank's model chunks (megatron modules), one per virtual pipeline stage.
+
+        Under `precision: fp8` it is also given `fp8=` (FACTORY_OPTIONAL_KEYWORDS): a dict of
+        megatron's TransformerConfig fp8 fields."""
 
 
 class OptimizerFactory(Protocol):

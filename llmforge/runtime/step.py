@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -33,6 +33,28 @@ def autocast(precision: str, device: torch.device) -> Callable[[], contextlib.Ab
     if precision == "bf16-autocast":
         return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
+
+
+def serving_context(precision: str, device: torch.device, chunks: Sequence[torch.nn.Module]) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context ModelServer's forwards run under: the stage's `autocast`, and under `fp8`
+    bf16 matmuls. Generation and scoring feed TE shapes FP8 GEMMs refuse (one decoded token per
+    row, prompts of any length), and what they report should be the weights' own answers, the
+    bf16 weights an export writes; megatron's TransformerBlock reads `config.fp8` per forward."""
+    if precision != "fp8":
+        return autocast(precision, device)
+    from megatron.core.utils import get_model_config
+
+    config = get_model_config(chunks[0])
+
+    @contextlib.contextmanager
+    def without_fp8():
+        saved, config.fp8 = config.fp8, None
+        try:
+            yield
+        finally:
+            config.fp8 = saved
+
+    return without_fp8
 
 
 @dataclass(frozen=True)

@@ -100,13 +100,14 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     from llmforge.runtime.optim import param_groups, wrap_optimizer
     from llmforge.runtime.rng import RngState
     from llmforge.runtime.serve import ModelServer, greedy_functions
-    from llmforge.runtime.step import autocast
+    from llmforge.runtime.step import serving_context
     from llmforge.runtime.train import Loop, total_steps
 
     spec, registry, par = context.spec, context.registry, context.parallel()
     train = stage.train
     model_opts = spec.model
-    chunks = registry.build("model", model_opts, parallelism=spec.parallelism, precision=train.precision, seed=spec.seed)
+    fp8 = {"fp8": options} if (options := train.fp8_options()) else {}  # only under fp8: other models need not take it
+    chunks = registry.build("model", model_opts, parallelism=spec.parallelism, precision=train.precision, seed=spec.seed, **fp8)
     if stage.init_from:
         source = context.final_checkpoint(stage.init_from)
         hooks.init_weights(source, chunks)
@@ -128,7 +129,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         install_loss_faults(step_fn.chunks[-1], lambda: loop.counters.step + 1)
     tokenizer = context.tokenizer()
     # Scoring and generation for evaluators, the preview and the stage's hooks: every layout.
-    server = ModelServer(chunks, autocast=autocast(train.precision, par.device), documents=getattr(step_fn, "documents", None))
+    server = ModelServer(chunks, autocast=serving_context(train.precision, par.device, chunks), documents=getattr(step_fn, "documents", None))
 
     def train_step(batch, lr: float):
         if getattr(batch, "segments", None) is not None:  # packed finetune rows

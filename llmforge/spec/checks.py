@@ -608,6 +608,7 @@ def run_checks(sections: Sections, loaded: LoadedSpec, *, check_inputs: bool = T
         if all(n in sections for n in needs):
             issues += list(fn(sections, loaded))
     if check_inputs:
+        issues += list(checks_precision.machine_issues(sections, loaded))
         issues += list(checks_lm_eval.input_issues(sections, loaded))
         for path, src in _input_fields(sections):
             for j, pattern in enumerate(getattr(src, "paths", None) or []):
@@ -653,4 +654,4 @@ def _tokenizer_template_problems(sections: Sections, loaded: LoadedSpec, path: s
 
 
 # Checks kept in modules of their own register on import (this one is imported by validate).
-from llmforge.spec import checks_lm_eval  # noqa: E402,F401
+from llmforge.spec import checks_lm_eval, checks_precision  # noqa: E402,F401

@@ -45,13 +45,31 @@ class TrainConfig(StrictModel):
         default_factory=lambda: {"name": "cosine"}, description="Learning-rate schedule component, e.g. `{name: cosine, warmup_steps: 100}`."
     )
     clip_grad: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this value; None disables clipping.")
-    precision: Literal["fp32", "bf16", "bf16-autocast"] = Field(
+    precision: Literal["fp32", "bf16", "bf16-autocast", "fp8"] = Field(
         "fp32",
         description="`bf16`: megatron's mixed precision, as Megatron-LM's `--bf16`: bf16 weights and activations, fp32 gradients, "
         "fp32 master weights and optimizer state (2 + 4 + 12 bytes per parameter; the 12 shard over data-parallel ranks with "
         "the distributed optimizer). `bf16-autocast`: fp32 weights, bf16 compute under torch autocast (4 + 4 + 8 bytes, "
-        "nothing sharded but the 8): less memory without the distributed optimizer, numerics closer to fp32. docs/architecture.md, \"Precision\", says when to use which.",
+        "nothing sharded but the 8): less memory without the distributed optimizer, numerics closer to fp32. `fp8`: `bf16` "
+        "with the transformer layers' matmuls in FP8 through TransformerEngine (Megatron-LM's `--bf16 --fp8-format`; CUDA "
+        "with the `fp8` extra only; the fp8_* fields set its recipe). docs/architecture.md, \"Precision\", says when to use which.",
     )
+    fp8_format: Literal["hybrid", "e4m3"] | None = Field(
+        None, description="Only with precision: fp8 (Megatron-LM's `--fp8-format`; default `hybrid`): `hybrid` keeps weights and "
+        "activations in E4M3 and gradients in E5M2; `e4m3` uses E4M3 for all three.")
+    fp8_recipe: Literal["delayed", "tensorwise", "blockwise", "mxfp8"] | None = Field(
+        None, description="Only with precision: fp8 (Megatron-LM's `--fp8-recipe`; default `delayed`): how scaling factors are "
+        "chosen. `delayed` from an amax history, `tensorwise` from the current tensor, `blockwise` per 128-element block, "
+        "`mxfp8` per 32 elements (Blackwell GPUs only).")
+    fp8_margin: int | None = Field(None, ge=0, description="Only with precision: fp8 (`--fp8-margin`; default 0): scale by "
+                                   "2^-margin below the largest representable value, headroom for amax growth.")
+    fp8_amax_history_len: int | None = Field(None, ge=1, description="Only with the `delayed` recipe (`--fp8-amax-history-len`; "
+                                             "default 1): steps of amax history the scale is chosen from.")
+    fp8_amax_compute_algo: Literal["most_recent", "max"] | None = Field(
+        None, description="Only with the `delayed` recipe (`--fp8-amax-compute-algo`; default `most_recent`): the amax of the "
+        "history window the scale uses.")
+    fp8_wgrad: bool | None = Field(None, description="Only with precision: fp8 (default true): compute weight gradients in FP8 too; "
+                                   "false keeps them in bf16 (Megatron-LM's `--no-fp8-wgrad`).")
     eval_interval: int | None = Field(None, ge=1, description="Run the stage's evaluators every this many steps (and at the end). None = only at the end.")
     eval_iters: int = Field(10, ge=1, description="Validation global batches per evaluation: val_loss covers the first "
                             "eval_iters × global_batch_size val samples, in order, at any layout (Megatron-LM's meaning).")
@@ -64,6 +82,31 @@ class TrainConfig(StrictModel):
         "`stop` drops it and ends the run (non-zero exit). Judged before the optimizer step.",
     )
     spike: SpikeConfig = Field(default_factory=dict, description="What counts as a loss spike for `on_spike`.")
+
+    FP8_DEFAULTS: ClassVar[dict[str, object]] = {"fp8_format": "hybrid", "fp8_recipe": "delayed", "fp8_margin": 0,
+                                                  "fp8_amax_history_len": 1, "fp8_amax_compute_algo": "most_recent", "fp8_wgrad": True}
+
+    def fp8_options(self) -> dict[str, object] | None:
+        """Megatron's TransformerConfig fp8 fields for precision fp8 (format under its name `fp8`), else None."""
+        if self.precision != "fp8":
+            return None
+        given = {k: (default if getattr(self, k) is None else getattr(self, k)) for k, default in self.FP8_DEFAULTS.items()}
+        return {"fp8": given.pop("fp8_format"), **given}
+
+    @model_validator(mode="after")
+    def _fp8_fields_need_fp8(self) -> TrainConfig:
+        if self.precision != "fp8":
+            for key in self.FP8_DEFAULTS:
+                if getattr(self, key) is not None:
+                    raise field_error(TrainConfig, key, getattr(self, key),
+                                      f"{key} applies only with precision: fp8 (precision is {self.precision}); "
+                                      "set precision: fp8, or remove it")
+        elif self.fp8_recipe not in (None, "delayed"):
+            for key in ("fp8_amax_history_len", "fp8_amax_compute_algo"):
+                if getattr(self, key) is not None:
+                    raise field_error(TrainConfig, key, getattr(self, key),
+                                      f"{key} applies only to the delayed recipe (fp8_recipe is {self.fp8_recipe}); remove it")
+        return self
 
     @model_validator(mode="after")
     def _one_budget(self) -> TrainConfig:

@@ -75,3 +75,21 @@ def test_dry_run_writes_every_figure(tmp_path):
     assert bench["micro_batch_size"] == result["plan"]["micro_batch_size"] and len(bench["step_s"]) == 2 and bench["finite"]
     assert bench["mfu_datasheet"] == pytest.approx(bench["tokens_per_s"] * bench["flops_per_token"] / bench["peaks"]["datasheet"], rel=1e-2)
     assert result["memory"]["planned_bytes"] == result["plan"]["largest_total"] and result["memory"]["measured_bytes"] is None
+    assert result["matmul_peak"]["flops"] > 0 and result["matmul_peak"]["dtype"] == "float32"  # bf16 8192³ on a GPU
+    # Each check the issue names has its line; without CUDA the tests skip and FP8 says why.
+    assert set(tests["lines"]) == set(check_module().TEST_LINES) and all("skipped" in line for line in tests["lines"].values())
+    assert result["fp8"] == {"skipped": "no TransformerEngine"} and "fp8: skipped (no TransformerEngine)" in proc.stdout
+    saved = bench["async_save"]  # checkpoint.async_save on the benchmark's own state, its marker verified
+    assert saved["complete"] and saved["files_verified"] > 0 and saved["blocked_s"] > 0 and saved["sync_save_s"] > 0
+
+
+def check_module():
+    return _gpu_check()
+
+
+def test_test_lines_group_outcomes_by_check():
+    check = _gpu_check()
+    lines = check.test_lines({"tests.gpu.test_documents::test_a": "passed", "tests.gpu.test_documents::test_b": "failed",
+                              "tests.gpu.test_fp8::test_c": "skipped"})
+    assert lines["packed documents (SDPA block-causal mask on CUDA)"] == "1 failed, 1 passed"
+    assert lines["fp8 on TransformerEngine"] == "1 skipped" and lines["CPU-reference loss parity"] == "not run"

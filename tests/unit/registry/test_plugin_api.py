@@ -19,7 +19,7 @@ from llmforge.plugin import Component, Document, OptionsError, StrictModel, hook
 from llmforge.registry.components import KINDS, RegistryError
 from llmforge.registry.errors import PluginError, plugin_failure, report
 from llmforge.registry.manager import AUTOLOAD_ENV, DISABLE_ENV, api_mismatch, build_registry
-from llmforge.registry.protocols import FACTORY_KEYWORDS, FACTORY_PROTOCOLS
+from llmforge.registry.protocols import FACTORY_KEYWORDS, FACTORY_OPTIONAL_KEYWORDS, FACTORY_PROTOCOLS
 from llmforge.spec.errors import SpecError, UserError
 from llmforge.spec.load import load_spec
 from llmforge.spec.validate import validate_loaded
@@ -73,7 +73,7 @@ class Throwaway:
 def test_llmforge_plugin_imports_no_torch():
     code = "import sys, llmforge.plugin as p; p.Component; assert 'torch' not in sys.modules, 'torch'; print(p.API_VERSION)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout.strip() == "1.0", proc.stderr
+    assert proc.returncode == 0 and proc.stdout.strip() == "1.1", proc.stderr
 
 
 def test_every_protocol_declares_its_kinds_keywords():
@@ -110,7 +110,10 @@ def test_llmforge_calls_each_factory_with_the_options_then_its_kinds_keywords():
     for where, node in calls:
         kind = node.args[0].value
         assert len(node.args) == 2, f"{where}: a factory gets its options as the only positional argument"
-        assert tuple(sorted(k.arg for k in node.keywords)) == tuple(sorted(FACTORY_KEYWORDS[kind])), where
+        given = [k.arg for k in node.keywords if k.arg is not None]
+        assert tuple(sorted(given)) == tuple(sorted(FACTORY_KEYWORDS[kind])), where
+        # `**extra` only for a kind with optional keywords, which the call must build from those names alone.
+        assert all(k.arg is not None for k in node.keywords) or kind in FACTORY_OPTIONAL_KEYWORDS, where
 
 
 def test_factories_written_to_the_protocols_build_keyword_only_or_not(no_autoload):
@@ -298,7 +301,9 @@ def test_a_clash_with_a_built_in_says_to_rename_the_plugins_component(fake_dist,
 
 def test_api_versions():
     assert api_mismatch(">=1,<2") is None and api_mismatch("==1") is None and api_mismatch(">=1.0") is None
-    assert api_mismatch(">=2") == "it needs the llmforge plugin API >=2, and this llmforge speaks 1.0"
+    assert api_mismatch("!=1") is not None and api_mismatch("!=1.0") is None  # "==1" / "!=1": any 1.x
+    assert api_mismatch("==1.0") == "it needs the llmforge plugin API ==1.0, and this llmforge speaks 1.1"
+    assert api_mismatch(">=2") == "it needs the llmforge plugin API >=2, and this llmforge speaks 1.1"
     assert api_mismatch("<1") is not None and "is not a version range" in api_mismatch("one")
 
 
@@ -308,7 +313,7 @@ def test_a_plugin_for_another_api_or_broken_is_named_when_a_spec_needs_it(fake_d
     code, _, err = cli("validate", TINY_SPEC, "stages.1.train.optimizer={name: warp}")
     assert code == 2
     assert ("warning: plugin future-plugin 9.0 (entry point 'future-plugin' = " in err
-            and "is refused: it needs the llmforge plugin API >=2,<3, and this llmforge speaks 1.0; switch it off with "
+            and "is refused: it needs the llmforge plugin API >=2,<3, and this llmforge speaks 1.1; switch it off with "
                 "LLMFORGE_DISABLE_PLUGINS=future-plugin" in err)
     assert "; plugin broken-plugin 0.3 (entry point" in err and "failed to import: ModuleNotFoundError" in err
     assert "it is installed but not loaded, and may be the one that provides it" in err

@@ -143,6 +143,16 @@ CASES = [
      "the exact_match reward reads field 'answer', but source 'add' (tasks) yields records with {prompt, response}"),
     ([RL, "stages.1.reference=nothing"], "stages[1].reference", "reference 'nothing' must name an earlier stage, but no stage has that name"),
     (["stages.1.init_from=prepare"], "stages[1].init_from", "init_from 'prepare' is a prepare stage, which writes no checkpoint"),
+    # precision fp8 (spec/checks_precision.py); whether TransformerEngine is installed is tests/unit/spec/test_fp8.py's.
+    ([finetune("lora"), "stages.1.train.precision=fp8"], "stages[1].type", "precision fp8 is built for stage types pretrain, sft, not 'lora'"),
+    ([finetune("sft", "packing: true"), "stages.1.train.precision=fp8"], "stages[1].packing",
+     "packing: true masks attention per document with SDPA; precision fp8 uses TransformerEngine's attention"),
+    (["data.reset_attention_mask=true", "stages.1.train.precision=fp8"], "data.reset_attention_mask",
+     "stage 'pretrain' trains in precision fp8 through TransformerEngine, whose packed-sequence attention is not wired in"),
+    (["model.hidden_size=72", "stages.1.train.precision=fp8"], "model.hidden_size",
+     "precision fp8: hidden_size is 72, not a multiple of 16, which TransformerEngine's FP8 matmuls need"),
+    (["model.seq_length=30", "stages.1.train.precision=fp8"], "stages[1].train.micro_batch_size",
+     "precision fp8: a micro batch holds 60 tokens per rank"),
     # the lm_eval evaluator (spec/checks_lm_eval.py); its input checks are tests/unit/evaluation/test_validate.py's.
     ([finetune("prompt_tuning", "max_seq_length: 24", "evaluators: [{name: lm_eval, tasks: [hellaswag]}]")], "stages[1].evaluators[0].name",
      "does not apply a prompt_tuning stage's soft prompt"),

@@ -51,7 +51,7 @@ RL = stage("rl", "rewards: [{name: exact_match}]")
 TP2 = ("parallelism.tensor_model_parallel_size=2", "parallelism.nproc_per_node=2")
 MOE = ("model.num_moe_experts=4", "model.add_bias_linear=false")
 DIST_OPT_SGD = ("parallelism.use_distributed_optimizer=true", "stages.1.train.optimizer={name: sgd}")
-PRECISION = spec("Input should be 'fp32', 'bf16' or 'bf16-autocast'", "stages.1.train.precision=fp16")
+PRECISION = spec("Input should be 'fp32', 'bf16', 'bf16-autocast' or 'fp8'", "stages.1.train.precision=fp16")
 SP_SEQUENCE = spec("trains on 31-token sequences, which sequence_parallel splits", *TP2, "parallelism.sequence_parallel=true",
                    "model.seq_length=31")
 NOT_AN_EARLIER_STAGE = [
@@ -91,6 +91,9 @@ REFUSALS: dict[tuple[str, str, str], list[Spec] | Spec | str] = {
         spec("MoE layers with tensor_model_parallel_size > 1 need sequence_parallel", *MOE, *TP2),
     ],
     ("models/gpt.py", "transformer_config", "is not supported"): PRECISION,
+    ("models/gpt.py", "transformer_config", "train in precision fp8 on a CUDA"): (
+        "depends on the machine: a CUDA device (known only to run) and TransformerEngine, which validate looks up with "
+        "find_spec and refuses the same way (spec/checks_precision.py machine_issues; tests/unit/spec/test_fp8.py)"),
     ("runtime/checkpoint.py", "CheckpointManager._corrupt", "corrupt checkpoint"): DAMAGED,
     ("runtime/checkpoint.py", "read_trainer_state", "trainer_state.json has version"): CHECKPOINT_VERSION,
     ("runtime/context.py", "RunContext.final_checkpoint", "has no complete checkpoint"): NOT_AN_EARLIER_STAGE,
