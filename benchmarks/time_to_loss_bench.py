@@ -38,7 +38,7 @@ SPEC = ROOT / "specs" / "shakespeare-char.yaml"
 CORPUS_DEFAULT = ROOT / ".." / "shared" / "data" / "tinyshakespeare.txt"
 TARGET, QUICK_TARGET = 1.89, 2.5
 QUICK_STEPS, QUICK_EVAL_INTERVAL = 300, 100
-GOAL = 0.8
+GOAL = 1.0  # issue 31: cost nothing over the hand-written loop (its stretch: 0.8)
 # A busy shared machine can make a run many times slower; past this each run is cut short.
 LIMIT_S, QUICK_LIMIT_S = 360.0, 240.0
 _LLMFORGE_EVAL = re.compile(r"\[pretrain\] step (\d+): val_loss ([0-9.]+|nan|inf)")

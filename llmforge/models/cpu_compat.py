@@ -19,6 +19,9 @@ names the megatron code that needs it (see ../shared/notes/megatron-on-cpu.md):
    uneven splits over the expert-TP group, which gloo refuses (its all_gather needs equal
    sizes): padded gathers and an all-reduce stand in. `fix_moe_without_transformer_engine()` (any
    device) defines the `te_general_gemm` that megatron's router leaves undefined without TE.
+7. Speed only, results unchanged (issue 31): the cross entropy's and `finalize_model_grads`'
+   all-reduces over a group of one return at once, and the dense optimizers' per-step methods
+   run outside CudaToCpuMode.
 
 The SDPA core attention and the sequence-parallel torch norms (`llmforge.models.layers`) and
 the autocast fixes (`llmforge.models.amp`) are not CPU-specific and live apart.
@@ -212,6 +215,48 @@ def _uneven_collectives_on_gloo() -> None:
     mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
+class _CachingTorch(types.ModuleType):
+    """`torch` for one megatron module: each attribute is looked up once, and `distributed` is replaced."""
+
+    def __init__(self, name: str, distributed: types.ModuleType) -> None:
+        super().__init__(name)
+        self.distributed = distributed
+
+    def __getattr__(self, name: str):
+        value = getattr(torch, name)
+        setattr(self, name, value)
+        return value
+
+
+class _DistributedWithoutGroupsOfOne(types.ModuleType):
+    """`torch.distributed` whose blocking all-reduce over a group of one process returns at once.
+
+    A sum (or max) over one process is the tensor itself, so nothing changes but the time: on
+    gloo each such call goes through c10d, and at TP=1, DP=1 megatron makes five a step (its
+    vocab-parallel cross entropy three, finalize_model_grads two).
+    """
+
+    def __getattr__(self, name: str):
+        value = getattr(torch.distributed, name)
+        setattr(self, name, value)
+        return value
+
+    @staticmethod
+    def all_reduce(tensor, *args, group=None, async_op=False, **kwargs):
+        if group is not None and not async_op and not args and group.size() == 1:
+            return None
+        return torch.distributed.all_reduce(tensor, *args, group=group, async_op=async_op, **kwargs)
+
+
+def _skip_collectives_of_one() -> None:
+    import importlib
+
+    distributed = _DistributedWithoutGroupsOfOne("torch.distributed")
+    # By module path: the package re-exports a function under the module's name.
+    for name in ("megatron.core.tensor_parallel.cross_entropy", "megatron.core.distributed.finalize_model_grads"):
+        importlib.import_module(name).torch = _CachingTorch("torch", distributed)
+
+
 def fix_moe_without_transformer_engine() -> None:
     """megatron 0.16's moe_utils imports `te_general_gemm` only when TE imports and never defines
     it otherwise, so the router's gating linear raises NameError; None selects its torch matmul."""
@@ -219,6 +264,16 @@ def fix_moe_without_transformer_engine() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+# What a step calls on the dense optimizers (and nothing else needs): none of it names a CUDA
+# device in megatron 0.16 (one that did would raise here, there is no CUDA), and outside the mode
+# each of its torch calls skips a Python frame (~0.5 ms of a hidden-128 step).
+_STEP_METHODS = frozenset({
+    "zero_grad", "prepare_grads", "step_with_ready_grads", "get_main_grads_for_grad_norm", "get_parameters",
+    "_copy_model_grads_to_main_grads", "_copy_main_params_to_model_params", "_unscale_main_grads_and_check_for_nan",
+    "_collect_main_grad_data_for_unscaling", "_get_model_and_main_params_data_float16",
+})
 
 
 def _wrap_optimizers() -> None:
@@ -232,12 +287,17 @@ def _wrap_optimizers() -> None:
         optimizer.ChainedOptimizer,
         distrib_optimizer.DistributedOptimizer,
     )
+    distributed = distrib_optimizer.DistributedOptimizer
     for klass in classes:
         for name, attr in list(vars(klass).items()):
             if callable(attr) and not isinstance(attr, (type, staticmethod, classmethod)) and (
                 name == "__init__" or not name.startswith("__")
-            ):
+            ) and (name not in _STEP_METHODS or klass is distributed):
                 setattr(klass, name, on_cpu(attr))
+    # The DistributedOptimizer keeps all of its methods in the mode, the inherited ones too.
+    for name in _STEP_METHODS:
+        if name not in vars(distributed) and hasattr(distributed, name):
+            setattr(distributed, name, on_cpu(getattr(distributed, name)))
 
 
 # --- RNG on the CPU default generator ---------------------------------------------------
@@ -329,6 +389,7 @@ def install() -> bool:
         _install_cpu_rng_tracker()
         _moe_dispatch_on_cpu()
         _uneven_collectives_on_gloo()
+        _skip_collectives_of_one()
         _installed = True
     return True
 
