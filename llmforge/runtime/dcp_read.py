@@ -230,6 +230,7 @@ class DirectReader(CachedMetadataFileSystemReader):
 
     @staticmethod
     def _fill(f: io.FileIO, target: torch.Tensor, info) -> bool:
+        target = target.detach()  # the same storage; a parameter that requires grad refuses in-place copies
         try:
             record = _record(f.fileno(), info.offset, info.length)
         except (_NotATensorRecord, pickle.UnpicklingError, struct.error, ValueError, TypeError, EOFError):

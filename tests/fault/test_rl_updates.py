@@ -70,7 +70,7 @@ def _case(fault: str, on_nonfinite: str, on_spike: str, ctx, parallelism) -> dic
     log: list[str] = []
     loop = Loop(stage="rl", train=train, total=STEPS, step_fn=lambda b, lr: step(b[0], lr, b[1]), loader=loader, schedule=lambda s: 0.1,
                 evaluate=None, metrics=SimpleNamespace(write=lambda row: None), log=log.append,
-                ckpt=SimpleNamespace(save=lambda step, write, state: Path("unsaved")), checkpoint_interval=None, save_model=None,
+                ckpt=SimpleNamespace(save=lambda step, write, state: Path("unsaved"), settle=lambda **kw: None, writing=False), checkpoint_interval=None, save_model=None,
                 load_model=None, rng=SimpleNamespace(seed=1), tokens_per_step=64, flops_per_token=0.0, peak_flops=0.0, rank=0,
                 memory_fn=lambda: 0.0, log_interval=100, guard=guard)
     stopped = None
