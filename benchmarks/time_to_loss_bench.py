@@ -13,6 +13,9 @@ Full mode is one pair of runs (the recipe's 2000 steps each); --quick cuts the s
 aims at the loss the short run reaches (~2.5). With OMP_NUM_THREADS=1 (the way to measure
 on a shared machine, docs/performance.md) the two single-threaded runs go side by side,
 one core each, so that other jobs' load hits both alike; otherwise one after the other.
+The reference trains the spec's global batch as one batch per step; if the spec gives llmforge
+several processes per node, the reference gets as many threads and the runs go one after
+the other. The details name each side's layout.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ def _recipe(quick: bool) -> dict:
     train = next(s["train"] for s in spec["stages"] if s["type"] == "pretrain")
     if quick:
         train = {**train, "max_steps": QUICK_STEPS, "eval_interval": QUICK_EVAL_INTERVAL}
-    if train["micro_batch_size"] != train["global_batch_size"]:
-        raise ValueError("the reference loop trains one micro batch per step; keep micro == global batch in the spec")
+    # The reference trains the optimizer batch (global_batch_size) as one batch per step, however
+    # llmforge splits it into micro batches and DP ranks: the same samples per update either way.
     return {"seed": spec["seed"], "model": {k: v for k, v in spec["model"].items() if k != "name"}, "train": train,
             "corpus": str(_corpus()), "val_fraction": spec["data"]["split"]["val_fraction"]}
 
@@ -77,7 +80,7 @@ def _reference_main(recipe: dict) -> None:
     data = torch.tensor([stoi[c] for c in text], dtype=torch.long)
     split = int(len(data) * (1 - recipe["val_fraction"]))
     train_data, val_data = data[:split], data[split:]
-    seq, batch = model_keys["seq_length"], train["micro_batch_size"]
+    seq, batch = model_keys["seq_length"], train["global_batch_size"]
     torch.manual_seed(recipe["seed"])
     generator = torch.Generator().manual_seed(recipe["seed"])
 
@@ -185,6 +188,16 @@ def _interpolated(curve: list[tuple[int, float, float, float]], target: float) -
     return curve[0][2] if curve and curve[0][1] <= target else None
 
 
+def _nproc() -> int:
+    return int((yaml.safe_load(SPEC.read_text()).get("parallelism") or {}).get("nproc_per_node", 1))
+
+
+def _layout(recipe: dict, threads: str) -> str:
+    nproc, train = _nproc(), recipe["train"]
+    return (f"{nproc} process(es) × {threads or 'all cores'} thread(s), micro batch {train['micro_batch_size']} "
+            f"of {train['global_batch_size']} per step")
+
+
 def time_to_loss(quick: bool) -> dict:
     """llmforge's seconds to the target val loss over the reference's, one pair of runs."""
     corpus = _corpus()
@@ -198,7 +211,11 @@ def time_to_loss(quick: bool) -> dict:
     llmforge = [str(script)] if script.exists() else [sys.executable, "-m", "llmforge"]
     train = recipe["train"]
     threads = os.environ.get("OMP_NUM_THREADS", "")
-    concurrent = threads == "1" and len(os.sched_getaffinity(0)) >= 2
+    nproc = _nproc()
+    # Side by side only when each side keeps to one core; when llmforge's ranks take several
+    # cores, the reference gets as many threads and the runs go one after the other (issue 31).
+    concurrent = threads == "1" and nproc == 1 and len(os.sched_getaffinity(0)) >= 2
+    theirs_env = env if nproc == 1 or not threads else {**env, "OMP_NUM_THREADS": str(nproc * int(threads))}
     with tempfile.TemporaryDirectory(prefix="llmforge-ttl-") as tmp:
         ours_argv = [*llmforge, "run", str(SPEC), "--run-dir", str(Path(tmp) / "run"),
                      f"stages.1.train.max_steps={train['max_steps']}", f"stages.1.train.eval_interval={train['eval_interval']}"]
@@ -212,7 +229,7 @@ def time_to_loss(quick: bool) -> dict:
                 theirs, ours = theirs_run.result(), ours_run.result()
         else:
             # One pair: the reference first, so that llmforge is never the side with a cold file cache.
-            theirs = _time_to_target(theirs_argv, _REFERENCE_EVAL, target, env, limit_s)
+            theirs = _time_to_target(theirs_argv, _REFERENCE_EVAL, target, theirs_env, limit_s)
             ours = _time_to_target(ours_argv, _LLMFORGE_EVAL, target, env, limit_s)
     details = {
         "target_val_loss": target,
@@ -226,6 +243,10 @@ def time_to_loss(quick: bool) -> dict:
         "cpu_ratio": round(ours["cpu_s"] / theirs["cpu_s"], 3) if ours["cpu_s"] and theirs["cpu_s"] else None,
         "threads": threads or "all cores",
         "runs": "side by side (one thread each)" if concurrent else "one after the other",
+        # Each side's layout, as the figure compares them (issue 31): llmforge as the spec lays it
+        # out, the reference as one process over the same threads.
+        "llmforge_layout": _layout(recipe, threads),
+        "reference_layout": f"1 process × {theirs_env.get('OMP_NUM_THREADS') or 'all cores'} thread(s), batch {train['global_batch_size']} per step",
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
     if ours["seconds"] is not None and theirs["seconds"] is not None:

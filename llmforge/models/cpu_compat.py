@@ -248,13 +248,96 @@ class _DistributedWithoutGroupsOfOne(types.ModuleType):
         return torch.distributed.all_reduce(tensor, *args, group=group, async_op=async_op, **kwargs)
 
 
+@contextlib.contextmanager
+def _coalescing_unless_one(group=None, device=None, async_ops=False):
+    """torch's `_coalescing_manager`, or nothing for a blocking one over a group of one process:
+    what it would coalesce is a list of all-reduces that return at once (above)."""
+    if group is not None and not async_ops and group.size() == 1:
+        yield None
+        return
+    with torch.distributed._coalescing_manager(group, device, async_ops) as cm:
+        yield cm
+
+
+def _identity_unless_parallel(function: Callable) -> Callable:
+    """A TP-region mapping (an autograd Function) that is the identity over a TP group of one.
+
+    At TP=1 `copy_to_...` and `reduce_from_tensor_model_parallel_region` return their input
+    forward and backward, but each costs a Python Function call both ways (~18 a step for a
+    4-layer model); the tensor itself is what they would return.
+    """
+
+    @functools.wraps(function)
+    def mapping(input_, group=None, *args, **kwargs):
+        if group is not None and group.size() == 1:
+            return input_
+        return function(input_, group, *args, **kwargs)
+
+    return mapping
+
+
 def _skip_collectives_of_one() -> None:
     import importlib
 
+    from megatron.core.tensor_parallel import layers
+
     distributed = _DistributedWithoutGroupsOfOne("torch.distributed")
     # By module path: the package re-exports a function under the module's name.
-    for name in ("megatron.core.tensor_parallel.cross_entropy", "megatron.core.distributed.finalize_model_grads"):
+    for name in ("megatron.core.tensor_parallel.cross_entropy", "megatron.core.distributed.finalize_model_grads",
+                 "megatron.core.distributed.param_and_grad_buffer"):
         importlib.import_module(name).torch = _CachingTorch("torch", distributed)
+    importlib.import_module("megatron.core.distributed.param_and_grad_buffer")._coalescing_manager = _coalescing_unless_one
+    # The linear layers and the vocab-parallel embedding call these by the names imported into `layers`.
+    for name in ("copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region"):
+        setattr(layers, name, _identity_unless_parallel(getattr(layers, name)))
+
+
+def _skip_router_resets_without_moe() -> None:
+    """`finalize_model_grads` walks every module each step to reset MoE router state (expert-bias
+    token counts, the global aux-loss tracker); a config that asks for neither has none to reset."""
+    import importlib
+
+    finalize_model_grads = importlib.import_module("megatron.core.distributed.finalize_model_grads")  # the module, not the function
+    reset = finalize_model_grads.reset_model_temporary_tensors
+
+    @functools.wraps(reset)
+    def reset_if_routed(config, model):
+        balancing = config.moe_router_load_balancing_type
+        if config.moe_router_enable_expert_bias or balancing == "global_aux_loss" or "global_aux_loss" in balancing:
+            reset(config, model)
+
+    finalize_model_grads.reset_model_temporary_tensors = reset_if_routed
+
+
+def _noop_grad_hook(*unused) -> None:
+    """DDP's per-parameter hook where autograd accumulates into `main_grad` itself (`hookless_ddp`)."""
+
+
+@contextlib.contextmanager
+def hookless_ddp():
+    """Build megatron DDP modules whose backward hooks do nothing (piece 8).
+
+    Their hook moves each new grad into `param.main_grad` (an add_) and drops `param.grad`,
+    so that DP can reduce the contiguous buffer. With no DP to reduce over and fp32
+    parameters, `param.grad` can *be* `main_grad` (TrainStep sets it before each schedule):
+    autograd's accumulator adds into it in place, the same sum with no Python per parameter.
+    The hooks are registered in DDP's constructor and megatron keeps no handles to remove
+    them, so the constructor is given this no-op instead.
+    """
+    from megatron.core.distributed import distributed_data_parallel
+
+    klass = distributed_data_parallel.DistributedDataParallel
+    original = klass._make_backward_post_hook
+    klass._make_backward_post_hook = lambda self, param: _noop_grad_hook
+    try:
+        yield
+    finally:
+        klass._make_backward_post_hook = original
+
+
+def installed() -> bool:
+    """True once install() put the CPU layer in place (this machine has no CUDA)."""
+    return _installed
 
 
 def fix_moe_without_transformer_engine() -> None:
@@ -377,12 +460,40 @@ def seed_cpu_rng_tracker(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: in
     tracker.add(random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + 100 * ep_rank + (tp_rank if etp_rank is None else etp_rank))
 
 
+def _eager(model: Any = None, **options: Any) -> Any:
+    """`torch.compile`'s signature, compiling nothing: megatron's `@jit_fuser` keeps its function."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def _import_megatron_with_eager_jit() -> None:
+    """Import megatron-core with `jit_fuser` bound to `_eager` (piece 9).
+
+    `megatron.core.jit` reads `torch.compile` once, when megatron-core's package import
+    reaches it, and every fusion module decorates with it then; so `torch.compile` is
+    swapped for exactly that import. If megatron is already imported (a plugin or a test got
+    there first) its decorations stand; only later ones turn eager.
+    """
+    import sys
+
+    jit = sys.modules.get("megatron.core.jit")
+    if jit is not None:
+        jit.jit_fuser = _eager
+        return
+    compile_ = torch.compile
+    torch.compile = _eager
+    try:
+        import megatron.core.jit  # noqa: F401  (imports megatron-core)
+    finally:
+        torch.compile = compile_
+
+
 def install() -> bool:
     """Install every CPU piece once; a no-op (returning False) when CUDA is available."""
     global _installed
     if torch.cuda.is_available():
         return False
     if not _installed:
+        _import_megatron_with_eager_jit()
         _install_cuda_shims()
         _schedules_allocate_on_cpu()
         _wrap_optimizers()
@@ -390,6 +501,7 @@ def install() -> bool:
         _moe_dispatch_on_cpu()
         _uneven_collectives_on_gloo()
         _skip_collectives_of_one()
+        _skip_router_resets_without_moe()
         _installed = True
     return True
 

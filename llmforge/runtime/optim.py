@@ -12,6 +12,7 @@ DistributedOptimizer (ZeRO-1: fp32 master weights and Adam state sharded over DP
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 from typing import TYPE_CHECKING, Any
 
@@ -77,6 +78,23 @@ def build_sgd(options: SGD, *, params: list[dict[str, Any]] | None = None, model
     return torch.optim.SGD(params, lr=options.lr, momentum=options.momentum, weight_decay=options.weight_decay, **_implementation(params))
 
 
+def _grads_in_place(model_chunks: list[torch.nn.Module], distributed: bool) -> bool:
+    """Whether autograd can accumulate straight into DDP's main grads (`cpu_compat.hookless_ddp`).
+
+    On the CPU layer only (never run on a GPU yet), with no data parallelism to reduce over
+    (dense or expert), no DistributedOptimizer, and fp32 trainable parameters: main grads
+    are fp32 (`grad_reduce_in_fp32`), and a `.grad` must have its parameter's dtype.
+    """
+    from megatron.core import parallel_state
+
+    from llmforge.models import cpu_compat
+
+    return (cpu_compat.installed() and not distributed
+            and parallel_state.get_data_parallel_world_size(with_context_parallel=True) == 1
+            and parallel_state.get_expert_data_parallel_world_size() == 1
+            and all(p.dtype == torch.float32 for chunk in model_chunks for p in chunk.parameters() if p.requires_grad))
+
+
 def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[torch.nn.Module], parallelism: ParallelismConfig):
     """The megatron optimizer for training `model_chunks` with `torch_optimizer`.
 
@@ -105,12 +123,16 @@ def wrap_optimizer(torch_optimizer: torch.optim.Optimizer, model_chunks: list[to
         # TrainStep checks the grad norm itself and skips the step; no exception mid-run.
         check_for_nan_in_grad=False,
     )
+    in_place = _grads_in_place(model_chunks, distributed)
     # Only the first chunk gets bucketed grad reduction; later VPP chunks reduce as one
     # bucket, as in Megatron-LM.
-    ddp_chunks = [
-        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
-        for index, chunk in enumerate(model_chunks)
-    ]
+    with cpu_compat.hookless_ddp() if in_place else contextlib.nullcontext():
+        ddp_chunks = [
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=index > 0)
+            for index, chunk in enumerate(model_chunks)
+        ]
+    for chunk in ddp_chunks:
+        chunk.grads_in_place = in_place  # TrainStep points param.grad at main_grad before each schedule
     model_chunks[:] = ddp_chunks
     optimizer_config = OptimizerConfig(
         optimizer="adam" if isinstance(torch_optimizer, torch.optim.AdamW) else "sgd",

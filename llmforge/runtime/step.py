@@ -156,6 +156,8 @@ class TrainStep:
         # (loss, grad_norm) -> bool, asked before every finite update; False drops it (on_spike).
         self.update_guard: Callable[[float, float], bool] | None = None
         self._token_counts: dict[int, torch.Tensor] = {}
+        self._grads_in_place = [p for chunk in model_chunks if getattr(chunk, "grads_in_place", False)
+                                for p in chunk.module.parameters() if p.requires_grad]
 
     # --- the step --------------------------------------------------------------------
 
@@ -172,6 +174,8 @@ class TrainStep:
         for chunk in self.chunks:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        for param in self._grads_in_place:
+            param.grad = param.main_grad  # autograd adds into it (cpu_compat.hookless_ddp)
         outputs = self._run_schedule(micro_batches, loss_masks, forward_only=False, segments=segments)
 
         self.optimizer.prepare_grads()

@@ -84,6 +84,28 @@ def test_char_matches_nanogpt_numbering(tmp_path):
     assert with_eos.eos_id == len(chars) and with_eos.pad_id == with_eos.eos_id
 
 
+@pytest.mark.parametrize("add_eos", [False, True])
+def test_char_table_lookup_encodes_as_hf_does(tmp_path, add_eos):
+    """`encode_batch`'s table lookup for char tokenizers (issue 31) gives HF's ids, and leaves to HF what HF decides."""
+    import numpy as np
+
+    vocab_text = "First Citizen:\nBefore we proceed, hear me speak.\té€😀<|>"
+    tok = build_char(c.CharTokenizer(add_eos=add_eos), run_dir=tmp_path, texts=iter([vocab_text]))
+    tok.save(tmp_path / "tok")
+    loaded = load_tokenizer(tmp_path / "tok")  # what prepare's workers use
+    texts = [vocab_text * 3, "", "é€😀\n\nspeak", "we<|eos|>proceed", "<|eos|>"]
+    for t in (tok, loaded):
+        hf = [np.array(e.ids, dtype=np.uint32) for e in t.hf.encode_batch_fast(texts, add_special_tokens=False)]
+        for ours, theirs in zip(t.encode_batch(texts), hf, strict=True):
+            assert ours.dtype == np.uint32 and ours.tolist() == theirs.tolist()
+    # An added token's string is HF's to match (one id), not three characters' ids.
+    assert (tok._char_ids("<|eos|>") is None) == add_eos
+    if add_eos:
+        assert tok.encode_batch(["<|eos|>"])[0].tolist() == [tok.eos_id]
+    with pytest.raises(UserError, match="never saw the characters 'Z'"):
+        tok.encode_batch(["Zed"])
+    assert tok._char_ids("a\ud800") is None  # a lone surrogate goes to HF
+
 def test_byte_ids_are_bytes_and_match_the_validate_vocab(tmp_path):
     opts = c.ByteTokenizer()
     tok = build_byte(opts, run_dir=tmp_path, texts=iter(()))
