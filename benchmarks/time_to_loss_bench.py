@@ -61,7 +61,8 @@ def _recipe(quick: bool) -> dict:
     # The reference trains the optimizer batch (global_batch_size) as one batch per step, however
     # llmforge splits it into micro batches and DP ranks: the same samples per update either way.
     return {"seed": spec["seed"], "model": {k: v for k, v in spec["model"].items() if k != "name"}, "train": train,
-            "corpus": str(_corpus()), "val_fraction": spec["data"]["split"]["val_fraction"]}
+            "corpus": str(_corpus()), "val_fraction": spec["data"]["split"]["val_fraction"],
+            "nproc": int((spec.get("parallelism") or {}).get("nproc_per_node", 1))}
 
 
 # --- the reference run (a subprocess) ----------------------------------------------------------
@@ -188,12 +189,8 @@ def _interpolated(curve: list[tuple[int, float, float, float]], target: float) -
     return curve[0][2] if curve and curve[0][1] <= target else None
 
 
-def _nproc() -> int:
-    return int((yaml.safe_load(SPEC.read_text()).get("parallelism") or {}).get("nproc_per_node", 1))
-
-
 def _layout(recipe: dict, threads: str) -> str:
-    nproc, train = _nproc(), recipe["train"]
+    nproc, train = recipe["nproc"], recipe["train"]
     return (f"{nproc} process(es) × {threads or 'all cores'} thread(s), micro batch {train['micro_batch_size']} "
             f"of {train['global_batch_size']} per step")
 
@@ -211,7 +208,7 @@ def time_to_loss(quick: bool) -> dict:
     llmforge = [str(script)] if script.exists() else [sys.executable, "-m", "llmforge"]
     train = recipe["train"]
     threads = os.environ.get("OMP_NUM_THREADS", "")
-    nproc = _nproc()
+    nproc = recipe["nproc"]
     # Side by side only when each side keeps to one core; when llmforge's ranks take several
     # cores, the reference gets as many threads and the runs go one after the other (issue 31).
     concurrent = threads == "1" and nproc == 1 and len(os.sched_getaffinity(0)) >= 2

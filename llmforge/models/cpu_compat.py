@@ -283,10 +283,11 @@ def _skip_collectives_of_one() -> None:
 
     distributed = _DistributedWithoutGroupsOfOne("torch.distributed")
     # By module path: the package re-exports a function under the module's name.
-    for name in ("megatron.core.tensor_parallel.cross_entropy", "megatron.core.distributed.finalize_model_grads",
-                 "megatron.core.distributed.param_and_grad_buffer"):
-        importlib.import_module(name).torch = _CachingTorch("torch", distributed)
-    importlib.import_module("megatron.core.distributed.param_and_grad_buffer")._coalescing_manager = _coalescing_unless_one
+    modules = {name: importlib.import_module(f"megatron.core.{name}")
+               for name in ("tensor_parallel.cross_entropy", "distributed.finalize_model_grads", "distributed.param_and_grad_buffer")}
+    for module in modules.values():
+        module.torch = _CachingTorch("torch", distributed)
+    modules["distributed.param_and_grad_buffer"]._coalescing_manager = _coalescing_unless_one
     # The linear layers and the vocab-parallel embedding call these by the names imported into `layers`.
     for name in ("copy_to_tensor_model_parallel_region", "reduce_from_tensor_model_parallel_region"):
         setattr(layers, name, _identity_unless_parallel(getattr(layers, name)))
