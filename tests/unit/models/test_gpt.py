@@ -74,12 +74,20 @@ def _init_memory() -> dict:
     def file_pages() -> int:  # resident file-backed bytes (libraries, mapped files)
         return psutil.Process().memory_full_info().shared
 
+    # The peak must be this build's, not the process's: earlier work (imports, the two small
+    # builds) may have been resident at more than `before`, and this machine pages cold library
+    # pages out proactively (DAMON), so RSS can fall between that old peak and the build, which
+    # then read as growth (CI read 1.24×, the full suite 1.22×, alone 1.00×). Writing 5 to
+    # clear_refs resets the high-water mark (VmHWM, ru_maxrss) to the current RSS (Linux).
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
     before, files_before = psutil.Process().memory_info().rss, file_pages()
     options = GPTModel(**shrink("llama2-7b", num_layers=2, hidden_size=1024, num_attention_heads=8, vocab_size=32000, seq_length=64))
     (model,) = build_gpt(options, ParallelismConfig(), precision="fp32", seed=3)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    # This machine reclaims cold pages proactively (DAMON): library pages dropped before the
-    # build and faulted back in during it are not the build's memory (one suite run read 1.22×).
+    # Library pages paged out before the build and faulted back in during it are not its memory.
     refaulted = max(0, file_pages() - files_before)
     return {"param_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "peak_growth": peak - before - refaulted}
 
