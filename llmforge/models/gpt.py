@@ -276,6 +276,12 @@ def build_gpt(options: GPTModel, parallelism: ParallelismConfig, *, precision: s
             vp_stage=vp_stage,
         )
         model = model.to(device)
+        if not _use_transformer_engine():
+            from llmforge.models.lean import LeanTransformerBlock
+
+            # megatron's GPTModel always builds a plain TransformerBlock; the lean one is that
+            # class with another forward (no state of its own), batch-first where the layout allows.
+            model.decoder.__class__ = LeanTransformerBlock
         moe.mark_expert_params(model)
         # Float16Module casts what megatron built in fp32 (torch norms, learned positions) to bf16.
         chunks.append(Float16Module(config, model) if config.bf16 else model)

@@ -214,8 +214,11 @@ def init_distributed(parallelism: ParallelismConfig, *, seed: int, timeout_s: fl
 
     if not on_gpu:
         from llmforge.models import cpu_compat
+        from llmforge.runtime import host_malloc
 
         cpu_compat.install()
+        # Before the model and its first step allocate: no page faults per step (host_malloc).
+        host_malloc.keep_freed_memory()
     # Each rank on a node gets its share of the cores (2 ranks on 2 cores: 1 thread each),
     # unless OMP_NUM_THREADS says otherwise: on a shared machine, spinning OpenMP threads
     # that find no free core cost ten times the work.

@@ -1,0 +1,189 @@
+"""Lean layers: megatron's dense decoder block computed batch-first, at TP=1 and PP=1 on CPU.
+
+megatron's block is written for tensor, sequence and pipeline parallelism: sequence-first
+activations, a QKV output interleaved per query group, a Python autograd Function around
+every linear, and about five module calls per matmul. At the shape of nanoGPT's recipe
+(hidden 128) that structure, not the arithmetic, is the gap to a hand-written loop (issue 31,
+docs/performance.md): the backward of the interleaved split and of SDPA on strided
+sequence-first q/k/v, and ~2,300 Python calls a step against ~420.
+
+`LeanTransformerBlock` is megatron's `TransformerBlock` with the same modules, parameters,
+names and checkpoints. When nothing needs megatron's path (one process's worth of layout, no
+dropout while training, no hooks on its modules, no inference cache, packing, recompute or
+FP8; see `_lean_refusal`) its forward computes the same layers from the same weights in
+batch-first order with plain torch functions (`F.linear`, SDPA, the norm modules); otherwise
+it is megatron's forward, unchanged. The two agree to float rounding (tests/unit/models/
+test_lean.py checks logits and every gradient against megatron's own path, and the HF
+parity tests check the lean path against transformers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor_from_config
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from llmforge.models.layers import FP32RMSNorm, SDPACoreAttention, _shared_bias
+
+_NORMS = (torch.nn.LayerNorm, FP32RMSNorm)
+# Block.forward arguments the lean path takes; any other one given (not None) means megatron's path.
+_TAKEN = frozenset({"hidden_states", "attention_mask", "rotary_pos_emb"})
+# Config switches whose path only megatron's forward implements.
+_CONFIG_OFF = ("sequence_parallel", "fp8", "fp4", "recompute_granularity", "cpu_offloading", "fp32_residual_connection",
+               "multi_latent_attention", "rotary_interleaved", "apply_rope_fusion", "attention_output_gate", "flash_decode",
+               "bias_activation_fusion", "bias_dropout_fusion", "use_te_activation_func", "fine_grained_activation_offloading",
+               "num_moe_experts", "activation_func_clamp_value", "test_mode")
+_LAYER_OFF = ("recompute_input_layernorm", "recompute_pre_mlp_layernorm", "recompute_mlp", "offload_attn_norm", "offload_mlp_norm")
+
+
+class LeanTransformerBlock(TransformerBlock):
+    """megatron's TransformerBlock; at TP=1/PP=1 on CPU its forward runs batch-first (module docstring)."""
+
+    lean = True  # False: always megatron's forward (the parity tests compare the two)
+
+    def forward(self, hidden_states, attention_mask=None, **kwargs):
+        if self.lean and _lean_refusal(self, hidden_states, kwargs) is None:
+            return _lean_forward(self, hidden_states, attention_mask, kwargs.get("rotary_pos_emb"))
+        return super().forward(hidden_states, attention_mask, **kwargs)
+
+
+def _lean_refusal(block: TransformerBlock, hidden_states, kwargs: dict) -> str | None:
+    """Why this call needs megatron's own forward (None: the lean path computes it the same)."""
+    config = block.config
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.device.type != "cpu":
+        return "not a CPU tensor"
+    if any(value is not None for key, value in kwargs.items() if key not in _TAKEN):
+        return "an inference cache, packed sequences, context or attention bias"
+    if isinstance(kwargs.get("rotary_pos_emb"), tuple):
+        return "separate query and key rotary embeddings"
+    if config.tensor_model_parallel_size != 1 or config.pipeline_model_parallel_size != 1 or config.context_parallel_size != 1:
+        return "a parallel layout"
+    if not block.pre_process or block.final_layernorm is None:
+        return "a pipeline stage"
+    if any(getattr(config, name, None) for name in _CONFIG_OFF) or getattr(config, "glu_linear_offset", 0.0):
+        return "a config switch only megatron's forward implements"
+    if block.training and (config.hidden_dropout or config.attention_dropout):
+        return "dropout (its masks are drawn from megatron's RNG streams)"
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return "global module hooks"
+    if _hooked(block) or _hooked(block.final_layernorm) or not isinstance(block.final_layernorm, _NORMS):
+        return "hooks or another final norm"
+    for layer in block.layers:
+        if (reason := _layer_refusal(layer)) is not None:
+            return reason
+    return None
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _layer_refusal(layer) -> str | None:
+    if type(layer) is not TransformerLayer or any(getattr(layer, name, False) for name in _LAYER_OFF):
+        return "another layer type or recompute/offload"
+    attention, mlp = layer.self_attention, layer.mlp
+    if type(attention) is not SelfAttention or type(mlp) is not MLP or type(attention.core_attention) is not SDPACoreAttention:
+        return "another attention or MLP (MoE, TransformerEngine)"
+    if not (isinstance(layer.cross_attention, IdentityOp) and isinstance(layer.pre_cross_attn_layernorm, IdentityOp)):
+        return "cross attention"
+    if attention.core_attention.attn_mask_type != AttnMaskType.causal:
+        return "a non-causal attention mask type"
+    linears = (attention.linear_qkv, attention.linear_proj, mlp.linear_fc1, mlp.linear_fc2)
+    if not all(type(m) in (ColumnParallelLinear, RowParallelLinear) and m.weight is not None for m in linears):
+        return "another linear (an adapter's replacement)"
+    qk_norms = [n for n in (attention.q_layernorm, attention.k_layernorm) if n is not None and not isinstance(n, IdentityOp)]
+    norms = [layer.input_layernorm, layer.pre_mlp_layernorm, *qk_norms]
+    if not all(isinstance(n, _NORMS) for n in norms):
+        return "another norm"
+    modules = (layer, attention, mlp, attention.core_attention, *linears, *norms)
+    if any(_hooked(m) for m in modules):
+        return "a module hook (LoRA adapters, activation capture)"
+    return None
+
+
+def _linear(module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A megatron parallel linear at TP=1: (output, the bias it leaves to its caller)."""
+    if module.skip_bias_add:
+        return F.linear(x, module.weight), module.bias
+    return F.linear(x, module.weight, module.bias), None
+
+
+def _add_residual(out: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+    # megatron's bias-dropout-add without dropout: the residual takes the output's dtype
+    # (bf16 under autocast), then residual + (out + bias).
+    if bias is not None:
+        out = out + bias
+    return (residual if residual.dtype == out.dtype else residual.to(out.dtype)) + out
+
+
+def _rope(freqs: torch.Tensor | None, config):
+    """megatron's [s, B, 1, d] rotary angles as (cos, sin) [B, 1, s, d], once for all layers (megatron: per layer)."""
+    if freqs is None:
+        return None
+    freqs = freqs.permute(1, 2, 0, 3)
+    mscale = _yarn_get_concentration_factor_from_config(config)
+    return torch.cos(freqs) * mscale, torch.sin(freqs) * mscale
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """megatron's rotate-half RoPE on the first d dims of t [b, heads, s, head_dim], in t's dtype as megatron."""
+    rot = cos.shape[-1]
+    cos, sin = cos.to(t.dtype), sin.to(t.dtype)
+    t, rest = t[..., :rot], t[..., rot:]
+    x1, x2 = torch.chunk(t, 2, dim=-1)
+    t = t * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return torch.cat((t, rest), dim=-1) if rest.shape[-1] else t
+
+
+def _attention(layer, x: torch.Tensor, attention_mask, rope) -> torch.Tensor:
+    attention = layer.self_attention
+    b, s, _ = x.shape
+    groups, dim = attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head
+    per_group = attention.num_attention_heads_per_partition // groups
+    qkv, _ = _linear(attention.linear_qkv, layer.input_layernorm(x))
+    # megatron's interleaved layout: per query group, its query heads, then one key and one value head.
+    query, key, value = qkv.view(b, s, groups, (per_group + 2) * dim).split([per_group * dim, dim, dim], dim=3)
+    query = query.reshape(b, s, groups * per_group, dim)
+    if isinstance(attention.q_layernorm, _NORMS):  # qk_layernorm (else None or IdentityOp)
+        query = attention.q_layernorm(query)
+    if isinstance(attention.k_layernorm, _NORMS):
+        key = attention.k_layernorm(key)
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [b, heads, s, dim]
+    if rope is not None:
+        query, key = _rotate(query, *rope), _rotate(key, *rope)
+    core = attention.core_attention
+    keep = None if attention_mask is None else _shared_bias(attention_mask, query.dtype)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, is_causal=keep is None, scale=core.softmax_scale,
+                                         enable_gqa=groups != groups * per_group)
+    out, bias = _linear(attention.linear_proj, out.transpose(1, 2).reshape(b, s, -1))
+    return _add_residual(out, bias, x)
+
+
+def _mlp(layer, x: torch.Tensor) -> torch.Tensor:
+    mlp, config = layer.mlp, layer.config
+    hidden, bias = _linear(mlp.linear_fc1, layer.pre_mlp_layernorm(x))
+    if bias is not None:
+        hidden = hidden + bias
+    if config.gated_linear_unit:
+        gate, up = torch.chunk(hidden, 2, dim=-1)
+        hidden = config.activation_func(gate) * up
+    else:
+        hidden = mlp.activation_func(hidden)
+    out, bias = _linear(mlp.linear_fc2, hidden)
+    return _add_residual(out, bias, x)
+
+
+def _lean_forward(block: TransformerBlock, hidden_states: torch.Tensor, attention_mask, rotary_pos_emb) -> torch.Tensor:
+    """The block's layers and final norm on [s, b, h] → [s, b, h], computed as [b, s, h]."""
+    x = hidden_states.transpose(0, 1).contiguous()
+    rope = _rope(rotary_pos_emb, block.config)
+    for layer in block.layers:
+        x = _mlp(layer, _attention(layer, x, attention_mask, rope))
+    return block.final_layernorm(x).transpose(0, 1).contiguous()

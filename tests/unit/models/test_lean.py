@@ -1,0 +1,158 @@
+"""Lean layers (models.lean): megatron's dense block computed batch-first gives megatron's numbers.
+
+Each case builds one model and runs the same batch through the lean forward and through
+megatron's own (`decoder.lean = False`): the losses and every parameter's gradient must agree
+to float rounding in fp32, and under bf16 both must be as far from fp32 as each other. Where
+megatron's path is needed (a LoRA hook, dropout while training) the lean one must stand aside.
+The HF parity tests (tests/unit/interop) check the lean path against transformers as well.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core")
+
+from llmforge.models.presets import shrink  # noqa: E402
+from llmforge.spec.components import GPTModel  # noqa: E402
+from llmforge.spec.schema import ParallelismConfig  # noqa: E402
+
+NANOGPT = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=16,
+               position_embedding_type="learned_absolute", normalization="LayerNorm", activation="gelu", add_bias_linear=False)
+CASES = {
+    "nanogpt": NANOGPT,
+    # biases everywhere (bias-add outside the row-parallel linears), tanh GELU, tied output
+    "gpt2": shrink("gpt2-124m", num_layers=2, hidden_dropout=0.0, attention_dropout=0.0),
+    # RoPE, GQA (2 query groups), SwiGLU, RMSNorm in fp32, untied output
+    "llama-gqa": shrink("llama2-7b", num_layers=2, num_query_groups=2),
+    # per-head query/key norms, a bias on the QKV projection only, scaled RoPE
+    "qwen-like": shrink("llama2-7b", num_layers=2, num_query_groups=2, qk_layernorm=True, add_qkv_bias=True, rope_scaling_factor=8.0),
+}
+
+
+@pytest.fixture
+def lean_calls(monkeypatch):
+    from llmforge.models import lean
+
+    calls = []
+    original = lean._lean_forward
+    monkeypatch.setattr(lean, "_lean_forward", lambda *args: calls.append(1) or original(*args))
+    return calls
+
+
+def _model(options: dict, precision: str = "fp32"):
+    from llmforge.models.gpt import build_gpt
+    from llmforge.runtime.distributed import init_distributed
+
+    init_distributed(ParallelismConfig(), seed=5)
+    (model,) = build_gpt(GPTModel(**options), ParallelismConfig(), precision=precision, seed=5)
+    return model
+
+
+def _batch(options: dict, b: int = 3):
+    s = options["seq_length"]
+    ids = torch.randint(0, options["vocab_size"], (b, s + 1), generator=torch.Generator().manual_seed(1))
+    return ids[:, :-1], torch.arange(s).expand(b, -1), ids[:, 1:]
+
+
+def _run(model, batch, *, lean: bool, autocast: bool = False, **kwargs):
+    """(per-token losses, {name: grad}) of one forward and backward."""
+    from llmforge.models.init import unwrap
+
+    unwrap(model).decoder.lean = lean
+    model.zero_grad(set_to_none=True)
+    tokens, positions, labels = batch
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(tokens, positions, kwargs.pop("attention_mask", None), labels=labels, **kwargs)
+    loss.float().mean().backward()
+    return loss.detach().float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _grad_error(got: dict, want: dict) -> float:
+    assert got.keys() == want.keys()
+    return max(((got[n] - want[n]).norm() / want[n].norm().clamp_min(1e-30)).item() for n in want)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lean_block_gives_megatrons_losses_and_grads(case, lean_calls):
+    options = CASES[case]
+    model, batch = _model(options), _batch(options)
+    lean_loss, lean_grads = _run(model, batch, lean=True)
+    assert lean_calls, "the lean path was not taken"
+    calls = len(lean_calls)
+    mega_loss, mega_grads = _run(model, batch, lean=False)
+    assert len(lean_calls) == calls
+    torch.testing.assert_close(lean_loss, mega_loss, rtol=1e-6, atol=1e-6)
+    assert _grad_error(lean_grads, mega_grads) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["nanogpt", "llama-gqa"])
+def test_lean_block_under_bf16_autocast_is_as_close_to_fp32_as_megatrons(case):
+    options = CASES[case]
+    model, batch = _model(options), _batch(options)
+    fp32_loss, fp32_grads = _run(model, batch, lean=False)
+    lean_loss, lean_grads = _run(model, batch, lean=True, autocast=True)
+    mega_loss, mega_grads = _run(model, batch, lean=False, autocast=True)
+    lean_error, mega_error = _grad_error(lean_grads, fp32_grads), _grad_error(mega_grads, fp32_grads)
+    assert lean_error < 1.5 * mega_error + 1e-3, (lean_error, mega_error)
+    assert (lean_loss - fp32_loss).abs().max() < 1.5 * (mega_loss - fp32_loss).abs().max() + 2e-2
+
+
+def test_lean_block_inside_megatrons_bf16_module(lean_calls):
+    options = CASES["llama-gqa"]
+    model, batch = _model(options, precision="bf16"), _batch(options)
+    lean_loss, lean_grads = _run(model, batch, lean=True)
+    assert lean_calls
+    mega_loss, mega_grads = _run(model, batch, lean=False)
+    assert (lean_loss - mega_loss).abs().mean() < 2e-2
+    assert _grad_error(lean_grads, mega_grads) < 5e-2
+
+
+def test_documents_block_causal_mask_and_restarted_positions(lean_calls):
+    """Packed documents: a block-causal mask and RoPE positions that restart at each document."""
+    from llmforge.runtime.documents import block_causal_mask
+
+    options = CASES["llama-gqa"]
+    model, (tokens, _, labels) = _model(options), _batch(options)
+    s = options["seq_length"]
+    segments = torch.tensor([[0] * 5 + [1] * (s - 5), [0] * s, [0] * 9 + [1] * 4 + [2] * (s - 13)])
+    positions = torch.stack([torch.cat([torch.arange(n) for n in row.bincount().tolist()]) for row in segments])
+    kwargs = dict(attention_mask=block_causal_mask(segments), document_positions=True)
+    lean_loss, lean_grads = _run(model, (tokens, positions, labels), lean=True, **kwargs)
+    assert lean_calls
+    mega_loss, mega_grads = _run(model, (tokens, positions, labels), lean=False, **kwargs)
+    torch.testing.assert_close(lean_loss, mega_loss, rtol=1e-6, atol=1e-6)
+    assert _grad_error(lean_grads, mega_grads) < 1e-5
+
+
+def test_a_lora_hook_sends_the_block_to_megatrons_forward(lean_calls):
+    from llmforge.finetune.lora import attach_lora
+
+    model = _model(NANOGPT)
+    batch = _batch(NANOGPT)
+    attach_lora([model], targets=["linear_qkv"], rank=2, alpha=4.0, dropout=0.0, seed=0)
+    _run(model, batch, lean=True)
+    assert not lean_calls
+
+
+def test_dropout_while_training_sends_the_block_to_megatrons_forward(lean_calls):
+    model = _model({**NANOGPT, "hidden_dropout": 0.1})
+    batch = _batch(NANOGPT)
+    _run(model, batch, lean=True)
+    assert not lean_calls
+    model.eval()  # no dropout at evaluation: the lean path again
+    with torch.no_grad():
+        model(batch[0], batch[1], None, labels=batch[2])
+    assert lean_calls
+
+
+def test_the_shakespeare_recipe_takes_the_lean_path(root):
+    """The shape time_to_loss measures (issue 31) must not fall back to megatron's forward unnoticed."""
+    from llmforge.models import lean
+    from llmforge.spec.validate import load_and_validate
+
+    spec, _ = load_and_validate(str(root / "specs" / "shakespeare-char.yaml"), check_inputs=False)
+    options = {key: value for key, value in spec.model.model_dump().items() if key != "name"}
+    model = _model(options)
+    assert lean._lean_refusal(model.decoder, torch.zeros(1, 1, 1), {"rotary_pos_emb": None}) is None
