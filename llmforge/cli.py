@@ -102,6 +102,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     import warnings
     from pathlib import Path
 
+    from llmforge.runtime import gc_policy
+
+    gc_policy.quiet()  # no full collections over the imports (runtime.gc_policy)
+
     # megatron warns on import that TransformerEngine/Apex are absent; on CPU that is expected.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(are|is) not installed.*")
     warnings.filterwarnings("ignore", message="full scope is deprecated", module="megatron")

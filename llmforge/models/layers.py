@@ -109,7 +109,12 @@ class GPTModel(MegatronGPTModel):
 
     _document_positions = False
 
-    def forward(self, *args, document_positions: bool = False, **kwargs):
+    def forward(self, input_ids, position_ids, attention_mask, *args, document_positions: bool = False, **kwargs):
+        from llmforge.models import lean
+
+        if not args and lean.model_refusal(self, input_ids, kwargs) is None:
+            return lean.model_forward(self, input_ids, position_ids, attention_mask, kwargs.get("labels"), document_positions)
+        args = (input_ids, position_ids, attention_mask, *args)
         self._document_positions = document_positions
         try:
             return super().forward(*args, **kwargs)

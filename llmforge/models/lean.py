@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor_from_config
-from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -180,10 +181,69 @@ def _mlp(layer, x: torch.Tensor) -> torch.Tensor:
     return _add_residual(out, bias, x)
 
 
-def _lean_forward(block: TransformerBlock, hidden_states: torch.Tensor, attention_mask, rotary_pos_emb) -> torch.Tensor:
-    """The block's layers and final norm on [s, b, h] → [s, b, h], computed as [b, s, h]."""
-    x = hidden_states.transpose(0, 1).contiguous()
+def _layers(block: TransformerBlock, x: torch.Tensor, attention_mask, rotary_pos_emb) -> torch.Tensor:
+    """The block's layers and final norm on batch-first [b, s, h]."""
     rope = _rope(rotary_pos_emb, block.config)
     for layer in block.layers:
         x = _mlp(layer, _attention(layer, x, attention_mask, rope))
-    return block.final_layernorm(x).transpose(0, 1).contiguous()
+    return block.final_layernorm(x)
+
+
+def _lean_forward(block: TransformerBlock, hidden_states: torch.Tensor, attention_mask, rotary_pos_emb) -> torch.Tensor:
+    """The block on megatron's [s, b, h] → [s, b, h], computed as [b, s, h]."""
+    return _layers(block, hidden_states.transpose(0, 1).contiguous(), attention_mask, rotary_pos_emb).transpose(0, 1).contiguous()
+
+
+# --- the whole model: embedding, block, output layer and loss, all batch-first ------------------
+
+# GPTModel.forward arguments the lean model path takes; any other one given (not None) means megatron's path.
+_MODEL_TAKEN = frozenset({"labels", "document_positions"})
+
+
+def model_refusal(model, input_ids, kwargs: dict) -> str | None:
+    """Why this GPTModel call needs megatron's own forward (None: `model_forward` computes it the same).
+
+    Beyond the block's conditions: one stage holding embedding and output layer, a plain word
+    (and learned or rotary position) embedding and output layer without hooks (a soft prompt
+    hooks the embedding), no multi-token prediction, and no argument megatron's forward would act on.
+    """
+    if not getattr(model.decoder, "lean", False) or not isinstance(input_ids, torch.Tensor):
+        return "lean layers off"
+    if any(value is not None for key, value in kwargs.items() if key not in _MODEL_TAKEN):
+        return "decoder input, an inference cache, packed sequences or loss mask"
+    if not (model.pre_process and model.post_process) or getattr(model, "mtp_process", False):
+        return "a pipeline stage or multi-token prediction"
+    embedding = model.embedding
+    if type(embedding) is not LanguageModelEmbedding or type(embedding.word_embeddings) is not VocabParallelEmbedding:
+        return "another embedding"
+    if embedding.tokentype_embeddings is not None or embedding.reduce_scatter_embeddings:
+        return "token types or scattered embeddings"
+    if model.position_embedding_type not in ("learned_absolute", "rope", "none"):
+        return f"{model.position_embedding_type} position embeddings"
+    if type(model.output_layer) is not ColumnParallelLinear or model.output_layer.bias is not None:
+        return "another output layer"
+    modules = [embedding, embedding.word_embeddings, model.output_layer] + ([embedding.position_embeddings] if embedding.add_position_embedding else [])
+    if any(_hooked(m) for m in modules):
+        return "a hook on the embedding or output layer (a soft prompt)"
+    return _lean_refusal(model.decoder, input_ids, {})
+
+
+def model_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask, labels=None,
+                  document_positions: bool = False) -> torch.Tensor:
+    """megatron's GPTModel.forward computed batch-first: per-token losses [b, s] with labels, else logits [b, s, v]."""
+    embedding = model.embedding
+    x = F.embedding(input_ids, embedding.word_embeddings.weight)
+    if embedding.add_position_embedding:
+        x = x + embedding.position_embeddings(position_ids)
+    freqs = None
+    if model.position_embedding_type == "rope":
+        freqs = model.rotary_pos_emb(input_ids.shape[1])  # [s, 1, 1, d]
+        if document_positions and position_ids is not None:
+            freqs = freqs[:, 0][position_ids.t()]  # each token's own position (layers.GPTModel)
+    x = _layers(model.decoder, x, attention_mask, freqs)
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else model.output_layer.weight
+    logits = F.linear(x, weight)
+    if labels is None:
+        return logits
+    # megatron's vocab-parallel cross entropy at TP=1 is this (in fp32), to float rounding.
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from llmforge.registry.components import Registry
-from llmforge.runtime import lifecycle
+from llmforge.runtime import gc_policy, lifecycle
 from llmforge.runtime.launch import READY_ENV, RESUMING_ENV
 from llmforge.runtime.metrics import Log
 from llmforge.runtime.rundir import RunDir, environment_record
@@ -108,6 +108,7 @@ def _run_stage(stage, spec: Spec, run: RunDir, context, registry: Registry, log:
     if rank == 0:
         run.mark_stage(stage.name, "running", **({"extends_from": extends_from} if extends_from is not None else {}))
     log(f"[{stage.name}] {stage.type} stage started")
+    gc_policy.stage_starting(stage.type)
     summary = registry.build("stage", stage, context=context) or {}
     if extends_from is not None and summary.get("steps") == extends_from:
         log(f"[{stage.name}] its new budget gives the {extends_from} steps it had trained: nothing more to train")

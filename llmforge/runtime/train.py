@@ -238,8 +238,11 @@ class Loop:
 
     # --- the loop ------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        from llmforge.runtime.gc_policy import frozen_setup
+
         try:
-            return self._steps()
+            with frozen_setup():
+                return self._steps()
         except BaseException:
             # A run that fails still lets a checkpoint being written in the background complete (a
             # bounded wait, no collective: the other ranks may be gone), but never waits on it for good.

@@ -36,8 +36,8 @@ def lean_calls(monkeypatch):
     from llmforge.models import lean
 
     calls = []
-    original = lean._lean_forward
-    monkeypatch.setattr(lean, "_lean_forward", lambda *args: calls.append(1) or original(*args))
+    original = lean._layers  # both lean paths, the whole model's and the block's alone, run their layers here
+    monkeypatch.setattr(lean, "_layers", lambda *args: calls.append(1) or original(*args))
     return calls
 
 
@@ -85,6 +85,29 @@ def test_lean_block_gives_megatrons_losses_and_grads(case, lean_calls):
     assert len(lean_calls) == calls
     torch.testing.assert_close(lean_loss, mega_loss, rtol=1e-6, atol=1e-6)
     assert _grad_error(lean_grads, mega_grads) < 1e-5
+    # without labels: the logits [b, s, vocab], as megatron returns them
+    tokens, positions, _ = batch
+    with torch.no_grad():
+        model.decoder.lean = True
+        lean_logits = model(tokens, positions, None)
+        model.decoder.lean = False
+        mega_logits = model(tokens, positions, None)
+    assert lean_logits.shape == mega_logits.shape == (*tokens.shape, options["vocab_size"])
+    torch.testing.assert_close(lean_logits, mega_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_the_blocks_own_lean_forward_gives_megatrons(lean_calls):
+    """The block alone (its [s, b, h] interface, for callers that embed themselves): as megatron's block."""
+    options = CASES["llama-gqa"]
+    model, (tokens, positions, _) = _model(options), _batch(options)
+    hidden = torch.randn(options["seq_length"], 3, options["hidden_size"], generator=torch.Generator().manual_seed(2))
+    freqs = model.rotary_pos_emb(options["seq_length"])
+    outs = []
+    for lean in (True, False):
+        model.decoder.lean = lean
+        outs.append(model.decoder(hidden, None, rotary_pos_emb=freqs))
+    assert len(lean_calls) == 1
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["nanogpt", "llama-gqa"])
@@ -147,6 +170,20 @@ def test_dropout_while_training_sends_the_block_to_megatrons_forward(lean_calls)
     assert lean_calls
 
 
+def test_a_soft_prompt_hook_on_the_embedding_keeps_megatrons_model_forward(lean_calls):
+    """A hook on the embedding (prompt tuning) must run: the model-level lean path stands aside, the block's may not."""
+    from llmforge.models import lean
+
+    model = _model(NANOGPT)
+    tokens, positions, labels = _batch(NANOGPT)
+    seen = []
+    model.embedding.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert "hook" in lean.model_refusal(model, tokens, {"labels": labels})
+    with torch.no_grad():
+        model(tokens, positions, None, labels=labels)
+    assert seen and lean_calls  # the hook ran, and the block still ran lean
+
+
 def test_the_shakespeare_recipe_takes_the_lean_path(root):
     """The shape time_to_loss measures (issue 31) must not fall back to megatron's forward unnoticed."""
     from llmforge.models import lean
@@ -155,4 +192,4 @@ def test_the_shakespeare_recipe_takes_the_lean_path(root):
     spec, _ = load_and_validate(str(root / "specs" / "shakespeare-char.yaml"), check_inputs=False)
     options = {key: value for key, value in spec.model.model_dump().items() if key != "name"}
     model = _model(options)
-    assert lean._lean_refusal(model.decoder, torch.zeros(1, 1, 1), {"rotary_pos_emb": None}) is None
+    assert lean.model_refusal(model, torch.zeros(1, 1, dtype=torch.long), {"labels": None}) is None
