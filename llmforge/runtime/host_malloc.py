@@ -1,14 +1,18 @@
-"""Keep glibc's malloc from handing each training step's memory back to the kernel (CPU runs).
+"""Keep glibc's malloc from handing a training step's memory back to the kernel (CPU runs).
 
 torch's CPU tensors come from malloc. With glibc's defaults, freed memory at the top of the
-heap above 2× the (dynamic) mmap threshold is returned to the kernel and blocks above it are
-mmapped and unmapped per allocation, so every step re-faults its activations in page by page:
-on the shakespeare-char recipe 900–2,700 minor faults a step (about 4–10 MB zeroed again each
-step) in llmforge's step and 1,200–1,900 in the plain PyTorch loop. With an mmap threshold of
-32 MiB (glibc's own ceiling for its dynamic one) and a trim threshold of 256 MiB, a step
-reuses the previous step's memory: 0–25 faults a step (issue 31, docs/performance.md). The
-price is that up to 256 MiB freed at the heap's top stays with the process, which a training
-loop reuses anyway; blocks above 32 MiB are still mapped and returned at once.
+heap beyond the (dynamic) trim threshold goes back to the kernel, and blocks above the
+(dynamic) mmap threshold are mapped and unmapped one by one, so a step can fault its
+activations in again page by page; on a virtual machine each fault is dear. llmforge's step
+allocates in a pattern that trips this where the plain PyTorch loop's does not: `llmforge run`
+of the shakespeare-char recipe, 500 steps, took 261,000–267,000 minor faults with glibc's
+defaults and 142,000 with these settings (most of those are start-up), and 50.2 and 53.1 s
+against 46.0 and 49.2 s, alternated; the reference loop takes ~79,000 either way and runs no
+faster with them (44.2/44.6 s against 42.4/46.9 s). With an mmap threshold of 32 MiB (glibc's
+own ceiling for its dynamic one) and a trim threshold of 256 MiB, a step reuses the previous
+step's memory (issue 31, docs/performance.md). The price: up to 256 MiB freed at the heap's
+top stays with the process, which a training loop reuses anyway; blocks above 32 MiB are
+still mapped and returned at once.
 
 Not applied where the user chose: a preloaded allocator (`LD_PRELOAD`, e.g. jemalloc or
 tcmalloc), or glibc's own malloc settings in the environment (`MALLOC_*_`, `GLIBC_TUNABLES`).
