@@ -8,9 +8,9 @@ docs/performance.md): the backward of the interleaved split and of SDPA on strid
 sequence-first q/k/v, and ~2,300 Python calls a step against ~420.
 
 `LeanTransformerBlock` is megatron's `TransformerBlock` with the same modules, parameters,
-names and checkpoints. When nothing needs megatron's path (one process's worth of layout, no
-dropout while training, no hooks on its modules, no inference cache, packing, recompute or
-FP8; see `_lean_refusal`) its forward computes the same layers from the same weights in
+names and checkpoints. When nothing needs megatron's path (one process's worth of layout, fp32
+parameters, no dropout while training, no hooks on its modules, no inference cache, recompute
+or FP8; see `_lean_refusal`) its forward computes the same layers from the same weights in
 batch-first order with plain torch functions (`F.linear`, SDPA, the norm modules); otherwise
 it is megatron's forward, unchanged. The two agree to float rounding (tests/unit/models/
 test_lean.py checks logits and every gradient against megatron's own path, and the HF
@@ -18,6 +18,8 @@ parity tests check the lean path against transformers).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +49,10 @@ _LAYER_OFF = ("recompute_input_layernorm", "recompute_pre_mlp_layernorm", "recom
 class LeanTransformerBlock(TransformerBlock):
     """megatron's TransformerBlock; at TP=1/PP=1 on CPU its forward runs batch-first (module docstring)."""
 
-    lean = True  # False: always megatron's forward (the parity tests compare the two)
+    # False: always megatron's forward (the parity tests compare the two). LLMFORGE_LEAN_LAYERS=0
+    # turns it off for a process: the plan's activation model is megatron's layers', and the
+    # plan-against-reality tests measure those.
+    lean = os.environ.get("LLMFORGE_LEAN_LAYERS", "1") != "0"
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         if self.lean and _lean_refusal(self, hidden_states, kwargs) is None:
@@ -70,6 +75,10 @@ def _lean_refusal(block: TransformerBlock, hidden_states, kwargs: dict) -> str |
         return "a pipeline stage"
     if any(getattr(config, name, None) for name in _CONFIG_OFF) or getattr(config, "glu_linear_offset", 0.0):
         return "a config switch only megatron's forward implements"
+    if config.bf16:
+        # megatron's bf16 trains bitwise alike at every layout (tests/unit/runtime/test_step_parity.py)
+        # only while every layout runs megatron's forward; bf16 rounding would tell the two apart.
+        return "megatron's bf16 (layouts stay bitwise alike)"
     if block.training and (config.hidden_dropout or config.attention_dropout):
         return "dropout (its masks are drawn from megatron's RNG streams)"
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:

@@ -55,7 +55,9 @@ def measure(cases: list[dict], nprocs: int, tmp_path: Path, *, worker: Path = WO
     procs = []
     for rank in range(nprocs):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nprocs), "LOCAL_WORLD_SIZE": str(nprocs),
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore"}
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONWARNINGS": "ignore",
+               # the plan models megatron's layers; CPU's lean layers save less (models/lean.py)
+               "LLMFORGE_LEAN_LAYERS": "0"}
         procs.append(subprocess.Popen([sys.executable, str(worker), str(cases_file), str(tmp_path / "out")], cwd=ROOT, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     logs = [p.communicate(timeout=600)[0] for p in procs]
