@@ -155,7 +155,10 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return torch.cat((t, rest), dim=-1) if rest.shape[-1] else t
 
 
-def _attention(layer, x: torch.Tensor, attention_mask, rope) -> torch.Tensor:
+def _attention(layer, x: torch.Tensor, attention_mask, rope, kv=None) -> torch.Tensor:
+    """The attention half of a layer on [b, s, h], residual included. `kv` (decoding): the layer's
+    `_LayerKV`, which takes this step's keys and values and gives back every cached one, and whose
+    decoder supplies the mask; else `attention_mask` (None: causal)."""
     attention = layer.self_attention
     b, s, _ = x.shape
     groups, dim = attention.num_query_groups_per_partition, attention.hidden_size_per_attention_head
@@ -172,8 +175,13 @@ def _attention(layer, x: torch.Tensor, attention_mask, rope) -> torch.Tensor:
     if rope is not None:
         query, key = _rotate(query, *rope), _rotate(key, *rope)
     core = attention.core_attention
-    keep = None if attention_mask is None else _shared_bias(attention_mask, query.dtype)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, is_causal=keep is None, scale=core.softmax_scale,
+    if kv is not None:
+        key, value = kv(key, value)
+        keep, causal = kv.owner.mask, kv.owner.causal
+    else:
+        keep = None if attention_mask is None else _shared_bias(attention_mask, query.dtype)
+        causal = keep is None
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, is_causal=causal, scale=core.softmax_scale,
                                          enable_gqa=groups != groups * per_group)
     out, bias = _linear(attention.linear_proj, out.transpose(1, 2).reshape(b, s, -1))
     return _add_residual(out, bias, x)
@@ -259,3 +267,70 @@ def model_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, at
         return logits
     # megatron's vocab-parallel cross entropy at TP=1 is this (in fp32), to float rounding.
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+
+
+# --- decoding: runtime.generate.StageDecoder's steps over a KV cache, batch-first ------------------
+
+
+def decode_refusal(model) -> str | None:
+    """Why StageDecoder must run this GPTModel chunk through megatron's modules (None: `DecodeCache` steps
+    compute it the same): the whole model's conditions (`model_refusal`), in the mode the model is in now."""
+    return model_refusal(model, torch.zeros(1, 1, dtype=torch.long), {})
+
+
+class _LayerKV:
+    """One layer's cached keys and values, [batch, groups, max_length, head_dim]."""
+
+    def __init__(self, owner: "DecodeCache"):
+        self.owner, self.key, self.value = owner, None, None
+
+    def __call__(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        owner = self.owner
+        if not owner.keep:
+            return key, value
+        if self.key is None:
+            shape = (*key.shape[:2], owner.max_length, key.shape[-1])
+            self.key, self.value = key.new_zeros(shape), value.new_zeros(shape)
+        self.key[:, :, owner.start:owner.end] = key
+        self.value[:, :, owner.start:owner.end] = value
+        return self.key[:, :, :owner.end], self.value[:, :, :owner.end]
+
+
+class DecodeCache:
+    """A whole model's decoding steps computed batch-first with plain torch functions (the lean layers above),
+    for StageDecoder when `decode_refusal` finds nothing against it: the same modules and weights, the same
+    bottom-right causal mask and pads, to float rounding (tests/unit/models/test_lean.py).
+
+    megatron's modules cost ~60% of a decode step at hidden 128 (docs/performance.md); the text preview at
+    every evaluation decodes 48 tokens this way."""
+
+    def __init__(self, model, *, max_length: int, keep: bool):
+        self.model, self.max_length, self.keep = model, max_length, keep
+        self.layers = [_LayerKV(self) for _ in model.decoder.layers]
+        self.start = self.end = 0
+        self.mask, self.causal = None, False
+        self._cos = self._sin = None
+        if model.position_embedding_type == "rope":
+            cos, sin = _rope(model.rotary_pos_emb(max_length), model.config)  # [1, 1, max_length, d]
+            self._cos, self._sin = cos[0, 0], sin[0, 0]
+
+    def step(self, inputs: torch.Tensor, positions: torch.Tensor, start: int, mask, causal: bool) -> torch.Tensor:
+        """Token ids [b, new] at `positions` [b, new] after `start` cached ones → final hidden states [b, new, h];
+        `mask` [b, 1, new, start + new] (True: attend) or None with `causal` (SDPA's own mask)."""
+        model = self.model
+        self.start, self.end = start, start + inputs.shape[1]
+        self.mask, self.causal = mask, causal
+        embedding = model.embedding
+        x = F.embedding(inputs, embedding.word_embeddings.weight)
+        if embedding.add_position_embedding:
+            x = x + embedding.position_embeddings(positions)
+        rope = None if self._cos is None else (self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1))  # [b, 1, new, d]
+        for layer, kv in zip(model.decoder.layers, self.layers):
+            x = _mlp(layer, _attention(layer, x, None, rope, kv))
+        return model.decoder.final_layernorm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer on hidden states [..., h]."""
+        model = self.model
+        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else model.output_layer.weight
+        return F.linear(hidden, weight)

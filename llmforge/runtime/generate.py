@@ -61,6 +61,11 @@ class StageDecoder:
         self._mask = None
         self._causal = False  # no mask, SDPA's own causal one: a step from position 0 without pads
         self._padded = False  # whether any cached key is a pad
+        # Chunks that lean layers decode (models.lean.DecodeCache): one whole model on a CPU process, nothing hooked.
+        from llmforge.models import lean
+
+        self._lean = {index: lean.DecodeCache(chunk, max_length=max_length, keep=cache)
+                      for index, chunk in enumerate(chunks) if lean.decode_refusal(chunk) is None}
 
     def begin(self, new: int, valid: torch.Tensor | None, segments: torch.Tensor | None = None) -> None:
         """A step of `new` tokens after the cached ones; `valid` [batch, new] is False for pads; `segments`
@@ -90,6 +95,8 @@ class StageDecoder:
         """Chunk `index` on token ids [batch, new] (if it embeds) or hidden states [new, batch, hidden]."""
         from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 
+        if index in self._lean:  # batch-first inside; [new, batch, hidden] out, as below
+            return self._lean[index].step(inputs, positions, self.length, self._mask, self._causal).transpose(0, 1)
         model, config = self.chunks[index], self.config
         new = positions.shape[1]
         start, end = self.length, self.length + new
@@ -135,12 +142,14 @@ class StageDecoder:
         with `labels` [batch, new] the log-probs of the labels at `temperature` [batch, new]."""
         model = self.chunks[index]
         weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+        lean = self._lean.get(index)
         if labels is None:
-            logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=True)
+            logits = lean.logits(hidden) if lean is not None else model.output_layer(hidden, weight=weight, runtime_gather_output=True)[0]
             return logits.transpose(0, 1).float()
         from megatron.core import tensor_parallel
 
-        logits, _ = model.output_layer(hidden, weight=weight, runtime_gather_output=False)  # [new, b, vocab / TP]
+        # [new, b, vocab / TP]
+        logits = lean.logits(hidden) if lean is not None else model.output_layer(hidden, weight=weight, runtime_gather_output=False)[0]
         logp = -tensor_parallel.vocab_parallel_cross_entropy(logits.float() / temperature, labels.to(self.device).transpose(0, 1).contiguous())
         return logp.transpose(0, 1).float()
 

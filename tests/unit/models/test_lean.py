@@ -195,3 +195,59 @@ def test_the_shakespeare_recipe_takes_the_lean_path(root):
     options = {key: value for key, value in spec.model.model_dump().items() if key != "name"}
     model = _model(options)
     assert lean.model_refusal(model, torch.zeros(1, 1, dtype=torch.long), {"labels": None}) is None
+
+
+def _decode(model, prompts: list[list[int]], new: int, *, lean: bool) -> tuple[list[list[int]], torch.Tensor, list]:
+    """Greedy ids, one-shot log-probs of the prompts, and the decoders ModelServer built, lean or megatron's modules."""
+    from llmforge.runtime import generate
+    from llmforge.runtime.serve import ModelServer
+
+    model.decoder.lean = lean
+    built = []
+    original = generate.StageDecoder.__init__
+
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        built.append(self)
+
+    generate.StageDecoder.__init__ = spy
+    try:
+        server = ModelServer([model])
+        ids = server.generate(prompts, max_new_tokens=new)
+        rows = torch.tensor([p[:4] for p in prompts])
+        logprobs = server.logprobs(rows, micro_batch_size=len(prompts))
+    finally:
+        generate.StageDecoder.__init__ = original
+    return ids, logprobs, built
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_lean_decoding_gives_megatrons_tokens_and_logprobs(case):
+    """StageDecoder's steps over the KV cache through lean layers: left-padded prompts of three lengths, RoPE per row."""
+    options = CASES[case]
+    model = _model(options)
+    model.eval()
+    with torch.no_grad():  # weights that make greedy ids depend on the prompt (initial ones repeat a token)
+        for p in model.parameters():
+            p.mul_(4.0) if p.dim() > 1 else None
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, options["vocab_size"], (n,), generator=g).tolist() for n in (5, 9, 7)]
+    lean_ids, lean_lp, lean_built = _decode(model, prompts, 6, lean=True)
+    mega_ids, mega_lp, mega_built = _decode(model, prompts, 6, lean=False)
+    assert all(d._lean for d in lean_built) and not any(d._lean for d in mega_built)  # each side ran the path it names
+    assert lean_ids == mega_ids
+    assert len({t for row in lean_ids for t in row}) > 2  # the ids are not one repeated token
+    torch.testing.assert_close(lean_lp, mega_lp, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hooked_model_decodes_through_megatrons_modules():
+    from llmforge.finetune.lora import attach_lora
+    from llmforge.models import lean
+
+    model = _model(NANOGPT)
+    model.eval()
+    assert lean.decode_refusal(model) is None
+    attach_lora([model], targets=["linear_qkv"], rank=2, alpha=4.0, dropout=0.0, seed=0)
+    assert "hook" in lean.decode_refusal(model)
+    _, _, built = _decode(model, [[1, 2, 3, 4]], 3, lean=True)
+    assert built and not any(d._lean for d in built)

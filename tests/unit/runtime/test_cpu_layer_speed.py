@@ -90,6 +90,35 @@ def test_the_mappings_still_run_over_a_real_group():
     assert hasattr(layers.copy_to_tensor_model_parallel_region, "__wrapped__")
 
 
+def test_collectives_over_a_group_of_one_return_at_once_and_others_reach_torch(monkeypatch):
+    """finalize_model_grads' all-reduces and its token-count broadcast over groups of one skip c10d;
+    a group of two (or an async call) still reaches torch.distributed."""
+    cpu_compat.install()
+    reached = []
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda *a, **k: reached.append(("broadcast", k["group"].size())))
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: reached.append(("all_reduce", k["group"].size())))
+
+    class Group:
+        def __init__(self, n):
+            self.n = n
+
+        def size(self):
+            return self.n
+
+    distributed = cpu_compat._DistributedWithoutGroupsOfOne("torch.distributed")
+    tokens = torch.tensor(768)
+    assert distributed.broadcast(tokens, src=0, group=Group(1)) is None and distributed.all_reduce(tokens, group=Group(1)) is None
+    assert reached == [] and tokens.item() == 768
+    distributed.broadcast(tokens, src=0, group=Group(2))
+    distributed.all_reduce(tokens, group=Group(2))
+    distributed.broadcast(tokens, src=0, group=Group(1), async_op=True)
+    assert reached == [("broadcast", 2), ("all_reduce", 2), ("broadcast", 1)]
+    import importlib
+
+    fmg = importlib.import_module("megatron.core.distributed.finalize_model_grads")  # the package re-exports the function
+    assert isinstance(fmg.torch.distributed, cpu_compat._DistributedWithoutGroupsOfOne)  # where the step's broadcast goes
+
+
 def test_megatron_is_imported_without_inductor():
     """The CPU layer imports megatron-core first with an eager jit_fuser: no dynamo/inductor import (~1.5 s)."""
     code = ("import sys, torch\n"
