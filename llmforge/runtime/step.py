@@ -206,15 +206,23 @@ class TrainStep:
         """(summed loss, target-token count) over the micro batches and all DP ranks; same on every rank.
 
         Scored as training reads them: with `documents`, val_loss means the same as the train loss."""
-        for chunk in self.chunks:
-            chunk.eval()
-        try:
+        with self.evaluating():
             outputs = self._run_schedule(micro_batches, loss_masks, forward_only=True, segments=segments)
-        finally:
-            for chunk in self.chunks:
-                chunk.train()
         loss_sum, num_tokens, _ = self._reduce(outputs, None)
         return loss_sum, int(num_tokens)
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        """The chunks in eval mode inside, and in the mode they were in after. `eval()` and `train()` walk every
+        module (~0.3 ms each on a 4-layer model), so a val pass of many batches switches once around all of them."""
+        training = [chunk for chunk in self.chunks if chunk.training]
+        for chunk in training:
+            chunk.eval()
+        try:
+            yield
+        finally:
+            for chunk in training:
+                chunk.train()
 
     # --- internals -------------------------------------------------------------------
 

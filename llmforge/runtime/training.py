@@ -8,6 +8,7 @@ once, so a stage module reads as its data plus its hooks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import traceback
@@ -141,14 +142,16 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     def val_loss(iters: int) -> tuple[float, int]:
         val = val_loader_fn()
         total_loss, total_tokens = 0.0, 0
-        for _ in range(iters):
-            batch = val.next_global_batch()
-            if getattr(batch, "segments", None) is not None:  # packed finetune rows, scored as they train
-                s, n = step_fn.eval_loss(batch.tokens, batch.masks, segments=batch.segments)
-            else:
-                s, n = step_fn.eval_loss(batch.tokens, batch.masks) if hasattr(batch, "masks") else step_fn.eval_loss(batch)
-            total_loss += s
-            total_tokens += n
+        # One switch to eval mode for every batch (a plugin's own step class may not offer it: then each batch switches).
+        with getattr(step_fn, "evaluating", contextlib.nullcontext)():
+            for _ in range(iters):
+                batch = val.next_global_batch()
+                if getattr(batch, "segments", None) is not None:  # packed finetune rows, scored as they train
+                    s, n = step_fn.eval_loss(batch.tokens, batch.masks, segments=batch.segments)
+                else:
+                    s, n = step_fn.eval_loss(batch.tokens, batch.masks) if hasattr(batch, "masks") else step_fn.eval_loss(batch)
+                total_loss += s
+                total_tokens += n
         return total_loss / max(total_tokens, 1), total_tokens
 
     metrics = context.metrics(stage.name)

@@ -78,3 +78,25 @@ def test_the_distributed_optimizer_takes_adamw_only():
     model = TinyGPT()
     with pytest.raises(UserError, match="use_distributed_optimizer shards AdamW's state only, not SGD's"):
         wrap_optimizer(build_sgd(SGD(lr=0.1), model_chunks=[model]), [model], ParallelismConfig(use_distributed_optimizer=True))
+
+
+def test_a_val_pass_switches_eval_mode_once_and_restores_each_chunks_mode():
+    """eval() and train() walk every module: TrainStep.evaluating switches once around many eval_loss calls,
+    and leaves a chunk that was in eval mode (a frozen one) in eval mode."""
+    from llmforge.runtime.step import TrainStep
+
+    calls = []
+
+    class Chunk(torch.nn.Module):
+        def train(self, mode=True):
+            calls.append(mode)
+            return super().train(mode)
+
+    step = TrainStep.__new__(TrainStep)
+    step.chunks = [Chunk(), Chunk().eval()]
+    calls.clear()
+    with step.evaluating():
+        with step.evaluating():  # eval_loss inside a val pass: nothing more to switch
+            assert not any(c.training for c in step.chunks)
+    assert calls == [False, True]  # the first chunk: to eval and back; the second stays in eval
+    assert step.chunks[0].training and not step.chunks[1].training
