@@ -21,8 +21,10 @@ def restore():
 def test_a_training_stage_sets_up_quietly_and_its_loop_collects_only_new_objects():
     gc_policy.quiet()  # `llmforge run` starting
     assert not gc.isenabled()
+    imported = [[] for _ in range(1000)]  # what the quiet start-up made (imports)
     gc_policy.stage_starting("prepare")
-    assert gc.isenabled()  # prepare collects as usual
+    assert gc.isenabled()  # prepare collects as usual...
+    assert gc.get_freeze_count() >= len(imported) and gc.get_count()[0] < len(imported)  # ...but not over the start-up's objects
     gc_policy.stage_starting("pretrain")
     assert not gc.isenabled()
     setup = [[] for _ in range(1000)]  # what the stage builds
