@@ -238,7 +238,7 @@ def init_distributed(parallelism: ParallelismConfig, *, seed: int, timeout_s: fl
         if backend == "gloo" and launch.world_size == 1:
             from llmforge.runtime.gloo_device import share_one_device
 
-            share_one_device()  # megatron's ~24 groups of one: one polling loop thread, not 24
+            share_one_device()  # megatron's ~21 groups of one: one polling loop thread, not 21
         dist.init_process_group(
             backend=backend,
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",

@@ -51,8 +51,14 @@ class StageDecoder:
         self.vocab_size = first.vocab_size  # the padded vocabulary: the output layer's rows, all TP ranks together
         self.key_valid = torch.zeros(batch_size, max_length, dtype=torch.bool, device=self.device)
         self.caches: dict[tuple[int, int], _LayerCache] = {}
+        # Chunks that lean layers decode (models.lean.DecodeCache, with its own rotary tables): one whole model
+        # on a CPU process, nothing hooked.
+        from llmforge.models import lean
+
+        self._lean = {index: lean.DecodeCache(chunk, max_length=max_length, keep=cache)
+                      for index, chunk in enumerate(chunks) if lean.decode_refusal(chunk) is None}
         self.rotary = None
-        if first.position_embedding_type == "rope":
+        if first.position_embedding_type == "rope" and len(self._lean) < len(chunks):
             self.rotary = first.rotary_pos_emb(max_length)[:, 0, 0, :]  # [max_length, rotary dim]
             # megatron's unfused RoPE takes cos and sin of the angles at every call, for q and k of
             # every layer; the tables are built once here (the same elementwise values).
@@ -61,11 +67,6 @@ class StageDecoder:
         self._mask = None
         self._causal = False  # no mask, SDPA's own causal one: a step from position 0 without pads
         self._padded = False  # whether any cached key is a pad
-        # Chunks that lean layers decode (models.lean.DecodeCache): one whole model on a CPU process, nothing hooked.
-        from llmforge.models import lean
-
-        self._lean = {index: lean.DecodeCache(chunk, max_length=max_length, keep=cache)
-                      for index, chunk in enumerate(chunks) if lean.decode_refusal(chunk) is None}
 
     def begin(self, new: int, valid: torch.Tensor | None, segments: torch.Tensor | None = None) -> None:
         """A step of `new` tokens after the cached ones; `valid` [batch, new] is False for pads; `segments`

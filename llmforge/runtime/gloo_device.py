@@ -2,8 +2,8 @@
 
 torch gives each gloo process group a transport device of its own, and each device runs a
 loop thread that wakes every 10 ms (gloo's `epoll_wait` timeout) whether or not anything is
-sent. megatron's `initialize_model_parallel` makes ~24 groups (TP, PP, DP, CP, EP, embedding,
-their gloo twins...), so a one-process run kept ~2,400 wake-ups a second: 2.2% of a core with
+sent. megatron's `initialize_model_parallel` makes ~21 groups (TP, PP, DP, CP, EP, embedding,
+their gloo twins...), so a one-process run kept ~2,100 wake-ups a second: 2.2% of a core with
 nothing to communicate (`/proc/<pid>/task/*/stat`, 22 ticks in 10 s idle against 1 with one
 shared device). On a machine whose cores are all busy (2 cores, the benchmark's side-by-side
 runs, data workers) that is taken from training (issue 31, docs/performance.md).

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from llmforge.runtime.generate import StageDecoder, sample_next, score_logits
+from llmforge.runtime.step import eval_mode
 from llmforge.spec.errors import UserError
 
 
@@ -358,17 +359,8 @@ class ModelServer:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.layout.ep_group)
         return bool(flag.item())
 
-    @contextlib.contextmanager
-    def _eval_mode(self):
-        # Only chunks in training mode are switched: `eval()` walks every module, ~1 ms a call on a small model.
-        training = [c for c in self.chunks if c.training]
-        for c in training:
-            c.eval()
-        try:
-            yield
-        finally:
-            for c in training:
-                c.train(True)
+    def _eval_mode(self) -> contextlib.AbstractContextManager:
+        return eval_mode(self.chunks)
 
     # --- data parallelism ----------------------------------------------------------------
 

@@ -57,6 +57,20 @@ def serving_context(precision: str, device: torch.device, chunks: Sequence[torch
     return without_fp8
 
 
+@contextlib.contextmanager
+def eval_mode(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """The chunks in eval mode inside, each in the mode it was in after. Only chunks in training mode are
+    switched: `eval()` and `train()` walk every module (~0.3 ms each on a 4-layer model)."""
+    training = [chunk for chunk in chunks if chunk.training]
+    for chunk in training:
+        chunk.eval()
+    try:
+        yield
+    finally:
+        for chunk in training:
+            chunk.train()
+
+
 @dataclass(frozen=True)
 class StepResult:
     """What one step did. `loss` is the mean per target token over the whole global batch."""
@@ -211,18 +225,9 @@ class TrainStep:
         loss_sum, num_tokens, _ = self._reduce(outputs, None)
         return loss_sum, int(num_tokens)
 
-    @contextlib.contextmanager
-    def evaluating(self) -> Iterator[None]:
-        """The chunks in eval mode inside, and in the mode they were in after. `eval()` and `train()` walk every
-        module (~0.3 ms each on a 4-layer model), so a val pass of many batches switches once around all of them."""
-        training = [chunk for chunk in self.chunks if chunk.training]
-        for chunk in training:
-            chunk.eval()
-        try:
-            yield
-        finally:
-            for chunk in training:
-                chunk.train()
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """The chunks in eval mode inside (`eval_mode`): a val pass of many batches switches once around all of them."""
+        return eval_mode(self.chunks)
 
     # --- internals -------------------------------------------------------------------
 
