@@ -203,9 +203,13 @@ def _mlp(layer, x: torch.Tensor) -> torch.Tensor:
 
 def _layers(block: TransformerBlock, x: torch.Tensor, attention_mask, rotary_pos_emb) -> torch.Tensor:
     """The block's layers and final norm on batch-first [b, s, h]."""
-    rope = _rope(rotary_pos_emb, block.config)
-    for layer in block.layers:
-        x = _mlp(layer, _attention(layer, x, attention_mask, rope))
+    return _run_layers(block, x, attention_mask, _rope(rotary_pos_emb, block.config))
+
+
+def _run_layers(block: TransformerBlock, x: torch.Tensor, attention_mask, rope, kvs=None) -> torch.Tensor:
+    """The layers and final norm with RoPE as (cos, sin) or None; `kvs` (decoding) each layer's `_LayerKV`."""
+    for layer, kv in zip(block.layers, kvs or [None] * len(block.layers)):
+        x = _mlp(layer, _attention(layer, x, attention_mask, rope, kv))
     return block.final_layernorm(x)
 
 
@@ -251,22 +255,31 @@ def model_refusal(model, input_ids, kwargs: dict) -> str | None:
 def model_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask, labels=None,
                   document_positions: bool = False) -> torch.Tensor:
     """megatron's GPTModel.forward computed batch-first: per-token losses [b, s] with labels, else logits [b, s, v]."""
-    embedding = model.embedding
-    x = F.embedding(input_ids, embedding.word_embeddings.weight)
-    if embedding.add_position_embedding:
-        x = x + embedding.position_embeddings(position_ids)
+    x = _embed(model, input_ids, position_ids)
     freqs = None
     if model.position_embedding_type == "rope":
         freqs = model.rotary_pos_emb(input_ids.shape[1])  # [s, 1, 1, d]
         if document_positions and position_ids is not None:
             freqs = freqs[:, 0][position_ids.t()]  # each token's own position (layers.GPTModel)
     x = _layers(model.decoder, x, attention_mask, freqs)
-    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else model.output_layer.weight
-    logits = F.linear(x, weight)
+    logits = F.linear(x, _output_weight(model))
     if labels is None:
         return logits
     # megatron's vocab-parallel cross entropy at TP=1 is this (in fp32), to float rounding.
     return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+
+
+def _embed(model, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """Word (and learned position) embeddings of [b, s] ids, batch-first."""
+    embedding = model.embedding
+    x = F.embedding(input_ids, embedding.word_embeddings.weight)
+    if embedding.add_position_embedding:
+        x = x + embedding.position_embeddings(position_ids)
+    return x
+
+
+def _output_weight(model) -> torch.Tensor:
+    return model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else model.output_layer.weight
 
 
 # --- decoding: runtime.generate.StageDecoder's steps over a KV cache, batch-first ------------------
@@ -317,20 +330,11 @@ class DecodeCache:
     def step(self, inputs: torch.Tensor, positions: torch.Tensor, start: int, mask, causal: bool) -> torch.Tensor:
         """Token ids [b, new] at `positions` [b, new] after `start` cached ones → final hidden states [b, new, h];
         `mask` [b, 1, new, start + new] (True: attend) or None with `causal` (SDPA's own mask)."""
-        model = self.model
         self.start, self.end = start, start + inputs.shape[1]
         self.mask, self.causal = mask, causal
-        embedding = model.embedding
-        x = F.embedding(inputs, embedding.word_embeddings.weight)
-        if embedding.add_position_embedding:
-            x = x + embedding.position_embeddings(positions)
         rope = None if self._cos is None else (self._cos[positions].unsqueeze(1), self._sin[positions].unsqueeze(1))  # [b, 1, new, d]
-        for layer, kv in zip(model.decoder.layers, self.layers):
-            x = _mlp(layer, _attention(layer, x, None, rope, kv))
-        return model.decoder.final_layernorm(x)
+        return _run_layers(self.model.decoder, _embed(self.model, inputs, positions), None, rope, self.layers)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer on hidden states [..., h]."""
-        model = self.model
-        weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else model.output_layer.weight
-        return F.linear(hidden, weight)
+        return F.linear(hidden, _output_weight(self.model))

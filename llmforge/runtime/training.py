@@ -8,7 +8,6 @@ once, so a stage module reads as its data plus its hooks.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import traceback
@@ -142,8 +141,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     def val_loss(iters: int) -> tuple[float, int]:
         val = val_loader_fn()
         total_loss, total_tokens = 0.0, 0
-        # One switch to eval mode for every batch (a plugin's own step class may not offer it: then each batch switches).
-        with getattr(step_fn, "evaluating", contextlib.nullcontext)():
+        with step_fn.evaluating():  # one switch to eval mode for every batch
             for _ in range(iters):
                 batch = val.next_global_batch()
                 if getattr(batch, "segments", None) is not None:  # packed finetune rows, scored as they train

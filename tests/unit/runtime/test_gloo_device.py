@@ -23,7 +23,14 @@ import json, os, sys, time
 import torch, torch.distributed as dist
 
 def loops():
-    return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop" for t in os.listdir("/proc/self/task"))
+    # A new thread names itself once it runs: read until the count holds still for 0.2 s.
+    def count():
+        return sum(open(f"/proc/self/task/{t}/comm").read().strip() == "gloo_tcp_loop" for t in os.listdir("/proc/self/task"))
+    seen, deadline = [count()], time.monotonic() + 5
+    while time.monotonic() < deadline and not (len(seen) >= 5 and len(set(seen[-5:])) == 1):
+        time.sleep(0.05)
+        seen.append(count())
+    return seen[-1]
 
 if sys.argv[1] == "torch":  # torch's own behaviour, for the comparison: one device per group
     dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=0, world_size=1)
