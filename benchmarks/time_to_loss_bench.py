@@ -9,11 +9,14 @@ nanoGPT's loop around `reference_gpt`: the same char tokenization and 90/10 cont
 split, the same model shape, AdamW, warmup + cosine schedule, clipping, batch, eval
 interval and eval batches (the first val windows, as llmforge's unshuffled val loader
 reads them), all read from the spec. Training batches are nanoGPT's random windows.
-Full mode is three pairs of runs (the recipe's 2000 steps each; LLMFORGE_TTL_PAIRS sets the
-count) and the figure is the median pair's ratio, every pair recorded; --quick is one pair that
+Full mode is four pairs of runs (the recipe's 2000 steps each; LLMFORGE_TTL_PAIRS sets the
+count) and the figure is the median of the pairs' ratios, every pair recorded; --quick is one pair that
 cuts the steps and aims at the loss the short run reaches (~2.5). With OMP_NUM_THREADS=1 (the way to measure
 on a shared machine, docs/performance.md) the two single-threaded runs go side by side,
 one core each, so that other jobs' load hits both alike; otherwise one after the other.
+Side by side, each run is pinned to its own core and the next pair swaps them: left to the
+scheduler, the first-spawned run (the reference) kept the first core and llmforge the second
+for a whole run, and two cores of one host need not run alike.
 The reference trains the spec's global batch as one batch per step; if the spec gives llmforge
 several processes per node, the reference gets as many threads and the runs go one after
 the other. The details name each side's layout.
@@ -26,6 +29,7 @@ import json
 import math
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,7 +47,7 @@ CORPUS_DEFAULT = ROOT / ".." / "shared" / "data" / "tinyshakespeare.txt"
 TARGET, QUICK_TARGET = 1.89, 2.5
 QUICK_STEPS, QUICK_EVAL_INTERVAL = 300, 100
 GOAL = 1.0  # issue 31: cost nothing over the hand-written loop (its stretch: 0.8)
-PAIRS = 3  # full mode: the figure is the median pair
+PAIRS = 4  # full mode: the figure is the median of the pairs' ratios, each core assignment twice
 # A busy shared machine can make a run many times slower; past this each run is cut short.
 LIMIT_S, QUICK_LIMIT_S = 360.0, 240.0
 _LLMFORGE_EVAL = re.compile(r"\[pretrain\] step (\d+): val_loss ([0-9.]+|nan|inf)")
@@ -142,16 +146,19 @@ def _cpu_seconds(process: psutil.Process) -> float:
     return total
 
 
-def _time_to_target(argv: list[str], pattern: re.Pattern, target: float, env: dict[str, str], limit_s: float) -> dict:
+def _time_to_target(argv: list[str], pattern: re.Pattern, target: float, env: dict[str, str], limit_s: float,
+                    cpu: int | None = None) -> dict:
     """Run `argv`; seconds from spawn to the first eval line at or below `target` (then stop it), and the curve.
 
     A run still short of the target after `limit_s` is stopped there: its curve still counts.
     CPU seconds to each evaluation are recorded too: on a busy machine they move far less
-    than wall time.
+    than wall time. `cpu`: the one core the run (and any process it starts) may use.
     """
     with tempfile.TemporaryFile(mode="w+") as stderr:
         start = time.perf_counter()
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        if cpu is not None:  # pinned from the parent (no preexec_fn: this runs in a thread pool)
+            os.sched_setaffinity(proc.pid, {cpu})
         process = psutil.Process(proc.pid)
         deadline = threading.Timer(limit_s, proc.kill)
         deadline.start()
@@ -176,7 +183,7 @@ def _time_to_target(argv: list[str], pattern: re.Pattern, target: float, env: di
         if reached is None and proc.returncode != 0 and wall < limit_s:
             raise RuntimeError(f"{' '.join(argv[:3])} exited {proc.returncode}: {stderr.read().strip()[-800:]}")
     return {"seconds": reached, "cpu_s": curve[-1][3] if curve else None, "curve": curve, "wall_s": round(wall, 2),
-            "stopped_at_limit": reached is None and wall >= limit_s}
+            "stopped_at_limit": reached is None and wall >= limit_s, "core": cpu}
 
 
 def _first_time_at(curve: list[tuple[int, float, float, float]], loss: float) -> float:
@@ -198,27 +205,33 @@ def _layout(recipe: dict, threads: str) -> str:
 
 
 def time_to_loss(quick: bool) -> dict:
-    """llmforge's seconds to the target val loss over the reference's: the median pair of `PAIRS` pairs of runs.
+    """llmforge's seconds to the target val loss over the reference's: the median of `PAIRS` pairs' ratios.
 
     A pair's two runs share whatever else loads the machine, but this host's speed drifts by ±3%
     between pairs (docs/performance.md), more than what is left between the two sides; one pair
-    can land on either side of 1.0. The median of three (LLMFORGE_TTL_PAIRS; one in quick mode)
-    is the figure, and every pair's ratio is in the details."""
+    can land on either side of 1.0. Side by side, pair i pins llmforge to core i % 2 and the
+    reference to the other. The median of four (LLMFORGE_TTL_PAIRS; one in quick mode) is the
+    figure, and every pair's ratio and cores are in the details (the curves are the pair nearest it)."""
     pairs = int(os.environ.get("LLMFORGE_TTL_PAIRS", "1" if quick else str(PAIRS)))
-    runs = [_pair(quick) for _ in range(max(1, pairs))]
-    ranked = sorted(runs, key=lambda run: run["figure"])
-    median = ranked[(len(ranked) - 1) // 2]  # the lower middle of an even count
-    if len(runs) > 1:
-        median["details"]["pairs"] = [{"ratio": run["figure"], "met": run["met"],
-                                       "llmforge_s": run["details"]["llmforge"]["seconds"],
-                                       "reference_s": run["details"]["reference"]["seconds"],
-                                       "load_average_1m": run["details"]["load_average_1m"]} for run in runs]
-        median["details"]["figure_is"] = f"the median of {len(runs)} side-by-side pairs' ratios (each pair below)"
-    return median
+    runs = [_pair(quick, swap=i % 2 == 1) for i in range(max(1, pairs))]
+    if len(runs) == 1:
+        return runs[0]
+    figure = round(statistics.median(run["figure"] for run in runs), 3)
+    nearest = min(runs, key=lambda run: abs(run["figure"] - figure))
+    details = {**nearest["details"], "curves_are": f"the pair whose ratio is nearest the figure ({nearest['figure']})"}
+    details["pairs"] = [{"ratio": run["figure"], "met": run["met"],
+                         "llmforge_s": run["details"]["llmforge"]["seconds"],
+                         "reference_s": run["details"]["reference"]["seconds"],
+                         "cores": {"llmforge": run["details"]["llmforge"]["core"], "reference": run["details"]["reference"]["core"]},
+                         "load_average_1m": run["details"]["load_average_1m"]} for run in runs]
+    details["figure_is"] = f"the median of {len(runs)} side-by-side pairs' ratios (each pair below)"
+    met = figure <= GOAL and all(run["details"].get("compared_at_val_loss") is None for run in runs)
+    return result("time_to_loss", figure, f"<= {GOAL}", met, details, unit="x")
 
 
-def _pair(quick: bool) -> dict:
-    """llmforge's seconds to the target val loss over the reference's, one pair of runs."""
+def _pair(quick: bool, swap: bool = False) -> dict:
+    """llmforge's seconds to the target val loss over the reference's, one pair of runs (`swap`: the
+    second core for llmforge, the first for the reference, when they run side by side)."""
     corpus = _corpus()
     if not corpus.exists():
         raise FileNotFoundError(f"time_to_loss needs the tinyshakespeare corpus at {corpus}; set TINYSHAKESPEARE to its path")
@@ -242,9 +255,11 @@ def _pair(quick: bool) -> dict:
         if concurrent:
             # Single-threaded runs side by side on separate cores: whatever else loads the
             # machine meanwhile hits both alike, which one pair run one after the other cannot promise.
+            first, second = sorted(os.sched_getaffinity(0))[:2]
+            ours_cpu, theirs_cpu = (second, first) if swap else (first, second)
             with ThreadPoolExecutor(2) as pool:
-                theirs_run = pool.submit(_time_to_target, theirs_argv, _REFERENCE_EVAL, target, env, limit_s)
-                ours_run = pool.submit(_time_to_target, ours_argv, _LLMFORGE_EVAL, target, env, limit_s)
+                theirs_run = pool.submit(_time_to_target, theirs_argv, _REFERENCE_EVAL, target, env, limit_s, theirs_cpu)
+                ours_run = pool.submit(_time_to_target, ours_argv, _LLMFORGE_EVAL, target, env, limit_s, ours_cpu)
                 theirs, ours = theirs_run.result(), ours_run.result()
         else:
             # One pair: the reference first, so that llmforge is never the side with a cold file cache.
@@ -261,7 +276,7 @@ def _pair(quick: bool) -> dict:
         "reference_interpolated_s": _interpolated(theirs["curve"], target),
         "cpu_ratio": round(ours["cpu_s"] / theirs["cpu_s"], 3) if ours["cpu_s"] and theirs["cpu_s"] else None,
         "threads": threads or "all cores",
-        "runs": "side by side (one thread each)" if concurrent else "one after the other",
+        "runs": "side by side (one thread each, one core each)" if concurrent else "one after the other",
         # Each side's layout, as the figure compares them (issue 31): llmforge as the spec lays it
         # out, the reference as one process over the same threads.
         "llmforge_layout": _layout(recipe, threads),
