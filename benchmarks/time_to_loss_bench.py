@@ -209,8 +209,8 @@ def time_to_loss(quick: bool) -> dict:
 
     A pair's two runs share whatever else loads the machine, but this host's speed drifts by ±3%
     between pairs (docs/performance.md), more than what is left between the two sides; one pair
-    can land on either side of 1.0. Side by side, pair i pins llmforge to core i % 2 and the
-    reference to the other. The median of four (LLMFORGE_TTL_PAIRS; one in quick mode) is the
+    can land on either side of 1.0. Side by side, even pairs pin llmforge to the first of the
+    allowed cores and the reference to the second, odd pairs the other way. The median of four (LLMFORGE_TTL_PAIRS; one in quick mode) is the
     figure, and every pair's ratio and cores are in the details (the curves are the pair nearest it)."""
     pairs = int(os.environ.get("LLMFORGE_TTL_PAIRS", "1" if quick else str(PAIRS)))
     runs = [_pair(quick, swap=i % 2 == 1) for i in range(max(1, pairs))]
