@@ -246,7 +246,8 @@ def _pair(quick: bool, swap: bool = False) -> dict:
     nproc = recipe["nproc"]
     # Side by side only when each side keeps to one core; when llmforge's ranks take several
     # cores, the reference gets as many threads and the runs go one after the other (issue 31).
-    concurrent = threads == "1" and nproc == 1 and len(os.sched_getaffinity(0)) >= 2
+    cores = sorted(os.sched_getaffinity(0))
+    concurrent = threads == "1" and nproc == 1 and len(cores) >= 2
     theirs_env = env if nproc == 1 or not threads else {**env, "OMP_NUM_THREADS": str(nproc * int(threads))}
     with tempfile.TemporaryDirectory(prefix="llmforge-ttl-") as tmp:
         ours_argv = [*llmforge, "run", str(SPEC), "--run-dir", str(Path(tmp) / "run"),
@@ -255,8 +256,7 @@ def _pair(quick: bool, swap: bool = False) -> dict:
         if concurrent:
             # Single-threaded runs side by side on separate cores: whatever else loads the
             # machine meanwhile hits both alike, which one pair run one after the other cannot promise.
-            first, second = sorted(os.sched_getaffinity(0))[:2]
-            ours_cpu, theirs_cpu = (second, first) if swap else (first, second)
+            ours_cpu, theirs_cpu = (cores[1], cores[0]) if swap else (cores[0], cores[1])
             with ThreadPoolExecutor(2) as pool:
                 theirs_run = pool.submit(_time_to_target, theirs_argv, _REFERENCE_EVAL, target, env, limit_s, theirs_cpu)
                 ours_run = pool.submit(_time_to_target, ours_argv, _LLMFORGE_EVAL, target, env, limit_s, ours_cpu)
