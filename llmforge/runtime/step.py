@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from llmforge.runtime.faults import fault_point
+from llmforge.runtime.local_schedule import LocalStep, local_refusal
 from llmforge.spec.errors import UserError
 
 if TYPE_CHECKING:
@@ -172,6 +173,10 @@ class TrainStep:
         self._token_counts: dict[int, torch.Tensor] = {}
         self._grads_in_place = [p for chunk in model_chunks if getattr(chunk, "grads_in_place", False)
                                 for p in chunk.module.parameters() if p.requires_grad]
+        # One process with its grads in place: our own loop and autograd's grads instead of
+        # megatron's schedule and DDP's buffer, bitwise the same (runtime/local_schedule.py).
+        self.local_refusal = local_refusal(model_chunks, optimizer, self.config, parallelism_ctx.world_size)
+        self._local = LocalStep(model_chunks[0], optimizer) if self.local_refusal is None else None
 
     # --- the step --------------------------------------------------------------------
 
@@ -185,14 +190,19 @@ class TrainStep:
             segments: with `documents`, each input token's example index [micro_batch_size,
                 seq_length] in a packed finetune row (pretraining windows split at EOD instead).
         """
-        for chunk in self.chunks:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        for param in self._grads_in_place:
-            param.grad = param.main_grad  # autograd adds into it (cpu_compat.hookless_ddp)
+        local = self._local
+        if local is not None:
+            local.clear()
+        else:
+            for chunk in self.chunks:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            for param in self._grads_in_place:
+                param.grad = param.main_grad  # autograd adds into it (cpu_compat.hookless_ddp)
         outputs = self._run_schedule(micro_batches, loss_masks, forward_only=False, segments=segments)
 
-        self.optimizer.prepare_grads()
+        if local is None:  # (FP32Optimizer's would point param.grad back at the unused buffer)
+            self.optimizer.prepare_grads()
         grad_sq = self._grad_sq() if self._counts_grad_norm else None
         fault_point("step_before_reduce")
         loss_sum, num_tokens, grad_sq = self._reduce(outputs, grad_sq)
@@ -202,14 +212,18 @@ class TrainStep:
         # Every rank saw the same reduced numbers, so every rank skips together.
         if nonfinite or (self.update_guard is not None and not self.update_guard(loss, grad_norm)):
             self.optimizer.zero_grad()
-            for chunk in self.chunks:
-                chunk.zero_grad_buffer()
+            if local is None:
+                for chunk in self.chunks:
+                    chunk.zero_grad_buffer()
             return StepResult(loss, grad_norm, nonfinite, int(num_tokens), applied=False)
 
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         if self.clip_grad > 0 and grad_norm > self.clip_grad:
-            grads = [p.grad for inner in self._optimizers for p in inner.get_parameters() if p.grad is not None]
+            if local is not None:
+                grads = local.grads()
+            else:
+                grads = [p.grad for inner in self._optimizers for p in inner.get_parameters() if p.grad is not None]
             torch._foreach_mul_(grads, self.clip_grad / (grad_norm + 1.0e-6))
         self.optimizer.step_with_ready_grads()
         return StepResult(loss, grad_norm, False, int(num_tokens))
@@ -268,6 +282,8 @@ class TrainStep:
         if self.documents is not None and (segments is not None or self.documents.eod_id is not None):
             items = [(batch, _Packed(mask, None if segments is None else segments[i].to(device, non_blocking=True)))
                      for i, (batch, mask) in enumerate(items)]
+        if self._local is not None:
+            return self._local.run(self._forward_step, items, forward_only=forward_only)
         # Each VPP chunk walks the micro batches once, so each gets its own iterator.
         iterators = [iter(items) for _ in self.chunks]
         return self._forward_backward(
@@ -318,7 +334,10 @@ class TrainStep:
         return total, count, (total.detach(), count)
 
     def _grad_sq(self) -> torch.Tensor:
-        grads = [grad for inner in self._norm_optimizers for grad in inner.get_main_grads_for_grad_norm()]
+        if self._local is not None:
+            grads = self._local.norm_grads()
+        else:
+            grads = [grad for inner in self._norm_optimizers for grad in inner.get_main_grads_for_grad_norm()]
         if not grads:
             return torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         return torch.stack(torch._foreach_norm(grads)).double().square().sum()
