@@ -25,6 +25,7 @@ import numpy as np
 
 from llmforge.data.manifest import read_manifest
 from llmforge.data.order import GlobalOrder
+from llmforge.data.rows import RowGather
 from llmforge.data.sft import MaskedBatch
 from llmforge.data.shards import ShardReader, _npy_header, sample_key
 from llmforge.spec.errors import UserError
@@ -45,10 +46,14 @@ def _sample_lengths(shards: list[dict], dtype: str, width: int) -> np.ndarray:
 
 
 class _Fetch:
-    """Reads samples by index into a [count, seq_length+1] block (padded with pad_id for document packing)."""
+    """Reads samples by index into a [count, seq_length+1] block (padded with pad_id for document packing).
 
-    def __init__(self, reader: ShardReader, width: int, pad_id: int, vocab_size: int | None) -> None:
-        self.reader, self.width, self.pad_id, self.vocab_size = reader, width, pad_id, vocab_size
+    `gather` (fixed-size samples): a whole batch in one read (`data.rows`); a batch it cannot
+    read whole, and every padded one, is read one sample at a time.
+    """
+
+    def __init__(self, reader: ShardReader, width: int, pad_id: int, vocab_size: int | None, gather: RowGather | None = None) -> None:
+        self.reader, self.width, self.pad_id, self.vocab_size, self.gather = reader, width, pad_id, vocab_size, gather
 
     def one(self, index: int) -> np.ndarray:
         tokens = self.reader.read(index)
@@ -60,6 +65,13 @@ class _Fetch:
 
     def block(self, indices: list[int]) -> tuple[np.ndarray, list[tuple[int, str]]]:
         """The samples, and (row, problem) for each that could not be read (its row is left as padding)."""
+        if self.gather is not None:
+            try:
+                out = self.gather.rows(indices)
+            except (ValueError, OSError):  # a damaged shard: read one by one below, which names it
+                out = None
+            if out is not None and (self.vocab_size is None or int(out.max()) < self.vocab_size):
+                return out, []
         out = np.full((len(indices), self.width), self.pad_id, dtype=np.int64)
         bad = []
         for row, index in enumerate(indices):
@@ -113,15 +125,16 @@ class TokenLoader:
         self.pad_id = manifest["tokenizer"]["pad_id"]
         self.data_id = f"{manifest['inputs_hash']}:{split}"
         reader = ShardReader(self.data_dir, info["shards"])
-        self._fetch = _Fetch(reader, self.tokens_per_sample + 1, self.pad_id if self.pad_id is not None else 0, vocab_size)
         self.padded = manifest.get("packing") == "documents"
+        gather = None if self.padded else RowGather(reader, manifest["dtype"], self.tokens_per_sample + 1)
+        self._fetch = _Fetch(reader, self.tokens_per_sample + 1, self.pad_id if self.pad_id is not None else 0, vocab_size, gather)
         self._lengths = _sample_lengths(info["shards"], manifest["dtype"], self.tokens_per_sample + 1) if self.padded else None
         # Non-pad input tokens of each sample (the inputs are a sample's tokens but its last).
         self._input_tokens = np.minimum(self._lengths, self.tokens_per_sample) if self.padded else None
         self.last_batch_tokens = 0  # real input tokens of the last global batch, over every DP rank
         self.position = 0
         self.skipped = 0
-        self.last_keys: list[str] = []  # the `__key__`s of this rank's samples in the last batch
+        self._last_indices: list[int] = []  # this rank's samples in the last batch
         self._order = GlobalOrder(self.samples_per_epoch, seed=seed, shuffle=shuffle)
         self._workers: list[tuple[mp.Process, mp.Queue, mp.Queue]] = []
         self._pending: deque[tuple[int, int]] = deque()  # (generation, position) of steps sent to the workers
@@ -248,14 +261,20 @@ class TokenLoader:
             self.last_batch_tokens = self.global_batch_size * self.tokens_per_sample
         block, indices = self._read(self.position)
         self.position += self.global_batch_size
-        self.last_keys = [sample_key(i) for i in indices]
-        tokens = [torch.from_numpy(m) for m in np.split(block, len(block) // self.micro_batch_size)]
+        self._last_indices = indices
+        micro_batches = len(block) // self.micro_batch_size
+        tokens = [torch.from_numpy(block)] if micro_batches == 1 else [torch.from_numpy(m) for m in np.split(block, micro_batches)]
         if not self.padded:
             return tokens
         # Target j (token j+1) is real when token j+1 is: a sample of L tokens has L-1 targets.
         lengths = torch.from_numpy(self._lengths[indices])
         masks = (torch.arange(self.tokens_per_sample).unsqueeze(0) < (lengths - 1).unsqueeze(1)).float()
         return MaskedBatch(tokens, list(masks.split(self.micro_batch_size)))
+
+    @property
+    def last_keys(self) -> list[str]:
+        """The `__key__`s of this rank's samples in the last batch."""
+        return [sample_key(i) for i in self._last_indices]
 
     # --- budgets and state --------------------------------------------------------------
 
@@ -292,6 +311,8 @@ class TokenLoader:
                 proc.terminate()
         self._workers.clear()
         self._pending.clear()
+        if self._fetch.gather is not None:
+            self._fetch.gather.close()
         self._fetch.reader.close()
 
     def __del__(self) -> None:

@@ -45,8 +45,15 @@ class GlobalOrder:
         return int(self.epoch(epoch)[offset])
 
     def indices(self, start: int, count: int) -> list[int]:
-        """Sample indices at positions [start, start + count)."""
-        return [self.index(p) for p in range(start, start + count)]
+        """Sample indices at positions [start, start + count): a slice of each epoch's order it spans."""
+        out: list[int] = []
+        position, end = start, start + count
+        while position < end:
+            epoch, offset = divmod(position, self.size)
+            take = min(self.size - offset, end - position)
+            out += range(offset, offset + take) if not self.shuffle else self.epoch(epoch)[offset:offset + take].tolist()
+            position += take
+        return out
 
     def steps_for_tokens(self, tokens_per_sample: np.ndarray, *, global_batch_size: int, max_tokens: int) -> int:
         """Global batches, read in this order, until `max_tokens` of the samples' tokens have been read."""

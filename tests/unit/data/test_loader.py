@@ -136,6 +136,32 @@ def test_unshuffled_reads_in_order_and_wraps_around(data_dir):
     assert keys[: n + 4] == [f"{i % n:010d}" for i in range(n + 4)]
 
 
+def test_batches_are_read_whole_and_are_what_webdataset_reads(data_dir, monkeypatch):
+    """A pretraining batch comes in one gather over the mapped shards (data.rows), never sample by
+    sample, across shard and epoch boundaries; each row is the sample `wds.WebDataset` reads under its key."""
+    import io
+
+    import webdataset as wds
+
+    from llmforge.data.shards import ShardReader
+
+    records = json.loads((data_dir / "manifest.json").read_text())["splits"]["train"]["shards"]
+    assert len(records) > 1
+    theirs = {sample["__key__"]: np.load(io.BytesIO(sample["tokens.npy"]))
+              for record in records for sample in wds.WebDataset(str(data_dir / record["path"]), shardshuffle=False)}
+    monkeypatch.setattr(ShardReader, "read", lambda self, index: pytest.fail(f"sample {index} was read one by one"))
+    ld = loader(data_dir)
+    steps = ld.samples_per_epoch // GLOBAL + 2  # into the second epoch
+    spanned = 0
+    for _ in range(steps):
+        batch = torch.cat(ld.next_global_batch())
+        assert batch.dtype == torch.int64
+        assert np.array_equal(batch.numpy(), np.stack([theirs[key] for key in ld.last_keys]))
+        starts = ld._fetch.reader.starts
+        spanned += len(set(np.searchsorted(starts, [int(k) for k in ld.last_keys], side="right"))) > 1
+    assert spanned and ld.epoch == 1
+
+
 def test_budgets_in_steps_tokens_and_epochs(data_dir):
     from types import SimpleNamespace
 
