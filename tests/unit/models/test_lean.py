@@ -251,3 +251,33 @@ def test_a_hooked_model_decodes_through_megatrons_modules():
     assert "hook" in lean.decode_refusal(model)
     _, _, built = _decode(model, [[1, 2, 3, 4]], 3, lean=True)
     assert built and not any(d._lean for d in built)
+
+
+def test_an_accepted_model_is_walked_again_after_any_change():
+    """model_refusal remembers an acceptance (the walk is ~400 Python calls a forward); a hook, a
+    module or parameter assigned anywhere, dropout in training, or the switch must still be seen."""
+    from llmforge.models import lean
+
+    model = _model(NANOGPT)
+    tokens, _, labels = _batch(NANOGPT)
+    call = lambda: lean.model_refusal(model, tokens, {"labels": labels})  # noqa: E731
+    assert call() is None and "_lean_accepted" in model.__dict__
+    assert lean.model_refusal(model, tokens, {"labels": labels, "packed_seq_params": object()}) is not None
+    layer = model.decoder.layers[1]
+    handle = layer.mlp.linear_fc1.register_forward_pre_hook(lambda *args: None)
+    assert call() == "a module hook (LoRA adapters, activation capture)"
+    handle.remove()
+    assert call() is None
+    original = layer.mlp.linear_fc2
+    layer.mlp.linear_fc2 = torch.nn.Linear(4 * NANOGPT["hidden_size"], NANOGPT["hidden_size"], bias=False)
+    assert call() == "another linear (an adapter's replacement)"
+    layer.mlp.linear_fc2 = original
+    assert call() is None
+    model.config.hidden_dropout = 0.1
+    model.train()
+    assert call() == "dropout (its masks are drawn from megatron's RNG streams)"
+    model.eval()
+    assert call() is None
+    model.config.hidden_dropout = 0.0
+    model.decoder.lean = False
+    assert call() == "lean layers off"
