@@ -146,3 +146,24 @@ def test_moe_keeps_megatrons_schedule():
     dense_only = object.__new__(FP32Optimizer)
     assert local_refusal(step.chunks, dense_only, step.config, 1) == "a config switch only megatron's schedule handles"
     assert local_refusal(step.chunks, dense_only, step.config, 2) == "more than one process"
+
+
+def test_a_backward_calls_no_python_hook():
+    """With grads in place DDP's per-parameter hooks are no-ops (cpu_compat.hookless_ddp), and
+    wrap_optimizer releases the accumulators that carry them: autograd calls nothing in Python."""
+    import sys
+
+    step = _step(NANOGPT)
+    assert step.chunks[0].grads_in_place and step.chunks[0].grad_accs == []
+    called = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code.co_name == "_noop_grad_hook":
+            called.append(1)
+
+    sys.setprofile(profile)
+    try:
+        step(_batches(NANOGPT, 1, 1), 3e-3)
+    finally:
+        sys.setprofile(None)
+    assert not called
