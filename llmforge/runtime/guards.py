@@ -50,8 +50,10 @@ class SpikeGuard:
         # are correctly rounded sums, and a resumed run recomputes them from the same window.
         n = len(self.window)
         mean = math.fsum(self.window) / n
+        if not loss > self.config.min_ratio * mean:
+            return None  # both conditions must hold; this one needs no pass over the window (min_ratio > 1)
         std = math.sqrt(math.fsum((x - mean) ** 2 for x in self.window) / n)
-        if loss > mean + self.config.max_deviations * std and loss > self.config.min_ratio * mean:
+        if loss > mean + self.config.max_deviations * std:
             return Spike(loss, mean, std)
         return None
 

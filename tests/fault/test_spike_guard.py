@@ -93,3 +93,27 @@ def test_spike_options_are_validated():
         SpikeConfig(window=10, warmup_steps=20)
     with pytest.raises(ValueError, match="min_ratio"):
         SpikeConfig(min_ratio=0.5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_judging_the_ratio_first_decides_as_both_conditions_together(seed):
+    """judge() skips the deviation pass when the loss is under min_ratio × the mean (issue 31):
+    its verdicts and the spike's figures must be those of the two conditions taken together."""
+    rng = random.Random(seed)
+    config = SpikeConfig(window=20, warmup_steps=5, max_deviations=rng.choice([0.5, 2.0, 6.0]), min_ratio=rng.choice([1.01, 1.2, 1.5]))
+    guard = SpikeGuard(config, "ignore")
+    verdicts = set()
+    for step in range(400):
+        loss = rng.choice([rng.uniform(0.5, 3.5), 2.0 * rng.uniform(0.9, 1.1)]) if step % 7 else rng.uniform(2, 12)
+        window = list(guard.window)
+        expected = None
+        if len(window) >= config.warmup_steps:
+            mean = math.fsum(window) / len(window)
+            std = math.sqrt(math.fsum((x - mean) ** 2 for x in window) / len(window))
+            if loss > mean + config.max_deviations * std and loss > config.min_ratio * mean:
+                expected = (loss, mean, std)
+        spike = guard.judge(loss)
+        assert (None if spike is None else (spike.loss, spike.mean, spike.std)) == expected
+        verdicts.add(expected is None)
+        guard.allows(loss, 1.0)
+    assert verdicts == {True, False}  # both verdicts were reached
