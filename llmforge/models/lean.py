@@ -276,10 +276,13 @@ def _hook_dicts(model) -> list:
 
 def _still_lean(model, input_ids, kwargs: dict, hook_dicts: list) -> bool:
     """The walk's conditions that change without a module being assigned: the switch, the call's
-    arguments, the config's switches, dropout in training mode, and hooks."""
+    arguments, the stage flags (a reward model turns `post_process` off to read hidden states),
+    the config's switches, dropout in training mode, and hooks."""
     block = model.decoder
     config = block.config
     return (block.lean and isinstance(input_ids, torch.Tensor) and input_ids.device.type == "cpu"
+            and model.pre_process and model.post_process and not getattr(model, "mtp_process", False) and block.pre_process
+            and not model.embedding.reduce_scatter_embeddings
             and not any(value is not None for key, value in kwargs.items() if key not in _MODEL_TAKEN)
             and config.tensor_model_parallel_size == 1 and config.pipeline_model_parallel_size == 1 and config.context_parallel_size == 1
             and not any(getattr(config, name, None) for name in _CONFIG_OFF) and not getattr(config, "glu_linear_offset", 0.0)

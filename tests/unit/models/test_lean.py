@@ -273,6 +273,10 @@ def test_an_accepted_model_is_walked_again_after_any_change():
     assert call() == "another linear (an adapter's replacement)"
     layer.mlp.linear_fc2 = original
     assert call() is None
+    model.post_process = False  # the reward model's hidden states (finetune.reward_model)
+    assert call() == "a pipeline stage or multi-token prediction"
+    model.post_process = True
+    assert call() is None
     model.config.hidden_dropout = 0.1
     model.train()
     assert call() == "dropout (its masks are drawn from megatron's RNG streams)"
