@@ -12,13 +12,16 @@ embedding and SP-norm passes over groups of one) and ~0.7% in memory passes over
 `LocalStep` does the same arithmetic in the same order with the grads autograd hands over
 (`param.grad`, never zeroed or added into: the first micro batch's grad *is* the sum so far),
 so grads, losses and updates are bitwise those of megatron's path
-(tests/unit/runtime/test_local_schedule.py); DDP's buffer stays allocated and unused. Where
+(tests/unit/runtime/test_local_schedule.py). DDP's grad buffer, which would hold a second copy
+of the grads, has its memory released at the first step: the parameters' `main_grad` views go, and DDP's
+methods that would touch the buffer raise and say why, rather than read freed memory. Where
 anything needs megatron's own, `local_refusal` says why and TrainStep calls megatron's.
 `LLMFORGE_LOCAL_SCHEDULE=0` turns it off for a process.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -61,6 +64,12 @@ def local_refusal(chunks: list[torch.nn.Module], optimizer: Any, config: Any, wo
     return None
 
 
+def _released(name: str, *args, **kwargs):
+    raise RuntimeError(f"DDP.{name}: this chunk's grad buffers were released by the one-process step "
+                       "(runtime/local_schedule.py), which keeps the grads in param.grad; set LLMFORGE_LOCAL_SCHEDULE=0 "
+                       "to train through megatron's schedule and buffers")
+
+
 class LocalStep:
     """The schedule and grads of one process's step (`local_refusal` found nothing against it)."""
 
@@ -69,6 +78,7 @@ class LocalStep:
         from megatron.core.transformer.module import param_is_not_shared
 
         self.chunk = chunk
+        self._buffers_released = False
         self.params = list(optimizer.get_parameters())  # the order megatron's optimizer walks them in
         # get_main_grads_for_grad_norm's filter, fixed for the run: each shared or TP-duplicate
         # parameter counts once.
@@ -77,8 +87,23 @@ class LocalStep:
 
     def clear(self) -> None:
         """Drop the last step's grads: autograd then hands the first micro batch's over as they are."""
+        if not self._buffers_released:
+            self._release_buffers()
         for param in self.params:
             param.grad = None
+
+    def _release_buffers(self) -> None:
+        """Free DDP's grad buffers (fp32, one parameter's worth each): this step never uses them.
+        At the first step, not at construction, so that a step built here can still be handed to
+        megatron's path before it trains (the parity tests do)."""
+        for buffer in [*self.chunk.buffers, *self.chunk.expert_parallel_buffers]:
+            buffer.grad_data.untyped_storage().resize_(0)
+        for param in self.chunk.module.parameters():
+            if hasattr(param, "main_grad"):
+                del param.main_grad
+        for name in ("zero_grad_buffer", "scale_gradients", "start_grad_sync", "finish_grad_sync"):
+            setattr(self.chunk, name, functools.partial(_released, name))
+        self._buffers_released = True
 
     def grads(self) -> list[torch.Tensor]:
         """Every trainable parameter's grad; one that got none is zero, as in DDP's zeroed buffer

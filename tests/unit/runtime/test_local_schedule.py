@@ -167,3 +167,19 @@ def test_a_backward_calls_no_python_hook():
     finally:
         sys.setprofile(None)
     assert not called
+
+
+def test_ddps_grad_buffer_is_released_and_cannot_be_read_by_mistake():
+    """The local step never uses DDP's grad buffer (a second fp32 copy of every grad): its memory
+    goes at the first step, and what would touch it after that raises instead of reading freed memory."""
+    step = _step(NANOGPT)
+    buffer = step.chunks[0].buffers[0]
+    size = buffer.grad_data.untyped_storage().nbytes()
+    assert size >= 4 * sum(p.numel() for p in step.chunks[0].parameters())
+    step(_batches(NANOGPT, 3, 1), 3e-3)
+    assert buffer.grad_data.untyped_storage().nbytes() == 0
+    param = next(p for p in step.chunks[0].parameters() if p.requires_grad)
+    assert not hasattr(param, "main_grad")
+    with pytest.raises(RuntimeError, match="grad buffers were released"):
+        step.chunks[0].zero_grad_buffer()
+    assert step(_batches(NANOGPT, 4, 1), 3e-3).applied  # and training goes on
