@@ -13,8 +13,8 @@ embedding and SP-norm passes over groups of one) and ~0.7% in memory passes over
 (`param.grad`, never zeroed or added into: the first micro batch's grad *is* the sum so far),
 so grads, losses and updates are bitwise those of megatron's path
 (tests/unit/runtime/test_local_schedule.py). DDP's grad buffer, which would hold a second copy
-of the grads, has its memory released at the first step: the parameters' `main_grad` views go, and DDP's
-methods that would touch the buffer raise and say why, rather than read freed memory. Where
+of the grads, has its memory released at the first step: the buffer, its buckets and the parameters drop
+their views of it, and DDP's methods that would use it raise and say why. Where
 anything needs megatron's own, `local_refusal` says why and TrainStep calls megatron's.
 `LLMFORGE_LOCAL_SCHEDULE=0` turns it off for a process.
 """
@@ -96,8 +96,14 @@ class LocalStep:
         """Free DDP's grad buffers (fp32, one parameter's worth each): this step never uses them.
         At the first step, not at construction, so that a step built here can still be handed to
         megatron's path before it trains (the parity tests do)."""
+        # Every view of the buffer's storage goes (the buffer's, its buckets', the parameters'
+        # main_grad), so the memory is freed by reference counting: whatever still held one would
+        # keep it alive rather than read freed memory.
         for buffer in [*self.chunk.buffers, *self.chunk.expert_parallel_buffers]:
-            buffer.grad_data.untyped_storage().resize_(0)
+            empty = buffer.grad_data.new_empty(0)
+            buffer.grad_data = empty
+            for bucket in buffer.buckets:
+                bucket.grad_data = empty
         for param in self.chunk.module.parameters():
             if hasattr(param, "main_grad"):
                 del param.main_grad

@@ -174,10 +174,15 @@ def test_ddps_grad_buffer_is_released_and_cannot_be_read_by_mistake():
     goes at the first step, and what would touch it after that raises instead of reading freed memory."""
     step = _step(NANOGPT)
     buffer = step.chunks[0].buffers[0]
-    size = buffer.grad_data.untyped_storage().nbytes()
-    assert size >= 4 * sum(p.numel() for p in step.chunks[0].parameters())
-    step(_batches(NANOGPT, 3, 1), 3e-3)
-    assert buffer.grad_data.untyped_storage().nbytes() == 0
+    assert buffer.grad_data.untyped_storage().nbytes() >= 4 * sum(p.numel() for p in step.chunks[0].parameters())
+    memory = buffer.grad_data.untyped_storage()._weak_ref()  # expires once no tensor holds the memory
+    try:
+        assert not torch.UntypedStorage._expired(memory)
+        step(_batches(NANOGPT, 3, 1), 3e-3)
+        assert torch.UntypedStorage._expired(memory)
+    finally:
+        torch.UntypedStorage._free_weak_ref(memory)
+    assert buffer.grad_data.numel() == 0 and all(bucket.grad_data.numel() == 0 for bucket in buffer.buckets)
     param = next(p for p in step.chunks[0].parameters() if p.requires_grad)
     assert not hasattr(param, "main_grad")
     with pytest.raises(RuntimeError, match="grad buffers were released"):

@@ -295,7 +295,10 @@ def _nonfinite(shape: str, poison_rank: int, **parallelism) -> dict:
     if handle is not None:
         handle.remove()
     unchanged = all(torch.equal(a, b) for a, b in zip(before, first.parameters()))
-    grads_zero = all(not chunk.buffers or all(bool((b.grad_data == 0).all()) for b in chunk.buffers) for chunk in trainer.chunks)
+    # megatron's path zeroes DDP's buffers; one process's step (runtime/local_schedule.py) has
+    # released them and keeps grads in param.grad, which the veto drops: no grad survives either way.
+    grads_zero = (all(bool((b.grad_data == 0).all()) for chunk in trainer.chunks for b in chunk.buffers)
+                  and all(p.grad is None or not bool(p.grad.any()) for chunk in trainer.chunks for p in chunk.parameters()))
     recovered = trainer.train(range(2, 3))
     changed_after = not all(torch.equal(a, b) for a, b in zip(before, first.parameters()))
     return {"poisoned": poisoned, "unchanged": unchanged, "grads_zero": grads_zero, "recovered": recovered, "changed_after": changed_after}
