@@ -93,3 +93,15 @@ def test_test_lines_group_outcomes_by_check():
                               "tests.gpu.test_fp8::test_c": "skipped"})
     assert lines["packed documents (SDPA block-causal mask on CUDA)"] == "1 failed, 1 passed"
     assert lines["fp8 on TransformerEngine"] == "1 skipped" and lines["CPU-reference loss parity"] == "not run"
+
+
+def test_only_fp8_tests_may_skip_on_a_gpu_without_transformer_engine(monkeypatch):
+    import importlib.util
+
+    check = _gpu_check()
+    outcomes = {"tests.gpu.test_fp8::test_c": "skipped", "tests.gpu.test_parity::test_p": "skipped",
+                "tests.gpu.test_documents::test_a": "passed"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert check.unexpected_skips(outcomes) == ["tests.gpu.test_parity::test_p"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
+    assert check.unexpected_skips(outcomes) == ["tests.gpu.test_fp8::test_c", "tests.gpu.test_parity::test_p"]
