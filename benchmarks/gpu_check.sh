@@ -19,18 +19,8 @@ export PYTHONUNBUFFERED=1
 {
   echo "== gpu_check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)"
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "nvidia-smi: not available"
-  for folder in .whl .gpu_data; do
-    [ -d "$folder" ] || { echo "$folder is missing: carry it (see the top of benchmarks/gpu_check.sh)"; exit 2; }
-  done
-
-  # The image's torch stays; only what it lacks goes into /tmp/site.
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
-  # llmforge itself, from the working tree, with the image's setuptools (no index there).
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target /tmp/site . || exit 3
-  export PYTHONPATH=/tmp/site PATH="/tmp/site/bin:$PATH"
-  python3 -c "import torch, megatron.core, pydantic, omegaconf, webdataset, llmforge
-print('python', __import__('sys').version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda,
-      '| megatron-core', megatron.core.__version__, '| pydantic', pydantic.VERSION, '| llmforge', llmforge.__version__)" || exit 3
+  [ -d .gpu_data ] || { echo ".gpu_data is missing: carry it (see the top of this file)"; exit 2; }
+  source benchmarks/gpu_env.sh || exit $?
 
   # The plan exactly as a user asks for it; gpu_check.py recomputes it in-process per micro batch.
   llmforge plan specs/gpu-1b.yaml --gpu h200-141gb --json > "$OUT/plan.json" || exit 3

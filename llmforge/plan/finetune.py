@@ -23,7 +23,7 @@ from dataclasses import replace
 from typing import Any
 
 from llmforge.models import size
-from llmforge.plan.memory import (BF16, FP32, GRAD_BYTES, Layout, RankMemory, _adam_step_bytes, _norm_saved, optimizer_state_bytes_per_param,
+from llmforge.plan.memory import (BF16, FP32, GRAD_BYTES, Layout, RankMemory, _adam_step_bytes, _norm_saved, _rms_normalized_kept, optimizer_state_bytes_per_param,
                                   rank_memory as full_rank_memory, residual_bytes, weight_bytes)
 
 FROZEN_BASE = ("lora", "prompt_tuning")
@@ -75,7 +75,8 @@ def _lora_activations(model: Any, layout: Layout, lora: Any, seq: int, compute: 
     return per_layer * model.num_layers // layout.pipeline
 
 
-def _frozen_base_savings(model: Any, layout: Layout, stage: Any, pipeline_stage: int, seq: int, precision: str) -> float:
+def _frozen_base_savings(model: Any, layout: Layout, stage: Any, pipeline_stage: int, seq: int, precision: str,
+                         device: str = "cuda") -> float:
     """What full training keeps that a frozen model does not, in one micro batch (measured: test_reality_finetune.py).
 
     Autograd keeps what only a weight's gradient needs just while that weight trains: an RMSNorm's
@@ -89,7 +90,8 @@ def _frozen_base_savings(model: Any, layout: Layout, stage: Any, pipeline_stage:
     compute = FP32 if precision == "fp32" else BF16
     layers = model.num_layers // layout.pipeline
     targets = set(stage.lora.target_modules) if stage.type == "lora" else set()
-    normalized = split * h * FP32 if model.normalization == "RMSNorm" else 0.0
+    # The CPU's RMSNorm keeps its normalized input for the weight's gradient; CUDA's fused one never keeps it.
+    normalized = split * h * FP32 if model.normalization == "RMSNorm" and _rms_normalized_kept(device) else 0.0
     drop = 2 * layers * normalized
     # A norm's output feeds qkv or fc1; only an adapter keeps it, and with dropout it keeps its dropped copy instead.
     dropout = stage.type == "lora" and stage.lora.dropout > 0
@@ -99,7 +101,7 @@ def _frozen_base_savings(model: Any, layout: Layout, stage: Any, pipeline_stage:
     if pipeline_stage == 0:
         drop += tokens * 8
         if stage.type == "lora":
-            drop += _norm_saved(model, split, res) - normalized
+            drop += _norm_saved(model, split, res, device) - normalized
     if pipeline_stage == layout.pipeline - 1:
         drop += normalized + split * h * res
     return drop
@@ -159,7 +161,7 @@ def rank_memory(model: Any, layout: Layout, pipeline_stage: int, *, stage: Any, 
     tensors = (2 * len(stage.lora.target_modules) * model.num_layers // layout.pipeline if stage.type == "lora"
                else int(pipeline_stage == 0))
     activations = full.activations - round(_frozen_base_savings(model, rows, stage, pipeline_stage, seq_length or model.seq_length,
-                                                                precision))
+                                                                precision, device))
     if stage.type == "lora":
         activations += _lora_activations(model, rows, stage.lora, seq_length or model.seq_length, FP32 if precision == "fp32" else BF16)
     return replace(full, params=full.params + train, weights=full.weights + train * weight_bytes(precision), gradients=train * GRAD_BYTES,

@@ -23,10 +23,18 @@ over fp32 parameters) and fp32. The terms were checked against the tensors autog
 - megatron casts the residual stream to the branch's dtype, so under bf16 autocast it is
   bf16 unless a bias (an fp32 parameter) promotes it back to fp32; under megatron's bf16
   everything (biases, embeddings, what pipeline stages pass) is bf16;
-- torch's RMSNorm keeps an fp32 copy of its input and the normalized input; LayerNorm
-  keeps its input and two statistics;
+- torch's RMSNorm keeps its input in fp32 (a copy of a bf16 one) and the reciprocal RMS;
+  on the CPU, whose rms_norm is composed of smaller ops, also the normalized input.
+  LayerNorm keeps its input and two statistics;
+- on CUDA, fp32 attention runs SDPA's memory-efficient kernel, whose output the output
+  projection copies (flash attention's output keeps q's layout, so in bf16 it is a view);
 - the loss keeps fp32 softmax over the (vocab-parallel) logits: the largest single
   term with a big vocabulary, held for one micro batch on the last pipeline stage.
+
+The CUDA terms (the RMSNorm's and the attention output's) were measured on an H200 with
+`benchmarks/memory_probe.py` (docs/performance.md, the GPU check of 2026-12-04): one
+layer's saved bytes matched the plan exactly for GPT-2-, Llama- and Qwen3-shaped layers in
+megatron's bf16 and for the 1B spec in fp32; the whole step's peak within 1%.
 
 Tensor parallelism divides everything inside attention and the MLP; sequence parallelism
 also divides the norms and the inputs the column-parallel layers keep. Full recompute
@@ -213,11 +221,18 @@ def residual_bytes(model: Any, precision: str) -> int:
     return _compute_bytes(precision)
 
 
-def _norm_saved(model: Any, tokens: float, in_bytes: int) -> float:
+def _rms_normalized_kept(device: str) -> bool:
+    """Whether RMSNorm keeps its normalized input for backward: the CPU's composite rms_norm
+    does; CUDA's fused kernel keeps only its input and the reciprocal RMS (measured, H200)."""
+    return device != "cuda"
+
+
+def _norm_saved(model: Any, tokens: float, in_bytes: int, device: str = "cuda") -> float:
     """Bytes a norm keeps for backward, for `tokens` rows of width hidden."""
     h = model.hidden_size
     if model.normalization == "RMSNorm":
-        return tokens * h * (FP32 + FP32) + tokens * FP32  # fp32 input copy, normalized input, rstd
+        # fp32 input (a copy of a bf16 one), the normalized input on CPU, rstd
+        return tokens * h * FP32 * (1 + _rms_normalized_kept(device)) + tokens * FP32
     return tokens * h * in_bytes + 2 * tokens * FP32  # input, mean, rstd
 
 
@@ -242,12 +257,12 @@ def _core_attention_inputs(model: Any, tokens: float, tensor: int, dtype: int) -
     return stored
 
 
-def _qk_norm_saved(model: Any, tokens: float, tensor: int, precision: str, *, holds_qkv: bool) -> float:
+def _qk_norm_saved(model: Any, tokens: float, tensor: int, precision: str, *, holds_qkv: bool, device: str = "cuda") -> float:
     """What the query and key norms keep, as the layer norms do but per head.
 
     A bf16 input is copied to fp32; an fp32 one is kept as a view of the QKV output, which
     `holds_qkv` says to count here (attention keeps only bf16 copies of a bias-promoted
-    output under autocast). RMSNorm also keeps the normalized input.
+    output under autocast). RMSNorm on the CPU also keeps the normalized input.
     """
     width = _qk_width(model) / tensor
     rows = tokens * (model.num_attention_heads + model.kv_groups) / tensor
@@ -258,7 +273,7 @@ def _qk_norm_saved(model: Any, tokens: float, tensor: int, precision: str, *, ho
     else:
         kept = 0.0
     if model.normalization == "RMSNorm":
-        return tokens * (kept + width * FP32) + rows * FP32  # input, normalized input, rstd
+        return tokens * (kept + width * FP32 * _rms_normalized_kept(device)) + rows * FP32  # input, normalized input, rstd
     return tokens * kept + 2 * rows * FP32  # input, mean and rstd
 
 
@@ -335,17 +350,20 @@ def layer_activation_terms(model: Any, *, precision: str, tensor: int, sequence_
     qkv_out = qkv_output_bytes(model, precision)
     terms: dict[str, float] = {}
 
-    terms["attention_norm"] = _norm_saved(model, split_tokens, first_in)
+    terms["attention_norm"] = _norm_saved(model, split_tokens, first_in, device)
     terms["qkv_input"] = split_tokens * h * first_in
     if getattr(model, "qk_layernorm", False):
-        terms["qk_norms"] = _qk_norm_saved(model, tokens, t, precision, holds_qkv=qkv_out != compute)
+        terms["qk_norms"] = _qk_norm_saved(model, tokens, t, precision, holds_qkv=qkv_out != compute, device=device)
     terms.update(_attention_terms(model, tokens=tokens, tensor=t, micro_batch_size=micro_batch_size, seq_length=seq_length,
                                   compute=compute, qkv_out=qkv_out, precision=precision, device=device))
     if model.position_embedding_type == "rope":
         terms["rope_tables"] = 4 * seq_length * d * qkv_out  # cos and sin for q and for k
     terms["attention_output"] = tokens * size.query_width(model) / t * compute  # the projection keeps a view of it
+    if device == "cuda" and compute == FP32:
+        # SDPA's memory-efficient kernel (fp32) keeps its own contiguous output; the projection's input is a copy.
+        terms["attention_kernel_output"] = terms["attention_output"]
 
-    terms["mlp_norm"] = _norm_saved(model, split_tokens, res)
+    terms["mlp_norm"] = _norm_saved(model, split_tokens, res, device)
     terms["fc1_input"] = split_tokens * h * res
     if moe:
         terms.update(_moe_terms(model, tokens=tokens, split_tokens=split_tokens, tensor=t, expert_tensor=expert_tensor or t,
@@ -372,13 +390,13 @@ def _fp8_linear_inputs(terms: dict[str, float], model: Any, *, split_tokens: flo
     terms["mlp_activations"] -= tokens * model.ffn / tensor * (linear_out - FP8)  # the activation's output, fc2's input
 
 
-def _selective(terms: dict[str, float], model: Any, layout: Layout, seq_length: int, precision: str) -> dict[str, float]:
+def _selective(terms: dict[str, float], model: Any, layout: Layout, seq_length: int, precision: str, device: str) -> dict[str, float]:
     """Selective recompute (megatron's `core_attn`) keeps attention's inputs as they arrive, not its internals."""
-    out = {k: v for k, v in terms.items() if k not in ("attention_logsumexp", "attention_scores")}
+    out = {k: v for k, v in terms.items() if k not in ("attention_logsumexp", "attention_scores", "attention_kernel_output")}
     tokens = layout.micro_batch_size * seq_length
     out["attention_qkv"] = _core_attention_inputs(model, tokens, layout.tensor, qkv_output_bytes(model, precision))
     if "qk_norms" in out:  # attention_qkv now holds the QKV output
-        out["qk_norms"] = _qk_norm_saved(model, tokens, layout.tensor, precision, holds_qkv=False)
+        out["qk_norms"] = _qk_norm_saved(model, tokens, layout.tensor, precision, holds_qkv=False, device=device)
     return out
 
 
@@ -403,7 +421,8 @@ def chunk_activation_bytes(model: Any, layers: int, *, precision: str, layout: L
 
         def kept(moe: bool, **first: Any) -> float:
             terms = layer_activation_terms(model, moe=moe, expert_tensor=layout.expert_tensor_parallel_size, **common, **first)
-            return sum((_selective(terms, model, layout, seq_length, precision) if layout.recompute == "selective" else terms).values())
+            selective = layout.recompute == "selective"
+            return sum((_selective(terms, model, layout, seq_length, precision, device) if selective else terms).values())
 
         each = {moe: kept(moe) for moe in set(kinds[1:])}
         total = kept(kinds[0], input_bytes=stage_input_bytes(precision)) + sum(each[moe] for moe in kinds[1:])
@@ -432,24 +451,28 @@ def document_bytes(model: Any, layout: Layout, seq_length: int, precision: str, 
     return total
 
 
-def logits_bytes(model: Any, layout: Layout, seq_length: int, precision: str) -> tuple[float, float]:
+def logits_bytes(model: Any, layout: Layout, seq_length: int, precision: str, device: str = "cuda") -> tuple[float, float]:
     """(kept for backward, transient around the loss) for one micro batch.
 
-    The loss keeps an fp32 softmax. Around it, the logits exist once more in fp32 and, under
-    bf16, in bf16 too: the fp32 copy and the bf16 logits in forward, their gradients in backward.
+    The loss keeps an fp32 softmax. On CUDA megatron's cross entropy computes it in place in
+    its fp32 copy of the logits, so beside it only bf16 logits exist (in forward, their
+    gradient in backward; measured on an H200: 2.08 GiB at 16 × 2048 tokens and 32k vocab),
+    and nothing in fp32. On the CPU the lean layers' `F.cross_entropy` keeps a new fp32
+    log-softmax: the fp32 copy (and bf16 logits under bf16) exist beside it.
     """
     tokens = layout.micro_batch_size * seq_length
     logits = tokens * -(-model.vocab_size // layout.tensor)
     kept = logits * FP32 + tokens * (1 + 8)  # softmax, target mask, masked targets
     compute = _compute_bytes(precision)
-    return kept, logits * (FP32 + (compute if compute != FP32 else 0))
+    low = compute if compute != FP32 else 0
+    return kept, logits * (low if device == "cuda" else FP32 + low)
 
 
-def final_norm_bytes(model: Any, precision: str, layout: Layout, seq_length: int) -> float:
+def final_norm_bytes(model: Any, precision: str, layout: Layout, seq_length: int, device: str = "cuda") -> float:
     """The final norm and the output layer's input, on the last stage."""
     tokens = layout.micro_batch_size * seq_length / (layout.tensor if layout.sequence_parallel else 1)
     res = residual_bytes(model, precision)
-    return _norm_saved(model, tokens, res) + tokens * model.hidden_size * res
+    return _norm_saved(model, tokens, res, device) + tokens * model.hidden_size * res
 
 
 def in_flight(layout: Layout, stage: int) -> int:
@@ -491,9 +514,9 @@ def rank_memory(model: Any, layout: Layout, stage: int, *, precision: str, optim
                                    device=device, first_stage=stage == 0)
     chunk += document_bytes(model, layout, seq, precision, layers // layout.virtual, documents)
     flights = in_flight(layout, stage)
-    logits, workspace = logits_bytes(model, layout, seq, precision) if last else (0.0, 0.0)
+    logits, workspace = logits_bytes(model, layout, seq, precision, device) if last else (0.0, 0.0)
     if last:
-        logits += final_norm_bytes(model, precision, layout, seq)
+        logits += final_norm_bytes(model, precision, layout, seq, device)
     recompute_buffer = 0.0
     if layout.recompute == "full":
         # Backward rematerializes one layer at a time, with everything it would have kept.
