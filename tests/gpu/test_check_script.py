@@ -105,3 +105,25 @@ def test_only_fp8_tests_may_skip_on_a_gpu_without_transformer_engine(monkeypatch
     assert check.unexpected_skips(outcomes) == ["tests.gpu.test_parity::test_p"]
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object())
     assert check.unexpected_skips(outcomes) == ["tests.gpu.test_fp8::test_c", "tests.gpu.test_parity::test_p"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "bf16-autocast"])
+def test_the_memory_probe_attributes_a_layers_saved_tensors_and_compares_the_plan(tmp_path, precision):
+    """benchmarks/memory_probe.py on the CPU (on the device it runs from gpu_memory_probe.sh)."""
+    out = tmp_path / "probe.json"
+    small = ["model.num_layers=2", "model.hidden_size=128", "model.num_attention_heads=4", "model.ffn_hidden_size=352",
+             "model.seq_length=128", "tokenizer.vocab_size=1000", "model.vocab_size=1000", "stages.1.train.micro_batch_size=4",
+             "stages.1.train.global_batch_size=8", f"stages.1.train.precision={precision}"]
+    proc = subprocess.run([sys.executable, "benchmarks/memory_probe.py", "specs/gpu-1b.yaml", *small, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    modules = {t["module"] for t in result["layer_tensors"]}
+    assert {"input_layernorm", "self_attention.core_attention", "mlp.linear_fc1", "pre_mlp_layernorm"} <= modules
+    # The probe enters the stage's autocast: bf16 activations in both precisions, not fp32 layers.
+    assert any(t["dtype"] == "bfloat16" and t["module"] == "mlp.linear_fc2" for t in result["layer_tensors"])
+    assert set(result["saved_by_part"]) == {"layer0", "layer1", "other"}
+    # The CPU's terms, as the CPU reality tests hold them (tests/unit/plan/test_reality.py): within 15%.
+    assert result["saved_layers_mean"] == pytest.approx(result["planned_layer_total"], rel=0.15)
+    assert result["steps"]["step2"]["allocated_before"] is None  # no CUDA: no allocator figures
