@@ -1,7 +1,7 @@
 """Named fault-injection points for the reliability suite (tests/fault/).
 
 `LLMFORGE_FAULT=<point>[@<n>][:<action>]` acts the n-th time (default first) this process
-reaches `<point>`: `kill` (SIGKILL, the default), `hang` (SIGSTOP: alive, silent, as a
+reaches `<point>` (several, comma-separated, act each at its own point): `kill` (SIGKILL, the default), `hang` (SIGSTOP: alive, silent, as a
 wedged rank is) or `stall[=<s>]` (the calling thread alone sleeps, for good or for s seconds,
 as a write stuck on a dead or slow disk does, while a save in the background lets the training
 thread go on).
@@ -36,21 +36,25 @@ def _this_rank() -> bool:
 
 
 def fault_point(name: str) -> None:
-    spec = os.environ.get("LLMFORGE_FAULT")
-    if not spec:
+    faults = os.environ.get("LLMFORGE_FAULT")
+    if not faults or name not in faults or not _this_rank():
         return
-    spec, _, action = spec.partition(":")
-    point, _, nth = spec.partition("@")
-    if point != name or not _this_rank():
-        return
-    _COUNTS[name] = _COUNTS.get(name, 0) + 1
-    if _COUNTS[name] != int(nth or 1):
-        return
-    action, _, seconds = action.partition("=")
-    if action == "stall":
-        threading.Event().wait(float(seconds) if seconds else None)
-        return
-    os.kill(os.getpid(), _ACTIONS[action or "kill"])
+    counted = False
+    for spec in faults.split(","):
+        spec, _, action = spec.partition(":")
+        point, _, nth = spec.partition("@")
+        if point != name:
+            continue
+        if not counted:  # one count per visit, however many faults name the point
+            _COUNTS[name] = _COUNTS.get(name, 0) + 1
+            counted = True
+        if _COUNTS[name] != int(nth or 1):
+            continue
+        action, _, seconds = action.partition("=")
+        if action == "stall":
+            threading.Event().wait(float(seconds) if seconds else None)
+            continue
+        os.kill(os.getpid(), _ACTIONS[action or "kill"])
 
 
 def loss_faults() -> dict[int, float]:
