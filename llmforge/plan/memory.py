@@ -458,7 +458,9 @@ def logits_bytes(model: Any, layout: Layout, seq_length: int, precision: str, de
     its fp32 copy of the logits, so beside it only bf16 logits exist (in forward, their
     gradient in backward; measured on an H200: 2.08 GiB at 16 × 2048 tokens and 32k vocab),
     and nothing in fp32. On the CPU the lean layers' `F.cross_entropy` keeps a new fp32
-    log-softmax: the fp32 copy (and bf16 logits under bf16) exist beside it.
+    log-softmax: the fp32 copy (and bf16 logits under bf16) exist beside it. Where the lean
+    layers stand aside on the CPU (LoRA, soft prompts, megatron's bf16) megatron's in-place
+    cross entropy needs less, and the plan errs high by that copy.
     """
     tokens = layout.micro_batch_size * seq_length
     logits = tokens * -(-model.vocab_size // layout.tensor)

@@ -1,10 +1,10 @@
 """Named fault-injection points for the reliability suite (tests/fault/).
 
 `LLMFORGE_FAULT=<point>[@<n>][:<action>]` acts the n-th time (default first) this process
-reaches `<point>` (several, comma-separated, act each at its own point): `kill` (SIGKILL, the default), `hang` (SIGSTOP: alive, silent, as a
-wedged rank is) or `stall[=<s>]` (the calling thread alone sleeps, for good or for s seconds,
-as a write stuck on a dead or slow disk does, while a save in the background lets the training
-thread go on).
+reaches `<point>` (several, comma-separated, act each at its own point): `kill` (SIGKILL, the
+default), `hang` (SIGSTOP: alive, silent, as a wedged rank is) or `stall[=<s>]` (the calling
+thread alone sleeps, for good or for s seconds, as a write stuck on a dead or slow disk does,
+while a save in the background lets the training thread go on).
 `LLMFORGE_FAULT_RANK=<r>` limits it to one rank of a job. The points:
 `ckpt_after_shard`, `ckpt_before_rename`, `ckpt_before_marker` (checkpoint.py; in the writer
 thread for a save in the background),
