@@ -77,7 +77,7 @@ class LocalStep:
         from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
         from megatron.core.transformer.module import param_is_not_shared
 
-        self.chunk = chunk
+        self.chunk, self.optimizer = chunk, optimizer
         self._buffers_released = False
         self.params = list(optimizer.get_parameters())  # the order megatron's optimizer walks them in
         # get_main_grads_for_grad_norm's filter, fixed for the run: each shared or TP-duplicate
@@ -91,6 +91,13 @@ class LocalStep:
             self._release_buffers()
         for param in self.params:
             param.grad = None
+
+    def prepare(self) -> None:
+        """Nothing: the grads are ready in param.grad (FP32Optimizer's prepare_grads would point it back at the released buffer)."""
+
+    def discard(self) -> None:
+        """A vetoed update's grads go."""
+        self.optimizer.zero_grad()
 
     def _release_buffers(self) -> None:
         """Free DDP's grad buffers (fp32, one parameter's worth each): this step never uses them.

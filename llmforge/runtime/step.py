@@ -94,6 +94,51 @@ class _Packed:
     segments: torch.Tensor | None
 
 
+class MegatronGrads:
+    """megatron's schedule, DDP's grad buffers and the optimizer's grad walks, at every layout:
+    what `LocalStep` stands in for in one process, with the same methods."""
+
+    def __init__(self, step: TrainStep) -> None:
+        self.step = step
+        self.in_place = [p for chunk in step.chunks if getattr(chunk, "grads_in_place", False)
+                         for p in chunk.module.parameters() if p.requires_grad]
+
+    def clear(self) -> None:
+        for chunk in self.step.chunks:
+            chunk.zero_grad_buffer()
+        self.step.optimizer.zero_grad()
+        for param in self.in_place:
+            param.grad = param.main_grad  # autograd adds into it (cpu_compat.hookless_ddp)
+
+    def prepare(self) -> None:
+        self.step.optimizer.prepare_grads()
+
+    def discard(self) -> None:
+        """A vetoed update's grads go."""
+        self.step.optimizer.zero_grad()
+        for chunk in self.step.chunks:
+            chunk.zero_grad_buffer()
+
+    def grads(self) -> list[torch.Tensor]:
+        return [p.grad for inner in self.step._optimizers for p in inner.get_parameters() if p.grad is not None]
+
+    def norm_grads(self) -> list[torch.Tensor]:
+        return [grad for inner in self.step._norm_optimizers for grad in inner.get_main_grads_for_grad_norm()]
+
+    def run(self, forward_step: Callable, items: list, *, forward_only: bool) -> list:
+        step = self.step
+        # Each VPP chunk walks the micro batches once, so each gets its own iterator.
+        return step._forward_backward(
+            forward_step_func=forward_step,
+            data_iterator=[iter(items) for _ in step.chunks],
+            model=step.chunks,
+            num_microbatches=len(items),
+            seq_length=step.schedule_seq_length,
+            micro_batch_size=step.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+
 class TrainStep:
     """Runs forward, backward and the optimizer update for a list of micro batches.
 
@@ -171,12 +216,12 @@ class TrainStep:
         # (loss, grad_norm) -> bool, asked before every finite update; False drops it (on_spike).
         self.update_guard: Callable[[float, float], bool] | None = None
         self._token_counts: dict[int, torch.Tensor] = {}
-        self._grads_in_place = [p for chunk in model_chunks if getattr(chunk, "grads_in_place", False)
-                                for p in chunk.module.parameters() if p.requires_grad]
         # One process with its grads in place: our own loop and autograd's grads instead of
         # megatron's schedule and DDP's buffer, bitwise the same (runtime/local_schedule.py).
+        # Either runs the schedule and owns the grads' life cycle within a step.
         self.local_refusal = local_refusal(model_chunks, optimizer, self.config, parallelism_ctx.world_size)
-        self._local = LocalStep(model_chunks[0], optimizer) if self.local_refusal is None else None
+        self._grads: LocalStep | MegatronGrads = (LocalStep(model_chunks[0], optimizer) if self.local_refusal is None
+                                                  else MegatronGrads(self))
 
     # --- the step --------------------------------------------------------------------
 
@@ -190,19 +235,10 @@ class TrainStep:
             segments: with `documents`, each input token's example index [micro_batch_size,
                 seq_length] in a packed finetune row (pretraining windows split at EOD instead).
         """
-        local = self._local
-        if local is not None:
-            local.clear()
-        else:
-            for chunk in self.chunks:
-                chunk.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            for param in self._grads_in_place:
-                param.grad = param.main_grad  # autograd adds into it (cpu_compat.hookless_ddp)
+        grads = self._grads
+        grads.clear()
         outputs = self._run_schedule(micro_batches, loss_masks, forward_only=False, segments=segments)
-
-        if local is None:  # (FP32Optimizer's would point param.grad back at the unused buffer)
-            self.optimizer.prepare_grads()
+        grads.prepare()
         grad_sq = self._grad_sq() if self._counts_grad_norm else None
         fault_point("step_before_reduce")
         loss_sum, num_tokens, grad_sq = self._reduce(outputs, grad_sq)
@@ -211,20 +247,13 @@ class TrainStep:
         nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
         # Every rank saw the same reduced numbers, so every rank skips together.
         if nonfinite or (self.update_guard is not None and not self.update_guard(loss, grad_norm)):
-            self.optimizer.zero_grad()
-            if local is None:
-                for chunk in self.chunks:
-                    chunk.zero_grad_buffer()
+            grads.discard()
             return StepResult(loss, grad_norm, nonfinite, int(num_tokens), applied=False)
 
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         if self.clip_grad > 0 and grad_norm > self.clip_grad:
-            if local is not None:
-                grads = local.grads()
-            else:
-                grads = [p.grad for inner in self._optimizers for p in inner.get_parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, self.clip_grad / (grad_norm + 1.0e-6))
+            torch._foreach_mul_(grads.grads(), self.clip_grad / (grad_norm + 1.0e-6))
         self.optimizer.step_with_ready_grads()
         return StepResult(loss, grad_norm, False, int(num_tokens))
 
@@ -282,19 +311,7 @@ class TrainStep:
         if self.documents is not None and (segments is not None or self.documents.eod_id is not None):
             items = [(batch, _Packed(mask, None if segments is None else segments[i].to(device, non_blocking=True)))
                      for i, (batch, mask) in enumerate(items)]
-        if self._local is not None:
-            return self._local.run(self._forward_step, items, forward_only=forward_only)
-        # Each VPP chunk walks the micro batches once, so each gets its own iterator.
-        iterators = [iter(items) for _ in self.chunks]
-        return self._forward_backward(
-            forward_step_func=self._forward_step,
-            data_iterator=iterators,
-            model=self.chunks,
-            num_microbatches=len(items),
-            seq_length=self.schedule_seq_length,
-            micro_batch_size=self.micro_batch_size,
-            forward_only=forward_only,
-        )
+        return self._grads.run(self._forward_step, items, forward_only=forward_only)
 
     def _forward_step(self, data_iterator: Iterator, model: torch.nn.Module):
         batch, mask = next(data_iterator)
@@ -334,10 +351,7 @@ class TrainStep:
         return total, count, (total.detach(), count)
 
     def _grad_sq(self) -> torch.Tensor:
-        if self._local is not None:
-            grads = self._local.norm_grads()
-        else:
-            grads = [grad for inner in self._norm_optimizers for grad in inner.get_main_grads_for_grad_norm()]
+        grads = self._grads.norm_grads()
         if not grads:
             return torch.zeros((), dtype=torch.float64, device=self.ctx.device)
         return torch.stack(torch._foreach_norm(grads)).double().square().sum()

@@ -12,6 +12,8 @@ import torch
 
 pytest.importorskip("megatron.core")
 
+from llmforge.runtime.local_schedule import LocalStep  # noqa: E402
+from llmforge.runtime.step import MegatronGrads  # noqa: E402
 from llmforge.spec.components import SGD, AdamW, GPTModel  # noqa: E402
 from llmforge.spec.schema import ParallelismConfig  # noqa: E402
 
@@ -35,7 +37,7 @@ def _step(options: dict, *, precision: str = "fp32", optimizer=None, local: bool
     step = TrainStep(chunks, wrapped, parallelism_ctx=ctx, seq_length=options["seq_length"], micro_batch_size=MICRO,
                      precision=precision, clip_grad=clip_grad)
     if not local:
-        step._local, step.local_refusal = None, "megatron's path, for comparison"
+        step._grads, step.local_refusal = MegatronGrads(step), "megatron's path, for comparison"
     return step
 
 
@@ -78,7 +80,7 @@ CASES = {
 def test_the_local_step_is_megatrons_bitwise(case):
     options, count, masked, optimizer = CASES[case]
     local, megatron = _step(options, optimizer=optimizer), _step(options, optimizer=optimizer, local=False)
-    assert local.local_refusal is None and local._local is not None
+    assert local.local_refusal is None and isinstance(local._grads, LocalStep)
     _assert_same(local, megatron)
     clipped = 0
     for i in range(4):
@@ -130,13 +132,13 @@ def test_where_megatrons_schedule_stays(precision, expected):
     if expected is None:
         assert step.local_refusal is None
     else:
-        assert expected in step.local_refusal and step._local is None
+        assert expected in step.local_refusal and isinstance(step._grads, MegatronGrads)
 
 
 def test_moe_keeps_megatrons_schedule():
     moe = dict(NANOGPT, num_moe_experts=2, moe_router_topk=2)
     step = _step(moe)
-    assert step.local_refusal == "megatron's ChainedOptimizer" and step._local is None
+    assert step.local_refusal == "megatron's ChainedOptimizer" and isinstance(step._grads, MegatronGrads)
     # Frozen experts (LoRA) leave one FP32Optimizer: the config still keeps megatron's schedule,
     # which scales the routers' auxiliary losses.
     from megatron.core.optimizer.optimizer import FP32Optimizer
