@@ -105,7 +105,8 @@ def probe(spec_path: str, overrides: list[str], layer: int) -> dict[str, Any]:
     for module_name, ref, shape, dtype in records:
         # The storage alone, never the tensor: a saved tensor with a grad_fn held here would keep
         # the whole graph (every activation) alive into the training steps below.
-        storage = ref().untyped_storage() if ref() is not None else None
+        storage = tensor.untyped_storage() if (tensor := ref()) is not None else None
+        del tensor
         if storage is None or storage.data_ptr() in seen:  # released during forward: not held for backward
             continue
         seen.add(storage.data_ptr())
@@ -113,7 +114,8 @@ def probe(spec_path: str, overrides: list[str], layer: int) -> dict[str, Any]:
         by_part[part][where] += storage.nbytes()
         if part == f"layer{layer}":
             layer_tensors.append({"module": where, "shape": list(shape), "dtype": dtype, "storage_bytes": storage.nbytes()})
-    del loss, storage, records
+    del loss, storage
+    records.clear()
     totals = {part: sum(v.values()) for part, v in by_part.items()}
     layers = [v for k, v in totals.items() if k.startswith("layer")]
     planned = layer_activation_terms(model_opts, precision=train.precision, tensor=par.tensor_model_parallel_size,
@@ -153,7 +155,7 @@ def report(result: dict[str, Any]) -> None:
     gib = 2**30
     print(f"{result['spec']} {' '.join(result['overrides'])} on {result['device']} ({result['precision']}, micro batch "
           f"{result['micro_batch_size']} × {result['seq_length']})")
-    print(f"layer {result['layer']} keeps {result['layer_tensors'] and sum(t['storage_bytes'] for t in result['layer_tensors']) / gib:.3f} GiB; "
+    print(f"layer {result['layer']} keeps {sum(t['storage_bytes'] for t in result['layer_tensors']) / gib:.3f} GiB; "
           f"mean over layers {result['saved_layers_mean'] / gib:.3f} GiB; planned {result['planned_layer_total'] / gib:.3f} GiB")
     for t in result["layer_tensors"]:
         print(f"  {t['module']:45s} {str(t['shape']):28s} {t['dtype']:9s} {t['storage_bytes'] / 2**20:10.1f} MiB")
