@@ -180,16 +180,18 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
                 context.log(f"[{stage.name}] step {step}: evaluator {options.name!r} ({reg.provider} {reg.version}) failed: "
                             f"{one_line(e)}; training continues (traceback in run.log)")
                 context.log.detail(traceback.format_exc())
-        sample = eval_ctx.sample(spec.logging.sample_prompt, spec.logging.sample_tokens, val_loader_fn)
-        if sample is not None and par.rank == 0:
-            metrics.text(f"{stage.name}/sample", f"```\n{sample}\n```", step)
-            context.log(f"[{stage.name}] sample @ {step}: {sample[:200]!r}")
-        # val_loss first: benchmarks/time_to_loss_bench.py reads it from this line.
+        # The metrics are shown as soon as they are known, before the text preview is generated
+        # (a nanoGPT-style loop prints its val loss as the val pass ends); val_loss first:
+        # benchmarks/time_to_loss_bench.py reads it from this line.
         shown = [f"val_loss {out['val_loss']:.4f} (ppl {out.get('val_ppl', math.nan):.2f})"] if "val_loss" in out else []
         shown += [f"{k} {v:.4g}" for k, v in out.items()
                   if k not in ("val_loss", "val_ppl") and isinstance(v, (int, float)) and not isinstance(v, bool)]
         if shown:
             context.log(f"[{stage.name}] step {step}: {', '.join(shown)}")
+        sample = eval_ctx.sample(spec.logging.sample_prompt, spec.logging.sample_tokens, val_loader_fn)
+        if sample is not None and par.rank == 0:
+            metrics.text(f"{stage.name}/sample", f"```\n{sample}\n```", step)
+            context.log(f"[{stage.name}] sample @ {step}: {sample[:200]!r}")
         return out
 
     def save_model(tmp: Path) -> None:
