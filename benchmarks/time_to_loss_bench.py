@@ -122,11 +122,16 @@ def _reference_main(recipe: dict) -> None:
         model.train()
         return float(sum(losses)) / sum(b[:, 1:].numel() for b in val_batches)
 
+    tick = recipe.get("tick")  # benchmarks/side_by_side.py: progress lines, as llmforge logs every log_interval steps
+    if tick:
+        print("training started", flush=True)
     for step in range(total):
         starts = torch.randint(len(train_data) - seq - 1, (batch,), generator=generator)
         tokens = torch.stack([train_data[s : s + seq + 1] for s in starts])
         ref.train_step(model, optimizer, [tokens], lr=lr_at(step), clip_grad=train.get("clip_grad"))
         done = step + 1
+        if tick and done % tick == 0:
+            print(f"step {done}/{total}", flush=True)
         if done % train["eval_interval"] == 0 or done == total:
             print(f"step {done} val_loss {val_loss():.4f}", flush=True)
 

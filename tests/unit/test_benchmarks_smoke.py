@@ -127,6 +127,23 @@ def test_model_benchmark_runs_quick_and_prints_its_line(name, tmp_path):
     assert len(more) == len(extra) and keys <= set(row["details"]), sorted(row["details"])
 
 
+@pytest.mark.slow
+def test_side_by_side_reports_each_round_and_a_median_of_segments():
+    """benchmarks/side_by_side.py: both runs report every 50 steps, pinned one per core, and a round's ratios come back."""
+    corpus = Path(os.environ.get("TINYSHAKESPEARE", ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"))
+    if not corpus.exists():
+        pytest.skip(f"side_by_side needs the tinyshakespeare corpus ({corpus} is absent; set TINYSHAKESPEARE)")
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("side_by_side pins each run to a core of its own: needs two")
+    proc = subprocess.run([sys.executable, "benchmarks/side_by_side.py", "--steps", "150", "--rounds", "1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "TINYSHAKESPEARE": str(corpus)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["segments"] == 2 and result["figure"] > 0  # steps 50-100 and 100-150
+    (round_,) = result["rounds"]
+    assert set(round_["ms_per_step"]) == {"llmforge", "reference"} and round_["spawned_first"] == "reference"
+
+
 def test_reference_gpt_has_the_gpt_options_shape_and_trains():
     """The baseline counts as many parameters as llmforge's size model for each switch, and its loss falls."""
     torch = pytest.importorskip("torch")
