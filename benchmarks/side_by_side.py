@@ -9,7 +9,8 @@ reports every 50 steps (llmforge's log line, the reference's `step N/M`). A segm
 llmforge's seconds for those 50 steps over the reference's for the same 50; the figure is the
 median over every segment of every round, and rounds swap the cores and which side is spawned
 first (two copies of one program read 1–3% apart by core and by spawn order here). Start-up is
-not in it: each side's clock starts at its first training step. `--llmforge-env` sets variables
+not in it: the first 50 steps are not compared (llmforge's clock starts with its stage, before
+the model is built; the reference's at its first step). `--llmforge-env` sets variables
 for llmforge's run only (a lever to try). Not part of `benchmarks/run.py`: a diagnostic, ~50 s
 a round.
 """
@@ -86,7 +87,9 @@ def side_by_side(steps: int, rounds: int, llmforge_env: dict[str, str]) -> dict:
         segments += ratios
         per_round.append({"llmforge_core": ours_core, "spawned_first": "llmforge" if llmforge_first else "reference",
                           "median_segment_ratio": round(statistics.median(ratios), 3),
-                          "ms_per_step": {side: round(out[side][common[-1]] / common[-1] * 1e3, 2) for side in out}})
+                          # from the first report on: before it llmforge's clock also holds the stage's build
+                          "ms_per_step": {side: round((out[side][common[-1]] - out[side][common[0]]) / (common[-1] - common[0]) * 1e3, 2)
+                                          for side in out}})
         print(f"round {rnd}: llmforge on core {ours_core}, {per_round[-1]['spawned_first']} spawned first: "
               f"median segment ratio {per_round[-1]['median_segment_ratio']}  {per_round[-1]['ms_per_step']} ms/step", flush=True)
     return {"figure": round(statistics.median(segments), 3), "segments": len(segments), "rounds": per_round,
