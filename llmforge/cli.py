@@ -502,6 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None and sys.argv[1:2] == ["run"]:
+        # The command line's own `llmforge run` (not a main(argv) inside another program): once,
+        # before torch is imported, re-execute with glibc's malloc tunables (runtime.host_malloc).
+        from llmforge.runtime.host_malloc import reexec_with_huge_pages
+
+        reexec_with_huge_pages()
     from llmforge.registry.components import RegistryError
     from llmforge.spec.errors import SpecError, UserError
 

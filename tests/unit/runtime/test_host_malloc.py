@@ -68,3 +68,45 @@ def test_a_user_setting_wins():
                           env={"PATH": "/usr/bin:/bin", "MALLOC_TRIM_THRESHOLD_": "131072"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert "MALLOC_TRIM_THRESHOLD_=131072" in done.stdout
+
+
+def test_huge_pages_are_asked_for_only_where_they_apply():
+    from llmforge.runtime.host_malloc import REEXEC_MARK, TUNABLES, huge_pages_env
+
+    env = huge_pages_env({"PATH": "/bin"}, thp="madvise", glibc=(2, 36), gpu=False)
+    assert env == {"PATH": "/bin", "GLIBC_TUNABLES": TUNABLES, REEXEC_MARK: "1"}
+    assert "glibc.malloc.hugetlb=1" in TUNABLES and "mmap_threshold=33554432" in TUNABLES
+    assert huge_pages_env({}, thp="always", glibc=(2, 35), gpu=False) is not None
+    for blocked in ({REEXEC_MARK: "1"}, {"LLMFORGE_HUGE_PAGES": "0"}, {"MALLOC_TOP_PAD_": "0"},
+                    {"GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}, {"LD_PRELOAD": "libtcmalloc.so"}):
+        assert huge_pages_env(blocked, thp="madvise", glibc=(2, 36), gpu=False) is None, blocked
+    assert huge_pages_env({}, thp="never", glibc=(2, 36), gpu=False) is None
+    assert huge_pages_env({}, thp=None, glibc=(2, 36), gpu=False) is None
+    assert huge_pages_env({}, thp="madvise", glibc=(2, 34), gpu=False) is None  # no hugetlb tunable before 2.35
+    assert huge_pages_env({}, thp="madvise", glibc=None, gpu=False) is None  # musl
+    assert huge_pages_env({}, thp="madvise", glibc=(2, 36), gpu=True) is None
+
+
+def test_the_command_line_run_reexecutes_once_with_the_tunables(tmp_path):
+    """`llmforge run` from the command line replaces itself (same pid) once, with the tunables; main(argv) never does."""
+    from llmforge.runtime import host_malloc
+
+    env = {k: v for k, v in __import__("os").environ.items()
+           if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD", host_malloc.REEXEC_MARK, "LLMFORGE_HUGE_PAGES")}
+    if host_malloc.huge_pages_env(env, thp=host_malloc._thp_mode(), glibc=host_malloc._glibc_version(), gpu=False) is None:
+        pytest.skip("no transparent huge pages or no glibc >= 2.35 here: llmforge runs as started")
+    code = ("import os, sys\n"
+            "print('start', os.getpid(), os.environ.get('LLMFORGE_MALLOC_TUNABLES'), os.environ.get('GLIBC_TUNABLES'), flush=True)\n"
+            "from llmforge.cli import main\n"
+            "if len(sys.argv) > 1:\n"
+            "    raise SystemExit(main(['run', 'missing.yaml']))\n"  # in-process main(argv): no re-exec
+            "sys.argv = ['llmforge', 'run', 'missing.yaml']\n"
+            "from llmforge.runtime import host_malloc\n"
+            "raise SystemExit(main())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    starts = [line.split() for line in done.stdout.splitlines() if line.startswith("start")]
+    assert done.returncode == 2, done.stderr[-2000:]  # the missing spec, named, after one re-exec
+    assert len(starts) == 2 and starts[0][1] == starts[1][1], starts  # the same process
+    assert starts[0][2:] == ["None", "None"] and starts[1][2:] == ["1", host_malloc.TUNABLES], starts
+    once = subprocess.run([sys.executable, "-c", code, "argv"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert once.returncode == 2 and len([x for x in once.stdout.splitlines() if x.startswith("start")]) == 1, once.stdout
