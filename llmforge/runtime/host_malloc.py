@@ -20,8 +20,9 @@ and a step that walks ~40 MB of activations, weights and optimizer state takes a
 few KiB. So `llmforge run` on a CPU machine re-executes itself once, before anything heavy is
 imported, with those tunables (the thresholds above included) in `GLIBC_TUNABLES`
 (`reexec_with_huge_pages`): side by side with the reference loop, llmforge's steady-state step
-went from 1.027 to 0.996 of the reference's (benchmarks/side_by_side.py's rounds; the same run
-without any of these settings read 1.043 of it with the thresholds alone). The reference loop
+went from 1.027–1.039 to 0.996–1.006 of the reference's (benchmarks/side_by_side.py's rounds;
+the same run without any of these settings read 1.043 of it with the thresholds alone). Child
+processes (torchrun's ranks, prepare's workers) inherit the tunables. The reference loop
 gains ~1% from the same tunables. `LLMFORGE_HUGE_PAGES=0` keeps the process as started.
 
 Not applied where the user chose: a preloaded allocator (`LD_PRELOAD`, e.g. jemalloc or
