@@ -45,13 +45,22 @@ TUNABLES = f"glibc.malloc.hugetlb=1:glibc.malloc.mmap_threshold={MMAP_THRESHOLD}
 THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def _glibc_version() -> tuple[int, int] | None:
+def _glibc() -> ctypes.CDLL | None:
+    """glibc's handle, None elsewhere (musl has neither mallopt's thresholds nor the tunables)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.gnu_get_libc_version.restype = ctypes.c_char_p
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def _glibc_version() -> tuple[int, int] | None:
+    libc = _glibc()
+    try:
         major, minor = libc.gnu_get_libc_version().decode().split(".")[:2]
         return int(major), int(minor)
-    except (OSError, AttributeError, ValueError):
+    except (AttributeError, ValueError):  # AttributeError: no glibc (None)
         return None
 
 
@@ -114,10 +123,8 @@ def keep_freed_memory() -> str | None:
     elif not ours and (choice := user_choice()) is not None:
         _state["skipped"] = f"the environment sets {choice}"
     else:
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.gnu_get_libc_version  # noqa: B018  (glibc only: musl has no mallopt thresholds)
-        except (OSError, AttributeError):
+        libc = _glibc()
+        if libc is None:
             _state["skipped"] = "not glibc"
             return None
         if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1:
