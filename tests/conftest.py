@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # Several test processes share 2 cores; one thread each avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The runs' cache of this CPU's measured matmul peak (runtime.device): one for the session, not the user's.
+os.environ.setdefault("LLMFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="llmforge-test-cache-"))
 
 
 @pytest.fixture

@@ -20,6 +20,9 @@ from llmforge.spec.errors import UserError
 if TYPE_CHECKING:
     from llmforge.runtime.step import TrainStep
 
+# The MFU peaks this process has named in the log (runtime.device.rank_peak).
+_PEAKS_SHOWN: set[str] = set()
+
 
 class StageHooks:
     """What a training stage may change in `build_training`; the defaults are pretraining's.
@@ -93,7 +96,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
                         "give the stage a val split (val_fraction > 0), or drop val_loss from its evaluators")
     from llmforge.models.size import flops_per_token
     from llmforge.runtime.checkpoint import CheckpointManager
-    from llmforge.runtime.device import memory_mb, peak_flops
+    from llmforge.runtime.device import memory_mb, rank_peak
     from llmforge.runtime.evaluate import EvalContext, MetricKeys, build_evaluators, val_batches_of
     from llmforge.runtime.faults import install_loss_faults
     from llmforge.runtime.guards import SpikeGuard
@@ -241,10 +244,14 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
             return counted_step(batch, lr)
 
     tokens_per_step = train.global_batch_size * seq_length
+    peak, peak_source = rank_peak(train.precision, par.device, local_world_size=par.local_world_size)
+    if peak_source not in _PEAKS_SHOWN:  # once a process: every stage of a run divides by the same peak
+        _PEAKS_SHOWN.add(peak_source)
+        context.log(f"[{stage.name}] mfu is against {peak_source}")
     loop = Loop(stage=stage.name, train=train, total=total, step_fn=train_step, loader=loader, schedule=schedule,
                 evaluate=evaluate, metrics=metrics, log=context.log, ckpt=ckpt, checkpoint_interval=spec.checkpoint.interval,
                 save_model=save_model, load_model=load_model, rng=RngState(spec.seed, world_size=par.world_size), tokens_per_step=tokens_per_step,
-                flops_per_token=flops_per_token(model_opts, seq_length), peak_flops=peak_flops(train.precision, par.device),
+                flops_per_token=flops_per_token(model_opts, seq_length), peak_flops=peak,
                 rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval, guard=guard, any_rank=any_rank,
                 preempt_timeout=spec.checkpoint.preempt_timeout, world_size=par.world_size,
                 train_metrics=None if router_metrics is None else router_metrics.read, stage_model=stage_model)

@@ -24,6 +24,9 @@ def test_tiny_spec_end_to_end(tiny_run):
     assert [r["step"] for r in train] == list(range(1, 13))
     assert set(train[0]) >= {"kind", "stage", "step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
     assert train[-1]["tokens"] == 12 * 8 * 64
+    # MFU against this CPU's measured matmul peak: a share of it, named in the log
+    assert all(0.0 < r["mfu"] < 1.0 for r in train)
+    assert "mfu is against 1 × this CPU's fp32 matmul peak on one core" in (tiny_run / "run.log").read_text()
     assert train[-1]["loss"] < train[0]["loss"] - 0.3  # it learns
     evals = [r for r in rows(tiny_run, "eval") if r["stage"] == "pretrain"]
     assert [r["step"] for r in evals] == [6, 12] and evals[-1]["val_ppl"] > 1

@@ -1,11 +1,23 @@
-"""MFU's peak FLOP/s comes from the planner's catalog: one table for `plan` and `run`."""
+"""MFU's peak FLOP/s: a GPU's datasheet from the planner's catalog, a CPU's own matmul peak measured."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
+import torch.utils.benchmark as benchmark
 
 from llmforge.plan.catalog import CATALOG, match_gpu
-from llmforge.runtime.device import peak_flops
+from llmforge.runtime import device
+from llmforge.runtime.device import cpu_core_peak, peak_flops, rank_cores, rank_peak
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMFORGE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LLMFORGE_PEAK_FLOPS", raising=False)
+    return tmp_path / device.CACHE_FILE
 
 
 def test_gpu_names_map_to_catalog_entries():
@@ -14,16 +26,61 @@ def test_gpu_names_map_to_catalog_entries():
     assert match_gpu("Tesla T4") is None
 
 
-def test_cpu_peak_scales_with_threads_and_env_overrides(monkeypatch):
-    monkeypatch.delenv("LLMFORGE_PEAK_FLOPS", raising=False)
+def test_a_cpu_peak_is_never_below_what_a_plain_matmul_reaches(cache):
+    """MFU over 100% was the symptom (a catalog figure below this CPU's one-thread rate): the
+    measured peak must bound torch's own GEMM rate, timed here by torch.utils.benchmark."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            a, b = torch.randn(768, 768, dtype=torch_dtype), torch.randn(768, 768, dtype=torch_dtype)
+            timer = benchmark.Timer("torch.mm(a, b)", globals={"torch": torch, "a": a, "b": b}, num_threads=1)
+            achieved = 2 * 768**3 / timer.blocked_autorange(min_run_time=0.3).median
+            peak = cpu_core_peak(dtype)["flops"]
+            assert achieved <= 1.1 * peak, (dtype, achieved, peak)
+            assert peak < 50 * achieved  # and not absurdly above it
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_the_peak_is_measured_once_per_dtype_and_cached(cache, monkeypatch):
+    calls = []
+    monkeypatch.setattr(device, "_measure", lambda dtype, size: calls.append(dtype) or {"fp32": 1e11, "bf16": 2e11}[dtype])
+    assert cpu_core_peak("fp32")["flops"] == 1e11 and cpu_core_peak("bf16")["flops"] == 2e11
+    assert cpu_core_peak("fp32")["flops"] == 1e11
+    assert calls == ["fp32", "bf16"]
+    entries = json.loads(cache.read_text())
+    assert sorted(entry["flops"] for entry in entries.values()) == [1e11, 2e11]
+    assert all(torch.__version__ in key and "one core" in key for key in entries)
+    assert not list(cache.parent.glob(".*.tmp"))  # written atomically
+
+
+def test_a_corrupt_or_unwritable_cache_means_measuring_again(cache, monkeypatch, tmp_path):
+    monkeypatch.setattr(device, "_measure", lambda dtype, size: 3e10)
+    cache.write_text("{not json")
+    assert cpu_core_peak("fp32")["flops"] == 3e10
+    assert list(json.loads(cache.read_text()).values())[0]["flops"] == 3e10
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("LLMFORGE_CACHE_DIR", str(blocker / "cache"))  # a directory that cannot be made
+    assert cpu_core_peak("fp32")["flops"] == 3e10
+
+
+def test_a_rank_peak_is_its_cores_times_one_core(cache, monkeypatch):
+    monkeypatch.setattr(device, "_measure", lambda dtype, size: {"fp32": 1e11, "bf16": 2e11}[dtype])
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = peak_flops("bf16", "cpu")
+        assert rank_cores() == 1 and peak_flops("fp32", "cpu") == 1e11
         torch.set_num_threads(2)
-        assert peak_flops("bf16", "cpu") == 2 * one == CATALOG["cpu"].peak_flops_bf16
-        assert peak_flops("fp32", "cpu") < peak_flops("bf16", "cpu")
+        assert rank_cores() == 2 and peak_flops("bf16", "cpu") == 4e11 and peak_flops("bf16-autocast", "cpu") == 4e11
+        # two ranks of two threads each on two cores share them: the job's peak stays the machine's
+        assert rank_cores(local_world_size=2) == 1 and peak_flops("fp32", "cpu", local_world_size=2) == 1e11
+        assert rank_cores(local_world_size=4) == 0.5
+        flops, source = rank_peak("fp32", "cpu")
+        assert flops == 2e11 and source.startswith("2 × this CPU's fp32 matmul peak on one core, 100.0 GFLOP/s") and str(cache) in source
     finally:
         torch.set_num_threads(threads)
     monkeypatch.setenv("LLMFORGE_PEAK_FLOPS", "1e12")
-    assert peak_flops("fp32", "cpu") == 1e12
+    assert rank_peak("fp32", "cpu") == (1e12, "LLMFORGE_PEAK_FLOPS, 1,000.0 GFLOP/s a rank")
