@@ -297,6 +297,7 @@ class Loop:
                 # killed) never costs the step's checkpoint. The final one (the stage's last, or
                 # SIGTERM's) is written at once, after any still in the background.
                 saving = (self.interval and c.step % self.interval == 0) or last or preempted
+                paused = time.perf_counter()
                 if saving:
                     path = self.save(background=self.stage_model is not None and not (last or preempted))
                 if self.is_eval_step(c.step):
@@ -309,6 +310,9 @@ class Loop:
                         last_eval = self.evaluate(c.step)
                         if last_eval:
                             self.metrics.write({"kind": "eval", "stage": self.stage, "step": c.step, "tokens": c.tokens, **last_eval})
+                # tokens_per_s (and mfu) measure training: the time of evaluations and checkpoint saves
+                # (a background save's snapshot) is left out, as Megatron-LM's interval timer leaves it out.
+                last_log_time += time.perf_counter() - paused
                 if preempted:
                     raise Preempted(f"[{self.stage}] SIGTERM: checkpoint {path} written {sigterm.elapsed():.1f} s after the signal "
                                     f"(checkpoint.preempt_timeout {self.preempt_timeout:g} s); continue with --resume")
