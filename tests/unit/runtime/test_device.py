@@ -84,3 +84,13 @@ def test_a_rank_peak_is_its_cores_times_one_core(cache, monkeypatch):
         torch.set_num_threads(threads)
     monkeypatch.setenv("LLMFORGE_PEAK_FLOPS", "1e12")
     assert rank_peak("fp32", "cpu") == (1e12, "LLMFORGE_PEAK_FLOPS, 1,000.0 GFLOP/s a rank")
+
+
+def test_a_gpu_peak_is_the_datasheet_and_an_unknown_gpu_has_none(monkeypatch):
+    monkeypatch.delenv("LLMFORGE_PEAK_FLOPS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA H100 80GB HBM3")
+    flops, source = rank_peak("bf16", "cuda:0")
+    assert flops == CATALOG["h100-80gb"].peak_flops_bf16 and source == "the NVIDIA H100 SXM 80 GB datasheet's dense bf16 peak, 989.4 TFLOP/s"
+    assert rank_peak("fp32", "cuda:0")[0] == CATALOG["h100-80gb"].peak_flops_fp32
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla T4")
+    assert rank_peak("bf16", "cuda") == (0.0, "no datasheet peak for Tesla T4 (set LLMFORGE_PEAK_FLOPS for MFU)")
