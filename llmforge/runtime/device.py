@@ -146,10 +146,14 @@ def _write(path: Path, key: str, entry: dict) -> None:
 
 
 def memory_mb() -> float:
+    """This rank's peak memory so far, MiB: torch's peak allocated on a GPU, the process's peak
+    resident set on a CPU (the train rows' `memory_mb`: a high-water mark on both)."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    import psutil
+    import resource
+    import sys
 
-    return psutil.Process().memory_info().rss / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux

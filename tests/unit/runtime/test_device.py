@@ -94,3 +94,14 @@ def test_a_gpu_peak_is_the_datasheet_and_an_unknown_gpu_has_none(monkeypatch):
     assert rank_peak("fp32", "cuda:0")[0] == CATALOG["h100-80gb"].peak_flops_fp32
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla T4")
     assert rank_peak("bf16", "cuda") == (0.0, "no datasheet peak for Tesla T4 (set LLMFORGE_PEAK_FLOPS for MFU)")
+
+
+def test_memory_is_the_peak_not_what_is_resident_now():
+    from llmforge.runtime.device import memory_mb
+
+    before = memory_mb()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    during = memory_mb()
+    del block
+    assert during >= before
+    assert memory_mb() >= during  # freed memory leaves the high-water mark where it was
