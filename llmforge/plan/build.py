@@ -70,7 +70,8 @@ def _training_stage(spec: Any, index: int, stage: Any, budget: StageBudget, devi
     largest = max(ranks, key=lambda r: r.total)
     usable = fit.usable_bytes_per_rank(device, layout)
     fits = largest.total <= usable
-    step = cost.step_time(model, finetune.rows_layout(layout, stage), device, precision=train.precision, seq_length=seq, mfu=mfu)
+    step = cost.step_time(model, finetune.rows_layout(layout, stage), device, precision=train.precision, seq_length=seq, mfu=mfu,
+                          stage=stage)
     found = None if fits else fit.cheapest_fit(model, layout, shardable_optimizer=train.optimizer.name == "adamw", mfu=mfu, **kw)
     state_bytes, state_note = optimizer_state_bytes_per_param(train.optimizer, precision=train.precision)
     each = finetune.checkpoint_bytes(model, stage, train.optimizer, precision=train.precision)
@@ -87,6 +88,7 @@ def _training_stage(spec: Any, index: int, stage: Any, budget: StageBudget, devi
         "fix": _fix(spec, index, layout, found),
         "step_time_s": step.seconds,
         "step_time": step.as_dict(),
+        "flops_per_token": finetune.flops_per_token(model, stage, seq),
         "tokens_per_s": budget.tokens_per_step / step.seconds if step.seconds else None,
         "total_time_s": None if budget.steps is None else budget.steps * step.seconds,
         "checkpoints": cost.checkpoint_schedule(budget.steps, spec.checkpoint.interval, spec.checkpoint.keep_last, each),

@@ -81,10 +81,13 @@ def device_peak(device: Device, layout: Layout, precision: str) -> float:
     return device.peak_flops(precision) / share
 
 
-def step_time(model: Any, layout: Layout, device: Device, *, precision: str, seq_length: int, mfu: float) -> StepTime:
+def step_time(model: Any, layout: Layout, device: Device, *, precision: str, seq_length: int, mfu: float, stage: Any = None) -> StepTime:
+    from llmforge.plan.finetune import flops_per_token
+
     tokens = layout.global_batch_size * seq_length
-    # The time at which model_flops_utilization(tokens / compute, ...) equals the assumed MFU.
-    compute = tokens * size.flops_per_token(model, seq_length) / (layout.world_size * device_peak(device, layout, precision) * mfu)
+    # The time at which model_flops_utilization(tokens / compute, ...) equals the assumed MFU; a
+    # finetune stage's FLOPs per token are its own (frozen weights, a reference's forward).
+    compute = tokens * flops_per_token(model, stage, seq_length) / (layout.world_size * device_peak(device, layout, precision) * mfu)
     factor = recompute_factor(model, layout.recompute, seq_length)
     bubble = (layout.pipeline - 1) / (layout.num_microbatches * layout.virtual)
     tp = 1.0 + TP_SLOWDOWN_PER_DOUBLING * math.log2(layout.tensor)

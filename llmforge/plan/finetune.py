@@ -35,7 +35,13 @@ def sequence_length(model: Any, stage: Any) -> int:
     length = getattr(stage, "max_seq_length", None) or model.seq_length
     if stage.type == "prompt_tuning":
         length += stage.prompt_tuning.num_virtual_tokens
-    return length + (1 if stage.type == "reward_model" else 0)
+    return row_length(stage, length)
+
+
+def row_length(stage: Any, length: int) -> int:
+    """The tokens a row of a stage of `length` (its inputs and their targets) puts through the model:
+    a reward model's rows are one longer, since it scores the last token."""
+    return length + (1 if getattr(stage, "type", None) == "reward_model" else 0)
 
 
 def rows_layout(layout: Layout, stage: Any) -> Layout:
@@ -105,6 +111,31 @@ def _frozen_base_savings(model: Any, layout: Layout, stage: Any, pipeline_stage:
     if pipeline_stage == layout.pipeline - 1:
         drop += normalized + split * h * res
     return drop
+
+
+def flops_per_token(model: Any, stage: Any, seq_length: int | None = None) -> float:
+    """Model FLOPs per counted token of `stage`: what its MFU (plan and run alike) divides by the peak.
+
+    Full training (pretrain, sft, reward_model) is 6·N + attention (`size.flops_per_token`). A
+    frozen base (lora, prompt_tuning) computes no weight gradients, only the forward and the
+    input gradients that reach the adapters or the soft prompt: 4·N, plus 6 per adapter parameter,
+    plus attention (whose backward it still runs). dpo also runs the frozen reference's forward on
+    every row the policy trains on: + 2·N and attention's forward. rl counts one policy update per
+    rollout token: its sampling, its further updates and the frozen models' scoring are left out,
+    so its MFU reads low. Recompute is never counted (model FLOPs, not hardware FLOPs).
+    """
+    full = size.flops_per_token(model, seq_length)
+    kind = getattr(stage, "type", None)
+    if kind in FROZEN_BASE:
+        adapters = 0
+        if kind == "lora":
+            shapes = _lora_linears(model, 1)
+            adapters = model.num_layers * sum(stage.lora.rank * (fan_in + fan_out) for target, (fan_in, fan_out) in shapes.items()
+                                              if target in stage.lora.target_modules)
+        return full - 2.0 * size.matmul_params(model) + 6.0 * adapters
+    if kind == "dpo":
+        return full + 2.0 * size.matmul_params(model) + size.attention_flops_per_token(model, seq_length) / 3
+    return full
 
 
 def trainable_per_rank(model: Any, layout: Layout, stage: Any) -> list[int] | None:

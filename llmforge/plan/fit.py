@@ -78,7 +78,7 @@ def evaluate(model: Any, layout: Layout, *, precision: str, optimizer: Any, seq_
         layout=layout,
         largest=largest_rank(model, layout, precision=precision, optimizer=optimizer, seq_length=seq_length, device=device,
                              stage=stage, documents=documents),
-        step=step_time(model, layout, device, precision=precision, seq_length=seq_length, mfu=mfu),
+        step=step_time(model, layout, device, precision=precision, seq_length=seq_length, mfu=mfu, stage=stage),
         usable=usable_bytes_per_rank(device, layout),
     )
 

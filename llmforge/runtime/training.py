@@ -94,7 +94,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         # Refused before any work: an evaluator failing at every evaluation would only be logged.
         raise UserError(f"stage {stage.name!r} has no val split, but its {', '.join(readers)} evaluator reads it",
                         "give the stage a val split (val_fraction > 0), or drop val_loss from its evaluators")
-    from llmforge.models.size import flops_per_token
+    from llmforge.plan.finetune import flops_per_token, row_length
     from llmforge.runtime.checkpoint import CheckpointManager
     from llmforge.runtime.device import memory_mb, rank_peak
     from llmforge.runtime.evaluate import EvalContext, MetricKeys, build_evaluators, val_batches_of
@@ -251,7 +251,7 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
     loop = Loop(stage=stage.name, train=train, total=total, step_fn=train_step, loader=loader, schedule=schedule,
                 evaluate=evaluate, metrics=metrics, log=context.log, ckpt=ckpt, checkpoint_interval=spec.checkpoint.interval,
                 save_model=save_model, load_model=load_model, rng=RngState(spec.seed, world_size=par.world_size), tokens_per_step=tokens_per_step,
-                flops_per_token=flops_per_token(model_opts, seq_length), peak_flops=peak,
+                flops_per_token=flops_per_token(model_opts, stage, row_length(stage, seq_length)), peak_flops=peak,
                 rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval, guard=guard, any_rank=any_rank,
                 preempt_timeout=spec.checkpoint.preempt_timeout, world_size=par.world_size,
                 train_metrics=None if router_metrics is None else router_metrics.read, stage_model=stage_model)

@@ -97,6 +97,22 @@ def test_each_stage_evaluates_its_starting_checkpoint_then_trains(finetune_run):
     assert {"reward_mean", "reward/exact_match", "reward/reward_model", "uniform_groups"} <= set(rollouts[0])
 
 
+def test_each_stage_mfu_divides_by_the_flops_its_plan_counts(finetune_run, spec_path, capsys):
+    """A frozen base computes no weight gradients and DPO runs its reference's forward too: each
+    stage's mfu over tokens_per_s is `llmforge plan`'s FLOPs per token for that stage over one peak."""
+    from llmforge.cli import main
+
+    assert main(["plan", str(spec_path), "--gpu", "cpu", "--json"]) == 0
+    plan = {stage["name"]: stage for stage in json.loads(capsys.readouterr().out)["stages"]}
+    train = rows(finetune_run, "train")
+    pretrain = next(r for r in train if r["stage"] == "pretrain")
+    peak = pretrain["tokens_per_s"] * plan["pretrain"]["flops_per_token"] / pretrain["mfu"]
+    for stage in ("pretrain", "sft", "lora", "prompt", "dpo", "rm", "rl"):
+        for row in (r for r in train if r["stage"] == stage):
+            assert row["mfu"] == pytest.approx(row["tokens_per_s"] * plan[stage]["flops_per_token"] / peak, rel=1e-9), (stage, row)
+    assert plan["lora"]["flops_per_token"] < plan["sft"]["flops_per_token"] < plan["dpo"]["flops_per_token"]
+
+
 def test_frozen_base_stages_save_what_they_train(finetune_run):
     ckpt = finetune_run / "checkpoints"
     # LoRA: adapters alone (plus how to rebuild the model), and the merged model at the end.
