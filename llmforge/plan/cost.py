@@ -18,7 +18,7 @@ from typing import Any
 
 from llmforge.models import size
 from llmforge.plan.catalog import Device
-from llmforge.plan.memory import FP32, Layout, optimizer_state_bytes_per_param, weight_bytes
+from llmforge.plan.memory import Layout, optimizer_state_bytes_per_param, weight_bytes
 
 # Tensor parallelism adds all-reduces (or all-gathers and reduce-scatters with sequence
 # parallelism) on the critical path of every layer; inside an NVLink node Megatron loses
