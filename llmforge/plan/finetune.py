@@ -120,9 +120,11 @@ def flops_per_token(model: Any, stage: Any, seq_length: int | None = None) -> fl
     frozen base (lora, prompt_tuning) computes no weight gradients, only the forward and the
     input gradients that reach the adapters or the soft prompt: 4·N, plus 6 per adapter parameter,
     plus attention (whose backward it still runs). dpo also runs the frozen reference's forward on
-    every row the policy trains on: + 2·N and attention's forward. rl counts one policy update per
-    rollout token: its sampling, its further updates and the frozen models' scoring are left out,
-    so its MFU reads low. Recompute is never counted (model FLOPs, not hardware FLOPs).
+    every row the policy trains on: + 2·N and attention's forward. rl, per rollout token:
+    `updates_per_rollout` policy updates, plus one forward each for sampling it (prefill or
+    decode), the old policy's log-probs (with more than one update), the reference's (kl_coef >
+    0) and every `reward_model` reward's score. Recompute is never counted (model FLOPs, not
+    hardware FLOPs).
     """
     full = size.flops_per_token(model, seq_length)
     kind = getattr(stage, "type", None)
@@ -133,8 +135,13 @@ def flops_per_token(model: Any, stage: Any, seq_length: int | None = None) -> fl
             adapters = model.num_layers * sum(stage.lora.rank * (fan_in + fan_out) for target, (fan_in, fan_out) in shapes.items()
                                               if target in stage.lora.target_modules)
         return full - 2.0 * size.matmul_params(model) + 6.0 * adapters
+    forward = 2.0 * size.matmul_params(model) + size.attention_flops_per_token(model, seq_length) / 3
     if kind == "dpo":
-        return full + 2.0 * size.matmul_params(model) + size.attention_flops_per_token(model, seq_length) / 3
+        return full + forward
+    if kind == "rl":
+        forwards = (1 + (stage.updates_per_rollout > 1) + (stage.kl_coef > 0)
+                    + sum(getattr(reward, "name", None) == "reward_model" for reward in stage.rewards))
+        return stage.updates_per_rollout * full + forwards * forward
     return full
 
 

@@ -96,3 +96,18 @@ def test_dpo_adds_the_reference_forward():
     assert reference == pytest.approx(2 * (size.matmul_params(shape) - norms), rel=1e-9)
     dpo = flops_per_token(shape, SimpleNamespace(type="dpo"), 16) - 4 * _attention(shape) / 3  # the policy's and the reference's attention
     assert dpo - 8 * norms == pytest.approx(policy + reference, rel=1e-9)
+
+
+def test_rl_counts_its_updates_and_every_forward_of_a_rollout():
+    shape = GPTModel(**OPTIONS)
+    full = flops_per_token(shape, SimpleNamespace(type="pretrain"), 16)
+    forward = flops_per_token(shape, SimpleNamespace(type="dpo"), 16) - full  # one reference forward, measured above
+
+    def rl(updates: int, kl: float, *rewards: str) -> float:
+        stage = SimpleNamespace(type="rl", updates_per_rollout=updates, kl_coef=kl, rewards=[SimpleNamespace(name=n) for n in rewards])
+        return flops_per_token(shape, stage, 16)
+
+    assert rl(1, 0.0, "exact_match") == pytest.approx(full + forward)  # the update and the sampler's forward
+    assert rl(1, 0.04, "exact_match") == pytest.approx(full + 2 * forward)  # the reference's log-probs
+    assert rl(2, 0.04, "exact_match") == pytest.approx(2 * full + 3 * forward)  # the old policy's log-probs, a second update
+    assert rl(2, 0.04, "exact_match", "reward_model") == pytest.approx(2 * full + 4 * forward)  # a reward model's score
