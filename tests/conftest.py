@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -14,7 +16,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # Several test processes share 2 cores; one thread each avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The runs' cache of this CPU's measured matmul peak (runtime.device): one for the session, not the user's.
-os.environ.setdefault("LLMFORGE_CACHE_DIR", tempfile.mkdtemp(prefix="llmforge-test-cache-"))
+if "LLMFORGE_CACHE_DIR" not in os.environ:
+    os.environ["LLMFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmforge-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["LLMFORGE_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture
