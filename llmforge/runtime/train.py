@@ -120,6 +120,7 @@ class Loop:
         rng: object with a `seed` and save()/load() of this rank's RNG streams (runtime/rng.py RngState).
         tokens_per_step: tokens of a step whose loader does not count them (`last_batch_tokens`).
         peak_flops: one device's peak FLOP/s; with `world_size` it gives MFU (`model_flops_utilization`).
+        peak_source: where that peak comes from, in words, for the warning an MFU above 100% gets.
         guard: the SpikeGuard the step function consults before each update, or None.
         any_rank: callable(flag) -> whether any rank's flag is set (a collective; identity on one process).
         preempt_timeout: seconds after SIGTERM for the final checkpoint.
@@ -135,7 +136,7 @@ class Loop:
                  tokens_per_step: int, flops_per_token: float, peak_flops: float, rank: int, memory_fn,
                  log_interval: int, guard=None, any_rank: Callable[[bool], bool] = bool, preempt_timeout: float = 120.0,
                  world_size: int = 1, train_metrics: Callable[[], dict[str, float]] | None = None,
-                 stage_model: Callable[[Path], Any] | None = None):
+                 stage_model: Callable[[Path], Any] | None = None, peak_source: str = ""):
         self.stage, self.train, self.total = stage, train, total
         self.step_fn, self.loader, self.schedule, self.evaluate = step_fn, loader, schedule, evaluate
         self.metrics, self.log, self.ckpt, self.interval = metrics, log, ckpt, checkpoint_interval
@@ -145,6 +146,7 @@ class Loop:
         self.rank, self.world_size, self.memory_fn, self.log_interval = rank, world_size, memory_fn, log_interval
         self.guard, self.any_rank, self.preempt_timeout = guard, any_rank, preempt_timeout
         self.train_metrics = train_metrics
+        self.peak_source, self._peak_warned = peak_source, False
         self.counters = Counters()
         self.last_eval: dict[str, Any] = {}  # the latest evaluation (an owed one made up on resume), for the summary
         self.resume_notes: list[str] = []  # what the checkpoint restored says, logged by announce_resume
@@ -285,6 +287,13 @@ class Loop:
                     row = {"kind": "train", "stage": self.stage, "step": c.step, "tokens": c.tokens, "loss": loss, "lr": lr,
                            "grad_norm": result.grad_norm, "tokens_per_s": tps, "mfu": mfu, "skipped_steps": c.skipped,
                            "spikes": c.spikes, "skipped_samples": getattr(self.loader, "skipped", 0), "memory_mb": self.memory_fn()}
+                    if mfu is not None and mfu > 1.0 and not self._peak_warned:
+                        # More model FLOP/s than the peak: the peak is wrong, not the run (a CPU peak measured
+                        # while something else loaded the core reads low).
+                        self._peak_warned = True
+                        self.log(f"warning: [{self.stage}] mfu {mfu:.0%} is above 100%: the peak it divides by "
+                                 f"({self.peak_source or f'{self.peak_flops:.4g} FLOP/s a rank'}) is below what this run reaches; "
+                                 "set LLMFORGE_PEAK_FLOPS to the device's peak, or on a CPU delete the cached peak to measure it again")
                     extra = self.train_metrics() if self.train_metrics is not None else {}
                     row.update(extra)
                     self.metrics.write(row)

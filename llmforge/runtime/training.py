@@ -254,5 +254,6 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
                 flops_per_token=flops_per_token(model_opts, stage, row_length(stage, seq_length)), peak_flops=peak,
                 rank=par.rank, memory_fn=memory_mb, log_interval=spec.logging.log_interval, guard=guard, any_rank=any_rank,
                 preempt_timeout=spec.checkpoint.preempt_timeout, world_size=par.world_size,
-                train_metrics=None if router_metrics is None else router_metrics.read, stage_model=stage_model)
+                train_metrics=None if router_metrics is None else router_metrics.read, stage_model=stage_model,
+                peak_source=peak_source)
     return {"loop": loop, "ckpt": ckpt, "metrics": metrics, "chunks": chunks, "step": step_fn, "eval": eval_ctx, "server": server}

@@ -44,3 +44,16 @@ def test_the_interval_after_an_evaluation_or_a_save_reads_the_training_rate(eval
         seconds = 400 / row["tokens_per_s"]
         assert 4 * STEP_S <= seconds < 4 * STEP_S + PAUSE_S / 2, row
         assert row["mfu"] == pytest.approx(row["tokens_per_s"] * 6.0 / 1e4)
+
+
+def test_an_mfu_above_one_says_the_peak_is_wrong_once():
+    logged: list[str] = []
+    train = SimpleNamespace(eval_interval=None, on_nonfinite="skip", lr_schedule=SimpleNamespace(name="constant"))
+    loop = Loop(stage="pretrain", train=train, total=4, step_fn=lambda batch, lr: SimpleNamespace(loss=1.0, grad_norm=1.0, nonfinite=False),
+                loader=SimpleNamespace(next_global_batch=lambda: None, state_dict=lambda: {}), schedule=lambda step: 1e-3, evaluate=None,
+                metrics=SimpleNamespace(write=lambda row: None), log=logged.append, ckpt=SimpleNamespace(save=lambda *a: Path("x"), settle=lambda timeout=None: None),
+                checkpoint_interval=None, save_model=None, load_model=None, rng=SimpleNamespace(seed=1), tokens_per_step=100,
+                flops_per_token=6.0, peak_flops=1.0, rank=0, memory_fn=lambda: 0.0, log_interval=1, peak_source="a peak far too low")
+    loop.run()
+    warnings = [line for line in logged if line.startswith("warning:")]
+    assert len(warnings) == 1 and "above 100%" in warnings[0] and "(a peak far too low)" in warnings[0] and "LLMFORGE_PEAK_FLOPS" in warnings[0]
