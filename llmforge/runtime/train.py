@@ -306,10 +306,13 @@ class Loop:
                 # killed) never costs the step's checkpoint. The final one (the stage's last, or
                 # SIGTERM's) is written at once, after any still in the background.
                 saving = (self.interval and c.step % self.interval == 0) or last or preempted
+                evaluating = self.is_eval_step(c.step)
+                if not (saving or evaluating):
+                    continue
                 paused = time.perf_counter()
                 if saving:
                     path = self.save(background=self.stage_model is not None and not (last or preempted))
-                if self.is_eval_step(c.step):
+                if evaluating:
                     if preempted:  # the resumed run makes it up (RunContext.run_loop: an owed evaluation)
                         self.log(f"[{self.stage}] step {c.step}: evaluation skipped, SIGTERM received")
                     else:
