@@ -91,12 +91,9 @@ def machine() -> dict[str, Any]:
     """What the figures were measured on; torch's version is read without importing it."""
     from importlib.metadata import PackageNotFoundError, version
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    from llmforge.runtime.device import cpu_name
+
+    cpu = cpu_name()
     try:
         torch_version = version("torch")
     except PackageNotFoundError:

@@ -17,11 +17,6 @@ _MIN_S, _STEADY_S, _MAX_S = 0.2, 0.1, 1.0
 _SIZE = 512  # runs one core at its peak: 2.7 ms a matmul here
 
 
-def peak_flops(precision: str, device: str, *, local_world_size: int = 1) -> float:
-    """One rank's peak dense FLOP/s for MFU (`rank_peak`)."""
-    return rank_peak(precision, device, local_world_size=local_world_size)[0]
-
-
 def rank_peak(precision: str, device: str, *, local_world_size: int = 1) -> tuple[float, str]:
     """(one rank's peak dense FLOP/s for MFU, where it comes from, in words).
 
@@ -43,11 +38,16 @@ def rank_peak(precision: str, device: str, *, local_world_size: int = 1) -> tupl
         if known is None:
             return 0.0, f"no datasheet peak for {name} (set LLMFORGE_PEAK_FLOPS for MFU)"
         peak = known.peak_flops(precision)
-        return peak, f"the {known.description} datasheet's dense {'fp32' if precision == 'fp32' else 'bf16'} peak, {peak / 1e12:,.1f} TFLOP/s"
-    dtype, cores = ("fp32" if precision == "fp32" else "bf16"), rank_cores(local_world_size)
+        return peak, f"the {known.description} datasheet's dense {_peak_dtype(precision)} peak, {peak / 1e12:,.1f} TFLOP/s"
+    dtype, cores = _peak_dtype(precision), rank_cores(local_world_size)
     measured = cpu_core_peak(dtype)
     return cores * measured["flops"], (f"{cores:g} × this CPU's {dtype} matmul peak on one core, {measured['flops'] / 1e9:,.1f} "
                                        f"GFLOP/s (measured {measured['measured'][:10]}, cached in {measured['cache']})")
+
+
+def _peak_dtype(precision: str) -> str:
+    # As the catalog's Device.peak_flops: fp32's peak for fp32, bf16's for every other precision (fp8 too).
+    return "fp32" if precision == "fp32" else "bf16"
 
 
 def rank_cores(local_world_size: int = 1) -> float:
@@ -72,7 +72,7 @@ def cpu_core_peak(dtype: str) -> dict:
     """
     import torch
 
-    key = f"{_cpu_name()} | {os.cpu_count()} cpus | torch {torch.__version__} | {dtype} | one core"
+    key = f"{cpu_name()} | {os.cpu_count()} cpus | torch {torch.__version__} | {dtype} | one core"
     path = cache_dir() / CACHE_FILE
     known = _read(path).get(key)
     if isinstance(known, dict) and isinstance(known.get("flops"), (int, float)) and known["flops"] > 0:
@@ -114,7 +114,8 @@ def _measure(dtype: str, size: int) -> float:
         torch.set_num_threads(saved)
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what `platform` says."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
