@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -58,7 +59,19 @@ def _corpus() -> Path:
     return Path(os.environ.get("TINYSHAKESPEARE", CORPUS_DEFAULT)).resolve()
 
 
-def _recipe(quick: bool) -> dict:
+def _processes(spec: dict, overrides: list[str], env: dict[str, str]) -> int:
+    """The processes `llmforge run` will start for the spec here: the spec's, or the CPU layout it picks itself (runtime.cpu_layout)."""
+    if (spec.get("parallelism") or {}).get("nproc_per_node"):
+        return int(spec["parallelism"]["nproc_per_node"])
+    code = ("import sys; from llmforge.spec.validate import load_and_validate; from llmforge.runtime import cpu_layout, launch\n"
+            "spec, loaded = load_and_validate(sys.argv[1], sys.argv[2:], check_inputs=False)\n"
+            "auto = cpu_layout.choose(spec, loaded.data) if launch.local_devices()[0] == 'CPU core' else None\n"
+            "print(auto.processes if auto else spec.parallelism.nproc_per_node)")
+    out = subprocess.run([sys.executable, "-c", code, str(SPEC), *overrides], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def _recipe(quick: bool, env: dict[str, str] | None = None) -> dict:
     """The spec's model and pretrain settings (with the quick cuts), as both sides will run them."""
     spec = yaml.safe_load(SPEC.read_text())
     train = next(s["train"] for s in spec["stages"] if s["type"] == "pretrain")
@@ -68,7 +81,8 @@ def _recipe(quick: bool) -> dict:
     # llmforge splits it into micro batches and DP ranks: the same samples per update either way.
     return {"seed": spec["seed"], "model": {k: v for k, v in spec["model"].items() if k != "name"}, "train": train,
             "corpus": str(_corpus()), "val_fraction": spec["data"]["split"]["val_fraction"],
-            "nproc": int((spec.get("parallelism") or {}).get("nproc_per_node", 1))}
+            "nproc": _processes(spec, [], {**os.environ, **(env or {}), "TINYSHAKESPEARE": str(_corpus())}),
+            "chosen_by_run": not (spec.get("parallelism") or {}).get("nproc_per_node")}
 
 
 # --- the reference run (a subprocess) ----------------------------------------------------------
@@ -161,11 +175,12 @@ def _time_to_target(argv: list[str], pattern: re.Pattern, target: float, env: di
     """
     with tempfile.TemporaryFile(mode="w+") as stderr:
         start = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        # Its own session: stopping a run stops what it started too (torchrun and its ranks, for several processes).
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True, start_new_session=True)
         if cpu is not None:  # pinned from the parent (no preexec_fn: this runs in a thread pool)
             os.sched_setaffinity(proc.pid, {cpu})
         process = psutil.Process(proc.pid)
-        deadline = threading.Timer(limit_s, proc.kill)
+        deadline = threading.Timer(limit_s, _kill_group, (proc,))
         deadline.start()
         curve: list[tuple[int, float, float, float]] = []  # (step, val loss, seconds since spawn, CPU seconds)
         reached = None
@@ -180,8 +195,7 @@ def _time_to_target(argv: list[str], pattern: re.Pattern, target: float, env: di
                     break
         finally:
             deadline.cancel()
-            if proc.poll() is None:
-                proc.kill()  # the target is reached; the rest of the run is not measured
+            _kill_group(proc)  # the target is reached; the rest of the run is not measured
             proc.wait()
         wall = time.perf_counter() - start
         stderr.seek(0)
@@ -189,6 +203,13 @@ def _time_to_target(argv: list[str], pattern: re.Pattern, target: float, env: di
             raise RuntimeError(f"{' '.join(argv[:3])} exited {proc.returncode}: {stderr.read().strip()[-800:]}")
     return {"seconds": reached, "cpu_s": curve[-1][3] if curve else None, "curve": curve, "wall_s": round(wall, 2),
             "stopped_at_limit": reached is None and wall >= limit_s, "core": cpu}
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def _first_time_at(curve: list[tuple[int, float, float, float]], loss: float) -> float:
@@ -221,8 +242,12 @@ def _compile_bytecode() -> None:
 
 def _layout(recipe: dict, threads: str) -> str:
     nproc, train = recipe["nproc"], recipe["train"]
-    return (f"{nproc} process(es) × {threads or 'all cores'} thread(s), micro batch {train['micro_batch_size']} "
-            f"of {train['global_batch_size']} per step")
+    # Several processes without OMP_NUM_THREADS: the relaunch gives each its share of the cores.
+    each = threads or (str(max(1, (os.cpu_count() or 1) // nproc)) if nproc > 1 else "all cores")
+    # A layout `run` chose splits each micro batch over the processes (runtime.cpu_layout).
+    micro = train["micro_batch_size"] // nproc if recipe["chosen_by_run"] else train["micro_batch_size"]
+    chosen = " (chosen by `llmforge run` for this CPU)" if recipe["chosen_by_run"] and nproc > 1 else ""
+    return f"{nproc} process(es) × {each} thread(s), micro batch {micro} of {train['global_batch_size']} per step{chosen}"
 
 
 def time_to_loss(quick: bool) -> dict:

@@ -98,6 +98,31 @@ def _layout_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
+_AUTO_NOTE_ENV = "LLMFORGE_AUTO_LAYOUT_NOTE"
+
+
+def _auto_layout(spec, data: dict, run_dir, *, resume: bool | None, overwrite: bool):
+    """runtime.cpu_layout's choice on a CPU machine (None elsewhere, or where it does not apply or does not validate)."""
+    from llmforge.runtime import cpu_layout, launch
+    from llmforge.spec.errors import UserError
+
+    if launch.local_devices()[0] != "CPU core":
+        return None
+    recorded = None
+    record = run_dir / "spec.resolved.yaml"
+    if resume is not False and not overwrite and record.is_file():
+        import yaml
+
+        try:
+            recorded = yaml.safe_load(record.read_text())
+        except (OSError, yaml.YAMLError):
+            recorded = None
+    try:
+        return cpu_layout.choose(spec, data, recorded=recorded)
+    except UserError:
+        return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import warnings
     from pathlib import Path
@@ -113,7 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llmforge.registry.manager import get_registry
     from llmforge.resolve import resolve, unimplemented
     from llmforge.runtime import launch
-    from llmforge.spec.errors import UserError
+    from llmforge.spec.errors import SpecError, UserError
     from llmforge.spec.validate import load_and_validate
 
     registry = get_registry()
@@ -126,6 +151,18 @@ def cmd_run(args: argparse.Namespace) -> int:
                         "pick implemented components (`llmforge plugins`), or drop the stages that need them")
     run_dir = Path(args.run_dir or spec.resolved_run_dir)
     resume = None if args.resume_or_start else args.resume
+    note = None
+    if not launch.under_launcher() and (auto := _auto_layout(spec, loaded.data, run_dir, resume=resume, overwrite=args.overwrite)):
+        # The layout the user could have written (runtime.cpu_layout), validated as if they had;
+        # a spec that is not valid at it keeps its one process.
+        try:
+            spec, loaded = load_and_validate(args.spec, [*overrides, *auto.overrides], registry=registry)
+        except (SpecError, UserError):
+            pass
+        else:
+            overrides = [*overrides, *auto.overrides]
+            plan = resolve(spec, registry)
+            note = auto.note
     if not launch.under_launcher():
         launch.check_devices(spec.parallelism, multi_node_flags=bool(args.rdzv_endpoint))
     if not launch.under_launcher() and spec.parallelism.world_size > 1:
@@ -136,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         argv = ["run", args.spec, *overrides, "--run-dir", str(run_dir)]
         code = launch.relaunch(argv, nproc=spec.parallelism.nproc_per_node, nnodes=spec.parallelism.nnodes,
                                node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint, resuming=resuming,
-                               preempt_timeout=spec.checkpoint.preempt_timeout)
+                               preempt_timeout=spec.checkpoint.preempt_timeout, extra_env={_AUTO_NOTE_ENV: note} if note else None)
         run.unlock()
         return code
     from llmforge.runtime.checkpoint import CheckpointWriteError

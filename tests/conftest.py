@@ -15,6 +15,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 # Several test processes share 2 cores; one thread each avoids oversubscription.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# `llmforge run` picks two CPU processes for small pretraining specs (runtime.cpu_layout); the
+# suite's runs keep the layouts their specs say, and tests of that choice turn it back on.
+os.environ.setdefault("LLMFORGE_AUTO_LAYOUT", "0")
 # The runs' cache of this CPU's measured matmul peak (runtime.device): one for the session, not the user's.
 if "LLMFORGE_CACHE_DIR" not in os.environ:
     os.environ["LLMFORGE_CACHE_DIR"] = tempfile.mkdtemp(prefix="llmforge-test-cache-")

@@ -35,7 +35,10 @@ import types
 from typing import Any, Callable
 
 import torch
+from torch.distributed import ReduceOp
 from torch.overrides import TorchFunctionMode
+
+from llmforge.runtime import host_collectives
 
 _installed = False
 _distopt_fixed = False
@@ -246,6 +249,10 @@ class _DistributedWithoutGroupsOfOne(types.ModuleType):
     def all_reduce(tensor, *args, group=None, async_op=False, **kwargs):
         if group is not None and not async_op and not args and group.size() == 1:
             return None
+        # Ranks on one host: through shared memory (runtime.host_collectives), not loopback TCP.
+        if not args and (host := host_collectives.takes(group, tensor, kwargs.get("op", ReduceOp.SUM), async_op)) is not None:
+            host.all_reduce(tensor, kwargs.get("op", ReduceOp.SUM))
+            return None
         return torch.distributed.all_reduce(tensor, *args, group=group, async_op=async_op, **kwargs)
 
     @staticmethod
@@ -261,8 +268,8 @@ class _DistributedWithoutGroupsOfOne(types.ModuleType):
 def _coalescing_unless_one(group=None, device=None, async_ops=False):
     """torch's `_coalescing_manager`, or nothing for a blocking one over a group of one process:
     what it would coalesce is a list of all-reduces that return at once (above)."""
-    if group is not None and not async_ops and group.size() == 1:
-        yield None
+    if group is not None and not async_ops and (group.size() == 1 or host_collectives.for_group(group) is not None):
+        yield None  # each all-reduce inside returns at once, or goes through shared memory on its own
         return
     with torch.distributed._coalescing_manager(group, device, async_ops) as cm:
         yield cm

@@ -263,6 +263,8 @@ def init_distributed(parallelism: ParallelismConfig, *, seed: int, timeout_s: fl
             distributed_timeout_minutes=timeout.total_seconds() / 60,
         )
         _state["layout"] = _layout_key(parallelism)
+        if not on_gpu and launch.world_size > 1:
+            _attach_host_groups(launch, timeout.total_seconds())
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -282,6 +284,21 @@ def init_distributed(parallelism: ParallelismConfig, *, seed: int, timeout_s: fl
         device=device,
         backend=backend,
     )
+
+
+def _attach_host_groups(launch: LaunchEnv, timeout_s: float) -> None:
+    """Shared-memory all-reduces (runtime.host_collectives) for the world and the DP groups, when every rank is on this host."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from llmforge.runtime import host_collectives
+
+    host_collectives.forget_groups()  # megatron's groups were (re)made: their objects are new
+    if launch.local_world_size != launch.world_size:
+        return  # ranks on several hosts: gloo between them
+    for group in (dist.group.WORLD, parallel_state.get_data_parallel_group(),
+                  parallel_state.get_data_parallel_group(with_context_parallel=True)):
+        host_collectives.attach(group, timeout_s=timeout_s)
 
 
 def seed_everything(seed: int, *, tp_rank: int, pp_rank: int) -> None:
@@ -335,5 +352,8 @@ def shutdown() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     _state.pop("layout", None)
+    from llmforge.runtime import host_collectives
+
+    host_collectives.forget_groups()
     if _state.pop("owns_process_group", False) and dist.is_initialized():
         dist.destroy_process_group()

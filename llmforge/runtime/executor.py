@@ -58,6 +58,8 @@ def execute(spec: Spec, resolved: dict, plan: dict, registry: Registry, *, run_d
         run, resuming = RunDir(run_dir), bool(resume)
     log = Log(run.log if rank == 0 else None, enabled=rank == 0)
     log.capture_warnings()  # libraries' warnings to run.log only; close() ends it
+    if note := os.environ.get("LLMFORGE_AUTO_LAYOUT_NOTE"):  # the layout `llmforge run` chose (runtime.cpu_layout)
+        log(note)
     context = RunContext(spec=spec, registry=registry, run=run, log=log, resuming=resuming, plan=plan)
     if spec.parallelism.world_size > 1:
         context.parallel()  # every rank meets here before the first stage

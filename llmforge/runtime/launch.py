@@ -24,8 +24,29 @@ def under_launcher() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
+def _cpu_only_torch() -> bool:
+    """True when the installed torch is built for no accelerator, read from its `version.py` without importing it.
+
+    `llmforge run` with several processes checks the layout in a parent that only launches
+    them; importing torch there (~2 s on a small CPU machine) came before every rank's start.
+    """
+    import importlib.util
+    import re
+    from pathlib import Path
+
+    try:
+        found = importlib.util.find_spec("torch")
+        text = (Path(next(iter(found.submodule_search_locations))) / "version.py").read_text()
+    except Exception:
+        return False  # unknown: ask torch itself
+    builds = re.findall(r"^(cuda|hip|xpu)\s*(?::[^=]*)?=\s*(.+?)\s*$", text, flags=re.M)
+    return len(builds) == 3 and all(value == "None" for _, value in builds)
+
+
 def local_devices() -> tuple[str, int]:
     """(kind, count) of what this machine can give ranks: GPUs, else CPU cores."""
+    if _cpu_only_torch():
+        return "CPU core", os.cpu_count() or 1
     try:
         import torch
 
@@ -70,7 +91,7 @@ def torchrun_argv(argv: list[str], *, nproc: int, nnodes: int, node_rank: int | 
 
 
 def relaunch(argv: list[str], *, nproc: int, nnodes: int, node_rank: int | None, rdzv_endpoint: str | None, resuming: bool,
-             preempt_timeout: float = 120.0) -> int:
+             preempt_timeout: float = 120.0, extra_env: dict[str, str] | None = None) -> int:
     """Run this command again under torchrun and return its exit code.
 
     SIGTERM is passed on to torchrun, which passes it to the ranks; they write a final
@@ -79,7 +100,7 @@ def relaunch(argv: list[str], *, nproc: int, nnodes: int, node_rank: int | None,
     """
     from llmforge.runtime.train import EXIT_PREEMPTED
 
-    env = dict(os.environ)
+    env = {**os.environ, **(extra_env or {})}
     env[READY_ENV] = "1"
     env[RESUMING_ENV] = "1" if resuming else "0"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Iterator
 import torch
 import torch.distributed as dist
 
+from llmforge.runtime import host_collectives
 from llmforge.runtime.faults import fault_point
 from llmforge.runtime.local_schedule import LocalStep, local_refusal
 from llmforge.spec.errors import UserError
@@ -366,6 +367,6 @@ class TrainStep:
             loss_sum, num_tokens = zero, zero
         stats = torch.stack([loss_sum, num_tokens, zero if grad_sq is None else grad_sq])
         if self.ctx.world_size > 1:
-            dist.all_reduce(stats)
+            host_collectives.all_reduce(stats)
         loss_sum, num_tokens, grad_sq = stats.tolist()
         return loss_sum, num_tokens, grad_sq

@@ -223,8 +223,10 @@ def build_training(context: RunContext, stage, *, loader, val_loader_fn, seq_len
         import torch
         import torch.distributed as dist
 
+        from llmforge.runtime import host_collectives
+
         vote = torch.tensor([float(flag)], device=par.device)
-        dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+        host_collectives.all_reduce(vote, op=dist.ReduceOp.MAX)
         return bool(vote.item())
 
     ckpt = CheckpointManager(context.run.checkpoints(stage.name), keep_last=spec.checkpoint.keep_last,

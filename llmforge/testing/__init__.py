@@ -78,6 +78,7 @@ def run_spec(overrides: Iterable[str] = (), spec: str | Path = TINY_SPEC, *, run
     command = [sys.executable, "-m", "llmforge.cli", "run", str(spec), *overrides, "--run-dir", str(run_dir), "--overwrite"]
     environ = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     environ.setdefault("OMP_NUM_THREADS", "1")
+    environ.setdefault("LLMFORGE_AUTO_LAYOUT", "0")  # the spec's own layout, whatever the machine's cores (docs/performance.md)
     proc = subprocess.run(command, capture_output=True, text=True, env=environ, timeout=timeout)
     if proc.returncode != 0:
         raise RunFailed(proc.returncode, proc.stdout, proc.stderr)
