@@ -11,7 +11,7 @@ import os
 import pytest
 import yaml
 
-from llmforge.testing import TINY_SPEC, run_spec
+from llmforge.testing import run_spec
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")]
