@@ -101,12 +101,14 @@ def _layout_overrides(args: argparse.Namespace) -> list[str]:
 _AUTO_NOTE_ENV = "LLMFORGE_AUTO_LAYOUT_NOTE"
 
 
-def _auto_layout(spec, data: dict, run_dir, *, resume: bool | None, overwrite: bool):
-    """runtime.cpu_layout's choice on a CPU machine (None elsewhere, or where it does not apply or does not validate)."""
+def _auto_layout(spec, data: dict, run_dir, *, resume: bool | None, overwrite: bool, on_this_cpu: bool = False):
+    """runtime.cpu_layout's choice on a CPU machine (None elsewhere, or where it does not apply or does not validate).
+
+    `on_this_cpu`: `plan --gpu cpu`, which plans for this machine's cores and never imports torch to look for GPUs."""
     from llmforge.runtime import cpu_layout, launch
     from llmforge.spec.errors import UserError
 
-    if launch.local_devices()[0] != "CPU core":
+    if not on_this_cpu and launch.local_devices()[0] != "CPU core":
         return None
     recorded = None
     record = run_dir / "spec.resolved.yaml"
@@ -258,9 +260,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
     registry = get_registry()
     device = get_device(args.gpu)
     # A cluster spec's data usually lives on the cluster: plan without it (budgets say so).
-    spec, _ = load_and_validate(args.spec, [*args.overrides, *_layout_overrides(args)], registry=registry, check_inputs=False)
+    overrides = [*args.overrides, *_layout_overrides(args)]
+    spec, loaded = load_and_validate(args.spec, overrides, registry=registry, check_inputs=False)
     run_dir = Path(args.run_dir or spec.resolved_run_dir)
+    note = None
+    if args.gpu == "cpu" and (auto := _auto_layout(spec, loaded.data, run_dir, resume=None, overwrite=False, on_this_cpu=True)):
+        # `run` on this machine would pick this layout (runtime.cpu_layout): plan what will run.
+        try:
+            spec, _ = load_and_validate(args.spec, [*overrides, *auto.overrides], registry=registry, check_inputs=False)
+            note = f"{auto.note} (on this machine, as `llmforge run` will)"
+        except Exception:
+            pass
     plan = build_plan(spec, registry=registry, device=device, run_dir=run_dir, spec_path=args.spec, mfu=args.mfu)
+    if note:
+        plan["layout_note"] = note
     if args.json:
         print(json.dumps(plan, indent=2))
     else:

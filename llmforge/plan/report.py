@@ -165,6 +165,8 @@ def render(plan: dict[str, Any], console=None) -> None:
     if "layout" in plan:
         layout = plan["layout"]
         console.print(f"{layout['world_size']} ranks = {layout['nnodes']} node(s) × {layout['nproc_per_node']}: {_layout_line(layout)}")
+    if "layout_note" in plan:
+        console.print(escape(plan["layout_note"]))
     console.print(_components_table(plan))
     if "note" in plan:
         console.print(escape(plan["note"]))

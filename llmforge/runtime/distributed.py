@@ -235,10 +235,15 @@ def init_distributed(parallelism: ParallelismConfig, *, seed: int, timeout_s: fl
         device, backend = torch.device("cpu"), "gloo"
 
     if not dist.is_initialized():
-        if backend == "gloo" and launch.world_size == 1:
+        from llmforge.runtime import host_collectives
+
+        if backend == "gloo" and (launch.world_size == 1 or (launch.local_world_size == launch.world_size and host_collectives.enabled())):
             from llmforge.runtime.gloo_device import share_one_device
 
-            share_one_device()  # megatron's ~21 groups of one: one polling loop thread, not 21
+            # megatron's ~21 groups: one polling loop thread, not 21. With several ranks on one
+            # host the gradients go through shared memory (host_collectives), so gloo's groups
+            # carry only small calls and need no loop thread each.
+            share_one_device()
         dist.init_process_group(
             backend=backend,
             init_method=f"tcp://{launch.master_addr}:{launch.master_port}",

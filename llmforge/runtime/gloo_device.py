@@ -1,4 +1,4 @@
-"""One gloo transport device for every process group of a one-process CPU run.
+"""One gloo transport device for every process group of a CPU run on one host.
 
 torch gives each gloo process group a transport device of its own, and each device runs a
 loop thread that wakes every 10 ms (gloo's `epoll_wait` timeout) whether or not anything is
@@ -10,8 +10,10 @@ runs, data workers) that is taken from training (issue 31, docs/performance.md).
 
 A device can serve many contexts (gloo's design: torch itself spreads groups over the devices
 of `GLOO_SOCKET_IFNAME`), so with one process every group gets the same one. Several processes
-keep torch's device per group: there the groups carry real traffic, and one loop thread for
-all of them measured slower for a 3.2 MB DP all-reduce (4.7 against 3.8–4.3 ms, 2 ranks).
+on one host share one too since their gradients go through shared memory
+(`runtime.host_collectives`); ranks on several hosts keep torch's device per group: there the
+groups carry the real traffic, and one loop thread for all of them measured slower for a
+3.2 MB DP all-reduce (4.7 against 3.8–4.3 ms, 2 ranks).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ _state: dict[str, object] = {}
 def share_one_device() -> bool:
     """From now on, gloo process groups created in this process share one transport device.
 
-    Call before `init_process_group` in a one-process run. Returns False if it was done before."""
+    Call before `init_process_group`. Returns False if it was done before."""
     from torch.distributed import distributed_c10d as c10d
 
     if "devices" in _state:

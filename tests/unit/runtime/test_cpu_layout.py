@@ -83,3 +83,20 @@ def test_cpu_only_torch_is_read_without_importing_it(tmp_path, monkeypatch):
     assert not fake(none.replace("cuda: Optional[str] = None", "cuda: Optional[str] = '12.8'"))
     assert not fake(none.replace("hip: Optional[str] = None", "hip = '6.2'"))
     assert not fake("cuda = None\n")  # a version.py it cannot read whole: ask torch
+
+
+def test_plan_for_this_cpu_shows_the_layout_run_will_pick(root, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    env = {**__import__("os").environ, "LLMFORGE_AUTO_LAYOUT": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "llmforge.cli", "plan", str(TINY_SPEC), "--gpu", "cpu", "--json"]
+    plan = json.loads(subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout)
+    if len(__import__("os").sched_getaffinity(0)) >= 2:
+        assert plan["layout"]["world_size"] == 2 and "CPU layout: 2 processes" in plan["layout_note"]
+    else:
+        assert plan["layout"]["world_size"] == 1 and "layout_note" not in plan
+    # planning for a GPU is planning for a cluster: the spec's own layout
+    plan = json.loads(subprocess.run(command[:-3] + ["--json"], env=env, capture_output=True, text=True, check=True).stdout)
+    assert plan["layout"]["world_size"] == 1 and "layout_note" not in plan
