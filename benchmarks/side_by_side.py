@@ -57,10 +57,13 @@ def side_by_side(steps: int, rounds: int, llmforge_env: dict[str, str]) -> dict:
     if len(cores) < 2:
         raise SystemExit("side_by_side needs two cores (one for each run)")
     ttl._compile_bytecode()
-    recipe = ttl._recipe(False)
+    # One process on one core each (this tool compares the steady-state step), not the CPU
+    # layout `llmforge run` would pick for both cores (runtime.cpu_layout).
+    recipe = ttl._recipe(False, {"LLMFORGE_AUTO_LAYOUT": "0"})
     recipe["train"] = {**recipe["train"], "max_steps": steps, "eval_interval": 10 * steps}
     recipe["tick"] = TICK
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TINYSHAKESPEARE": str(ttl._corpus())}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TINYSHAKESPEARE": str(ttl._corpus()),
+           "LLMFORGE_AUTO_LAYOUT": "0"}
     script = Path(sys.executable).with_name("llmforge")
     llmforge = [str(script)] if script.exists() else [sys.executable, "-m", "llmforge"]
     segments, per_round = [], []

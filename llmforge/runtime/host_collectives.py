@@ -81,12 +81,15 @@ class HostGroup:
             return
         started = time.monotonic()
         checked = started
-        spins = 0
         while int(seqs.min()) < seq:
-            spins += 1
-            if spins > 64:
-                os.sched_yield()  # a peer a few ms behind: give its core back if it shares ours
             now = time.monotonic()
+            # A peer a step's skew behind (a few ms): yield the core and look again. Longer (an
+            # evaluation on one rank, more ranks than cores): sleep, so a waiting rank does not
+            # take its share of a core from the ranks that have work.
+            if now - started < 0.002:
+                os.sched_yield()
+            else:
+                time.sleep(0.0002)
             if now - checked > 1.0:
                 checked = now
                 self._check_peers(seq, now - started)
