@@ -4,8 +4,9 @@ Why: at a small model's shapes a matrix multiply split over two threads runs wel
 twice as fast, and every small op pays OpenMP's fork and join; two processes of one thread
 each, each on half of every micro batch, keep both cores busy on whole matrices. Measured on
 this project's 2-core machine (docs/performance.md, issue 31), shakespeare-char's step: one
-process × 2 threads 40-50 ms, two processes × 1 thread 37-40 ms with the gradients summed
-through shared memory (`runtime.host_collectives`; over gloo's loopback TCP it was 43-55).
+process × 2 threads ~48 ms, two processes × 1 thread 37-40 ms with the gradients summed
+through shared memory (`runtime.host_collectives`; over gloo's loopback TCP 43-55 ms); at
+10.7M parameters the two layouts ran alike (1.00-1.04).
 
 It applies only where the spec leaves the layout to llmforge (no layout field in
 `parallelism`, no `--nproc-per-node`), the run is on CPU, every training stage is a
@@ -27,8 +28,9 @@ from dataclasses import dataclass
 LAYOUT_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
                  "data_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size", "nnodes", "nproc_per_node",
                  "use_distributed_optimizer", "sequence_parallel")
-# Measured faster than threads up to this size (docs/performance.md); past it not measured, so not chosen.
-MAX_PARAMETERS = 20_000_000
+# Measured (docs/performance.md): 0.8M parameters (shakespeare-char) ~1.2x one process's tokens/s
+# on 2 threads, 10.7M (nanoGPT's GPU shape, 6 x 384, seq 256) 1.00-1.04x; larger is not chosen.
+MAX_PARAMETERS = 12_000_000
 # Processes it picks at most: two is what was measured; on a machine with more cores each takes
 # its share of them as threads (the relaunch sets OMP_NUM_THREADS), as when the user asks for two.
 MAX_PROCESSES = 2
