@@ -11,15 +11,19 @@ interval and eval batches (the first val windows, as llmforge's unshuffled val l
 reads them), all read from the spec. Training batches are nanoGPT's random windows.
 Full mode is four pairs of runs (the recipe's 2000 steps each; LLMFORGE_TTL_PAIRS sets the
 count) and the figure is the median of the pairs' ratios, every pair recorded; --quick is one pair that
-cuts the steps and aims at the loss the short run reaches (~2.5). With OMP_NUM_THREADS=1 (the way to measure
-on a shared machine, docs/performance.md) the two single-threaded runs go side by side,
-one core each, so that other jobs' load hits both alike; otherwise one after the other.
+cuts the steps and aims at the loss the short run reaches (~2.5). llmforge runs in the layout
+`llmforge run` picks here (the spec's, or its CPU layout, runtime/cpu_layout.py: two processes
+× 1 thread on this 2-core machine), asked the same way `run` decides. When both sides keep one
+process with OMP_NUM_THREADS=1 (the way to measure on a shared machine, docs/performance.md)
+the two single-threaded runs go side by side, one core each, so that other jobs' load hits both
+alike; otherwise one after the other.
 Side by side, each run is pinned to its own core and the next pair swaps them: left to the
 scheduler, the first-spawned run (the reference) kept the first core and llmforge the second
 for a whole run, and two cores of one host need not run alike.
-The reference trains the spec's global batch as one batch per step; if the spec gives llmforge
-several processes per node, the reference gets as many threads and the runs go one after
-the other. The details name each side's layout.
+The reference trains the spec's global batch as one batch per step; when llmforge runs several
+processes per node, the reference gets as many threads (issue 31: whenever llmforge uses both
+cores, the reference gets both too) and the runs go one after the other. The details name each
+side's layout. A run is stopped with its whole process group (torchrun and its ranks).
 """
 
 from __future__ import annotations

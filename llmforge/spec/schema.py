@@ -96,7 +96,9 @@ class ParallelismConfig(StrictModel):
         "every training stage must use the adamw optimizer."
     )
     nnodes: int = Field(1, ge=1, description="Machines in the job.")
-    nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs, or CPU ranks) per machine.")
+    nproc_per_node: int = Field(1, ge=1, description="Processes (GPUs, or CPU ranks) per machine. Where the spec sets no layout "
+                                "field, `llmforge run` on a CPU machine picks 2 for a small pretraining spec (README; "
+                                "`LLMFORGE_AUTO_LAYOUT=0` keeps the default 1).")
     collective_timeout_s: float = Field(
         600.0, gt=0, description="Seconds a collective may wait before the job fails with a clear message (a lost rank must not hang the others)."
     )
