@@ -31,6 +31,7 @@ SLOT_BYTES = 4 << 20  # per rank and buffer: a larger tensor goes through in chu
 _LINE = 8  # int64s per counter: one cache line each, so ranks never write the same line
 _ALIGN = 64
 _SUPPORTED = {dist.ReduceOp.SUM, dist.ReduceOp.MAX, dist.ReduceOp.MIN, dist.ReduceOp.PRODUCT}
+_OTHER_DTYPES = {torch.bool, torch.complex64, torch.complex128}  # gloo's, where a sum means something else or the ops differ
 _groups: dict[tuple[int, ...], HostGroup] = {}
 _by_group: dict[int, HostGroup | None] = {}
 
@@ -185,8 +186,8 @@ def for_group(group) -> HostGroup | None:
 
 def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> None:
     """A blocking all-reduce: through this host's shared memory where the group has it, else torch.distributed's."""
-    host = for_group(group)
-    if host is not None and tensor.device.type == "cpu" and op in _SUPPORTED:
+    host = takes(group, tensor, op, async_op=False)
+    if host is not None:
         host.all_reduce(tensor, op)
     else:
         dist.all_reduce(tensor, op=op, group=group)
@@ -194,7 +195,7 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> None:
 
 def takes(group, tensor: torch.Tensor, op, async_op: bool) -> HostGroup | None:
     """The shared mapping that will do this call, or None where gloo must (async, another op or device)."""
-    if async_op or not _by_group or tensor.device.type != "cpu" or op not in _SUPPORTED:
+    if async_op or not _by_group or tensor.device.type != "cpu" or op not in _SUPPORTED or tensor.dtype in _OTHER_DTYPES:
         return None
     return for_group(group)
 
