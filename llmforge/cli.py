@@ -101,16 +101,19 @@ def _layout_overrides(args: argparse.Namespace) -> list[str]:
 _AUTO_NOTE_ENV = "LLMFORGE_AUTO_LAYOUT_NOTE"
 
 
-def _auto_layout(spec, data: dict, run_dir, *, resume: bool | None, overwrite: bool, on_this_cpu: bool = False):
-    """runtime.cpu_layout's choice on a CPU machine (None elsewhere, or where it does not apply or does not validate).
+def _with_auto_layout(spec_path: str, overrides: list[str], spec, loaded, registry, run_dir, *, resume: bool | None = None,
+                      overwrite: bool = False, on_this_cpu: bool = False, check_inputs: bool = True):
+    """(spec, loaded, overrides, note): the spec at the layout runtime.cpu_layout picks on this CPU machine, validated as if
+    the user had written it, or as it was (note None) where the choice does not apply or the spec is not valid at it.
 
     `on_this_cpu`: `plan --gpu cpu`, which plans for this machine's cores and never imports torch to look for GPUs."""
     from llmforge.runtime import cpu_layout, launch
-    from llmforge.spec.errors import UserError
+    from llmforge.spec.errors import SpecError, UserError
+    from llmforge.spec.validate import load_and_validate
 
     if not on_this_cpu and launch.local_devices()[0] != "CPU core":
-        return None
-    recorded = None
+        return spec, loaded, overrides, None
+    recorded = None  # a resumed run keeps the layout it started with
     record = run_dir / "spec.resolved.yaml"
     if resume is not False and not overwrite and record.is_file():
         import yaml
@@ -119,10 +122,15 @@ def _auto_layout(spec, data: dict, run_dir, *, resume: bool | None, overwrite: b
             recorded = yaml.safe_load(record.read_text())
         except (OSError, yaml.YAMLError):
             recorded = None
+    auto = cpu_layout.choose(spec, loaded.data, recorded=recorded)
+    if auto is None:
+        return spec, loaded, overrides, None
+    chosen = [*overrides, *auto.overrides]
     try:
-        return cpu_layout.choose(spec, data, recorded=recorded)
-    except UserError:
-        return None
+        spec, loaded = load_and_validate(spec_path, chosen, registry=registry, check_inputs=check_inputs)
+    except (SpecError, UserError):
+        return spec, loaded, overrides, None
+    return spec, loaded, chosen, auto.note
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -140,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from llmforge.registry.manager import get_registry
     from llmforge.resolve import resolve, unimplemented
     from llmforge.runtime import launch
-    from llmforge.spec.errors import SpecError, UserError
+    from llmforge.spec.errors import UserError
     from llmforge.spec.validate import load_and_validate
 
     registry = get_registry()
@@ -154,17 +162,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or spec.resolved_run_dir)
     resume = None if args.resume_or_start else args.resume
     note = None
-    if not launch.under_launcher() and (auto := _auto_layout(spec, loaded.data, run_dir, resume=resume, overwrite=args.overwrite)):
-        # The layout the user could have written (runtime.cpu_layout), validated as if they had;
-        # a spec that is not valid at it keeps its one process.
-        try:
-            spec, loaded = load_and_validate(args.spec, [*overrides, *auto.overrides], registry=registry)
-        except (SpecError, UserError):
-            pass
-        else:
-            overrides = [*overrides, *auto.overrides]
+    if not launch.under_launcher():
+        # The layout the user could have written (runtime.cpu_layout), on a CPU machine.
+        spec, loaded, overrides, note = _with_auto_layout(args.spec, overrides, spec, loaded, registry, run_dir, resume=resume,
+                                                          overwrite=args.overwrite)
+        if note:
             plan = resolve(spec, registry)
-            note = auto.note
     if not launch.under_launcher():
         launch.check_devices(spec.parallelism, multi_node_flags=bool(args.rdzv_endpoint))
     if not launch.under_launcher() and spec.parallelism.world_size > 1:
@@ -264,16 +267,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     spec, loaded = load_and_validate(args.spec, overrides, registry=registry, check_inputs=False)
     run_dir = Path(args.run_dir or spec.resolved_run_dir)
     note = None
-    if args.gpu == "cpu" and (auto := _auto_layout(spec, loaded.data, run_dir, resume=None, overwrite=False, on_this_cpu=True)):
-        # `run` on this machine would pick this layout (runtime.cpu_layout): plan what will run.
-        try:
-            spec, _ = load_and_validate(args.spec, [*overrides, *auto.overrides], registry=registry, check_inputs=False)
-            note = f"{auto.note} (on this machine, as `llmforge run` will)"
-        except Exception:
-            pass
+    if args.gpu == "cpu":  # `run` on this machine would pick this layout (runtime.cpu_layout): plan what will run
+        spec, loaded, overrides, note = _with_auto_layout(args.spec, overrides, spec, loaded, registry, run_dir, on_this_cpu=True,
+                                                          check_inputs=False)
     plan = build_plan(spec, registry=registry, device=device, run_dir=run_dir, spec_path=args.spec, mfu=args.mfu)
     if note:
-        plan["layout_note"] = note
+        plan["layout_note"] = f"{note} (on this machine, as `llmforge run` will)"
     if args.json:
         print(json.dumps(plan, indent=2))
     else:
