@@ -47,6 +47,8 @@ import psutil
 import yaml
 from harness import ROOT, result
 
+from llmforge.runtime import launch
+
 SPEC = ROOT / "specs" / "shakespeare-char.yaml"
 CORPUS_DEFAULT = ROOT / ".." / "shared" / "data" / "tinyshakespeare.txt"
 TARGET, QUICK_TARGET = 1.89, 2.5
@@ -247,7 +249,7 @@ def _compile_bytecode() -> None:
 def _layout(recipe: dict, threads: str) -> str:
     nproc, train = recipe["nproc"], recipe["train"]
     # Several processes without OMP_NUM_THREADS: the relaunch gives each its share of the cores.
-    each = threads or (str(max(1, (os.cpu_count() or 1) // nproc)) if nproc > 1 else "all cores")
+    each = threads or (str(launch.rank_threads(nproc)) if nproc > 1 else "all cores")
     # A layout `run` chose splits each micro batch over the processes (runtime.cpu_layout).
     micro = train["micro_batch_size"] // nproc if recipe["chosen_by_run"] else train["micro_batch_size"]
     chosen = " (chosen by `llmforge run` for this CPU)" if recipe["chosen_by_run"] and nproc > 1 else ""

@@ -250,8 +250,9 @@ class _DistributedWithoutGroupsOfOne(types.ModuleType):
         if group is not None and not async_op and not args and group.size() == 1:
             return None
         # Ranks on one host: through shared memory (runtime.host_collectives), not loopback TCP.
-        if not args and (host := host_collectives.takes(group, tensor, kwargs.get("op", ReduceOp.SUM), async_op)) is not None:
-            host.all_reduce(tensor, kwargs.get("op", ReduceOp.SUM))
+        op = kwargs.get("op", ReduceOp.SUM)
+        if not args and (host := host_collectives.takes(group, tensor, op, async_op)) is not None:
+            host.all_reduce(tensor, op)
             return None
         return torch.distributed.all_reduce(tensor, *args, group=group, async_op=async_op, **kwargs)
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from llmforge.runtime import launch
+
 # Fields of `parallelism` that choose a layout: a spec that sets any of them chose its own.
 LAYOUT_FIELDS = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
                  "data_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size", "nnodes", "nproc_per_node",
@@ -45,14 +47,6 @@ class AutoLayout:
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _threads_per_process(cores: int | None = None, processes: int = MAX_PROCESSES) -> int:
-    """OMP_NUM_THREADS if set, else each process's share of the cores (what the relaunch will set)."""
-    value = os.environ.get("OMP_NUM_THREADS", "")
-    if value.isdigit() and int(value) > 0:
-        return int(value)
-    return max(1, (cores or usable_cores()) // processes) if cores is not None else 1
 
 
 def _parameters(spec) -> int | None:
@@ -83,7 +77,8 @@ def choose(spec, data: dict, *, cores: int | None = None, recorded: dict | None 
     if recorded is not None:  # a resumed run: the layout it started with, whatever this machine would pick now
         processes = int((recorded.get("parallelism") or {}).get("nproc_per_node", 1))
     else:
-        processes = min(MAX_PROCESSES, (cores or usable_cores()) // _threads_per_process())
+        # One thread a process unless OMP_NUM_THREADS asks for more: that many processes fit the cores.
+        processes = min(MAX_PROCESSES, (cores or usable_cores()) // launch.rank_threads(1, cores=1))
     micro = [stage.train.micro_batch_size for _, stage in trained]
     while processes > 1 and any(m % processes for m in micro):
         processes -= 1
@@ -92,7 +87,7 @@ def choose(spec, data: dict, *, cores: int | None = None, recorded: dict | None 
     overrides = [f"parallelism.nproc_per_node={processes}"]
     overrides += [f"stages.{i}.train.micro_batch_size={m // processes}" for (i, _), m in zip(trained, micro)]
     batches = ", ".join(f"{m // processes} of {m}" for m in micro)
-    threads = _threads_per_process(cores or usable_cores(), processes)
+    threads = launch.rank_threads(processes, cores=cores)  # what the relaunch will give each
     note = (f"CPU layout: {processes} processes × {threads} thread{'s' if threads > 1 else ''}, data parallel (micro batch {batches} per "
             f"process, the same samples per step): faster than one process on these cores for a model of "
             f"{parameters / 1e6:.1f}M parameters; parallelism.nproc_per_node=1 keeps one process (LLMFORGE_AUTO_LAYOUT=0 for every run)")

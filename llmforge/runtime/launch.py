@@ -77,6 +77,14 @@ def check_devices(parallelism, *, multi_node_flags: bool) -> None:
         )
 
 
+def rank_threads(nproc: int, cores: int | None = None) -> int:
+    """Threads each of `nproc` ranks on this machine runs: OMP_NUM_THREADS if set, else its share of the cores."""
+    value = os.environ.get("OMP_NUM_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    return max(1, (cores or os.cpu_count() or 1) // nproc)
+
+
 def torchrun_argv(argv: list[str], *, nproc: int, nnodes: int, node_rank: int | None, rdzv_endpoint: str | None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
     if nnodes > 1:
@@ -103,7 +111,7 @@ def relaunch(argv: list[str], *, nproc: int, nnodes: int, node_rank: int | None,
     env = {**os.environ, **(extra_env or {})}
     env[READY_ENV] = "1"
     env[RESUMING_ENV] = "1" if resuming else "0"
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(rank_threads(nproc)))
     env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(math.ceil(preempt_timeout) + 30))
     cmd = torchrun_argv(argv, nproc=nproc, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint)
     proc = subprocess.Popen(cmd, env=env)
